@@ -1,0 +1,1 @@
+//! Loading a guest kernel and building what it reads at entry.

@@ -1,0 +1,1 @@
+//! PCI root complex, configuration space and MSI-X.

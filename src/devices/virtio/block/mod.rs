@@ -1,0 +1,1 @@
+//! virtio-blk (owned by the block work; placeholder until it lands).

@@ -1,0 +1,1 @@
+//! virtio-pci modern transport.

@@ -1,0 +1,12 @@
+//! ringvm: a KVM virtual machine monitor for I/O performance labs.
+//!
+//! The crate is a library (so integration tests, benches and fuzz targets can reach the
+//! device models without KVM) plus a thin binary in `main.rs`.
+
+pub mod boot;
+pub mod cli;
+pub mod config;
+pub mod devices;
+pub mod metrics;
+pub mod reactor;
+pub mod vmm;

@@ -1,0 +1,1 @@
+//! Per-reactor counters and histograms (placeholder until the block work lands).

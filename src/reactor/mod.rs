@@ -1,0 +1,1 @@
+//! Per-core io_uring reactors (placeholder until the block work lands).

@@ -1,0 +1,4 @@
+//! Assembling and running a VM.
+
+pub mod exit;
+pub mod thread;
