@@ -1,1 +1,196 @@
-//! Loading a guest kernel and building what it reads at entry.
+//! Loading a guest kernel and building what it reads at entry: PVH ELFs (the benchmark
+//! guest and kernels with a PVH note) and Linux bzImage/vmlinux through the 64-bit boot
+//! protocol.
+
+pub mod e820;
+pub mod linux;
+pub mod mptable;
+pub mod pvh;
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::loader::{BzImage, Elf, KernelLoader, KernelLoaderResult, PvhBootCapability};
+use vm_memory::{Address, Bytes, GuestAddress};
+
+use crate::devices::virtio::GuestMemory;
+use crate::vmm::layout::{CMDLINE_ADDR, CMDLINE_MAX_SIZE, HIGH_MEMORY_START, MMIO_HOLE_START};
+use crate::vmm::vcpu::EntryPoint;
+
+/// Errors from loading a guest.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("Cannot open kernel {path}")]
+    OpenKernel { path: PathBuf, #[source] source: std::io::Error },
+    #[error("Cannot open initrd {path}")]
+    OpenInitrd { path: PathBuf, #[source] source: std::io::Error },
+    #[error("Kernel {path} is neither a PVH ELF nor a Linux kernel (bzImage or vmlinux)")]
+    UnknownFormat { path: PathBuf },
+    #[error("Kernel {path} is a corrupt or unsupported image: {reason}")]
+    Load { path: PathBuf, reason: String },
+    #[error("Initrd {path} ({size} bytes) does not fit in guest memory below {limit:#x} after the kernel")]
+    InitrdTooBig { path: PathBuf, size: u64, limit: u64 },
+    #[error("Kernel command line is {len} bytes, the limit is {max}")]
+    CmdlineTooLong { len: usize, max: usize },
+    #[error("Failed to write {what} into guest memory")]
+    Memory { what: &'static str, #[source] source: vm_memory::GuestMemoryError },
+    #[error("Failed to build boot parameters: {0}")]
+    Params(String),
+}
+
+/// What the VMM asks the loader to put into the guest.
+pub struct BootSpec<'a> {
+    pub kernel: &'a Path,
+    pub initrd: Option<&'a Path>,
+    pub cmdline: &'a str,
+    pub mem_size: u64,
+    pub vcpus: u8,
+}
+
+/// Where the initrd landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Initrd {
+    pub addr: GuestAddress,
+    pub size: u64,
+}
+
+enum Format {
+    Elf,
+    BzImage,
+}
+
+fn detect(file: &mut File) -> std::io::Result<Option<Format>> {
+    let mut head = [0u8; 0x210];
+    file.seek(SeekFrom::Start(0))?;
+    let n = file.read(&mut head)?;
+    if n >= 4 && &head[..4] == b"\x7fELF" {
+        return Ok(Some(Format::Elf));
+    }
+    if n >= 0x206 && &head[0x202..0x206] == b"HdrS" {
+        return Ok(Some(Format::BzImage));
+    }
+    Ok(None)
+}
+
+/// Loads the kernel, initrd and command line into `mem` and writes the boot structures.
+pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<EntryPoint, BootError> {
+    let kpath = spec.kernel.to_path_buf();
+    let mut kernel = File::open(spec.kernel).map_err(|source| BootError::OpenKernel { path: kpath.clone(), source })?;
+    let format = detect(&mut kernel)
+        .map_err(|source| BootError::OpenKernel { path: kpath.clone(), source })?
+        .ok_or_else(|| BootError::UnknownFormat { path: kpath.clone() })?;
+    let highmem = Some(GuestAddress(HIGH_MEMORY_START));
+    let result: KernelLoaderResult = match format {
+        Format::Elf => Elf::load(mem, None, &mut kernel, highmem),
+        Format::BzImage => BzImage::load(mem, None, &mut kernel, highmem),
+    }
+    .map_err(|e| BootError::Load { path: kpath.clone(), reason: e.to_string() })?;
+
+    write_cmdline(mem, spec.cmdline)?;
+    let initrd = match spec.initrd {
+        Some(path) => Some(load_initrd(mem, path, result.kernel_end, spec.mem_size)?),
+        None => None,
+    };
+    match (format, result.pvh_boot_cap) {
+        (Format::Elf, PvhBootCapability::PvhEntryPresent(entry)) => {
+            let start_info = pvh::write_start_info(mem, spec.mem_size, spec.cmdline, initrd)?;
+            Ok(EntryPoint::Pvh { entry: entry.raw_value(), start_info })
+        }
+        (Format::Elf, _) => {
+            // A vmlinux without a PVH note: enter startup_64 with boot_params.
+            let mut elf_head = [0u8; 32];
+            kernel.seek(SeekFrom::Start(0)).and_then(|_| kernel.read_exact(&mut elf_head)).map_err(|source| BootError::OpenKernel { path: kpath.clone(), source })?;
+            let entry = u64::from_le_bytes(elf_head[24..32].try_into().expect("8 bytes"));
+            let zero_page = linux::write_boot_params(mem, None, spec, initrd)?;
+            mptable::write(mem, spec.vcpus)?;
+            Ok(EntryPoint::Linux64 { entry, zero_page })
+        }
+        (Format::BzImage, _) => {
+            let zero_page = linux::write_boot_params(mem, result.setup_header, spec, initrd)?;
+            mptable::write(mem, spec.vcpus)?;
+            // The 64-bit entry point of a bzImage is 0x200 past its protected-mode start.
+            Ok(EntryPoint::Linux64 { entry: result.kernel_load.raw_value() + 0x200, zero_page })
+        }
+    }
+}
+
+fn write_cmdline(mem: &GuestMemory, cmdline: &str) -> Result<(), BootError> {
+    if cmdline.len() + 1 > CMDLINE_MAX_SIZE {
+        return Err(BootError::CmdlineTooLong { len: cmdline.len(), max: CMDLINE_MAX_SIZE - 1 });
+    }
+    let mut bytes = cmdline.as_bytes().to_vec();
+    bytes.push(0);
+    mem.write_slice(&bytes, GuestAddress(CMDLINE_ADDR)).map_err(|source| BootError::Memory { what: "command line", source })
+}
+
+/// Puts the initrd at the top of low RAM, page aligned, above the kernel.
+fn load_initrd(mem: &GuestMemory, path: &Path, kernel_end: u64, mem_size: u64) -> Result<Initrd, BootError> {
+    let pb = path.to_path_buf();
+    let mut f = File::open(path).map_err(|source| BootError::OpenInitrd { path: pb.clone(), source })?;
+    let size = f.metadata().map_err(|source| BootError::OpenInitrd { path: pb.clone(), source })?.len();
+    let limit = mem_size.min(MMIO_HOLE_START);
+    let floor = kernel_end.max(HIGH_MEMORY_START);
+    let addr = limit.checked_sub(size).map(|a| a & !0xfff).filter(|&a| a >= floor);
+    let Some(addr) = addr else {
+        return Err(BootError::InitrdTooBig { path: pb, size, limit });
+    };
+    let mut data = Vec::with_capacity(size as usize);
+    f.read_to_end(&mut data).map_err(|source| BootError::OpenInitrd { path: pb.clone(), source })?;
+    mem.write_slice(&data, GuestAddress(addr)).map_err(|source| BootError::Memory { what: "initrd", source })?;
+    Ok(Initrd { addr: GuestAddress(addr), size })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn mem() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap()
+    }
+
+    #[test]
+    fn test_load_garbage_file_unknown_format() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&[0x55; 4096]).unwrap();
+        let spec = BootSpec { kernel: f.path(), initrd: None, cmdline: "", mem_size: 32 << 20, vcpus: 1 };
+        let err = load(&mem(), &spec).unwrap_err();
+        assert!(err.to_string().contains("neither a PVH ELF nor a Linux kernel"), "{err}");
+    }
+
+    #[test]
+    fn test_load_truncated_elf_is_corrupt() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(b"\x7fELF\x02\x01\x01\0").unwrap();
+        let spec = BootSpec { kernel: f.path(), initrd: None, cmdline: "", mem_size: 32 << 20, vcpus: 1 };
+        let err = load(&mem(), &spec).unwrap_err();
+        assert!(err.to_string().contains("corrupt"), "{err}");
+    }
+
+    #[test]
+    fn test_load_missing_kernel_names_path() {
+        let spec = BootSpec { kernel: Path::new("/nonexistent/vmlinuz"), initrd: None, cmdline: "", mem_size: 32 << 20, vcpus: 1 };
+        let err = load(&mem(), &spec).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/vmlinuz"), "{err}");
+    }
+
+    #[test]
+    fn test_initrd_too_big_rejected() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file_mut().set_len(40 << 20).unwrap();
+        let err = load_initrd(&mem(), f.path(), 2 << 20, 32 << 20).unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
+    }
+
+    #[test]
+    fn test_initrd_placed_page_aligned_at_top() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&[7u8; 5000]).unwrap();
+        let i = load_initrd(&mem(), f.path(), 2 << 20, 32 << 20).unwrap();
+        assert_eq!(i.addr.raw_value() % 4096, 0);
+        assert!(i.addr.raw_value() + i.size <= 32 << 20);
+        let b: u8 = mem().read_obj(i.addr).unwrap_or(0);
+        let _ = b;
+    }
+}

@@ -1,1 +1,9 @@
 //! Legacy PC devices: 8250 serial, i8042 reset, isa-debug-exit.
+
+pub mod debug_exit;
+pub mod i8042;
+pub mod serial;
+
+pub use debug_exit::DebugExit;
+pub use i8042::I8042;
+pub use serial::Serial;

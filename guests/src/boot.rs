@@ -1,0 +1,204 @@
+//! PVH entry, the 32→64-bit switch and the drop to ring 3.
+//!
+//! Ring 0 is emulated at about a million instructions a second on the lab
+//! hosts, so it does only what the CPU needs: load the static GDT, page tables
+//! and TSS built at assembly time, patch the two descriptors whose fields
+//! split an address, and `iretq` to ring 3. Everything else, .bss zeroing
+//! included, runs natively in ring 3.
+//!
+//! Memory map of the image (see `link.ld`): everything identity mapped,
+//! 0–4 GiB in 2 MiB pages, User + Writable, MMIO hole (≥ 3 GiB) uncached.
+
+use core::arch::global_asm;
+
+/// Kernel code selector (64-bit, DPL 0).
+pub const KERNEL_CS: u16 = 0x08;
+/// User data selector (DPL 3), used with RPL 3.
+pub const USER_DS: u16 = 0x18;
+/// User code selector (64-bit, DPL 3), used with RPL 3.
+pub const USER_CS: u16 = 0x20;
+/// Call gate into `ring0_halt` (DPL 3).
+pub const HALT_GATE: u16 = 0x38;
+
+global_asm!(
+    r#"
+    .set KERNEL_CS, 0x08
+    .set KERNEL_DS, 0x10
+    .set USER_DS,   0x18
+    .set USER_CS,   0x20
+    .set TSS_SEL,   0x28
+    .set TSS_LIMIT, 104 + 8192      /* header + I/O bitmap; the 0xff byte is at the limit */
+    .set RING0_STACK_SIZE, 4096
+    .set RING3_STACK_SIZE, 256 * 1024
+
+    /* XEN_ELFNOTE_PHYS32_ENTRY: where a PVH loader enters, 32-bit protected mode. */
+    .section .note.Xen, "a", @note
+    .balign 4
+    .long 4                 /* namesz */
+    .long 4                 /* descsz */
+    .long 18                /* XEN_ELFNOTE_PHYS32_ENTRY */
+    .asciz "Xen"
+    .long pvh_start
+
+    .section .text.boot, "ax", @progbits
+    .code32
+    .global pvh_start
+pvh_start:
+    /* EBX = hvm_start_info; paging off, flat segments, ESP undefined (0). */
+    movl %ebx, guest_start_info
+
+    /* TSS descriptor: base 0..23 / 24..31 split around the access byte. */
+    movl $guest_tss, %eax
+    movl %eax, %edx
+    shll $16, %edx
+    orl $TSS_LIMIT, %edx
+    movl %edx, gdt_tss
+    movl %eax, %edx
+    shrl $16, %edx
+    movl %edx, %ecx
+    andl $0xff, %ecx
+    andl $0xff00, %edx
+    shll $16, %edx
+    orl %ecx, %edx
+    orl $0x8900, %edx       /* present, 64-bit TSS (available) */
+    movl %edx, gdt_tss + 4
+
+    /* Call gate (DPL 3) → ring0_halt: offset 0..15 | selector, offset 16..31 | type. */
+    movl $ring0_halt, %eax
+    movl %eax, %edx
+    andl $0xffff, %edx
+    orl $(KERNEL_CS << 16), %edx
+    movl %edx, gdt_halt_gate
+    andl $0xffff0000, %eax
+    orl $0xec00, %eax       /* present, DPL 3, 64-bit call gate */
+    movl %eax, gdt_halt_gate + 4
+
+    lgdt gdt_ptr
+    lidt idt_null           /* no IDT: any exception is a triple fault */
+
+    movl %cr4, %eax
+    orl $((1 << 5) | (1 << 9) | (1 << 10)), %eax   /* PAE, OSFXSR, OSXMMEXCPT */
+    movl %eax, %cr4
+    movl $boot_pml4, %eax
+    movl %eax, %cr3
+    movl $0xc0000080, %ecx  /* EFER.LME */
+    rdmsr
+    orl $(1 << 8), %eax
+    wrmsr
+    movl %cr0, %eax
+    andl $~((1 << 2) | (1 << 3)), %eax              /* clear EM, TS */
+    orl $((1 << 31) | (1 << 1) | 1), %eax           /* PG, MP, PE */
+    movl %eax, %cr0
+    ljmp $KERNEL_CS, $long_mode
+
+    .code64
+long_mode:
+    movl $KERNEL_DS, %eax
+    movl %eax, %ds
+    movl %eax, %es
+    movl %eax, %ss
+    movl $TSS_SEL, %eax
+    ltr %ax
+    movabsq $ring0_stack_top, %rsp
+    pushq $(USER_DS | 3)
+    movabsq $ring3_stack_top, %rax
+    pushq %rax
+    pushq $0x3002           /* IOPL 3, IF 0 */
+    pushq $(USER_CS | 3)
+    movabsq $ring3_start, %rax
+    pushq %rax
+    iretq
+
+    /* Reached from ring 3 through the call gate: halt with interrupts off. */
+    .global ring0_halt
+ring0_halt:
+    cli
+1:  hlt
+    jmp 1b
+
+    .text
+    /* Ring 3 from here on: native speed. */
+ring3_start:
+    cld
+    movabsq $__bss_start, %rdi
+    movabsq $__bss_end, %rcx
+    subq %rdi, %rcx
+    xorl %eax, %eax
+    rep stosb
+    movq guest_start_info(%rip), %rdi
+    call guest_main
+    ud2
+
+    .section .data.boot, "aw", @progbits
+    .balign 4096
+boot_pml4:
+    .quad boot_pdpt + 0x7
+    .fill 511, 8, 0
+boot_pdpt:
+    .quad boot_pd + 0x7
+    .quad boot_pd + 0x1000 + 0x7
+    .quad boot_pd + 0x2000 + 0x7
+    .quad boot_pd + 0x3000 + 0x7
+    .fill 508, 8, 0
+boot_pd:
+    /* 2 MiB pages: present, writable, user, PS; the top GiB (MMIO) also PWT|PCD. */
+    .set pd_addr, 0
+    .rept 1536
+    .quad pd_addr + 0x87
+    .set pd_addr, pd_addr + 0x200000
+    .endr
+    .rept 512
+    .quad pd_addr + 0x9f
+    .set pd_addr, pd_addr + 0x200000
+    .endr
+
+    .balign 16
+guest_gdt:
+    .quad 0
+    .quad 0x00af9a000000ffff    /* 0x08 kernel code, 64-bit */
+    .quad 0x00cf92000000ffff    /* 0x10 kernel data */
+    .quad 0x00cff2000000ffff    /* 0x18 user data, DPL 3 */
+    .quad 0x00affa000000ffff    /* 0x20 user code, 64-bit, DPL 3 */
+gdt_tss:
+    .quad 0, 0                  /* 0x28 TSS, filled at entry */
+gdt_halt_gate:
+    .quad 0, 0                  /* 0x38 call gate, filled at entry */
+gdt_end:
+
+    .balign 8
+gdt_ptr:
+    .word gdt_end - guest_gdt - 1
+    .quad guest_gdt
+idt_null:
+    .word 0
+    .quad 0
+
+    .global guest_start_info
+    .balign 8
+guest_start_info:
+    .quad 0
+
+    /* 64-bit TSS with an all-zero I/O permission bitmap: this host ignores
+       IOPL, so ring-3 port I/O needs the bitmap to allow every port. */
+    .balign 16
+guest_tss:
+    .long 0
+    .quad ring0_stack_top       /* RSP0: used by the call gate */
+    .quad 0, 0                  /* RSP1, RSP2 */
+    .quad 0                     /* reserved */
+    .quad 0, 0, 0, 0, 0, 0, 0   /* IST1-7 */
+    .quad 0                     /* reserved */
+    .word 0                     /* reserved */
+    .word 104                   /* I/O map base */
+    .fill 8192, 1, 0            /* every port allowed */
+    .byte 0xff                  /* bitmap terminator */
+
+    .section .bss.boot_stacks, "aw", @nobits
+    .balign 4096
+    .skip RING0_STACK_SIZE
+ring0_stack_top:
+    .skip RING3_STACK_SIZE
+ring3_stack_top:
+"#,
+    options(att_syntax)
+);

@@ -1,0 +1,33 @@
+//! Shared bare-metal runtime for the ringvm guests: PVH boot to ring 3,
+//! console, exit port, cmdline, PCI, virtio-pci (modern) and benchmarking
+//! helpers. Everything after the boot stub runs in ring 3.
+#![no_std]
+
+pub mod arch;
+pub mod boot;
+pub mod cmdline;
+pub mod exit;
+pub mod mem;
+pub mod serial;
+pub mod start_info;
+
+/// Exit code for a guest panic (a bug in the guest, not in the device).
+pub const EXIT_PANIC: u32 = 6;
+
+/// Defines the ring-3 entry point: `entry!(main)` with `fn main(&StartInfo) -> !`.
+#[macro_export]
+macro_rules! entry {
+    ($main:path) => {
+        #[no_mangle]
+        extern "C" fn guest_main(start_info: u64) -> ! {
+            let si = $crate::start_info::StartInfo::read(start_info);
+            $main(&si)
+        }
+    };
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    println!("panic: {}", info);
+    exit::exit(EXIT_PANIC)
+}
