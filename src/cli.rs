@@ -1,1 +1,77 @@
-//! Command line (clap).
+//! Command line (clap derive only; validation lives in `config`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// ringvm: a KVM virtual machine monitor for I/O performance labs.
+#[derive(Parser, Debug)]
+#[command(name = "ringvm", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot a guest kernel and run it until it exits.
+    Run(RunArgs),
+}
+
+/// Options shared by every command that starts a VM.
+#[derive(Args, Debug, Clone)]
+pub struct VmArgs {
+    /// Guest memory size, with an optional K/M/G suffix.
+    #[arg(long, default_value = "512M")]
+    pub memory: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Host cores the vCPU threads are pinned to, one per vCPU (e.g. 0,1).
+    /// Default: one core each from core 0 up, leaving the last core(s) to the I/O reactors when there are enough.
+    #[arg(long, value_delimiter = ',')]
+    pub vcpu_affinity: Option<Vec<usize>>,
+    /// Host cores that run an io_uring reactor thread each (e.g. 1,2).
+    /// Default: the first core no vCPU is pinned to, else the last core.
+    #[arg(long, value_delimiter = ',')]
+    pub io_cores: Option<Vec<usize>>,
+    /// Guest memory backing: none (4 KiB pages), thp (transparent hugepages, madvise), 2M or 1G (hugetlb; reserve with scripts/setup-hugepages.sh).
+    #[arg(long, default_value = "thp")]
+    pub hugepages: String,
+    /// Populate all guest memory before the guest starts.
+    #[arg(long, default_value_t = false)]
+    pub prefault: bool,
+    /// Serial console output: stdio, file:PATH or none.
+    #[arg(long, default_value = "stdio")]
+    pub serial: String,
+    /// A virtio-blk disk: path=IMG[,queues=N][,queue-size=N][,reactors=I,J][,readonly][,direct=on|off][,backend=uring|null][,poll-us=N][,size=BYTES (null backend)]. Repeatable.
+    #[arg(long)]
+    pub disk: Vec<String>,
+    /// Use a kernel submission-queue polling thread (IORING_SETUP_SQPOLL) in every reactor.
+    #[arg(long, default_value_t = false)]
+    pub sqpoll: bool,
+    /// Write the per-queue statistics as JSON to this file at exit.
+    #[arg(long)]
+    pub stats_json: Option<PathBuf>,
+    /// Write an HdrHistogram interval log of the per-queue latencies to this file.
+    #[arg(long)]
+    pub hlog: Option<PathBuf>,
+    /// Mask (-name) or add (+name) CPUID feature bits for every vCPU, e.g. -cx16.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub cpu_features: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Guest kernel: a PVH ELF, a vmlinux ELF or a bzImage.
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Initial ramdisk, handed to the guest as PVH module 0 or through boot_params.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    #[command(flatten)]
+    pub vm: VmArgs,
+}

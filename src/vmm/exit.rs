@@ -93,14 +93,22 @@ impl ExitHandle {
     /// Blocks until a stop is requested and returns its reason.
     pub fn wait(&self) -> ExitReason {
         loop {
-            if let Some(r) = self.reason() {
+            if let Some(r) = self.wait_timeout(std::time::Duration::from_millis(100)) {
                 return r;
             }
-            let mut pfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&self.0.wake), events: libc::POLLIN, revents: 0 };
-            // SAFETY: `pfd` is a valid pollfd for the duration of the call and nfds is 1.
-            unsafe { libc::poll(&mut pfd, 1, 100) };
-            let _ = self.0.wake.read();
         }
+    }
+
+    /// Waits up to `timeout` for a stop request.
+    pub fn wait_timeout(&self, timeout: std::time::Duration) -> Option<ExitReason> {
+        if let Some(r) = self.reason() {
+            return Some(r);
+        }
+        let mut pfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&self.0.wake), events: libc::POLLIN, revents: 0 };
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call and nfds is 1.
+        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        let _ = self.0.wake.read();
+        self.reason()
     }
 }
 

@@ -153,6 +153,13 @@ pub fn setup_boot_state(vcpu: &VcpuFd, id: u64, mem: &GuestMemory, entry: EntryP
     }
     vcpu.set_sregs(&sregs).map_err(err("sregs"))?;
     vcpu.set_regs(&regs).map_err(err("regs"))?;
+    setup_ap_state(vcpu, id)
+}
+
+/// State every vCPU needs: FPU defaults, boot MSRs and the LAPIC's LINT pins. Application
+/// processors get only this and wait (in KVM) for INIT/SIPI from the boot CPU.
+pub fn setup_ap_state(vcpu: &VcpuFd, id: u64) -> Result<(), VcpuError> {
+    let err = |what| move |source| VcpuError::Setup { id, what, source };
     let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
     vcpu.set_fpu(&fpu).map_err(err("fpu"))?;
     let entries: Vec<kvm_msr_entry> = [

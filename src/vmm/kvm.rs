@@ -1,0 +1,61 @@
+//! Opening /dev/kvm and checking, at start-up, every capability ringvm relies on.
+
+use kvm_ioctls::{Cap, Kvm};
+
+/// Errors from opening KVM.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    #[error("/dev/kvm does not exist: load the kvm module (modprobe kvm_intel or kvm_amd) or enable virtualization")]
+    Missing,
+    #[error("/dev/kvm is not accessible: run as root or add the user to the kvm group")]
+    Permission,
+    #[error("Cannot open /dev/kvm")]
+    Open(#[source] kvm_ioctls::Error),
+    #[error("KVM API version {0} is not the supported version 12")]
+    ApiVersion(i32),
+    #[error("KVM lacks a required capability: {0}")]
+    MissingCap(&'static str),
+}
+
+const REQUIRED: &[(Cap, &str)] = &[
+    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+    (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+    (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (Cap::IrqRouting, "KVM_CAP_IRQ_ROUTING"),
+    (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    (Cap::MpState, "KVM_CAP_MP_STATE"),
+    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    (Cap::Pit2, "KVM_CAP_PIT2"),
+];
+
+/// Opens /dev/kvm and checks the API version and the capabilities ringvm needs.
+pub fn open() -> Result<Kvm, KvmError> {
+    let kvm = Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT => KvmError::Missing,
+        libc::EACCES | libc::EPERM => KvmError::Permission,
+        _ => KvmError::Open(e),
+    })?;
+    let v = kvm.get_api_version();
+    if v != 12 {
+        return Err(KvmError::ApiVersion(v));
+    }
+    for (cap, name) in REQUIRED {
+        if !kvm.check_extension(*cap) {
+            return Err(KvmError::MissingCap(name));
+        }
+    }
+    Ok(kvm)
+}
+
+/// Largest vCPU count KVM allows for one VM.
+pub fn max_vcpus(kvm: &Kvm) -> usize {
+    kvm.get_max_vcpus()
+}
+
+/// True on this lab's nested paravirtual KVM (the `kvm_pvm` module), where guest ring 0 is
+/// emulated and some instructions need ringvm's help.
+pub fn is_pvm_host() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}

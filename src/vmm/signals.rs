@@ -1,0 +1,56 @@
+//! SIGINT/SIGTERM stop the VM, SIGUSR1 prints the statistics so far. The signals are
+//! blocked in every thread and read from a signalfd by the main thread, so no handler runs
+//! in an arbitrary thread's context.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+pub enum Event {
+    Stop(i32),
+    Report,
+}
+
+pub struct Signals {
+    fd: OwnedFd,
+}
+
+impl Signals {
+    /// Blocks the signals in the calling thread (inherited by threads it spawns later) and
+    /// opens a non-blocking signalfd for them. `None` if the kernel refused.
+    pub fn install() -> Option<Signals> {
+        // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it fully.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t owned by this frame.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
+                libc::sigaddset(&mut set, s);
+            }
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                return None;
+            }
+        }
+        // SAFETY: `set` is initialised; -1 asks for a new fd.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: signalfd returned a fresh fd that nothing else owns.
+        Some(Signals { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    /// The next pending signal, if any.
+    pub fn poll(&self) -> Option<Event> {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reading at most `size` bytes into `info`, which is that big.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+        if n as usize != size {
+            return None;
+        }
+        match info.ssi_signo as i32 {
+            libc::SIGUSR1 => Some(Event::Report),
+            s => Some(Event::Stop(s)),
+        }
+    }
+}

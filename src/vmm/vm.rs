@@ -1,0 +1,290 @@
+//! Building a VM from a validated [`VmConfig`] and running it to completion.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::bus::{Bus, BusDevice};
+use super::exit::{ExitHandle, ExitReason};
+use super::irq::IrqRouter;
+use super::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, SERIAL_IRQ};
+use super::vcpu::{self, EntryPoint, VcpuRunner, VcpuShared};
+use super::{cpuid, kvm, memory, thread};
+use crate::boot::{self, BootSpec};
+use crate::config::{cpu_feature, SerialMode, VmConfig};
+use crate::devices::legacy::{debug_exit, i8042, serial, DebugExit, Serial, I8042};
+use crate::devices::virtio::GuestMemory;
+
+/// How often the main thread looks for vCPUs halted with interrupts off.
+const HALT_CHECK_MS: u64 = 250;
+/// How long a stopping vCPU may take to leave KVM_RUN before ringvm gives up on it.
+const VCPU_STOP_TIMEOUT_MS: u64 = 2000;
+
+/// Errors from building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Kvm(#[from] kvm::KvmError),
+    #[error("--vcpus {asked} is more than KVM allows ({max})")]
+    TooManyVcpus { asked: u32, max: usize },
+    #[error("Failed to create the VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("Failed to set up the VM: {what}")]
+    Setup { what: &'static str, #[source] source: kvm_ioctls::Error },
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    #[error(transparent)]
+    Irq(#[from] super::irq::IrqError),
+    #[error(transparent)]
+    Thread(#[from] thread::ThreadError),
+    #[error("Cannot open serial output file {path}")]
+    SerialFile { path: std::path::PathBuf, #[source] source: std::io::Error },
+    #[error("Failed to set up devices: {0}")]
+    Devices(String),
+    #[error("I/O error setting up the VM")]
+    Io(#[from] std::io::Error),
+}
+
+/// What a finished run reports.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub reason: ExitReason,
+    /// Wall time from the first KVM_RUN to the stop request.
+    pub guest_time: Duration,
+}
+
+/// Hooks that let a caller (the bench command, a device set) add devices and observe the
+/// run without the VM module knowing about them.
+pub trait VmExtension {
+    /// Called once the VM, memory and buses exist, before the vCPUs start.
+    fn attach(&mut self, ctx: &mut DeviceContext) -> Result<(), VmError>;
+    /// Called on SIGUSR1 from the main thread.
+    fn on_report_signal(&mut self) {}
+    /// Called after the vCPUs stopped.
+    fn on_stop(&mut self) {}
+}
+
+/// What a device needs to plug itself into the VM.
+pub struct DeviceContext<'a> {
+    pub vm: &'a Arc<VmFd>,
+    pub mem: &'a GuestMemory,
+    pub pio: &'a Arc<Bus>,
+    pub mmio: &'a Arc<Bus>,
+    pub irq: &'a IrqRouter,
+    pub exit: &'a ExitHandle,
+    pub config: &'a VmConfig,
+}
+
+fn serial_out(mode: &SerialMode) -> Result<Option<serial::SerialOut>, VmError> {
+    Ok(match mode {
+        SerialMode::Stdio => Some(Box::new(std::io::stdout())),
+        SerialMode::File(p) => Some(Box::new(File::create(p).map_err(|source| VmError::SerialFile { path: p.clone(), source })?)),
+        SerialMode::None => None,
+    })
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM (the VM
+        // is dropped before the memory in `run`), and slots never overlap.
+        unsafe { vm.set_user_memory_region(r) }.map_err(|source| VmError::Setup { what: "guest memory slot", source })?;
+    }
+    Ok(())
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Signal used to kick vCPU threads out of KVM_RUN.
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Builds the VM described by `config`, runs it until it stops and returns why.
+pub fn run(config: &VmConfig, ext: &mut dyn VmExtension) -> Result<RunOutcome, VmError> {
+    // Block the stop/report signals before any thread exists so they all inherit the mask
+    // and only the main thread's signalfd sees them.
+    let sigs = super::signals::Signals::install();
+    let kvm = kvm::open()?;
+    let max = kvm::max_vcpus(&kvm);
+    if config.vcpus as usize > max {
+        return Err(VmError::TooManyVcpus { asked: config.vcpus, max });
+    }
+    let exit = ExitHandle::new()?;
+    let mem = memory::create(config.memory, config.hugepages, config.prefault)?;
+    let vm = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
+    register_memory(&vm, &mem)?;
+    vm.set_tss_address(KVM_TSS_ADDR as usize).map_err(|source| VmError::Setup { what: "TSS address", source })?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR).map_err(|source| VmError::Setup { what: "identity map", source })?;
+    vm.create_irq_chip().map_err(|source| VmError::Setup { what: "in-kernel irqchip", source })?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(|source| VmError::Setup { what: "PIT", source })?;
+    let irq = IrqRouter::new(vm.clone());
+    irq.init()?;
+
+    let pio = Arc::new(Bus::new());
+    let mmio = Arc::new(Bus::new());
+    let serial = attach_legacy(&vm, &pio, &exit, &config.serial)?;
+
+    let entry = boot::load(
+        &mem,
+        &BootSpec {
+            kernel: &config.kernel,
+            initrd: config.initrd.as_deref(),
+            cmdline: &config.cmdline,
+            mem_size: config.memory,
+            vcpus: config.vcpus as u8,
+        },
+    )?;
+
+    let mut ctx = DeviceContext { vm: &vm, mem: &mem, pio: &pio, mmio: &mmio, irq: &irq, exit: &exit, config };
+    ext.attach(&mut ctx)?;
+
+    let outcome = run_vcpus(&kvm, &vm, &mem, config, entry, &pio, &mmio, &exit, ext, sigs.as_ref());
+    if let Some(s) = serial {
+        s.lock().unwrap_or_else(|e| e.into_inner()).flush();
+    }
+    ext.on_stop();
+    outcome
+}
+
+fn attach_legacy(vm: &VmFd, pio: &Arc<Bus>, exit: &ExitHandle, mode: &SerialMode) -> Result<Option<Arc<Mutex<Serial>>>, VmError> {
+    let add = |dev: Arc<Mutex<dyn BusDevice>>, base, len| pio.insert(dev, base, len).map_err(|e| VmError::Devices(e.to_string()));
+    add(Arc::new(Mutex::new(DebugExit::new(exit.clone()))), debug_exit::DEBUG_EXIT_PORT, debug_exit::DEBUG_EXIT_SIZE)?;
+    add(Arc::new(Mutex::new(I8042::new(exit.clone()))), i8042::I8042_BASE, i8042::I8042_SIZE)?;
+    let Some(out) = serial_out(mode)? else { return Ok(None) };
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK)?;
+    vm.register_irqfd(&irqfd, SERIAL_IRQ).map_err(|source| VmError::Setup { what: "serial irqfd", source })?;
+    let serial = Arc::new(Mutex::new(Serial::new(irqfd, out)));
+    add(serial.clone(), serial::SERIAL_PORT, serial::SERIAL_SIZE)?;
+    Ok(Some(serial))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_vcpus(
+    kvm: &Kvm,
+    vm: &Arc<VmFd>,
+    mem: &GuestMemory,
+    config: &VmConfig,
+    entry: EntryPoint,
+    pio: &Arc<Bus>,
+    mmio: &Arc<Bus>,
+    exit: &ExitHandle,
+    ext: &mut dyn VmExtension,
+    sigs: Option<&super::signals::Signals>,
+) -> Result<RunOutcome, VmError> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
+        .map_err(|e| VmError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+    let base_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| VmError::Setup { what: "supported CPUID", source })?;
+    let mut masked: Vec<cpuid::FeatureBit> = config.cpu_features.iter().filter(|(add, _)| !add).filter_map(|(_, n)| cpu_feature(n)).collect();
+    if kvm::is_pvm_host() && !config.cpu_features.iter().any(|(add, n)| *add && n == "cx16") {
+        masked.push(cpuid::FEATURE_CX16);
+    }
+
+    let mut runners = Vec::new();
+    for id in 0..config.vcpus as u64 {
+        let fd = vm.create_vcpu(id).map_err(|source| vcpu::VcpuError::Create { id, source })?;
+        let tsc_khz = fd.get_tsc_khz().ok();
+        let c = cpuid::for_vcpu(&base_cpuid, id as u32, config.vcpus, tsc_khz, &masked);
+        fd.set_cpuid2(&c).map_err(|source| vcpu::VcpuError::Setup { id, what: "cpuid", source })?;
+        if id == 0 {
+            vcpu::setup_boot_state(&fd, id, mem, entry)?;
+        } else {
+            vcpu::setup_ap_state(&fd, id)?;
+        }
+        runners.push(VcpuRunner {
+            id: id as usize,
+            fd,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            exit: exit.clone(),
+            shared: Arc::new(VcpuShared::default()),
+        });
+    }
+
+    let started = Instant::now();
+    let mut threads = Vec::new();
+    for r in runners {
+        let shared = r.shared.clone();
+        let core = config.vcpu_cores.get(r.id).copied();
+        let h = thread::spawn(&format!("vcpu{}", r.id), core, exit.clone(), move || r.run())?;
+        threads.push((h, shared));
+    }
+
+    let reason = wait_for_exit(exit, &threads, ext, sigs);
+    let guest_time = started.elapsed();
+    stop_vcpus(&threads);
+    for (h, _) in threads {
+        // A vCPU stuck in the kernel is left behind rather than hanging the VMM's exit.
+        if h.is_finished() {
+            let _ = h.join();
+        }
+    }
+    Ok(RunOutcome { reason, guest_time })
+}
+
+type VcpuThread = (std::thread::JoinHandle<Option<()>>, Arc<VcpuShared>);
+
+fn kick(threads: &[VcpuThread]) {
+    for (h, _) in threads {
+        if !h.is_finished() {
+            // SAFETY: the pthread_t belongs to a thread we have not joined yet (checked just
+            // above), and the signal has a handler installed, so it only interrupts KVM_RUN.
+            unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
+        }
+    }
+}
+
+fn wait_for_exit(exit: &ExitHandle, threads: &[VcpuThread], ext: &mut dyn VmExtension, sigs: Option<&super::signals::Signals>) -> ExitReason {
+    loop {
+        if let Some(r) = exit.wait_timeout(Duration::from_millis(HALT_CHECK_MS)) {
+            return r;
+        }
+        match sigs.and_then(|s| s.poll()) {
+            Some(super::signals::Event::Stop(signal)) => exit.request(ExitReason::Signal { signal }),
+            Some(super::signals::Event::Report) => ext.on_report_signal(),
+            None => {}
+        }
+        if threads.iter().all(|(_, s)| s.dead_halted.load(Ordering::Acquire)) {
+            exit.request(ExitReason::AllHalted);
+        }
+        // Make every vCPU re-check whether it is halted with interrupts disabled.
+        kick(threads);
+    }
+}
+
+fn stop_vcpus(threads: &[VcpuThread]) {
+    for (_, s) in threads {
+        s.stop.store(true, Ordering::Release);
+    }
+    let deadline = Instant::now() + Duration::from_millis(VCPU_STOP_TIMEOUT_MS);
+    while threads.iter().any(|(h, _)| !h.is_finished()) {
+        if Instant::now() > deadline {
+            log::error!("a vCPU did not leave KVM_RUN within {VCPU_STOP_TIMEOUT_MS} ms");
+            let _ = std::io::stderr().flush();
+            break;
+        }
+        kick(threads);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
