@@ -60,19 +60,6 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> Cpuid {
     Cpuid { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }
 }
 
-/// Halts in ring 0 with interrupts off, forever, through the call gate the
-/// boot code installs (ring 3 may not `hlt`).
-pub fn ring0_halt() -> ! {
-    #[repr(C, packed)]
-    struct FarPtr {
-        offset: u32,
-        selector: u16,
-    }
-    static GATE: FarPtr = FarPtr { offset: 0, selector: crate::boot::HALT_GATE | 3 };
-    // SAFETY: the gate leads to `cli; hlt` in ring 0 on the TSS RSP0 stack and never returns.
-    unsafe { asm!("call fword ptr [{0}]", in(reg) &GATE, options(noreturn)) }
-}
-
 /// Volatile 8/16/32-bit MMIO and guest-RAM shared-memory accessors.
 pub mod mmio {
     use core::ptr::{read_volatile, write_volatile};

@@ -17,8 +17,6 @@ pub const KERNEL_CS: u16 = 0x08;
 pub const USER_DS: u16 = 0x18;
 /// User code selector (64-bit, DPL 3), used with RPL 3.
 pub const USER_CS: u16 = 0x20;
-/// Call gate into `ring0_halt` (DPL 3).
-pub const HALT_GATE: u16 = 0x38;
 
 global_asm!(
     r#"
@@ -47,6 +45,32 @@ pvh_start:
     /* EBX = hvm_start_info; paging off, flat segments, ESP undefined (0). */
     movl %ebx, guest_start_info
 
+    /* A guest that defines guest_ring0_halt_opt_in (link.ld makes it 0 otherwise)
+       halts here in ring 0 when the cmdline holds "mode=halt": ring 3 cannot
+       hlt, and this host does not run call gates. */
+    movl $guest_ring0_halt_opt_in, %eax
+    testl %eax, %eax
+    jz 3f
+    cmpl $0x336ec578, (%ebx)
+    jne 3f
+    movl 24(%ebx), %esi
+    testl %esi, %esi
+    jz 3f
+2:  cmpl $0x65646f6d, (%esi)        /* "mode" */
+    jne 4f
+    cmpl $0x6c61683d, 4(%esi)       /* "=hal" */
+    jne 4f
+    cmpb $0x74, 8(%esi)             /* "t" */
+    jne 4f
+    movb 9(%esi), %al
+    testb $0xdf, %al                /* NUL or space ends the token */
+    jz ring0_halt
+4:  cmpb $0, (%esi)
+    je 3f
+    incl %esi
+    jmp 2b
+3:
+
     /* TSS descriptor: base 0..23 / 24..31 split around the access byte. */
     movl $guest_tss, %eax
     movl %eax, %edx
@@ -62,16 +86,6 @@ pvh_start:
     orl %ecx, %edx
     orl $0x8900, %edx       /* present, 64-bit TSS (available) */
     movl %edx, gdt_tss + 4
-
-    /* Call gate (DPL 3) → ring0_halt: offset 0..15 | selector, offset 16..31 | type. */
-    movl $ring0_halt, %eax
-    movl %eax, %edx
-    andl $0xffff, %edx
-    orl $(KERNEL_CS << 16), %edx
-    movl %edx, gdt_halt_gate
-    andl $0xffff0000, %eax
-    orl $0xec00, %eax       /* present, DPL 3, 64-bit call gate */
-    movl %eax, gdt_halt_gate + 4
 
     lgdt gdt_ptr
     lidt idt_null           /* no IDT: any exception is a triple fault */
@@ -109,12 +123,22 @@ long_mode:
     pushq %rax
     iretq
 
-    /* Reached from ring 3 through the call gate: halt with interrupts off. */
-    .global ring0_halt
+    .code32
 ring0_halt:
-    cli
-1:  hlt
-    jmp 1b
+    movl $halt_msg, %esi
+    movw $0x3f8, %dx
+5:  lodsb
+    testb %al, %al
+    jz 6f
+    outb %al, %dx
+    jmp 5b
+6:  cli
+    hlt
+    jmp 6b
+halt_msg:
+    .asciz "ringvm-guest: ring0 halt\n"
+
+    .code64
 
     .text
     /* Ring 3 from here on: native speed. */
@@ -161,8 +185,6 @@ guest_gdt:
     .quad 0x00affa000000ffff    /* 0x20 user code, 64-bit, DPL 3 */
 gdt_tss:
     .quad 0, 0                  /* 0x28 TSS, filled at entry */
-gdt_halt_gate:
-    .quad 0, 0                  /* 0x38 call gate, filled at entry */
 gdt_end:
 
     .balign 8
@@ -183,7 +205,7 @@ guest_start_info:
     .balign 16
 guest_tss:
     .long 0
-    .quad ring0_stack_top       /* RSP0: used by the call gate */
+    .quad ring0_stack_top       /* RSP0: unused (no interrupts, no gates) */
     .quad 0, 0                  /* RSP1, RSP2 */
     .quad 0                     /* reserved */
     .quad 0, 0, 0, 0, 0, 0, 0   /* IST1-7 */

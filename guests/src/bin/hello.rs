@@ -5,9 +5,14 @@
 #![no_main]
 
 use ringvm_guests::start_info::StartInfo;
-use ringvm_guests::{arch, cmdline, entry, exit, println};
+use ringvm_guests::{cmdline, entry, exit, println};
 
 entry!(main);
+
+/// Asks the boot stub to halt in ring 0 when the cmdline holds `mode=halt`.
+#[no_mangle]
+#[used]
+static guest_ring0_halt_opt_in: u8 = 1;
 
 fn main(si: &StartInfo) -> ! {
     let cmd = si.cmdline();
@@ -21,7 +26,8 @@ fn main(si: &StartInfo) -> ! {
     }
     match mode {
         "triple" => exit::triple_fault(),
-        "halt" => arch::ring0_halt(),
+        // The boot stub halts in ring 0 before we get here; ring 3 cannot `hlt`.
+        "halt" => exit::triple_fault(),
         "reset" => exit::i8042_reset(),
         "spin" => loop {
             core::hint::spin_loop();
