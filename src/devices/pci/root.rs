@@ -1,0 +1,232 @@
+//! The root complex of bus 0: a host bridge at 00:00.0, configuration mechanism #1 on
+//! ports 0xCF8/0xCFC, ECAM in MMIO, BAR allocation in the 32-bit window, and BAR moves.
+
+use std::sync::{Arc, Mutex};
+
+use super::config::{PciConfig, PciIds};
+use super::{BarMove, PciDevice, PciError};
+use crate::vmm::bus::{Bus, BusDevice};
+use crate::vmm::layout::{PCI_MMIO_SIZE, PCI_MMIO_START};
+
+pub const CONFIG_IO_BASE: u64 = 0xcf8;
+pub const CONFIG_IO_SIZE: u64 = 8;
+const MAX_SLOTS: usize = 32;
+
+type Dev = Arc<Mutex<dyn PciDevice>>;
+
+struct HostBridge(PciConfig);
+
+impl PciDevice for HostBridge {
+    fn read_config(&mut self, reg: usize) -> u32 {
+        self.0.read(reg)
+    }
+    fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarMove> {
+        self.0.write(reg, offset, data)
+    }
+    fn read_bar(&mut self, _: usize, _: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn write_bar(&mut self, _: usize, _: u64, _: &[u8]) {}
+    fn bars(&self) -> Vec<(usize, u64, u64)> {
+        Vec::new()
+    }
+}
+
+fn lock(d: &Dev) -> std::sync::MutexGuard<'_, dyn PciDevice + 'static> {
+    d.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Bus 0 and the MMIO window its BARs live in.
+pub struct PciRoot {
+    slots: Vec<Dev>,
+    mmio: Arc<Bus>,
+    next_bar: u64,
+    address: Mutex<u32>,
+}
+
+/// One BAR's range on the MMIO bus.
+struct BarRegion {
+    dev: Dev,
+    bar: usize,
+}
+
+impl BusDevice for BarRegion {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        lock(&self.dev).read_bar(self.bar, offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        lock(&self.dev).write_bar(self.bar, offset, data);
+    }
+}
+
+impl PciRoot {
+    pub fn new(mmio: Arc<Bus>) -> Self {
+        let bridge = PciConfig::new(PciIds {
+            vendor: 0x1b36, // Red Hat, Inc.
+            device: 0x0008, // PCIe host bridge
+            class: 0x06,
+            subclass: 0x00,
+            prog_if: 0,
+            revision: 0,
+            subsystem_vendor: 0x1b36,
+            subsystem: 0,
+        });
+        PciRoot { slots: vec![Arc::new(Mutex::new(HostBridge(bridge)))], mmio, next_bar: PCI_MMIO_START, address: Mutex::new(0) }
+    }
+
+    /// Reserves a naturally aligned window of `size` bytes for a BAR.
+    pub fn allocate_bar(&mut self, size: u64) -> Result<u64, PciError> {
+        let addr = self.next_bar.next_multiple_of(size);
+        if addr + size > PCI_MMIO_START + PCI_MMIO_SIZE {
+            return Err(PciError::NoBarSpace { size });
+        }
+        self.next_bar = addr + size;
+        Ok(addr)
+    }
+
+    /// Plugs `dev` into the next free slot and maps its BARs; returns the slot number.
+    pub fn add(&mut self, dev: Dev) -> Result<usize, PciError> {
+        if self.slots.len() >= MAX_SLOTS {
+            return Err(PciError::NoSlot);
+        }
+        for (bar, addr, size) in lock(&dev).bars() {
+            self.mmio.insert(Arc::new(Mutex::new(BarRegion { dev: dev.clone(), bar })), addr, size)?;
+        }
+        self.slots.push(dev);
+        Ok(self.slots.len() - 1)
+    }
+
+    fn device(&self, bus: u32, slot: u32, function: u32) -> Option<&Dev> {
+        if bus != 0 || function != 0 {
+            return None;
+        }
+        self.slots.get(slot as usize)
+    }
+
+    fn config_read(&self, bus: u32, slot: u32, function: u32, reg: usize) -> u32 {
+        self.device(bus, slot, function).map_or(0xffff_ffff, |d| lock(d).read_config(reg))
+    }
+
+    fn config_write(&self, bus: u32, slot: u32, function: u32, reg: usize, offset: u64, data: &[u8]) {
+        let Some(dev) = self.device(bus, slot, function) else { return };
+        let moved = lock(dev).write_config(reg, offset, data);
+        if let Some(m) = moved {
+            self.move_bar(dev, m);
+        }
+    }
+
+    fn move_bar(&self, dev: &Dev, m: BarMove) {
+        let _ = self.mmio.remove(m.old);
+        let region = Arc::new(Mutex::new(BarRegion { dev: dev.clone(), bar: m.bar }));
+        match self.mmio.insert(region, m.new, m.len) {
+            Ok(()) => lock(dev).bar_moved(m.bar, m.old, m.new),
+            Err(e) => log::warn!("pci: guest moved BAR{} to {:#x}, which is unusable: {e}", m.bar, m.new),
+        }
+    }
+
+    fn address_register(&self) -> std::sync::MutexGuard<'_, u32> {
+        self.address.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Configuration mechanism #1 (ports 0xCF8 address, 0xCFC..0xCFF data).
+pub struct PciConfigIo(pub Arc<Mutex<PciRoot>>);
+
+/// ECAM: bus << 20 | device << 15 | function << 12 | register.
+pub struct PciConfigMmio(pub Arc<Mutex<PciRoot>>);
+
+fn root(r: &Arc<Mutex<PciRoot>>) -> std::sync::MutexGuard<'_, PciRoot> {
+    r.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn extract(v: u32, byte: u64, data: &mut [u8]) {
+    let bytes = v.to_le_bytes();
+    for (i, d) in data.iter_mut().enumerate() {
+        *d = bytes.get(byte as usize + i).copied().unwrap_or(0xff);
+    }
+}
+
+impl BusDevice for PciConfigIo {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let r = root(&self.0);
+        if offset < 4 {
+            extract(*r.address_register(), offset, data);
+            return;
+        }
+        let addr = *r.address_register();
+        if addr & 0x8000_0000 == 0 {
+            data.fill(0xff);
+            return;
+        }
+        let (bus, slot, func, reg) = ((addr >> 16) & 0xff, (addr >> 11) & 0x1f, (addr >> 8) & 7, ((addr >> 2) & 0x3f) as usize);
+        extract(r.config_read(bus, slot, func, reg), offset - 4, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let r = root(&self.0);
+        if offset == 0 && data.len() == 4 {
+            *r.address_register() = u32::from_le_bytes(data.try_into().expect("4 bytes"));
+            return;
+        }
+        let addr = *r.address_register();
+        if offset < 4 || addr & 0x8000_0000 == 0 || (offset - 4) as usize + data.len() > 4 {
+            return;
+        }
+        let (bus, slot, func, reg) = ((addr >> 16) & 0xff, (addr >> 11) & 0x1f, (addr >> 8) & 7, ((addr >> 2) & 0x3f) as usize);
+        r.config_write(bus, slot, func, reg, offset - 4, data);
+    }
+}
+
+impl BusDevice for PciConfigMmio {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let (bus, slot, func) = ((offset >> 20) as u32, ((offset >> 15) & 0x1f) as u32, ((offset >> 12) & 7) as u32);
+        let reg = ((offset & 0xfff) >> 2) as usize;
+        let v = root(&self.0).config_read(bus, slot, func, reg);
+        extract(v, offset & 3, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if (offset & 3) as usize + data.len() > 4 {
+            return;
+        }
+        let (bus, slot, func) = ((offset >> 20) as u32, ((offset >> 15) & 0x1f) as u32, ((offset >> 12) & 7) as u32);
+        let reg = ((offset & 0xfff) >> 2) as usize;
+        root(&self.0).config_write(bus, slot, func, reg, offset & 3, data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io_read(io: &mut PciConfigIo, slot: u32, reg: u32) -> u32 {
+        io.write(0, &(0x8000_0000u32 | slot << 11 | reg << 2).to_le_bytes());
+        let mut b = [0u8; 4];
+        io.read(4, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn test_host_bridge_visible_and_empty_slot_reads_ones() {
+        let root = Arc::new(Mutex::new(PciRoot::new(Arc::new(Bus::new()))));
+        let mut io = PciConfigIo(root.clone());
+        assert_eq!(io_read(&mut io, 0, 0), 0x0008_1b36);
+        assert_eq!(io_read(&mut io, 5, 0), 0xffff_ffff);
+        let mut ecam = PciConfigMmio(root);
+        let mut b = [0u8; 2];
+        ecam.read(0, &mut b);
+        assert_eq!(u16::from_le_bytes(b), 0x1b36);
+        ecam.read(1 << 20, &mut b);
+        assert_eq!(b, [0xff, 0xff], "bus 1 does not exist");
+    }
+
+    #[test]
+    fn test_bar_allocation_aligned_and_bounded() {
+        let mut root = PciRoot::new(Arc::new(Bus::new()));
+        let a = root.allocate_bar(0x1000).unwrap();
+        let b = root.allocate_bar(0x8000).unwrap();
+        assert_eq!(a, PCI_MMIO_START);
+        assert_eq!(b % 0x8000, 0);
+        assert!(root.allocate_bar(PCI_MMIO_SIZE).is_err());
+    }
+}
