@@ -7,6 +7,7 @@ pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod devices;
+pub mod guests;
 pub mod metrics;
 pub mod reactor;
 pub mod vmm;

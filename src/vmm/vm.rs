@@ -15,13 +15,16 @@ use vmm_sys_util::eventfd::EventFd;
 use super::bus::{Bus, BusDevice};
 use super::exit::{ExitHandle, ExitReason};
 use super::irq::IrqRouter;
-use super::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, SERIAL_IRQ};
+use super::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PCI_ECAM_BUS0_SIZE, PCI_ECAM_START, SERIAL_IRQ};
 use super::vcpu::{self, EntryPoint, VcpuRunner, VcpuShared};
 use super::{cpuid, kvm, memory, thread};
 use crate::boot::{self, BootSpec};
 use crate::config::{cpu_feature, SerialMode, VmConfig};
 use crate::devices::legacy::{debug_exit, i8042, serial, DebugExit, Serial, I8042};
-use crate::devices::virtio::GuestMemory;
+use crate::devices::pci::root::{self, PciConfigIo, PciConfigMmio};
+use crate::devices::pci::PciRoot;
+use crate::devices::virtio::pci::VirtioPci;
+use crate::devices::virtio::{GuestMemory, VirtioDevice};
 
 /// How often the main thread looks for vCPUs halted with interrupts off.
 const HALT_CHECK_MS: u64 = 250;
@@ -85,6 +88,24 @@ pub struct DeviceContext<'a> {
     pub irq: &'a IrqRouter,
     pub exit: &'a ExitHandle,
     pub config: &'a VmConfig,
+    pub pci: &'a Arc<Mutex<PciRoot>>,
+}
+
+impl DeviceContext<'_> {
+    /// Plugs `device` into bus 0 behind a virtio-pci function; returns its slot.
+    pub fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<usize, VmError> {
+        let mut root = self.pci.lock().unwrap_or_else(|e| e.into_inner());
+        let t = VirtioPci::new(device, &mut root, self.irq.clone(), self.mem.clone()).map_err(|e| VmError::Devices(e.to_string()))?;
+        root.add(Arc::new(Mutex::new(t))).map_err(|e| VmError::Devices(e.to_string()))
+    }
+}
+
+fn attach_pci(pio: &Arc<Bus>, mmio: &Arc<Bus>) -> Result<Arc<Mutex<PciRoot>>, VmError> {
+    let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone())));
+    pio.insert(Arc::new(Mutex::new(PciConfigIo(root.clone()))), root::CONFIG_IO_BASE, root::CONFIG_IO_SIZE)
+        .and_then(|_| mmio.insert(Arc::new(Mutex::new(PciConfigMmio(root.clone()))), PCI_ECAM_START, PCI_ECAM_BUS0_SIZE))
+        .map_err(|e| VmError::Devices(e.to_string()))?;
+    Ok(root)
 }
 
 fn serial_out(mode: &SerialMode) -> Result<Option<serial::SerialOut>, VmError> {
@@ -143,6 +164,7 @@ pub fn run(config: &VmConfig, ext: &mut dyn VmExtension) -> Result<RunOutcome, V
     let pio = Arc::new(Bus::new());
     let mmio = Arc::new(Bus::new());
     let serial = attach_legacy(&vm, &pio, &exit, &config.serial)?;
+    let pci = attach_pci(&pio, &mmio)?;
 
     let entry = boot::load(
         &mem,
@@ -155,7 +177,7 @@ pub fn run(config: &VmConfig, ext: &mut dyn VmExtension) -> Result<RunOutcome, V
         },
     )?;
 
-    let mut ctx = DeviceContext { vm: &vm, mem: &mem, pio: &pio, mmio: &mmio, irq: &irq, exit: &exit, config };
+    let mut ctx = DeviceContext { vm: &vm, mem: &mem, pio: &pio, mmio: &mmio, irq: &irq, exit: &exit, config, pci: &pci };
     ext.attach(&mut ctx)?;
 
     let outcome = run_vcpus(&kvm, &vm, &mem, config, entry, &pio, &mmio, &exit, ext, sigs.as_ref());
