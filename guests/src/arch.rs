@@ -26,6 +26,22 @@ pub fn inl(port: u16) -> u32 {
     value
 }
 
+/// Writes a 16-bit value to an I/O port.
+#[inline]
+pub fn outw(port: u16, value: u16) {
+    // SAFETY: as for `outb`.
+    unsafe { asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags)) }
+}
+
+/// Reads a 16-bit value from an I/O port.
+#[inline]
+pub fn inw(port: u16) -> u16 {
+    let value: u16;
+    // SAFETY: as for `outb`.
+    unsafe { asm!("in ax, dx", in("dx") port, out("ax") value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
 /// Reads a byte from an I/O port.
 #[inline]
 pub fn inb(port: u16) -> u8 {

@@ -43,6 +43,9 @@ global_asm!(
     .global pvh_start
 pvh_start:
     /* EBX = hvm_start_info; paging off, flat segments, ESP undefined (0). */
+    rdtsc
+    movl %eax, guest_entry_tsc
+    movl %edx, guest_entry_tsc + 4
     movl %ebx, guest_start_info
 
     /* A guest that defines guest_ring0_halt_opt_in (link.ld makes it 0 otherwise)
@@ -196,8 +199,11 @@ idt_null:
     .quad 0
 
     .global guest_start_info
+    .global guest_entry_tsc
     .balign 8
 guest_start_info:
+    .quad 0
+guest_entry_tsc:
     .quad 0
 
     /* 64-bit TSS with an all-zero I/O permission bitmap: this host ignores
@@ -224,3 +230,14 @@ ring3_stack_top:
 "#,
     options(att_syntax)
 );
+
+extern "C" {
+    /// TSC at the PVH entry point, for measuring the ring-0 start-up time.
+    static guest_entry_tsc: u64;
+}
+
+/// TSC value read by the first instruction of the PVH entry.
+pub fn entry_tsc() -> u64 {
+    // SAFETY: written once by the boot stub before ring 3 starts; read-only after.
+    unsafe { core::ptr::read_volatile(&raw const guest_entry_tsc) }
+}

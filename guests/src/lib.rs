@@ -7,12 +7,21 @@ pub mod arch;
 pub mod boot;
 pub mod cmdline;
 pub mod exit;
+pub mod hist;
+pub mod json;
 pub mod mem;
+pub mod pci;
+pub mod rng;
 pub mod serial;
 pub mod start_info;
+pub mod tsc;
+pub mod virtio;
 
 /// Exit code for a guest panic (a bug in the guest, not in the device).
 pub const EXIT_PANIC: u32 = 6;
+
+/// TSC when ring-3 Rust code started; with `boot::entry_tsc()` this times ring 0.
+pub static RING3_ENTRY_TSC: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 /// Defines the ring-3 entry point: `entry!(main)` with `fn main(&StartInfo) -> !`.
 #[macro_export]
@@ -20,6 +29,7 @@ macro_rules! entry {
     ($main:path) => {
         #[no_mangle]
         extern "C" fn guest_main(start_info: u64) -> ! {
+            $crate::RING3_ENTRY_TSC.store($crate::arch::rdtsc(), core::sync::atomic::Ordering::Relaxed);
             let si = $crate::start_info::StartInfo::read(start_info);
             $main(&si)
         }

@@ -1,7 +1,235 @@
+//! blkbench: a bare-metal virtio-blk benchmark. PVH boot, modern virtio-pci
+//! driven by polling from ring 3, per-request TSC latency into a log-linear
+//! histogram, one JSON report line on the serial console. Runs unchanged
+//! under QEMU, ringvm, Cloud Hypervisor and Firecracker (PCI only).
+//!
+//! Exit codes (isa-debug-exit port 0xf4): see the `EXIT_*` constants.
 #![no_std]
 #![no_main]
+
+#[path = "blkbench/engine.rs"]
+mod engine;
+#[path = "blkbench/params.rs"]
+mod params;
+#[path = "blkbench/report.rs"]
+mod report;
+#[path = "blkbench/stamp.rs"]
+mod stamp;
+
+use engine::{Engine, RunError};
+use params::Params;
+use ringvm_guests::hist::Histogram;
+use ringvm_guests::mem::Bump;
+use ringvm_guests::pci::{self, Function};
 use ringvm_guests::start_info::StartInfo;
-ringvm_guests::entry!(main);
-fn main(_si: &StartInfo) -> ! {
-    ringvm_guests::exit::exit(2)
+use ringvm_guests::tsc::{self, Clock, TscSource};
+use ringvm_guests::virtio::blk::{self, BlkConfig, SECTOR_SIZE};
+use ringvm_guests::virtio::pci::{TransportError, VirtioPci};
+use ringvm_guests::virtio::queue::SplitQueue;
+use ringvm_guests::virtio::{self as virtio, status};
+use ringvm_guests::{entry, exit, println};
+
+/// The run completed; no device errors, verify passed or off.
+pub const EXIT_OK: u32 = 0;
+/// No usable virtio-blk PCI device.
+pub const EXIT_NO_DEVICE: u32 = 2;
+/// The device failed: status != OK, refused setup, or stopped completing.
+pub const EXIT_DEVICE_ERROR: u32 = 3;
+/// verify=1 found data that does not match its stamp.
+pub const EXIT_VERIFY: u32 = 4;
+/// A parameter is malformed or impossible on this device/VM.
+pub const EXIT_BAD_PARAM: u32 = 5;
+
+const VIRTIO_VENDOR: u16 = 0x1af4;
+const VIRTIO_BLK_MODERN: u16 = 0x1042;
+const VIRTIO_BLK_TRANSITIONAL: u16 = 0x1001;
+
+/// Arena used when the VMM passes no memory map (start-info version 0).
+const FALLBACK_ARENA: u64 = 16 << 20;
+
+entry!(main);
+
+static mut HIST: Histogram = Histogram::new();
+
+fn bad_param(key: &str, value: &str, reason: &str) -> ! {
+    println!("bad parameter: {}={}: {}", key, value, reason);
+    exit::exit(EXIT_BAD_PARAM)
+}
+
+fn device_error(what: &str) -> ! {
+    println!("device error: {}", what);
+    exit::exit(EXIT_DEVICE_ERROR)
+}
+
+/// Guest RAM above the image (and above the start-info data), below 4 GiB.
+fn arena(si: &StartInfo) -> Bump {
+    extern "C" {
+        static __image_end: u8;
+    }
+    let image_end = &raw const __image_end as u64;
+    let mut best = (0, 0);
+    for r in si.ram() {
+        let mut lo = r.addr.max(image_end);
+        if si.max_addr > lo && si.max_addr <= r.addr + r.size {
+            lo = si.max_addr;
+        }
+        lo = (lo + 4095) & !4095;
+        let hi = (r.addr + r.size).min(1 << 32);
+        if hi > lo && hi - lo > best.1 - best.0 {
+            best = (lo, hi);
+        }
+    }
+    if best.1 == 0 {
+        let lo = (image_end + 4095) & !4095;
+        best = (lo, lo + FALLBACK_ARENA);
+    }
+    Bump::new(best.0, best.1)
+}
+
+fn find_device() -> Option<Function> {
+    pci::bus0_functions().find(|f| {
+        let (v, d) = f.vendor_device();
+        v == VIRTIO_VENDOR && (d == VIRTIO_BLK_MODERN || d == VIRTIO_BLK_TRANSITIONAL)
+    })
+}
+
+fn transport_error(e: TransportError) -> ! {
+    match e {
+        TransportError::NoModernCaps => {
+            println!("no device: virtio-blk has no modern (virtio 1.0) capabilities");
+            exit::exit(EXIT_NO_DEVICE)
+        }
+        TransportError::NoBarSpace => device_error("no room below 4 GiB for the device's BARs"),
+        TransportError::ResetTimeout => device_error("reset did not complete"),
+        TransportError::FeaturesRefused => device_error("FEATURES_OK refused"),
+        TransportError::NoQueue(q) => {
+            println!("device error: queue {} missing", q);
+            exit::exit(EXIT_DEVICE_ERROR)
+        }
+    }
+}
+
+fn main(si: &StartInfo) -> ! {
+    let cmd = si.cmdline();
+    let p = match Params::parse(cmd) {
+        Ok(p) => p,
+        Err(e) => bad_param(e.key, e.value, e.reason),
+    };
+    let (khz, tsc_source) = match p.tsc_khz {
+        Some(k) => (k, TscSource::Cmdline),
+        None => tsc::khz_from_cpuid().unwrap_or_else(|| bad_param("tsc_khz", "", "tsc_khz needed (CPUID gives no TSC frequency)")),
+    };
+    let clock = Clock { khz };
+    let ring0_ns = clock.cycles_to_ns(
+        ringvm_guests::RING3_ENTRY_TSC.load(core::sync::atomic::Ordering::Relaxed).wrapping_sub(ringvm_guests::boot::entry_tsc()),
+    );
+
+    let Some(func) = find_device() else {
+        println!("no device: no virtio-blk PCI function on bus 0");
+        exit::exit(EXIT_NO_DEVICE)
+    };
+    let dev = VirtioPci::new(func).unwrap_or_else(|e| transport_error(e));
+
+    // Reset → ACKNOWLEDGE → DRIVER → FEATURES_OK → queues → DRIVER_OK.
+    dev.reset().unwrap_or_else(|e| transport_error(e));
+    dev.add_status(status::ACKNOWLEDGE);
+    dev.add_status(status::DRIVER);
+    let offered = dev.device_features();
+    if offered & virtio::F_VERSION_1 == 0 {
+        dev.add_status(status::FAILED);
+        println!("no device: virtio-blk does not offer VERSION_1");
+        exit::exit(EXIT_NO_DEVICE);
+    }
+    let features = offered & blk::DRIVER_FEATURES;
+    dev.negotiate(features).unwrap_or_else(|e| transport_error(e));
+    let cfg = BlkConfig::read(&dev, features);
+
+    // Checks that need the device.
+    let fail = |key, reason| -> ! {
+        dev.add_status(status::FAILED);
+        bad_param(key, ringvm_guests::cmdline::get(cmd, key).unwrap_or(""), reason)
+    };
+    if p.bs % u64::from(cfg.blk_size.max(512)) != 0 {
+        fail("bs", "not a multiple of the device's blk_size");
+    }
+    if p.queues > cfg.num_queues.min(dev.num_queues()) {
+        fail("queues", "more than the device offers");
+    }
+    let capacity = cfg.capacity_sectors * SECTOR_SIZE;
+    let size = p.size.unwrap_or(capacity) / p.bs * p.bs;
+    if p.size.is_some_and(|s| s > capacity) {
+        fail("size", "larger than the disk");
+    }
+    if size == 0 {
+        fail(if p.size.is_some() { "size" } else { "bs" }, "working set smaller than one block");
+    }
+    if p.rw.writes() && features & blk::F_RO != 0 {
+        fail("rw", "device is read-only");
+    }
+    if p.flush_every != 0 && features & blk::F_FLUSH == 0 {
+        fail("flush_every", "device does not offer FLUSH");
+    }
+    let max_size = dev.queue_max_size(0);
+    let qsize = match p.qsize {
+        Some(q) if q > max_size => fail("qsize", "larger than the device's queue size"),
+        Some(q) => q,
+        None => max_size,
+    };
+    if qsize == 0 || !qsize.is_power_of_two() {
+        device_error("queue size is not a power of two");
+    }
+    let indirect = 3 * p.qd > u32::from(qsize);
+    if p.qd > u32::from(qsize) || (indirect && features & virtio::F_INDIRECT_DESC == 0) {
+        fail("qd", "more requests than the queue holds (3 descriptors each without INDIRECT_DESC)");
+    }
+
+    let mut bump = arena(si);
+    let need = u64::from(p.queues) * (u64::from(p.qd) * (p.bs.next_multiple_of(4096) + 96) + 3 * 4096 + 16 * u64::from(qsize));
+    if need > bump.remaining() {
+        fail("qd", "buffers (queues*qd*bs) do not fit in guest memory");
+    }
+    let event_idx = features & virtio::F_EVENT_IDX != 0;
+    let mut rings: [Option<SplitQueue>; 64] = [const { None }; 64];
+    if usize::from(p.queues) > rings.len() {
+        fail("queues", "more than 64");
+    }
+    for qi in 0..p.queues {
+        let Some(mut q) = SplitQueue::alloc(&mut bump, qi, qsize, event_idx) else {
+            fail("qsize", "rings do not fit in guest memory")
+        };
+        let notify = dev.setup_queue(qi, qsize, q.desc, q.avail, q.used).unwrap_or_else(|e| transport_error(e));
+        q.set_notify_addr(notify);
+        rings[usize::from(qi)] = Some(q);
+    }
+    // SAFETY: HIST is only touched here, on the only thread.
+    let hist = unsafe { &mut *(&raw mut HIST) };
+    let mut it = rings.iter_mut().filter_map(|r| r.take());
+    let Some(mut engine) = Engine::new(p, clock, &mut it, usize::from(p.queues), indirect, size, &mut bump, hist) else {
+        fail("qd", "buffers do not fit in guest memory")
+    };
+    dev.add_status(status::DRIVER_OK);
+    if dev.status() & (status::NEEDS_RESET | status::FAILED) != 0 {
+        device_error("device needs reset after DRIVER_OK");
+    }
+
+    println!(
+        "blkbench: {:02x}:{:02x}.{} {} sectors blk_size {} queues {}/{} qsize {} features {:#x} tsc {} kHz ({}) ring0 {} us",
+        func.bus, func.dev, func.func, cfg.capacity_sectors, cfg.blk_size, p.queues, cfg.num_queues, qsize,
+        features, khz, tsc_source.name(), ring0_ns / 1000
+    );
+    let result = engine.run();
+    dev.reset().ok();
+    if let Err(RunError::Timeout) = result {
+        device_error("timeout (no completion for 10 s)");
+    }
+    let info = report::DeviceInfo { func, cfg, features, offered, qsize, tsc_khz: khz, tsc_source, ring0_ns };
+    report::print(&p, size, &engine, &info);
+    let code = if engine.stats.errors > 0 {
+        EXIT_DEVICE_ERROR
+    } else if engine.stats.verify_errors > 0 {
+        EXIT_VERIFY
+    } else {
+        EXIT_OK
+    };
+    exit::exit(code)
 }

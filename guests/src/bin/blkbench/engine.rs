@@ -1,0 +1,397 @@
+//! The polling I/O engine: per-queue request slots with fixed descriptor
+//! chains, batched submission gated by EVENT_IDX, completion polling in
+//! guest RAM, per-request TSC latency, verify bookkeeping and the watchdog.
+
+use super::params::{Params, Rw};
+use super::stamp::{self, Expect, Mismatch};
+use ringvm_guests::arch::{mmio, rdtsc};
+use ringvm_guests::hist::Histogram;
+use ringvm_guests::mem::Bump;
+use ringvm_guests::println;
+use ringvm_guests::rng::Rng;
+use ringvm_guests::tsc::Clock;
+use ringvm_guests::virtio::blk::{self, HEADER_SIZE, SECTOR_SIZE};
+use ringvm_guests::virtio::queue::{write_desc_at, SplitQueue, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE};
+
+/// No completion for this long with requests in flight: the device is stuck.
+pub const WATCHDOG_NS: u64 = 10_000_000_000;
+/// Mismatch and error details printed before going quiet.
+const MAX_REPORTED: u64 = 5;
+
+const OP_READ: u8 = 0;
+const OP_WRITE: u8 = 1;
+const OP_FLUSH: u8 = 2;
+
+/// Per-block verify table: bit 31 = request in flight, low bits = generation
+/// of the last completed write in this run (0 = none, UNKNOWN = failed write).
+const BUSY: u32 = 1 << 31;
+const UNKNOWN: u32 = BUSY - 1;
+
+/// One request slot: header, status byte, data buffer and a 3-descriptor
+/// chain that never changes except for the data direction and flushes.
+#[derive(Clone, Copy)]
+struct Slot {
+    /// Header at +0, status byte at +16.
+    meta: u64,
+    data: u64,
+    /// First of the slot's three descriptors (in the ring, or its indirect table).
+    chain: u64,
+    /// Index of `chain` for `next` fields (3*slot in the ring, 0 in a table).
+    chain_idx: u16,
+    submit_tsc: u64,
+    block: u64,
+    gen: u32,
+    op: u8,
+}
+
+/// A queue with its slots.
+pub struct QueueState {
+    q: SplitQueue,
+    slots: &'static mut [Slot],
+    free: &'static mut [u16],
+    nfree: usize,
+    /// Ring head → slot: head / 3 for direct chains, head for indirect.
+    head_shift_div3: bool,
+}
+
+/// Totals over the measured window.
+#[derive(Default)]
+pub struct Stats {
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    pub verify_errors: u64,
+    pub verify_sectors: u64,
+    pub kicks: u64,
+    /// Measured window, TSC.
+    pub start_tsc: u64,
+    pub end_tsc: u64,
+}
+
+/// Why a run stopped early.
+pub enum RunError {
+    Timeout,
+}
+
+/// Everything the run loop needs.
+pub struct Engine<'h> {
+    p: Params,
+    clock: Clock,
+    queues: &'static mut [QueueState],
+    blocks: u64,
+    /// 512-byte sectors per block.
+    block_sectors: u64,
+    table: Option<&'static mut [u32]>,
+    rng: Rng,
+    cursor: u64,
+    next_gen: u32,
+    run_id: u64,
+    writes_since_flush: u64,
+    hist: &'h mut Histogram,
+    pub stats: Stats,
+    pub indirect: bool,
+    pub verify_table: bool,
+}
+
+/// Splits `n` zeroed `T`s off the bump allocator.
+fn alloc_slice<T>(bump: &mut Bump, n: usize) -> Option<&'static mut [T]> {
+    let bytes = (core::mem::size_of::<T>() * n.max(1)) as u64;
+    let addr = bump.alloc(bytes, 64)?;
+    // SAFETY: fresh, zeroed, suitably aligned memory owned from now on by the
+    // slice; T is plain data for which all-zero bytes are a valid value.
+    Some(unsafe { core::slice::from_raw_parts_mut(addr as *mut T, n) })
+}
+
+impl<'h> Engine<'h> {
+    /// Builds slots and descriptor chains for already-enabled queues.
+    /// Returns `None` if guest memory runs out.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        p: Params,
+        clock: Clock,
+        rings: &mut dyn Iterator<Item = SplitQueue>,
+        nqueues: usize,
+        use_indirect: bool,
+        size_bytes: u64,
+        bump: &mut Bump,
+        hist: &'h mut Histogram,
+    ) -> Option<Self> {
+        let queues_ptr = bump.alloc((core::mem::size_of::<QueueState>() * nqueues) as u64, 64)? as *mut QueueState;
+        let qd = p.qd as usize;
+        for (i, q) in rings.take(nqueues).enumerate() {
+            let slots = alloc_slice::<Slot>(bump, qd)?;
+            let free = alloc_slice::<u16>(bump, qd)?;
+            let meta = bump.alloc(32 * qd as u64, 64)?;
+            let tables = if use_indirect { bump.alloc(3 * DESC_SIZE * qd as u64, 64)? } else { 0 };
+            for s in 0..qd {
+                let data = bump.alloc(p.bs, 4096)?;
+                let (chain, chain_idx) = if use_indirect {
+                    (tables + 3 * DESC_SIZE * s as u64, 0u16)
+                } else {
+                    (q.desc + 3 * DESC_SIZE * s as u64, 3 * s as u16)
+                };
+                let m = meta + 32 * s as u64;
+                write_desc_at(chain, m, HEADER_SIZE, DESC_F_NEXT, chain_idx + 1);
+                write_desc_at(chain + DESC_SIZE, data, p.bs as u32, DESC_F_NEXT | DESC_F_WRITE, chain_idx + 2);
+                write_desc_at(chain + 2 * DESC_SIZE, m + 16, 1, DESC_F_WRITE, 0);
+                if use_indirect {
+                    q.write_desc(s as u16, chain, 3 * DESC_SIZE as u32, DESC_F_INDIRECT, 0);
+                }
+                slots[s] = Slot { meta: m, data, chain, chain_idx, submit_tsc: 0, block: 0, gen: 0, op: OP_READ };
+                free[s] = s as u16;
+                if !p.verify && p.rw.writes() {
+                    // Non-zero payload so backends cannot shortcut zero writes.
+                    stamp::fill(data, p.bs, 0, p.seed, 0);
+                }
+            }
+            // SAFETY: queues_ptr has room for nqueues states; slot i written once.
+            unsafe { queues_ptr.add(i).write(QueueState { q, slots, free, nfree: qd, head_shift_div3: !use_indirect }) };
+        }
+        // SAFETY: all nqueues entries were initialised above.
+        let queues = unsafe { core::slice::from_raw_parts_mut(queues_ptr, nqueues) };
+        let blocks = size_bytes / p.bs;
+        // Exact per-block generations when the table fits in a quarter of what is left.
+        let table = if p.verify && blocks * 4 <= bump.remaining() / 4 { alloc_slice::<u32>(bump, blocks as usize) } else { None };
+        let verify_table = table.is_some();
+        Some(Engine {
+            p,
+            clock,
+            queues,
+            blocks,
+            block_sectors: p.bs / SECTOR_SIZE,
+            table,
+            rng: Rng::new(p.seed),
+            cursor: 0,
+            next_gen: 1,
+            run_id: rdtsc() | 1,
+            writes_since_flush: 0,
+            hist,
+            stats: Stats::default(),
+            indirect: use_indirect,
+            verify_table,
+        })
+    }
+
+    /// Picks a block no other request is using (with a verify table), or `None`.
+    fn pick_block(&mut self) -> Option<u64> {
+        for _ in 0..8 {
+            let b = if self.p.rw.random() {
+                self.rng.below(self.blocks)
+            } else {
+                let b = self.cursor;
+                self.cursor = if b + 1 == self.blocks { 0 } else { b + 1 };
+                b
+            };
+            match &self.table {
+                Some(t) if t[b as usize] & BUSY != 0 => continue,
+                _ => return Some(b),
+            }
+        }
+        None
+    }
+
+    /// Fills free slots of queue `qi` and publishes them. Returns requests added.
+    fn submit(&mut self, qi: usize, now: u64, budget: &mut u64) -> u32 {
+        let mut added = 0;
+        while self.queues[qi].nfree > 0 && *budget > 0 {
+            let flush = self.p.flush_every != 0 && self.writes_since_flush >= self.p.flush_every;
+            let (op, block) = if flush {
+                self.writes_since_flush = 0;
+                (OP_FLUSH, 0)
+            } else {
+                let Some(b) = self.pick_block() else { break };
+                let read = match self.p.rw {
+                    Rw::RandRead | Rw::Read => true,
+                    Rw::RandWrite | Rw::Write => false,
+                    Rw::RandRw => self.rng.below(100) < self.p.rwmix,
+                };
+                (if read { OP_READ } else { OP_WRITE }, b)
+            };
+            let mut gen = 0;
+            if op != OP_FLUSH {
+                *budget -= 1;
+                if let Some(t) = &mut self.table {
+                    t[block as usize] |= BUSY;
+                }
+            }
+            let st = &mut self.queues[qi];
+            st.nfree -= 1;
+            let s = st.free[st.nfree] as usize;
+            let slot = &mut st.slots[s];
+            let lba = block * self.block_sectors;
+            let (kind, data_flags, next) = match op {
+                OP_READ => (blk::T_IN, DESC_F_NEXT | DESC_F_WRITE, 1),
+                OP_WRITE => (blk::T_OUT, DESC_F_NEXT, 1),
+                _ => (blk::T_FLUSH, DESC_F_NEXT, 2),
+            };
+            if op == OP_WRITE {
+                self.writes_since_flush += 1;
+                if self.p.verify {
+                    gen = self.next_gen;
+                    self.next_gen = if gen + 1 >= UNKNOWN { 1 } else { gen + 1 };
+                    stamp::fill(slot.data, self.p.bs, lba, self.run_id, u64::from(gen));
+                }
+            }
+            blk::write_header(slot.meta, kind, if op == OP_FLUSH { 0 } else { lba });
+            mmio::write8(slot.meta + 16, 0xff);
+            mmio::write16(slot.chain + 14, slot.chain_idx + next);
+            mmio::write16(slot.chain + DESC_SIZE + 12, data_flags);
+            slot.op = op;
+            slot.block = block;
+            slot.gen = gen;
+            slot.submit_tsc = now;
+            let head = if st.head_shift_div3 { 3 * s as u16 } else { s as u16 };
+            st.q.push(head);
+            added += 1;
+        }
+        self.queues[qi].q.publish();
+        added
+    }
+
+    /// Consumes completions on queue `qi`. Returns how many.
+    fn poll(&mut self, qi: usize, measure_from: u64, recording: bool) -> u32 {
+        let mut n = 0;
+        let mut now = 0;
+        while let Some((id, _len)) = self.queues[qi].q.pop_used() {
+            if n == 0 {
+                now = rdtsc();
+            }
+            n += 1;
+            let st = &mut self.queues[qi];
+            let s = if st.head_shift_div3 { id as usize / 3 } else { id as usize };
+            if s >= st.slots.len() {
+                println!("device error: used id {} out of range", id);
+                self.stats.errors += 1;
+                continue;
+            }
+            let slot = st.slots[s];
+            st.free[st.nfree] = s as u16;
+            st.nfree += 1;
+            let status = mmio::read8(slot.meta + 16);
+            let measured = recording && slot.submit_tsc >= measure_from;
+            if status != blk::S_OK {
+                if self.stats.errors < MAX_REPORTED {
+                    println!("device error: status {} for op {} at lba {}", status, slot.op, slot.block * self.block_sectors);
+                }
+                self.stats.errors += 1;
+            }
+            if slot.op != OP_FLUSH {
+                if let Some(t) = &mut self.table {
+                    let e = &mut t[slot.block as usize];
+                    *e &= !BUSY;
+                    if slot.op == OP_WRITE && self.p.verify {
+                        *e = if status == blk::S_OK { slot.gen } else { UNKNOWN };
+                    }
+                }
+            }
+            if slot.op == OP_READ && self.p.verify && status == blk::S_OK {
+                self.verify_read(&slot);
+            }
+            if measured {
+                match slot.op {
+                    OP_READ => self.stats.reads += 1,
+                    OP_WRITE => self.stats.writes += 1,
+                    _ => self.stats.flushes += 1,
+                }
+                if slot.op != OP_FLUSH {
+                    self.stats.bytes += self.p.bs;
+                    self.hist.record(self.clock.cycles_to_ns(now.wrapping_sub(slot.submit_tsc)));
+                }
+                self.stats.end_tsc = now;
+            }
+        }
+        if n > 0 {
+            self.queues[qi].q.suppress_interrupts();
+        }
+        n
+    }
+
+    fn verify_read(&mut self, slot: &Slot) {
+        let expect = match &self.table {
+            Some(t) => match t[slot.block as usize] & !BUSY {
+                0 => Expect::NotThisRun,
+                UNKNOWN => Expect::Any,
+                g => Expect::Gen(u64::from(g)),
+            },
+            None => Expect::Any,
+        };
+        let lba = slot.block * self.block_sectors;
+        self.stats.verify_sectors += self.block_sectors;
+        if let Err((bad_lba, why)) = stamp::check(slot.data, self.p.bs, lba, self.run_id, expect) {
+            if self.stats.verify_errors < MAX_REPORTED {
+                let what = match why {
+                    Mismatch::BadMagic => "bad magic",
+                    Mismatch::BadChecksum => "bad checksum",
+                    Mismatch::WrongLba(_) => "stamped for another lba",
+                    Mismatch::WrongRun(_) => "stamp from an unexpected run",
+                    Mismatch::WrongGen(_) => "stale or wrong generation",
+                };
+                println!("verify mismatch: lba {} (request lba {}): {} ({:?}, expected {:?})", bad_lba, lba, what, why, expect);
+            }
+            self.stats.verify_errors += 1;
+        }
+    }
+
+    pub fn hist(&self) -> &Histogram {
+        self.hist
+    }
+
+    fn in_flight(&self) -> usize {
+        self.queues.iter().map(|q| q.slots.len() - q.nfree).sum()
+    }
+
+    /// Runs ramp + measured window (+ drain). Records into the histogram.
+    pub fn run(&mut self) -> Result<(), RunError> {
+        let c = self.clock;
+        let start = rdtsc();
+        let measure_from = start + c.ns_to_cycles(self.p.ramp_ns);
+        let deadline = self.p.runtime_ns.map(|ns| measure_from + c.ns_to_cycles(ns));
+        let watchdog = c.ns_to_cycles(WATCHDOG_NS);
+        let second = c.ns_to_cycles(1_000_000_000);
+        let mut measured_budget = self.p.ios.unwrap_or(u64::MAX);
+        let mut ramp_budget = u64::MAX;
+        let mut recording = self.p.ramp_ns == 0;
+        self.stats.start_tsc = measure_from;
+        self.stats.end_tsc = measure_from;
+        let mut last_progress = start;
+        let mut next_report = measure_from + second;
+        let mut stopping = false;
+        loop {
+            let now = rdtsc();
+            if !recording && now >= measure_from {
+                recording = true;
+            }
+            if deadline.is_some_and(|d| now >= d) || measured_budget == 0 {
+                stopping = true;
+            }
+            let mut progress = 0;
+            for qi in 0..self.queues.len() {
+                if !stopping {
+                    let budget = if recording { &mut measured_budget } else { &mut ramp_budget };
+                    self.submit(qi, now, budget);
+                }
+                progress += self.poll(qi, measure_from, recording);
+            }
+            if progress > 0 {
+                last_progress = now;
+            } else if self.in_flight() == 0 {
+                if stopping {
+                    break;
+                }
+                last_progress = now;
+            } else if now.wrapping_sub(last_progress) > watchdog {
+                return Err(RunError::Timeout);
+            }
+            if self.p.progress && recording && now >= next_report {
+                next_report += second;
+                let ios = self.stats.reads + self.stats.writes;
+                let secs = c.cycles_to_ns(now - measure_from) / 1_000_000_000;
+                println!("progress: {}s ios={} iops={}", secs, ios, ios / secs.max(1));
+            }
+        }
+        self.stats.kicks = self.queues.iter().map(|q| q.q.kicks).sum();
+        Ok(())
+    }
+}

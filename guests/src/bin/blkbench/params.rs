@@ -1,0 +1,203 @@
+//! blkbench command-line parameters: parsing and the checks that need no device.
+
+use ringvm_guests::cmdline;
+
+/// Workload pattern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rw {
+    RandRead,
+    RandWrite,
+    Read,
+    Write,
+    RandRw,
+}
+
+impl Rw {
+    pub fn name(self) -> &'static str {
+        match self {
+            Rw::RandRead => "randread",
+            Rw::RandWrite => "randwrite",
+            Rw::Read => "read",
+            Rw::Write => "write",
+            Rw::RandRw => "randrw",
+        }
+    }
+    pub fn random(self) -> bool {
+        matches!(self, Rw::RandRead | Rw::RandWrite | Rw::RandRw)
+    }
+    pub fn writes(self) -> bool {
+        !matches!(self, Rw::RandRead | Rw::Read)
+    }
+}
+
+/// Validated parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct Params {
+    pub rw: Rw,
+    /// Read percentage for randrw.
+    pub rwmix: u64,
+    pub bs: u64,
+    pub qd: u32,
+    pub queues: u16,
+    /// Measured run time; `None` with `ios` given alone.
+    pub runtime_ns: Option<u64>,
+    pub ios: Option<u64>,
+    pub ramp_ns: u64,
+    /// Working-set bytes; `None` = whole disk.
+    pub size: Option<u64>,
+    pub seed: u64,
+    pub verify: bool,
+    pub flush_every: u64,
+    pub tsc_khz: Option<u64>,
+    pub qsize: Option<u16>,
+    pub progress: bool,
+}
+
+pub const DEFAULT_RUNTIME_NS: u64 = 5_000_000_000;
+/// Largest block size accepted (one descriptor per buffer).
+pub const MAX_BS: u64 = 64 << 20;
+
+/// A parameter that cannot be used, with the reason.
+#[derive(Debug)]
+pub struct ParamError<'a> {
+    pub key: &'a str,
+    pub value: &'a str,
+    pub reason: &'static str,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            rw: Rw::RandRead,
+            rwmix: 50,
+            bs: 4096,
+            qd: 1,
+            queues: 1,
+            runtime_ns: Some(DEFAULT_RUNTIME_NS),
+            ios: None,
+            ramp_ns: 0,
+            size: None,
+            seed: 1,
+            verify: false,
+            flush_every: 0,
+            tsc_khz: None,
+            qsize: None,
+            progress: false,
+        }
+    }
+}
+
+impl Params {
+    /// Parses `key=value` words; unknown keys and malformed values are errors.
+    pub fn parse(cmd: &str) -> Result<Params, ParamError<'_>> {
+        let mut p = Params::default();
+        let mut runtime = None;
+        for (key, value) in cmdline::pairs(cmd) {
+            let bad = |reason| ParamError { key, value, reason };
+            let num = || cmdline::parse_u64(value).ok_or(bad("not a number"));
+            let boolean = || match value {
+                "1" | "on" | "yes" | "true" => Ok(true),
+                "0" | "off" | "no" | "false" => Ok(false),
+                _ => Err(bad("expected 0 or 1")),
+            };
+            match key {
+                "rw" => {
+                    p.rw = match value {
+                        "randread" => Rw::RandRead,
+                        "randwrite" => Rw::RandWrite,
+                        "read" => Rw::Read,
+                        "write" => Rw::Write,
+                        "randrw" => Rw::RandRw,
+                        _ => return Err(bad("expected randread, randwrite, read, write or randrw")),
+                    }
+                }
+                "rwmix" => {
+                    p.rwmix = num()?;
+                    if p.rwmix > 100 {
+                        return Err(bad("read percentage above 100"));
+                    }
+                }
+                "bs" => {
+                    p.bs = cmdline::parse_size(value).ok_or(bad("not a size"))?;
+                    if p.bs == 0 || p.bs % 512 != 0 {
+                        return Err(bad("must be a non-zero multiple of 512"));
+                    }
+                    if p.bs > MAX_BS {
+                        return Err(bad("larger than 64 MiB"));
+                    }
+                }
+                "qd" => {
+                    let qd = num()?;
+                    if qd == 0 || qd > 32768 {
+                        return Err(bad("must be 1..32768"));
+                    }
+                    p.qd = qd as u32;
+                }
+                "queues" => {
+                    let n = num()?;
+                    if n == 0 || n > 1024 {
+                        return Err(bad("must be 1..1024"));
+                    }
+                    p.queues = n as u16;
+                }
+                "runtime" => {
+                    let ns = cmdline::parse_duration_ns(value).ok_or(bad("not a duration"))?;
+                    if ns == 0 {
+                        return Err(bad("must be positive"));
+                    }
+                    runtime = Some(ns);
+                }
+                "ios" => {
+                    let n = num()?;
+                    if n == 0 {
+                        return Err(bad("must be positive"));
+                    }
+                    p.ios = Some(n);
+                }
+                "ramp" => p.ramp_ns = cmdline::parse_duration_ns(value).ok_or(bad("not a duration"))?,
+                "size" => {
+                    let s = cmdline::parse_size(value).ok_or(bad("not a size"))?;
+                    if s == 0 {
+                        return Err(bad("must be positive"));
+                    }
+                    p.size = Some(s);
+                }
+                "seed" => p.seed = num()?,
+                "verify" => p.verify = boolean()?,
+                "flush_every" => p.flush_every = num()?,
+                "tsc_khz" => {
+                    let khz = num()?;
+                    if !(1000..=100_000_000).contains(&khz) {
+                        return Err(bad("must be 1000..100000000"));
+                    }
+                    p.tsc_khz = Some(khz);
+                }
+                "qsize" => {
+                    let n = num()?;
+                    if n == 0 || n > 32768 || !n.is_power_of_two() {
+                        return Err(bad("must be a power of two, 1..32768"));
+                    }
+                    p.qsize = Some(n as u16);
+                }
+                "progress" => p.progress = boolean()?,
+                _ => return Err(ParamError { key, value, reason: "unknown parameter" }),
+            }
+        }
+        // Run time and I/O count: either bounds the run; neither means 5 s.
+        p.runtime_ns = match (runtime, p.ios) {
+            (Some(ns), _) => Some(ns),
+            (None, Some(_)) => None,
+            (None, None) => Some(DEFAULT_RUNTIME_NS),
+        };
+        Ok(p)
+    }
+
+    /// Read percentage actually used by the workload.
+    pub fn read_percent(&self) -> u64 {
+        match self.rw {
+            Rw::RandRead | Rw::Read => 100,
+            Rw::RandWrite | Rw::Write => 0,
+            Rw::RandRw => self.rwmix,
+        }
+    }
+}

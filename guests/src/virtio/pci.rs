@@ -1,0 +1,222 @@
+//! virtio-pci modern transport: capability parsing, common configuration,
+//! status/feature negotiation, queue programming and notify addresses.
+
+use super::status;
+use crate::arch::mmio;
+use crate::pci::{self, Bar, Function};
+
+/// Vendor-specific capability id used by virtio.
+const CAP_VENDOR: u8 = 0x09;
+const CFG_COMMON: u8 = 1;
+const CFG_NOTIFY: u8 = 2;
+const CFG_ISR: u8 = 3;
+const CFG_DEVICE: u8 = 4;
+
+// Common configuration offsets.
+const DEVICE_FEATURE_SELECT: u64 = 0;
+const DEVICE_FEATURE: u64 = 4;
+const DRIVER_FEATURE_SELECT: u64 = 8;
+const DRIVER_FEATURE: u64 = 12;
+const CONFIG_MSIX_VECTOR: u64 = 16;
+const NUM_QUEUES: u64 = 18;
+const DEVICE_STATUS: u64 = 20;
+const CONFIG_GENERATION: u64 = 21;
+const QUEUE_SELECT: u64 = 22;
+const QUEUE_SIZE: u64 = 24;
+const QUEUE_MSIX_VECTOR: u64 = 26;
+const QUEUE_ENABLE: u64 = 28;
+const QUEUE_NOTIFY_OFF: u64 = 30;
+const QUEUE_DESC: u64 = 32;
+const QUEUE_DRIVER: u64 = 40;
+const QUEUE_DEVICE: u64 = 48;
+
+/// MSI-X "no vector": we poll, the device must not interrupt.
+pub const NO_VECTOR: u16 = 0xffff;
+
+/// How long a reset may take before the device is declared broken.
+const RESET_TIMEOUT_SPINS: u32 = 1_000_000;
+
+/// Why a device could not be driven.
+#[derive(Clone, Copy, Debug)]
+pub enum TransportError {
+    /// No common/notify/device capability (a legacy-only device).
+    NoModernCaps,
+    /// A BAR is above 4 GiB and there is no room to move it.
+    NoBarSpace,
+    /// The device did not finish a reset.
+    ResetTimeout,
+    /// The device refused the feature set (FEATURES_OK did not stick).
+    FeaturesRefused,
+    /// A queue the driver wanted does not exist (size 0).
+    NoQueue(u16),
+}
+
+/// A modern virtio-pci function with its configuration structures mapped.
+pub struct VirtioPci {
+    pub func: Function,
+    common: u64,
+    notify_base: u64,
+    notify_mult: u32,
+    pub isr: u64,
+    pub device_cfg: u64,
+}
+
+struct CapRef {
+    bar: u8,
+    offset: u32,
+}
+
+impl VirtioPci {
+    /// Parses the virtio capabilities, places the BARs they use below 4 GiB,
+    /// and enables memory decoding and bus mastering.
+    pub fn new(func: Function) -> Result<Self, TransportError> {
+        let mut common = None;
+        let mut notify = None;
+        let mut isr = None;
+        let mut device = None;
+        let mut notify_mult = 0;
+        for (off, id) in func.capabilities() {
+            if id != CAP_VENDOR {
+                continue;
+            }
+            let cfg_type = func.read8(off + 3);
+            let r = CapRef { bar: func.read8(off + 4), offset: func.read32(off + 8) };
+            if r.bar > 5 {
+                continue;
+            }
+            // The first capability of each type is the preferred one.
+            match cfg_type {
+                CFG_COMMON if common.is_none() => common = Some(r),
+                CFG_NOTIFY if notify.is_none() => {
+                    notify_mult = func.read32(off + 16);
+                    notify = Some(r);
+                }
+                CFG_ISR if isr.is_none() => isr = Some(r),
+                CFG_DEVICE if device.is_none() => device = Some(r),
+                _ => {}
+            }
+        }
+        let (Some(common), Some(notify), Some(device)) = (common, notify, device) else {
+            return Err(TransportError::NoModernCaps);
+        };
+        let isr = isr.unwrap_or(CapRef { bar: common.bar, offset: common.offset });
+
+        // Size every BAR a capability uses; move any that firmware left above 4 GiB.
+        let cmd = func.read16(pci::COMMAND);
+        func.write16(pci::COMMAND, cmd & !(pci::COMMAND_MEMORY | pci::COMMAND_IO));
+        let mut bars: [Bar; 6] = [Bar { index: 0, addr: 0, size: 0, is64: false }; 6];
+        let mut nbars = 0;
+        for r in [&common, &notify, &isr, &device] {
+            if bars[..nbars].iter().any(|b| b.index == r.bar) {
+                continue;
+            }
+            if let Some(b) = func.memory_bar(r.bar) {
+                bars[nbars] = b;
+                nbars += 1;
+            }
+        }
+        func.write16(pci::COMMAND, cmd);
+        if bars[..nbars].iter().any(|b| b.addr == 0 || b.addr + b.size > 1 << 32)
+            && !pci::place_bars_below_4g(func, &mut bars[..nbars])
+        {
+            return Err(TransportError::NoBarSpace);
+        }
+        let base = |r: &CapRef| -> u64 {
+            bars[..nbars].iter().find(|b| b.index == r.bar).map_or(0, |b| b.addr) + u64::from(r.offset)
+        };
+        let cmd = func.read16(pci::COMMAND);
+        func.write16(pci::COMMAND, cmd | pci::COMMAND_MEMORY | pci::COMMAND_BUS_MASTER);
+        Ok(VirtioPci {
+            func,
+            common: base(&common),
+            notify_base: base(&notify),
+            notify_mult,
+            isr: base(&isr),
+            device_cfg: base(&device),
+        })
+    }
+
+    pub fn status(&self) -> u8 {
+        mmio::read8(self.common + DEVICE_STATUS)
+    }
+
+    pub fn set_status(&self, s: u8) {
+        mmio::write8(self.common + DEVICE_STATUS, s);
+    }
+
+    pub fn add_status(&self, s: u8) {
+        self.set_status(self.status() | s);
+    }
+
+    /// Writes 0 to the status and waits for the device to read back 0.
+    pub fn reset(&self) -> Result<(), TransportError> {
+        self.set_status(0);
+        for _ in 0..RESET_TIMEOUT_SPINS {
+            if self.status() == 0 {
+                return Ok(());
+            }
+            core::hint::spin_loop();
+        }
+        Err(TransportError::ResetTimeout)
+    }
+
+    pub fn device_features(&self) -> u64 {
+        mmio::write32(self.common + DEVICE_FEATURE_SELECT, 0);
+        let lo = mmio::read32(self.common + DEVICE_FEATURE);
+        mmio::write32(self.common + DEVICE_FEATURE_SELECT, 1);
+        let hi = mmio::read32(self.common + DEVICE_FEATURE);
+        (u64::from(hi) << 32) | u64::from(lo)
+    }
+
+    /// Writes the driver features, sets FEATURES_OK and checks it stuck.
+    pub fn negotiate(&self, features: u64) -> Result<(), TransportError> {
+        mmio::write32(self.common + DRIVER_FEATURE_SELECT, 0);
+        mmio::write32(self.common + DRIVER_FEATURE, features as u32);
+        mmio::write32(self.common + DRIVER_FEATURE_SELECT, 1);
+        mmio::write32(self.common + DRIVER_FEATURE, (features >> 32) as u32);
+        self.add_status(status::FEATURES_OK);
+        if self.status() & status::FEATURES_OK == 0 {
+            self.add_status(status::FAILED);
+            return Err(TransportError::FeaturesRefused);
+        }
+        mmio::write16(self.common + CONFIG_MSIX_VECTOR, NO_VECTOR);
+        Ok(())
+    }
+
+    pub fn num_queues(&self) -> u16 {
+        mmio::read16(self.common + NUM_QUEUES)
+    }
+
+    /// Maximum size of queue `q` (0: no such queue).
+    pub fn queue_max_size(&self, q: u16) -> u16 {
+        mmio::write16(self.common + QUEUE_SELECT, q);
+        mmio::read16(self.common + QUEUE_SIZE)
+    }
+
+    /// Programs and enables queue `q`; returns its notify address.
+    pub fn setup_queue(&self, q: u16, size: u16, desc: u64, driver: u64, device: u64) -> Result<u64, TransportError> {
+        mmio::write16(self.common + QUEUE_SELECT, q);
+        if mmio::read16(self.common + QUEUE_SIZE) == 0 {
+            return Err(TransportError::NoQueue(q));
+        }
+        mmio::write16(self.common + QUEUE_SIZE, size);
+        mmio::write16(self.common + QUEUE_MSIX_VECTOR, NO_VECTOR);
+        mmio::write64_split(self.common + QUEUE_DESC, desc);
+        mmio::write64_split(self.common + QUEUE_DRIVER, driver);
+        mmio::write64_split(self.common + QUEUE_DEVICE, device);
+        let off = mmio::read16(self.common + QUEUE_NOTIFY_OFF);
+        mmio::write16(self.common + QUEUE_ENABLE, 1);
+        Ok(self.notify_base + u64::from(off) * u64::from(self.notify_mult))
+    }
+
+    /// Reads device configuration consistently (retries across generation changes).
+    pub fn read_device_config<T>(&self, read: impl Fn(u64) -> T) -> T {
+        loop {
+            let gen = mmio::read8(self.common + CONFIG_GENERATION);
+            let v = read(self.device_cfg);
+            if mmio::read8(self.common + CONFIG_GENERATION) == gen {
+                return v;
+            }
+        }
+    }
+}
