@@ -62,7 +62,7 @@ mod tests {
 
     #[test]
     fn test_boot_params_carry_cmdline_initrd_and_e820() {
-        let spec = BootSpec { kernel: Path::new("k"), initrd: None, cmdline: "console=ttyS0", mem_size: 256 << 20, vcpus: 2 };
+        let spec = BootSpec { kernel: Path::new("k"), initrd: None, cmdline: "console=ttyS0", mem_size: 256 << 20, vcpus: 2, pvm_quirks: false };
         let initrd = Initrd { addr: GuestAddress(0x0f00_0000), size: 0x10_0000 };
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 256 << 20)]).unwrap();
         let at = write_boot_params(&mem, None, &spec, Some(initrd)).unwrap();

@@ -46,7 +46,12 @@ pub struct BootSpec<'a> {
     pub cmdline: &'a str,
     pub mem_size: u64,
     pub vcpus: u8,
+    /// Running on the nested PVM host: Linux kernels get the parameters its emulator needs.
+    pub pvm_quirks: bool,
 }
+
+/// Kernel parameters a Linux guest needs on the PVM host: its emulator cannot run `xrstor`.
+pub const PVM_LINUX_PARAMS: &str = "noxsave";
 
 /// Where the initrd landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +92,17 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<EntryPoint, BootError>
     }
     .map_err(|e| BootError::Load { path: kpath.clone(), reason: e.to_string() })?;
 
+    let is_linux = match format {
+        Format::BzImage => true,
+        Format::Elf => has_linux_note(&mut kernel).unwrap_or(false),
+    };
+    let cmdline = if is_linux && spec.pvm_quirks && !spec.cmdline.split_whitespace().any(|w| w == PVM_LINUX_PARAMS) {
+        log::warn!("nested PVM host: adding '{PVM_LINUX_PARAMS}' to the Linux command line and hiding cx16 (see README, Linux guests)");
+        format!("{} {PVM_LINUX_PARAMS}", spec.cmdline).trim().to_string()
+    } else {
+        spec.cmdline.to_string()
+    };
+    let spec = &BootSpec { cmdline: &cmdline, ..*spec };
     write_cmdline(mem, spec.cmdline)?;
     let initrd = match spec.initrd {
         Some(path) => Some(load_initrd(mem, path, result.kernel_end, spec.mem_size)?),
@@ -113,6 +129,46 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<EntryPoint, BootError>
             Ok(EntryPoint::Linux64 { entry: result.kernel_load.raw_value() + 0x200, zero_page })
         }
     }
+}
+
+/// Whether an ELF carries a note owned by "Linux" (a vmlinux), read from its PT_NOTE
+/// segments with every offset and size bounded.
+fn has_linux_note(f: &mut File) -> std::io::Result<bool> {
+    const PT_NOTE: u32 = 4;
+    const MAX_NOTES: u64 = 64 << 10;
+    let mut eh = [0u8; 64];
+    f.seek(SeekFrom::Start(0))?;
+    f.read_exact(&mut eh)?;
+    let phoff = u64::from_le_bytes(eh[32..40].try_into().expect("8 bytes"));
+    let phentsize = u16::from_le_bytes([eh[54], eh[55]]) as u64;
+    let phnum = u16::from_le_bytes([eh[56], eh[57]]) as u64;
+    if phentsize < 56 {
+        return Ok(false);
+    }
+    for i in 0..phnum.min(64) {
+        let mut ph = [0u8; 56];
+        f.seek(SeekFrom::Start(phoff.saturating_add(i * phentsize)))?;
+        f.read_exact(&mut ph)?;
+        if u32::from_le_bytes(ph[0..4].try_into().expect("4 bytes")) != PT_NOTE {
+            continue;
+        }
+        let off = u64::from_le_bytes(ph[8..16].try_into().expect("8 bytes"));
+        let size = u64::from_le_bytes(ph[32..40].try_into().expect("8 bytes")).min(MAX_NOTES);
+        let mut notes = vec![0u8; size as usize];
+        f.seek(SeekFrom::Start(off))?;
+        f.read_exact(&mut notes)?;
+        let mut p = 0usize;
+        while p + 12 <= notes.len() {
+            let namesz = u32::from_le_bytes(notes[p..p + 4].try_into().expect("4 bytes")) as usize;
+            let descsz = u32::from_le_bytes(notes[p + 4..p + 8].try_into().expect("4 bytes")) as usize;
+            let name = notes.get(p + 12..p + 12 + namesz).unwrap_or(&[]);
+            if name.starts_with(b"Linux") {
+                return Ok(true);
+            }
+            p = p + 12 + namesz.next_multiple_of(4) + descsz.next_multiple_of(4);
+        }
+    }
+    Ok(false)
 }
 
 fn write_cmdline(mem: &GuestMemory, cmdline: &str) -> Result<(), BootError> {
@@ -154,7 +210,7 @@ mod tests {
     fn test_load_garbage_file_unknown_format() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(&[0x55; 4096]).unwrap();
-        let spec = BootSpec { kernel: f.path(), initrd: None, cmdline: "", mem_size: 32 << 20, vcpus: 1 };
+        let spec = BootSpec { kernel: f.path(), initrd: None, cmdline: "", mem_size: 32 << 20, vcpus: 1, pvm_quirks: false };
         let err = load(&mem(), &spec).unwrap_err();
         assert!(err.to_string().contains("neither a PVH ELF nor a Linux kernel"), "{err}");
     }
@@ -163,14 +219,14 @@ mod tests {
     fn test_load_truncated_elf_is_corrupt() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(b"\x7fELF\x02\x01\x01\0").unwrap();
-        let spec = BootSpec { kernel: f.path(), initrd: None, cmdline: "", mem_size: 32 << 20, vcpus: 1 };
+        let spec = BootSpec { kernel: f.path(), initrd: None, cmdline: "", mem_size: 32 << 20, vcpus: 1, pvm_quirks: false };
         let err = load(&mem(), &spec).unwrap_err();
         assert!(err.to_string().contains("corrupt"), "{err}");
     }
 
     #[test]
     fn test_load_missing_kernel_names_path() {
-        let spec = BootSpec { kernel: Path::new("/nonexistent/vmlinuz"), initrd: None, cmdline: "", mem_size: 32 << 20, vcpus: 1 };
+        let spec = BootSpec { kernel: Path::new("/nonexistent/vmlinuz"), initrd: None, cmdline: "", mem_size: 32 << 20, vcpus: 1, pvm_quirks: false };
         let err = load(&mem(), &spec).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vmlinuz"), "{err}");
     }

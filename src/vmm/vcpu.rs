@@ -9,6 +9,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::bus::Bus;
+use super::emulate;
 use super::exit::{ExitHandle, ExitReason};
 use super::layout::*;
 use crate::devices::virtio::GuestMemory;
@@ -217,6 +218,8 @@ pub struct VcpuRunner {
     pub mmio: Arc<Bus>,
     pub exit: ExitHandle,
     pub shared: Arc<VcpuShared>,
+    /// Instructions completed on behalf of the host's emulator (see `emulate`).
+    pub emulated: u64,
 }
 
 impl VcpuRunner {
@@ -262,9 +265,10 @@ impl VcpuRunner {
                     return;
                 }
                 Ok(VcpuExit::InternalError) => {
-                    let message = self.internal_error();
-                    self.exit.request(ExitReason::VcpuError { vcpu: self.id, message });
-                    return;
+                    if let Err(message) = self.internal_error() {
+                        self.exit.request(ExitReason::VcpuError { vcpu: self.id, message });
+                        return;
+                    }
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
                     let message = format!("VM entry failed (hardware reason {reason:#x}) on host cpu {cpu}");
@@ -294,13 +298,36 @@ impl VcpuRunner {
         self.shared.dead_halted.store(halted && if_clear, Ordering::Release);
     }
 
-    fn internal_error(&mut self) -> String {
-        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+    /// Completes an instruction the kernel's emulator gave up on, or explains the stop.
+    fn internal_error(&mut self) -> Result<(), String> {
+        let mut regs = self.fd.get_regs().map_err(|e| format!("KVM internal error; reading registers failed: {e}"))?;
         let run = self.fd.get_kvm_run();
         // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
         let internal = unsafe { run.__bindgen_anon_1.internal };
         let n = (internal.ndata as usize).min(internal.data.len());
-        format!("KVM internal error, suberror {} at rip {rip:#x}, data {:x?}", internal.suberror, &internal.data[..n])
+        let Some(bytes) = emulate::failing_instruction(internal.suberror, &internal.data[..n]) else {
+            return Err(format!("KVM internal error, suberror {} at rip {:#x}, data {:x?}", internal.suberror, regs.rip, &internal.data[..n]));
+        };
+        match emulate::fixup(&bytes) {
+            Some(emulate::Fixup::InjectBreakpoint) => {
+                // int3 is a trap: the handler sees the address after it.
+                regs.rip += 1;
+                self.fd.set_regs(&regs).map_err(|e| format!("int3 at {:#x}: setting RIP failed: {e}", regs.rip - 1))?;
+                let mut events = self.fd.get_vcpu_events().map_err(|e| format!("int3: reading vCPU events failed: {e}"))?;
+                events.exception.injected = 1;
+                events.exception.nr = 3;
+                events.exception.has_error_code = 0;
+                self.fd.set_vcpu_events(&events).map_err(|e| format!("int3: injecting #BP failed: {e}"))?;
+                self.emulated += 1;
+                Ok(())
+            }
+            None => Err(format!(
+                "the host's instruction emulator cannot run `{}` at rip {:#x} (bytes {})",
+                emulate::mnemonic(&bytes),
+                regs.rip,
+                bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+            )),
+        }
     }
 }
 

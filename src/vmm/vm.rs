@@ -174,6 +174,7 @@ pub fn run(config: &VmConfig, ext: &mut dyn VmExtension) -> Result<RunOutcome, V
             cmdline: &config.cmdline,
             mem_size: config.memory,
             vcpus: config.vcpus as u8,
+            pvm_quirks: kvm::is_pvm_host(),
         },
     )?;
 
@@ -241,6 +242,7 @@ fn run_vcpus(
             mmio: mmio.clone(),
             exit: exit.clone(),
             shared: Arc::new(VcpuShared::default()),
+            emulated: 0,
         });
     }
 
