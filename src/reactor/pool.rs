@@ -151,7 +151,8 @@ impl ReactorPool {
     /// Stops every reactor after its queues drained, joins the threads and returns the final
     /// metrics. A reactor that does not answer within [`CONTROL_TIMEOUT`] is left behind with
     /// a logged error and its metrics are missing from the report.
-    pub fn stop(self) -> Result<Report, ReactorError> {
+    pub fn stop(mut self) -> Result<Report, ReactorError> {
+        let threads = std::mem::take(&mut self.threads);
         let mut rxs = Vec::with_capacity(self.len());
         for i in 0..self.len() {
             let (ack, rx): (SyncSender<Report>, _) = mpsc::sync_channel(1);
@@ -164,7 +165,7 @@ impl ReactorPool {
             }
         }
         let mut report = Report::default();
-        for ((i, rx), t) in rxs.into_iter().enumerate().zip(self.threads) {
+        for ((i, rx), t) in rxs.into_iter().enumerate().zip(threads) {
             let Some(rx) = rx else { continue };
             match PoolHandle::wait(i, rx) {
                 Ok(r) => {
@@ -176,6 +177,19 @@ impl ReactorPool {
         }
         report.elapsed = self.handle.0.started.elapsed();
         Ok(report)
+    }
+}
+
+impl Drop for ReactorPool {
+    /// Without [`stop`](Self::stop): asks every reactor to drain and exit, without waiting.
+    fn drop(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        for i in 0..self.len() {
+            let (ack, _rx) = mpsc::sync_channel(1);
+            let _ = self.handle.send(i, Command::Stop { ack });
+        }
     }
 }
 

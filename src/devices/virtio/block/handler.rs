@@ -6,6 +6,7 @@
 //! status byte and the used entry at once and the interrupt goes out once per batch, only if
 //! EVENT_IDX says the driver wants it and never when the queue has no vector.
 
+use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -270,6 +271,19 @@ impl QueueHandler for BlockQueue {
             return 0;
         }
         let kick = self.last_kick.take().unwrap_or(ctx.now);
+        // virtio-queue logs (without rate limit) and yields nothing when the driver's avail
+        // index runs more than a queue ahead; catch that once here instead.
+        match self.p.queue.avail_idx(&self.p.mem, Ordering::Acquire) {
+            Ok(idx) if (idx - Wrapping(self.p.queue.next_avail())).0 <= self.p.queue.size() => {}
+            Ok(idx) => {
+                self.fail_queue(&format!("avail index {} is more than the queue size ahead of {}", idx.0, self.p.queue.next_avail()), ctx.now);
+                return 0;
+            }
+            Err(e) => {
+                self.fail_queue(&format!("cannot read the avail index: {e}"), ctx.now);
+                return 0;
+            }
+        }
         let mut n = 0;
         while n < budget {
             let Some(chain) = self.p.queue.pop_descriptor_chain(&self.p.mem) else { break };

@@ -498,3 +498,81 @@ fn test_pool_stop_reports_busy_and_idle_time() {
     assert!(rep.table().contains("reactor0"));
     let _ = std::fs::File::open("/dev/null").unwrap().read_at(&mut [0u8; 1], 0);
 }
+
+#[test]
+fn test_avail_index_far_ahead_sets_needs_reset_without_serving() {
+    let mut h = harness(Opts { cfg: "backend=null,size=1M,queue-size=16", ..Default::default() });
+    let avail_idx = GuestAddress(h.qs[0].drv.avail.0 + 2);
+    h.mem.store(1000u16, avail_idx, std::sync::atomic::Ordering::Release).unwrap();
+    h.qs[0].kick.write(1).unwrap();
+    let t = Instant::now();
+    while !h.dev.needs_reset() {
+        assert!(t.elapsed() < WAIT, "device never asked for a reset");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    assert_eq!(h.qs[0].drv.used_idx(), 0);
+    h.dev.reset();
+    assert!(!h.dev.needs_reset());
+}
+
+#[test]
+fn test_used_ring_outside_memory_sets_needs_reset() {
+    let p = pool(1);
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mut dev = BlockDevice::new(&"backend=null,size=1M".parse().unwrap(), &p).unwrap();
+    let mut d = TestDriver::new(&mem, GuestAddress(0x1000), 16, 1 << 20);
+    let mut q = d.queue(false);
+    virtio_queue::QueueT::set_used_ring_address(&mut q, Some(0xfff0_0000), Some(0));
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    dev.activate(mem.clone(), 0, vec![ActiveQueue { index: 0, queue: q, kick: kick.try_clone().unwrap(), irq: None }]).unwrap();
+    let b = d.request(VIRTIO_BLK_T_FLUSH, 0, None, 0, false);
+    d.publish(b.head);
+    kick.write(1).unwrap();
+    let t = Instant::now();
+    while !dev.needs_reset() {
+        assert!(t.elapsed() < WAIT, "device never asked for a reset");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    dev.reset();
+}
+
+#[test]
+fn test_sqpoll_ring_serves_requests() {
+    let p = ReactorPool::start(ReactorOptions { cores: vec![0], sqpoll: true, ..Default::default() }, ExitHandle::new().unwrap());
+    let Ok(p) = p else {
+        eprintln!("SQPOLL unavailable here: {}", p.err().unwrap());
+        return;
+    };
+    let f = image(None, 16);
+    let cfg: DiskConfig = format!("path={},direct=off", f.path().display()).parse().unwrap();
+    let mut dev = BlockDevice::new(&cfg, &p).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mut d = TestDriver::new(&mem, GuestAddress(0x1000), 16, 1 << 20);
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    dev.activate(mem.clone(), 0, vec![ActiveQueue { index: 0, queue: d.queue(true), kick: kick.try_clone().unwrap(), irq: None }]).unwrap();
+    let b = d.request(VIRTIO_BLK_T_IN, 1, None, 512, false);
+    d.publish(b.head);
+    kick.write(1).unwrap();
+    let t = Instant::now();
+    while d.used_idx() == 0 {
+        assert!(t.elapsed() < WAIT);
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    assert_eq!(d.status(&b), VIRTIO_BLK_S_OK);
+    let mut got = vec![0u8; 512];
+    mem.read_slice(&mut got, b.data).unwrap();
+    assert_eq!(got, pattern_of_image(512, 512));
+    dev.reset();
+    p.stop().unwrap();
+}
+
+#[test]
+fn test_tmpfs_direct_falls_back_or_works() {
+    let Ok(f) = tempfile::NamedTempFile::new_in("/dev/shm") else { return };
+    f.as_file().set_len(1 << 20).unwrap();
+    let mut h = harness(Opts { file: Some(f), ..Default::default() });
+    let data = pattern(5, 512);
+    let w = h.qs[0].drv.request(VIRTIO_BLK_T_OUT, 3, Some(&data), 512, false);
+    assert_eq!(h.run_one(0, &w).0, VIRTIO_BLK_S_OK);
+    assert_eq!(read_file(h._file.as_ref().unwrap(), 3 * 512, 512), data);
+}
