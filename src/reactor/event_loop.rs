@@ -266,6 +266,15 @@ impl Reactor {
 
     /// One pass: commands, pops, publish, one submit (waiting when idle), reap, publish.
     pub fn turn(&mut self) -> io::Result<Turn> {
+        self.pass(true)
+    }
+
+    /// One pass that never blocks (for reactors driven inline by benches and fuzzers).
+    pub fn turn_nowait(&mut self) -> io::Result<Turn> {
+        self.pass(false)
+    }
+
+    fn pass(&mut self, may_wait: bool) -> io::Result<Turn> {
         let t0 = Instant::now();
         self.metrics.passes += 1;
         if self.wake_pending {
@@ -307,7 +316,7 @@ impl Reactor {
         sq.sync();
         drop(sq);
 
-        let want = usize::from(!busy);
+        let want = usize::from(may_wait && !busy);
         let t1 = Instant::now();
         self.metrics.busy_ns += (t1 - t0).as_nanos() as u64;
         self.metrics.enters += 1;

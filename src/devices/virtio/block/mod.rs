@@ -15,6 +15,8 @@ pub mod backend;
 pub mod config;
 #[doc(hidden)]
 pub mod driver;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod handler;
 pub mod request;
 
