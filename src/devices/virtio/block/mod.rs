@@ -1,1 +1,232 @@
-//! virtio-blk (owned by the block work; placeholder until it lands).
+//! virtio-blk: config ([`config`]), pure request parser ([`request`]), per-queue handler on
+//! the reactors ([`handler`]), back ends ([`backend`]).
+//!
+//! ```ignore
+//! let pool = reactor::ReactorPool::start(reactor::ReactorOptions { cores: vec![1], ..Default::default() }, exit.clone())?;
+//! let dev = BlockDevice::new(&"path=disk.img,queues=2".parse()?, &pool)?;
+//! // the transport calls VirtioDevice::{features, read_config, activate, reset}
+//! ```
+//!
+//! `activate` sends each queue to its reactor (round-robin over the pool, or over the disk's
+//! `reactors=` list) and waits for the reactor to accept it; `reset` asks the reactors to
+//! drain and drop the device's queues and returns once they no longer touch guest memory.
+
+pub mod backend;
+pub mod config;
+#[doc(hidden)]
+pub mod driver;
+#[doc(hidden)]
+pub mod fuzz;
+pub mod handler;
+pub mod request;
+
+pub use config::{BackendKind, DiskConfig, DiskConfigError, DiskInfo};
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backend::{Backend, BackendError};
+use config::{features as f, CONFIG_LEN};
+use handler::{BlockQueue, QueueParts};
+
+use super::{ActivateError, ActiveQueue, GuestMemory, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK};
+use crate::metrics::QueueMetrics;
+use crate::reactor::{PoolHandle, ReactorError, ReactorPool};
+
+static NEXT_DEVICE: AtomicU64 = AtomicU64::new(0);
+
+/// Errors creating a block device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("Failed to open the disk")]
+    Backend(#[from] BackendError),
+    #[error("Disk option reactors= names reactor {index}, but the pool has {len}")]
+    NoSuchReactor { index: usize, len: usize },
+}
+
+/// A virtio-blk device.
+pub struct BlockDevice {
+    name: String,
+    id: u64,
+    cfg: DiskConfig,
+    backend: Arc<Backend>,
+    disk: Arc<DiskInfo>,
+    config: [u8; CONFIG_LEN],
+    features: u64,
+    pool: PoolHandle,
+    /// Reactor index for each queue index.
+    placement: Vec<usize>,
+    /// Reactors currently serving queues of this device.
+    active: Vec<usize>,
+    needs_reset: Arc<AtomicBool>,
+}
+
+impl BlockDevice {
+    /// Opens the disk and prepares the device; queues are placed on `pool`'s reactors.
+    pub fn new(cfg: &DiskConfig, pool: &ReactorPool) -> Result<BlockDevice, BlockError> {
+        Self::with_handle(cfg, pool.handle())
+    }
+
+    /// Like [`new`](Self::new), with a pool handle.
+    pub fn with_handle(cfg: &DiskConfig, pool: PoolHandle) -> Result<BlockDevice, BlockError> {
+        let backend = Backend::open(cfg)?;
+        let n = NEXT_DEVICE.fetch_add(1, Ordering::Relaxed);
+        let name = cfg.id.clone().unwrap_or_else(|| format!("blk{n}"));
+        let list: Vec<usize> = cfg.reactors.clone().unwrap_or_else(|| (0..pool.len()).collect());
+        if let Some(&bad) = list.iter().find(|&&r| r >= pool.len()) {
+            return Err(BlockError::NoSuchReactor { index: bad, len: pool.len() });
+        }
+        // Spread the disks' first queues over the pool when placement is automatic.
+        let offset = if cfg.reactors.is_none() { n as usize } else { 0 };
+        let placement = (0..usize::from(cfg.queues)).map(|q| list[(q + offset) % list.len()]).collect();
+        let readonly = cfg.readonly || matches!(&backend, Backend::Uring(u) if u.readonly);
+        let disk = DiskInfo::new(backend.capacity_sectors(), readonly, cfg.queue_size, &name);
+        let mut features = F_VERSION_1
+            | F_RING_EVENT_IDX
+            | F_RING_INDIRECT_DESC
+            | f::SIZE_MAX
+            | f::SEG_MAX
+            | f::BLK_SIZE
+            | f::TOPOLOGY
+            | f::FLUSH
+            | f::MQ;
+        if readonly {
+            features |= f::RO;
+        } else {
+            features |= f::DISCARD | f::WRITE_ZEROES;
+        }
+        Ok(BlockDevice {
+            config: disk.config_space(cfg.queues),
+            disk: Arc::new(disk),
+            name,
+            id: n,
+            cfg: cfg.clone(),
+            backend: Arc::new(backend),
+            features,
+            pool,
+            placement,
+            active: Vec::new(),
+            needs_reset: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Device name used in metrics and logs (`id=` or `blkN`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Disk size in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.disk.capacity_sectors
+    }
+
+    /// Reactor index serving each queue.
+    pub fn placement(&self) -> &[usize] {
+        &self.placement
+    }
+
+    fn attach_queue(&mut self, mem: &GuestMemory, q: ActiveQueue) -> Result<(), ReactorError> {
+        let reactor = self.placement[usize::from(q.index)];
+        let parts = QueueParts {
+            name: format!("{}-q{}", self.name, q.index),
+            mem: mem.clone(),
+            queue: q.queue,
+            kick: q.kick,
+            irq: q.irq,
+            disk: self.disk.clone(),
+            needs_reset: self.needs_reset.clone(),
+            poll: (self.cfg.poll_us > 0).then(|| Duration::from_micros(u64::from(self.cfg.poll_us))),
+            metrics: QueueMetrics::new(&self.name, q.index, reactor),
+        };
+        let backend = self.backend.clone();
+        if !self.active.contains(&reactor) {
+            self.active.push(reactor);
+        }
+        self.pool.attach(
+            reactor,
+            self.id,
+            Box::new(move |ctx| {
+                let io = backend.queue_io(ctx.fixed_file);
+                Ok(Box::new(BlockQueue::new(parts, io, backend.fd())))
+            }),
+        )
+    }
+}
+
+impl VirtioDevice for BlockDevice {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.cfg.queues)
+    }
+
+    fn queue_max_size(&self) -> u16 {
+        self.cfg.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset.checked_add(i as u64).and_then(|o| self.config.get(o as usize)).copied().unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Everything is read-only without CONFIG_WCE, which we do not offer.
+        log::debug!("{}: ignored config write of {} bytes at {offset}", self.name, data.len());
+    }
+
+    /// Hands each queue to its reactor. The driver may enable fewer queues than offered (Linux
+    /// uses at most one per vCPU); each enabled queue keeps its index and placement.
+    fn activate(&mut self, mem: GuestMemory, _acked_features: u64, queues: Vec<ActiveQueue>) -> Result<(), ActivateError> {
+        let expected = self.num_queues();
+        let mut seen = vec![false; expected];
+        for q in &queues {
+            match seen.get_mut(usize::from(q.index)) {
+                Some(s) if !*s => *s = true,
+                _ => return Err(ActivateError::QueueCount { expected, got: queues.len() }),
+            }
+        }
+        if queues.is_empty() {
+            return Err(ActivateError::QueueCount { expected, got: 0 });
+        }
+        self.needs_reset.store(false, Ordering::Release);
+        for q in queues {
+            if let Err(e) = self.attach_queue(&mem, q) {
+                self.reset();
+                return Err(ActivateError::Reactor(e.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Blocks until every reactor serving this device has finished the requests in flight and
+    /// dropped the queues (or [`crate::reactor::CONTROL_TIMEOUT`] passed, logged as an error).
+    fn reset(&mut self) {
+        for r in std::mem::take(&mut self.active) {
+            if let Err(e) = self.pool.detach(r, self.id) {
+                log::error!("{}: reset: {e}", self.name);
+            }
+        }
+        self.needs_reset.store(false, Ordering::Release);
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for BlockDevice {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests;

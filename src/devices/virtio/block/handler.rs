@@ -1,0 +1,384 @@
+//! The per-queue handler: it lives on a reactor, pops chains, hands them to the parser, turns
+//! parsed requests into back-end operations and completes them. It never parses.
+//!
+//! Request slots (with their iovec arrays) are allocated when the queue is attached and
+//! indexed by descriptor head, so the data path allocates nothing; completions write the
+//! status byte and the used entry at once and the interrupt goes out once per batch, only if
+//! EVENT_IDX says the driver wants it and never when the queue has no vector.
+
+use std::num::Wrapping;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::backend::QueueIo;
+use super::config::DiskInfo;
+use super::request::{self, Request, RequestError, RequestType, Segment, IOVEC_EMPTY, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+use crate::devices::virtio::GuestMemory;
+use crate::metrics::QueueMetrics;
+use crate::reactor::{QueueHandler, RingCtx};
+
+/// Log lines per second one queue may emit about bad guest input.
+const LOG_LINES_PER_SEC: u32 = 10;
+/// Extra iovecs beyond seg_max, for buffers that straddle guest memory regions.
+const IOV_SLACK: usize = 8;
+
+/// Limits how often a queue logs about guest misbehaviour.
+#[derive(Debug)]
+pub struct LogLimiter {
+    window: Instant,
+    lines: u32,
+    dropped: u64,
+}
+
+impl LogLimiter {
+    pub fn new() -> Self {
+        LogLimiter { window: Instant::now(), lines: 0, dropped: 0 }
+    }
+
+    /// True when a line may be logged now.
+    pub fn allow(&mut self, now: Instant, who: &str) -> bool {
+        if now.saturating_duration_since(self.window) >= Duration::from_secs(1) {
+            if self.dropped > 0 {
+                log::warn!("{who}: {} more messages about bad requests suppressed", self.dropped);
+            }
+            self.window = now;
+            self.lines = 0;
+            self.dropped = 0;
+        }
+        if self.lines < LOG_LINES_PER_SEC {
+            self.lines += 1;
+            true
+        } else {
+            self.dropped += 1;
+            false
+        }
+    }
+}
+
+impl Default for LogLimiter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+struct Slot {
+    busy: bool,
+    req: Request,
+    iov: Box<[libc::iovec]>,
+    popped: Instant,
+    kick: Instant,
+}
+
+/// Everything a queue needs on its reactor, moved there at activation.
+pub struct QueueParts {
+    /// `blk0-q1`, for logs.
+    pub name: String,
+    pub mem: GuestMemory,
+    pub queue: Queue,
+    pub kick: EventFd,
+    pub irq: Option<EventFd>,
+    pub disk: Arc<DiskInfo>,
+    pub needs_reset: Arc<AtomicBool>,
+    pub poll: Option<Duration>,
+    pub metrics: QueueMetrics,
+}
+
+/// One virtio-blk queue served by a reactor.
+pub struct BlockQueue {
+    p: QueueParts,
+    io: Option<QueueIo>,
+    fd: Option<RawFd>,
+    slots: Box<[Slot]>,
+    scratch: Box<[Segment]>,
+    in_flight: usize,
+    last_kick: Option<Instant>,
+    dirty: bool,
+    broken: bool,
+    log: LogLimiter,
+}
+
+impl BlockQueue {
+    /// Builds the queue state; call on the reactor thread. `io` is `None` for the null back
+    /// end; `fd` is the file the reactor registers for `io`.
+    pub fn new(p: QueueParts, io: Option<QueueIo>, fd: Option<RawFd>) -> Self {
+        let size = usize::from(p.queue.size().max(1));
+        let segs = p.disk.seg_max as usize + 2;
+        let now = Instant::now();
+        let slots = (0..size)
+            .map(|_| Slot {
+                busy: false,
+                req: Request { kind: RequestType::Flush, sector: 0, data_len: 0, niov: 0, status: GuestAddress(0), num_sectors: 0, unmap: false },
+                iov: vec![IOVEC_EMPTY; segs + IOV_SLACK].into_boxed_slice(),
+                popped: now,
+                kick: now,
+            })
+            .collect();
+        BlockQueue {
+            p,
+            io,
+            fd,
+            slots,
+            scratch: vec![Segment::default(); segs].into_boxed_slice(),
+            in_flight: 0,
+            last_kick: None,
+            dirty: false,
+            broken: false,
+            log: LogLimiter::new(),
+        }
+    }
+
+    fn fail_queue(&mut self, what: &str, now: Instant) {
+        if self.log.allow(now, &self.p.name) {
+            log::error!("{}: {what}; the device needs a reset", self.p.name);
+        }
+        self.broken = true;
+        self.p.needs_reset.store(true, Ordering::Release);
+    }
+
+    fn bad_request(&mut self, head: u16, e: &RequestError, now: Instant) {
+        if self.log.allow(now, &self.p.name) {
+            log::warn!("{}: bad request (head {head}): {}", self.p.name, e.error);
+        }
+    }
+
+    /// Writes the status byte and the used entry, and records metrics.
+    fn finish(&mut self, head: u16, status_at: Option<GuestAddress>, status: u8, used_len: u32, req: Option<(&Request, Instant, Instant)>, now: Instant) {
+        if let Some(at) = status_at {
+            if self.p.mem.write_obj(status, at).is_err() {
+                self.fail_queue("cannot write a status byte", now);
+                return;
+            }
+        }
+        if let Err(e) = self.p.queue.add_used(&self.p.mem, head, used_len) {
+            self.fail_queue(&format!("cannot write the used ring: {e}"), now);
+            return;
+        }
+        self.dirty = true;
+        let c = &mut self.p.metrics.counters;
+        match status {
+            VIRTIO_BLK_S_OK => {}
+            VIRTIO_BLK_S_UNSUPP => c.unsupported += 1,
+            _ => c.errors += 1,
+        }
+        let Some((req, popped, kick)) = req else { return };
+        let ok = status == VIRTIO_BLK_S_OK;
+        if status != VIRTIO_BLK_S_UNSUPP {
+            match req.kind {
+                RequestType::In => {
+                    c.reads += 1;
+                    c.bytes_read += if ok { u64::from(req.data_len) } else { 0 };
+                }
+                RequestType::Out => {
+                    c.writes += 1;
+                    c.bytes_written += if ok { u64::from(req.data_len) } else { 0 };
+                }
+                RequestType::Flush => c.flushes += 1,
+                RequestType::GetId => c.get_ids += 1,
+                RequestType::Discard => c.discards += 1,
+                RequestType::WriteZeroes => c.write_zeroes += 1,
+            }
+        }
+        self.p.metrics.record_service(now.saturating_duration_since(popped));
+        self.p.metrics.record_k2c(now.saturating_duration_since(kick));
+    }
+
+    /// Starts one parsed request: completes it inline or queues its SQE.
+    fn start(&mut self, ctx: &mut RingCtx<'_, '_>, head: u16, kick: Instant) {
+        let now = ctx.now;
+        let h = usize::from(head);
+        let req = self.slots[h].req;
+        let entry = match (&self.io, req.kind) {
+            (_, RequestType::GetId) => {
+                let mut left = &self.p.disk.id[..req.data_len as usize];
+                for v in &self.slots[h].iov[..req.niov] {
+                    let take = v.iov_len.min(left.len());
+                    // SAFETY: the parser checked that this iovec lies inside guest memory, which
+                    // `self.p.mem` keeps mapped; `left` is a host buffer that cannot overlap it.
+                    unsafe { std::ptr::copy_nonoverlapping(left.as_ptr(), v.iov_base.cast::<u8>(), take) };
+                    left = &left[take..];
+                }
+                None
+            }
+            (None, _) => None,
+            (Some(_), RequestType::In | RequestType::Out) if req.niov == 0 => None,
+            (Some(io), RequestType::In) => Some(io.read(self.slots[h].iov.as_ptr(), req.niov, req.offset())),
+            (Some(io), RequestType::Out) => Some(io.write(self.slots[h].iov.as_ptr(), req.niov, req.offset())),
+            (Some(io), RequestType::Flush) => Some(io.flush()),
+            (Some(io), RequestType::Discard) => Some(io.punch(req.offset(), u64::from(req.num_sectors) << request::SECTOR_SHIFT)),
+            (Some(io), RequestType::WriteZeroes) => Some(io.write_zeroes(req.offset(), u64::from(req.num_sectors) << request::SECTOR_SHIFT, req.unmap)),
+        };
+        let Some(entry) = entry else {
+            self.finish(head, Some(req.status), VIRTIO_BLK_S_OK, req.used_len_ok(), Some((&req, now, kick)), now);
+            return;
+        };
+        let slot = &mut self.slots[h];
+        slot.busy = true;
+        slot.popped = now;
+        slot.kick = kick;
+        // SAFETY: the iovec array belongs to the slot, which is neither freed nor reused
+        // until this completion is reaped (`busy`), and the guest buffers it points to stay
+        // mapped while `self.p.mem` lives; the reactor keeps the queue until in_flight is 0.
+        match unsafe { ctx.push(entry, u32::from(head)) } {
+            Ok(()) => self.in_flight += 1,
+            Err(e) => {
+                slot.busy = false;
+                if self.log.allow(now, &self.p.name) {
+                    log::error!("{}: cannot submit a request: {e}", self.p.name);
+                }
+                self.finish(head, Some(req.status), VIRTIO_BLK_S_IOERR, 1, Some((&req, now, kick)), now);
+            }
+        }
+    }
+}
+
+impl QueueHandler for BlockQueue {
+    fn kick_fd(&self) -> RawFd {
+        self.p.kick.as_raw_fd()
+    }
+
+    fn file_fd(&self) -> Option<RawFd> {
+        self.fd
+    }
+
+    fn poll_window(&self) -> Option<Duration> {
+        self.p.poll
+    }
+
+    fn kicked(&mut self, now: Instant) {
+        self.p.metrics.counters.kicks += 1;
+        self.last_kick.get_or_insert(now);
+    }
+
+    fn set_notify(&mut self, enable: bool) -> bool {
+        if self.broken {
+            return false;
+        }
+        let r = if enable { self.p.queue.enable_notification(&self.p.mem) } else { self.p.queue.disable_notification(&self.p.mem).map(|_| false) };
+        r.unwrap_or_else(|e| {
+            self.fail_queue(&format!("cannot update the notification state: {e}"), Instant::now());
+            false
+        })
+    }
+
+    fn poll_avail(&mut self, ctx: &mut RingCtx<'_, '_>, budget: usize) -> usize {
+        if self.broken {
+            return 0;
+        }
+        let kick = self.last_kick.take().unwrap_or(ctx.now);
+        // virtio-queue logs (without rate limit) and yields nothing when the driver's avail
+        // index runs more than a queue ahead; catch that once here instead.
+        match self.p.queue.avail_idx(&self.p.mem, Ordering::Acquire) {
+            Ok(idx) if (idx - Wrapping(self.p.queue.next_avail())).0 <= self.p.queue.size() => {}
+            Ok(idx) => {
+                self.fail_queue(&format!("avail index {} is more than the queue size ahead of {}", idx.0, self.p.queue.next_avail()), ctx.now);
+                return 0;
+            }
+            Err(e) => {
+                self.fail_queue(&format!("cannot read the avail index: {e}"), ctx.now);
+                return 0;
+            }
+        }
+        let mut n = 0;
+        while n < budget {
+            let Some(chain) = self.p.queue.pop_descriptor_chain(&self.p.mem) else { break };
+            n += 1;
+            let head = chain.head_index();
+            let h = usize::from(head);
+            if self.slots.get(h).is_none_or(|s| s.busy) {
+                // The driver made a head available twice while it is in flight: its buffers
+                // are in use, so the chain cannot be answered.
+                drop(chain);
+                self.fail_queue(&format!("descriptor head {head} made available while in flight"), ctx.now);
+                continue;
+            }
+            let parsed = request::parse(chain, &self.p.mem, &self.p.disk, &mut self.scratch, &mut self.slots[h].iov);
+            match parsed {
+                Ok(req) => {
+                    self.slots[h].req = req;
+                    self.start(ctx, head, kick);
+                }
+                Err(e) => {
+                    self.bad_request(head, &e, ctx.now);
+                    match e.status {
+                        Some(at) => self.finish(head, Some(at), e.error.status(), 1, None, ctx.now),
+                        None => self.finish(head, None, VIRTIO_BLK_S_IOERR, 0, None, ctx.now),
+                    }
+                }
+            }
+        }
+        self.p.metrics.record_batch(n);
+        n
+    }
+
+    fn poll_hit(&mut self) {
+        self.p.metrics.counters.poll_hits += 1;
+    }
+
+    fn complete(&mut self, ctx: &mut RingCtx<'_, '_>, tag: u32, res: i32) {
+        let h = tag as usize;
+        let now = ctx.now;
+        let Some(slot) = self.slots.get_mut(h).filter(|s| s.busy) else {
+            log::error!("{}: completion for idle slot {h}", self.p.name);
+            return;
+        };
+        let req = slot.req;
+        let (popped, kick) = (slot.popped, slot.kick);
+        if res == -libc::EOPNOTSUPP && req.kind == RequestType::WriteZeroes && !req.unmap {
+            if let Some(io) = self.io.as_mut().filter(|io| io.zero_range) {
+                // ZERO_RANGE is not supported by this file system: punch a hole instead.
+                io.zero_range = false;
+                let e = io.write_zeroes(req.offset(), u64::from(req.num_sectors) << request::SECTOR_SHIFT, true);
+                // SAFETY: a fallocate SQE references no memory.
+                if unsafe { ctx.push(e, tag) }.is_ok() {
+                    return;
+                }
+            }
+        }
+        slot.busy = false;
+        self.in_flight -= 1;
+        let ok = match req.kind {
+            RequestType::In | RequestType::Out => res >= 0 && res as u32 == req.data_len,
+            _ => res >= 0,
+        };
+        if !ok && self.log.allow(now, &self.p.name) {
+            let why = if res < 0 { std::io::Error::from_raw_os_error(-res).to_string() } else { format!("short transfer of {res} of {} bytes", req.data_len) };
+            log::warn!("{}: {:?} at sector {} failed: {why}", self.p.name, req.kind, req.sector);
+        }
+        let (status, used) = if ok { (VIRTIO_BLK_S_OK, req.used_len_ok()) } else { (VIRTIO_BLK_S_IOERR, 1) };
+        self.finish(tag as u16, Some(req.status), status, used, Some((&req, popped, kick)), now);
+    }
+
+    fn publish(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        self.dirty = false;
+        match self.p.queue.needs_notification(&self.p.mem) {
+            Ok(true) => match &self.p.irq {
+                Some(irq) => {
+                    if let Err(e) = irq.write(1) {
+                        log::error!("{}: cannot signal the irqfd: {e}", self.p.name);
+                    }
+                    self.p.metrics.counters.irqs_sent += 1;
+                }
+                None => self.p.metrics.counters.irqs_suppressed += 1,
+            },
+            Ok(false) => self.p.metrics.counters.irqs_suppressed += 1,
+            Err(e) => self.fail_queue(&format!("cannot read used_event: {e}"), Instant::now()),
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn metrics(&self) -> QueueMetrics {
+        self.p.metrics.clone()
+    }
+}

@@ -1,0 +1,277 @@
+//! Report formats: text table, JSON, HdrHistogram V2 interval log.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
+use hdrhistogram::serialization::V2Serializer;
+use hdrhistogram::Histogram;
+
+use super::{QueueMetrics, Report};
+
+const PERCENTILES: [f64; 4] = [50.0, 90.0, 99.0, 99.9];
+
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1000.0
+}
+
+fn pcts(h: &Histogram<u64>) -> [u64; 5] {
+    if h.is_empty() {
+        return [0; 5];
+    }
+    [
+        h.value_at_percentile(PERCENTILES[0]),
+        h.value_at_percentile(PERCENTILES[1]),
+        h.value_at_percentile(PERCENTILES[2]),
+        h.value_at_percentile(PERCENTILES[3]),
+        h.max(),
+    ]
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn json_hist(h: &Histogram<u64>) -> String {
+    let p = pcts(h);
+    format!(
+        "{{\"count\":{},\"min\":{},\"mean\":{:.1},\"p50\":{},\"p90\":{},\"p99\":{},\"p99_9\":{},\"max\":{}}}",
+        h.len(),
+        if h.is_empty() { 0 } else { h.min() },
+        if h.is_empty() { 0.0 } else { h.mean() },
+        p[0],
+        p[1],
+        p[2],
+        p[3],
+        p[4]
+    )
+}
+
+fn tag_of(q: &QueueMetrics, what: &str) -> String {
+    // Interval-log tags may not contain spaces or commas.
+    let dev: String = q.device.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    format!("{dev}-q{}-{what}", q.queue)
+}
+
+/// Errors from writing an interval log.
+#[derive(Debug, thiserror::Error)]
+pub enum HlogError {
+    #[error("Failed to write the histogram log {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Failed to encode a histogram for {path}: {message}")]
+    Encode { path: String, message: String },
+}
+
+impl Report {
+    /// A text table: one row per queue with counters and kick-to-completion percentiles (µs),
+    /// then one row per reactor with busy/idle time.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{:<12} {:>3} {:>3} {:>10} {:>10} {:>10} {:>6} {:>8} {:>8} {:>8} | {:>9} {:>9} {:>9} {:>9} {:>9} | {:>9} {:>9} {:>6}",
+            "device", "q", "r", "requests", "MiB rd", "MiB wr", "errs", "kicks", "irqs", "irq-supp",
+            "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs", "svc p50", "svc p99", "batch"
+        );
+        for q in &self.queues {
+            let c = &q.counters;
+            let p = pcts(&q.kick_to_complete);
+            let sp = pcts(&q.service);
+            let _ = writeln!(
+                s,
+                "{:<12} {:>3} {:>3} {:>10} {:>10.1} {:>10.1} {:>6} {:>8} {:>8} {:>8} | {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} | {:>9.1} {:>9.1} {:>6.1}",
+                q.device,
+                q.queue,
+                q.reactor,
+                c.requests(),
+                c.bytes_read as f64 / (1 << 20) as f64,
+                c.bytes_written as f64 / (1 << 20) as f64,
+                c.errors,
+                c.kicks,
+                c.irqs_sent,
+                c.irqs_suppressed,
+                us(p[0]),
+                us(p[1]),
+                us(p[2]),
+                us(p[3]),
+                us(p[4]),
+                us(sp[0]),
+                us(sp[2]),
+                if q.batch.is_empty() { 0.0 } else { q.batch.mean() },
+            );
+        }
+        let _ = writeln!(s, "{:<10} {:>5} {:>12} {:>12} {:>7} {:>12} {:>10}", "reactor", "core", "busy ms", "idle ms", "busy %", "passes", "enters");
+        for r in &self.reactors {
+            let total = r.busy_ns + r.idle_ns;
+            let pct = if total == 0 { 0.0 } else { 100.0 * r.busy_ns as f64 / total as f64 };
+            let _ = writeln!(
+                s,
+                "reactor{:<3} {:>5} {:>12.1} {:>12.1} {:>7.1} {:>12} {:>10}",
+                r.index,
+                r.core,
+                r.busy_ns as f64 / 1e6,
+                r.idle_ns as f64 / 1e6,
+                pct,
+                r.passes,
+                r.enters
+            );
+        }
+        let _ = writeln!(s, "busy ns/request: {}", self.busy_ns_per_request());
+        s
+    }
+
+    /// The report as one JSON object (latencies in ns).
+    pub fn to_json(&self) -> String {
+        let mut s = String::from("{");
+        let _ = write!(s, "\"elapsed_ns\":{},\"busy_ns_per_request\":{},\"queues\":[", self.elapsed.as_nanos(), self.busy_ns_per_request());
+        for (i, q) in self.queues.iter().enumerate() {
+            let c = &q.counters;
+            if i > 0 {
+                s.push(',');
+            }
+            let _ = write!(
+                s,
+                "{{\"device\":{},\"queue\":{},\"reactor\":{},\"requests\":{},\"reads\":{},\"writes\":{},\"flushes\":{},\"get_ids\":{},\"discards\":{},\"write_zeroes\":{},\"unsupported\":{},\"errors\":{},\"bytes_read\":{},\"bytes_written\":{},\"kicks\":{},\"irqs_sent\":{},\"irqs_suppressed\":{},\"poll_hits\":{},\"kick_to_complete_ns\":{},\"service_ns\":{},\"batch\":{}}}",
+                json_str(&q.device),
+                q.queue,
+                q.reactor,
+                c.requests(),
+                c.reads,
+                c.writes,
+                c.flushes,
+                c.get_ids,
+                c.discards,
+                c.write_zeroes,
+                c.unsupported,
+                c.errors,
+                c.bytes_read,
+                c.bytes_written,
+                c.kicks,
+                c.irqs_sent,
+                c.irqs_suppressed,
+                c.poll_hits,
+                json_hist(&q.kick_to_complete),
+                json_hist(&q.service),
+                json_hist(&q.batch)
+            );
+        }
+        s.push_str("],\"reactors\":[");
+        for (i, r) in self.reactors.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            let _ = write!(
+                s,
+                "{{\"index\":{},\"core\":{},\"busy_ns\":{},\"idle_ns\":{},\"passes\":{},\"enters\":{}}}",
+                r.index, r.core, r.busy_ns, r.idle_ns, r.passes, r.enters
+            );
+        }
+        s.push_str("]}");
+        s
+    }
+
+    /// Writes every histogram as one tagged interval of an HdrHistogram V2 interval log at `path`
+    /// (created or truncated). The interval spans the report's elapsed time.
+    pub fn write_hlog(&self, path: &Path) -> Result<(), HlogError> {
+        let p = path.display().to_string();
+        let io = |source| HlogError::Io { path: p.clone(), source };
+        let mut buf = Vec::new();
+        self.write_hlog_to(&mut buf).map_err(|message| HlogError::Encode { path: p.clone(), message })?;
+        let mut f = std::fs::File::create(path).map_err(io)?;
+        f.write_all(&buf).map_err(io)
+    }
+
+    /// Writes the interval log into `out`.
+    pub fn write_hlog_to(&self, out: &mut Vec<u8>) -> Result<(), String> {
+        let mut ser = V2Serializer::new();
+        let now = SystemTime::now();
+        let start = now.checked_sub(self.elapsed).unwrap_or(now);
+        let mut w = IntervalLogWriterBuilder::new()
+            .add_comment("ringvm block metrics: latencies in ns, batch sizes in requests")
+            .with_start_time(start)
+            .with_base_time(start)
+            .begin_log_with(out, &mut ser)
+            .map_err(|e| e.to_string())?;
+        let dur = if self.elapsed.is_zero() { Duration::from_millis(1) } else { self.elapsed };
+        for q in &self.queues {
+            for (what, h) in [("k2c", &q.kick_to_complete), ("svc", &q.service), ("batch", &q.batch)] {
+                let tag = tag_of(q, what);
+                w.write_histogram(h, Duration::ZERO, dur, Tag::new(&tag)).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
+
+    use super::super::{QueueMetrics, ReactorMetrics};
+    use super::*;
+
+    fn sample() -> Report {
+        let mut q = QueueMetrics::new("disk \"a\"", 0, 0);
+        for i in 1..=1000u64 {
+            q.record_k2c(Duration::from_nanos(i * 1000));
+            q.record_service(Duration::from_nanos(i * 500));
+        }
+        q.record_batch(8);
+        q.counters.reads = 1000;
+        Report {
+            reactors: vec![ReactorMetrics { index: 0, core: 1, busy_ns: 3_000_000, idle_ns: 1_000_000, passes: 10, enters: 10 }],
+            queues: vec![q],
+            elapsed: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn test_table_lists_percentiles_in_microseconds() {
+        let t = sample().table();
+        assert!(t.contains("p99.9 µs"), "{t}");
+        let row = t.lines().nth(1).unwrap();
+        assert!(row.contains("500.") || row.contains("499."), "p50 of 1..1000 µs should read ~500: {row}");
+        assert!(t.contains("busy ns/request: 3000"), "{t}");
+    }
+
+    #[test]
+    fn test_json_escapes_device_name_and_is_balanced() {
+        let j = sample().to_json();
+        assert!(j.contains("\"device\":\"disk \\\"a\\\"\""), "{j}");
+        assert_eq!(j.matches('{').count(), j.matches('}').count());
+        assert_eq!(j.matches('[').count(), j.matches(']').count());
+        assert!(j.contains("\"reads\":1000"));
+    }
+
+    #[test]
+    fn test_hlog_round_trips_tagged_intervals() {
+        let mut buf = Vec::new();
+        sample().write_hlog_to(&mut buf).unwrap();
+        let tags: Vec<String> = IntervalLogIterator::new(&buf)
+            .filter_map(|e| match e {
+                Ok(LogEntry::Interval(i)) => i.tag().map(|t| t.as_str().to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(tags, vec!["disk__a_-q0-k2c", "disk__a_-q0-svc", "disk__a_-q0-batch"]);
+    }
+}
