@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::boot::mptable::MAX_VCPUS;
 use crate::cli::{RunArgs, VmArgs};
+use crate::devices::virtio::block::DiskConfig;
 use crate::vmm::memory::HugePages;
 
 /// Errors in the user's configuration.
@@ -53,7 +54,7 @@ pub struct VmConfig {
     pub hugepages: HugePages,
     pub prefault: bool,
     pub serial: SerialMode,
-    pub disks: Vec<String>,
+    pub disks: Vec<DiskConfig>,
     pub sqpoll: bool,
     pub stats_json: Option<PathBuf>,
     pub hlog: Option<PathBuf>,
@@ -204,7 +205,11 @@ impl VmConfig {
             hugepages,
             prefault: a.prefault,
             serial: parse_serial(&a.serial)?,
-            disks: a.disk.clone(),
+            disks: a
+                .disk
+                .iter()
+                .map(|d| d.parse::<DiskConfig>().map_err(|e| ConfigError::Disk { spec: d.clone(), reason: e.to_string() }))
+                .collect::<Result<_, _>>()?,
             sqpoll: a.sqpoll,
             stats_json: a.stats_json.clone(),
             hlog: a.hlog.clone(),

@@ -3,22 +3,27 @@
 use anyhow::Context;
 use ringvm::cli::RunArgs;
 use ringvm::config::VmConfig;
-use ringvm::vmm::vm::{self, DeviceContext, VmError, VmExtension};
+use ringvm::vmm::devices::StandardDevices;
+use ringvm::vmm::exit::ExitReason;
+use ringvm::vmm::vm;
 
-struct NoDevices;
-impl VmExtension for NoDevices {
-    fn attach(&mut self, _ctx: &mut DeviceContext) -> Result<(), VmError> {
-        Ok(())
-    }
-}
-
-/// `ringvm run`: boot the guest, forward its console, exit with its status.
+/// `ringvm run`: boot the guest, forward its console, exit with its status; print the
+/// per-queue statistics when the VM had disks.
 pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     let config = VmConfig::from_args(args)?;
-    let outcome = vm::run(&config, &mut NoDevices).context("VM failed")?;
-    let status = outcome.reason.status();
-    if !matches!(outcome.reason, ringvm::vmm::exit::ExitReason::DebugExit { .. }) || std::env::var_os("RINGVM_VERBOSE").is_some() {
+    let mut devices = StandardDevices::default();
+    let outcome = vm::run(&config, &mut devices).context("VM failed")?;
+    if !matches!(outcome.reason, ExitReason::DebugExit { .. }) || std::env::var_os("RINGVM_VERBOSE").is_some() {
         eprintln!("ringvm: {} after {:.3} s", outcome.reason.describe(), outcome.guest_time.as_secs_f64());
     }
-    Ok(status as u8)
+    if let Some(report) = &devices.report {
+        eprint!("{}", report.table());
+        if let Some(p) = &config.stats_json {
+            std::fs::write(p, report.to_json()).with_context(|| format!("Cannot write {}", p.display()))?;
+        }
+        if let Some(p) = &config.hlog {
+            report.write_hlog(p)?;
+        }
+    }
+    Ok(outcome.reason.status() as u8)
 }

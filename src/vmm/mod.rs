@@ -2,6 +2,7 @@
 
 pub mod bus;
 pub mod cpuid;
+pub mod devices;
 pub mod emulate;
 pub mod exit;
 pub mod irq;

@@ -28,6 +28,8 @@ use crate::devices::virtio::{GuestMemory, VirtioDevice};
 
 /// How often the main thread looks for vCPUs halted with interrupts off.
 const HALT_CHECK_MS: u64 = 250;
+/// Period of [`VmExtension::on_tick`].
+pub const TICK_MS: u64 = HALT_CHECK_MS;
 /// How long a stopping vCPU may take to leave KVM_RUN before ringvm gives up on it.
 const VCPU_STOP_TIMEOUT_MS: u64 = 2000;
 
@@ -73,8 +75,15 @@ pub struct RunOutcome {
 pub trait VmExtension {
     /// Called once the VM, memory and buses exist, before the vCPUs start.
     fn attach(&mut self, ctx: &mut DeviceContext) -> Result<(), VmError>;
+    /// Where the serial console goes instead of `--serial` (a bench capturing the guest's
+    /// report); `None` keeps the configured output.
+    fn serial_out(&mut self) -> Option<serial::SerialOut> {
+        None
+    }
     /// Called on SIGUSR1 from the main thread.
     fn on_report_signal(&mut self) {}
+    /// Called from the main thread about every [`TICK_MS`] while the guest runs.
+    fn on_tick(&mut self) {}
     /// Called after the vCPUs stopped.
     fn on_stop(&mut self) {}
 }
@@ -163,7 +172,8 @@ pub fn run(config: &VmConfig, ext: &mut dyn VmExtension) -> Result<RunOutcome, V
 
     let pio = Arc::new(Bus::new());
     let mmio = Arc::new(Bus::new());
-    let serial = attach_legacy(&vm, &pio, &exit, &config.serial)?;
+    let serial_override = ext.serial_out();
+    let serial = attach_legacy(&vm, &pio, &exit, &config.serial, serial_override)?;
     let pci = attach_pci(&pio, &mmio)?;
 
     let entry = boot::load(
@@ -189,11 +199,17 @@ pub fn run(config: &VmConfig, ext: &mut dyn VmExtension) -> Result<RunOutcome, V
     outcome
 }
 
-fn attach_legacy(vm: &VmFd, pio: &Arc<Bus>, exit: &ExitHandle, mode: &SerialMode) -> Result<Option<Arc<Mutex<Serial>>>, VmError> {
+fn attach_legacy(vm: &VmFd, pio: &Arc<Bus>, exit: &ExitHandle, mode: &SerialMode, out: Option<serial::SerialOut>) -> Result<Option<Arc<Mutex<Serial>>>, VmError> {
     let add = |dev: Arc<Mutex<dyn BusDevice>>, base, len| pio.insert(dev, base, len).map_err(|e| VmError::Devices(e.to_string()));
     add(Arc::new(Mutex::new(DebugExit::new(exit.clone()))), debug_exit::DEBUG_EXIT_PORT, debug_exit::DEBUG_EXIT_SIZE)?;
     add(Arc::new(Mutex::new(I8042::new(exit.clone()))), i8042::I8042_BASE, i8042::I8042_SIZE)?;
-    let Some(out) = serial_out(mode)? else { return Ok(None) };
+    let out = match out {
+        Some(o) => o,
+        None => match serial_out(mode)? {
+            Some(o) => o,
+            None => return Ok(None),
+        },
+    };
     let irqfd = EventFd::new(libc::EFD_NONBLOCK)?;
     vm.register_irqfd(&irqfd, SERIAL_IRQ).map_err(|source| VmError::Setup { what: "serial irqfd", source })?;
     let serial = Arc::new(Mutex::new(Serial::new(irqfd, out)));
@@ -289,6 +305,7 @@ fn wait_for_exit(exit: &ExitHandle, threads: &[VcpuThread], ext: &mut dyn VmExte
             Some(super::signals::Event::Report) => ext.on_report_signal(),
             None => {}
         }
+        ext.on_tick();
         if threads.iter().all(|(_, s)| s.dead_halted.load(Ordering::Acquire)) {
             exit.request(ExitReason::AllHalted);
         }

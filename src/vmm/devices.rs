@@ -1,0 +1,66 @@
+//! The standard device set behind `--disk`: one reactor pool on the I/O cores and a
+//! virtio-blk device per disk, with the statistics report at exit and on SIGUSR1.
+
+use crate::devices::virtio::block::BlockDevice;
+use crate::metrics::Report;
+use crate::reactor::{ReactorOptions, ReactorPool};
+
+use super::vm::{DeviceContext, VmError, VmExtension};
+
+#[derive(Default)]
+pub struct StandardDevices {
+    pool: Option<ReactorPool>,
+    /// The reactors' final statistics, once the VM stopped.
+    pub report: Option<Report>,
+}
+
+impl StandardDevices {
+    /// The running pool (for progress snapshots).
+    pub fn pool(&self) -> Option<&ReactorPool> {
+        self.pool.as_ref()
+    }
+}
+
+impl VmExtension for StandardDevices {
+    fn attach(&mut self, ctx: &mut DeviceContext) -> Result<(), VmError> {
+        let config = ctx.config;
+        if config.disks.is_empty() {
+            return Ok(());
+        }
+        let opts = ReactorOptions { cores: config.io_cores.clone(), sqpoll: config.sqpoll, ..Default::default() };
+        let pool = ReactorPool::start(opts, ctx.exit.clone()).map_err(|e| VmError::Devices(error_chain(&e)))?;
+        for disk in &config.disks {
+            let dev = BlockDevice::new(disk, &pool).map_err(|e| VmError::Devices(error_chain(&e)))?;
+            ctx.add_virtio(Box::new(dev))?;
+        }
+        self.pool = Some(pool);
+        Ok(())
+    }
+
+    fn on_report_signal(&mut self) {
+        if let Some(Ok(r)) = self.pool.as_ref().map(|p| p.snapshot()) {
+            eprint!("{}", r.table());
+        }
+    }
+
+    fn on_stop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            match pool.stop() {
+                Ok(r) => self.report = Some(r),
+                Err(e) => log::error!("stopping the reactors: {e}"),
+            }
+        }
+    }
+}
+
+/// "error: cause: root cause" for a typed error.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
