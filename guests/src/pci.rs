@@ -173,10 +173,15 @@ pub fn bus0_functions() -> impl Iterator<Item = Function> {
 
 /// Moves every BAR of `target` listed in `bars` that is unassigned or not
 /// below 4 GiB into a free, naturally aligned range of the MMIO hole, away
-/// from the BARs of all other bus-0 functions. Returns false if no room.
-pub fn place_bars_below_4g(target: Function, bars: &mut [Bar]) -> bool {
-    let mut used: [(u64, u64); 64] = [(0, 0); 64];
+/// from the BARs of all other bus-0 functions and from `reserved` (the
+/// memory map: RAM and firmware ranges). Returns false if no room.
+pub fn place_bars_below_4g(target: Function, bars: &mut [Bar], reserved: &[(u64, u64)]) -> bool {
+    let mut used: [(u64, u64); 96] = [(0, 0); 96];
     let mut nused = 0;
+    for &r in reserved.iter().take(32) {
+        used[nused] = r;
+        nused += 1;
+    }
     for f in bus0_functions() {
         let nbars = if f.header_type() == 0 { 6 } else { 2 };
         let cmd = f.read16(COMMAND);

@@ -21,7 +21,7 @@ use params::Params;
 use ringvm_guests::hist::Histogram;
 use ringvm_guests::mem::Bump;
 use ringvm_guests::pci::{self, Function};
-use ringvm_guests::start_info::StartInfo;
+use ringvm_guests::start_info::{StartInfo, MEMMAP_MAX};
 use ringvm_guests::tsc::{self, Clock, TscSource};
 use ringvm_guests::virtio::blk::{self, BlkConfig, SECTOR_SIZE};
 use ringvm_guests::virtio::pci::{TransportError, VirtioPci};
@@ -128,7 +128,11 @@ fn main(si: &StartInfo) -> ! {
         println!("no device: no virtio-blk PCI function on bus 0");
         exit::exit(EXIT_NO_DEVICE)
     };
-    let dev = VirtioPci::new(func).unwrap_or_else(|e| transport_error(e));
+    let mut reserved = [(0u64, 0u64); MEMMAP_MAX];
+    for (r, m) in reserved.iter_mut().zip(&si.memmap[..si.memmap_entries]) {
+        *r = (m.addr, m.addr.saturating_add(m.size));
+    }
+    let dev = VirtioPci::new(func, &reserved[..si.memmap_entries]).unwrap_or_else(|e| transport_error(e));
 
     // Reset → ACKNOWLEDGE → DRIVER → FEATURES_OK → queues → DRIVER_OK.
     dev.reset().unwrap_or_else(|e| transport_error(e));
@@ -213,16 +217,27 @@ fn main(si: &StartInfo) -> ! {
     }
 
     println!(
-        "blkbench: {:02x}:{:02x}.{} {} sectors blk_size {} queues {}/{} qsize {} features {:#x} tsc {} kHz ({}) ring0 {} us",
+        "blkbench: {:02x}:{:02x}.{} {} sectors blk_size {} queues {}/{} qsize {} features {:#x} cfg {:#x}{} tsc {} kHz ({}) ring0 {} us",
         func.bus, func.dev, func.func, cfg.capacity_sectors, cfg.blk_size, p.queues, cfg.num_queues, qsize,
-        features, khz, tsc_source.name(), ring0_ns / 1000
+        features, dev.common, if dev.relocated { " (BAR moved below 4 GiB)" } else { "" }, khz, tsc_source.name(), ring0_ns / 1000
     );
     let result = engine.run();
     dev.reset().ok();
     if let Err(RunError::Timeout) = result {
         device_error("timeout (no completion for 10 s)");
     }
-    let info = report::DeviceInfo { func, cfg, features, offered, qsize, tsc_khz: khz, tsc_source, ring0_ns };
+    let info = report::DeviceInfo {
+        func,
+        cfg,
+        features,
+        offered,
+        qsize,
+        common_cfg: dev.common,
+        bar_relocated: dev.relocated,
+        tsc_khz: khz,
+        tsc_source,
+        ring0_ns,
+    };
     report::print(&p, size, &engine, &info);
     let code = if engine.stats.errors > 0 {
         EXIT_DEVICE_ERROR

@@ -54,7 +54,10 @@ pub enum TransportError {
 /// A modern virtio-pci function with its configuration structures mapped.
 pub struct VirtioPci {
     pub func: Function,
-    common: u64,
+    /// Address of the common configuration (tells where the BAR ended up).
+    pub common: u64,
+    /// A BAR had to be moved below 4 GiB.
+    pub relocated: bool,
     notify_base: u64,
     notify_mult: u32,
     pub isr: u64,
@@ -68,8 +71,9 @@ struct CapRef {
 
 impl VirtioPci {
     /// Parses the virtio capabilities, places the BARs they use below 4 GiB,
-    /// and enables memory decoding and bus mastering.
-    pub fn new(func: Function) -> Result<Self, TransportError> {
+    /// and enables memory decoding and bus mastering. `reserved` lists
+    /// address ranges a moved BAR must avoid (the VM's memory map).
+    pub fn new(func: Function, reserved: &[(u64, u64)]) -> Result<Self, TransportError> {
         let mut common = None;
         let mut notify = None;
         let mut isr = None;
@@ -116,9 +120,8 @@ impl VirtioPci {
             }
         }
         func.write16(pci::COMMAND, cmd);
-        if bars[..nbars].iter().any(|b| b.addr == 0 || b.addr + b.size > 1 << 32)
-            && !pci::place_bars_below_4g(func, &mut bars[..nbars])
-        {
+        let relocated = bars[..nbars].iter().any(|b| b.addr == 0 || b.addr + b.size > 1 << 32);
+        if relocated && !pci::place_bars_below_4g(func, &mut bars[..nbars], reserved) {
             return Err(TransportError::NoBarSpace);
         }
         let base = |r: &CapRef| -> u64 {
@@ -128,6 +131,7 @@ impl VirtioPci {
         func.write16(pci::COMMAND, cmd | pci::COMMAND_MEMORY | pci::COMMAND_BUS_MASTER);
         Ok(VirtioPci {
             func,
+            relocated,
             common: base(&common),
             notify_base: base(&notify),
             notify_mult,

@@ -17,6 +17,8 @@ pub struct DeviceInfo {
     pub features: u64,
     pub offered: u64,
     pub qsize: u16,
+    pub common_cfg: u64,
+    pub bar_relocated: bool,
     pub tsc_khz: u64,
     pub tsc_source: TscSource,
     pub ring0_ns: u64,
@@ -113,6 +115,8 @@ pub fn print(p: &Params, size: u64, e: &Engine, d: &DeviceInfo) {
     j.u64("seg_max", u64::from(d.cfg.seg_max));
     j.u64("features", d.features);
     j.u64("features_offered", d.offered);
+    j.u64("common_cfg", d.common_cfg);
+    j.bool("bar_relocated", d.bar_relocated);
     j.end_object();
     j.begin_object_field("platform");
     j.u64("tsc_khz", d.tsc_khz);
