@@ -16,6 +16,54 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest kernel and run it until it exits.
     Run(RunArgs),
+    /// Run the embedded blkbench guest against a disk and print IOPS and latency percentiles
+    /// from the guest's view next to the host reactors' histograms.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Disk to benchmark (file or block device). Default: a sparse RAM-backed file in /dev/shm, deleted afterwards, so the result measures the VMM, not a host disk.
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// Size of the default RAM-backed disk.
+    #[arg(long, default_value = "1G")]
+    pub disk_size: String,
+    /// Workload: randread, randwrite, read, write or randrw. Giving any of --rw/--bs/--qd/--queues runs that single job instead of the default matrix (4k randread QD1, 4k randread QD32, 4k randwrite QD32, 128k read QD8).
+    #[arg(long)]
+    pub rw: Option<String>,
+    /// Block size in bytes (k suffix allowed) [default: 4k].
+    #[arg(long)]
+    pub bs: Option<String>,
+    /// Requests in flight per queue [default: 1].
+    #[arg(long)]
+    pub qd: Option<u32>,
+    /// Number of virtqueues the guest drives [default: 1].
+    #[arg(long)]
+    pub queues: Option<u32>,
+    /// Seconds each job measures (after a 0.5 s ramp).
+    #[arg(long, default_value_t = 3.0)]
+    pub runtime: f64,
+    /// Back end: uring (io_uring on the disk) or null (no I/O: measures the VMM alone).
+    #[arg(long, default_value = "uring")]
+    pub backend: String,
+    /// O_DIRECT on the disk: on or off (falls back to buffered where unsupported, e.g. tmpfs).
+    #[arg(long, default_value = "on")]
+    pub direct: String,
+    /// After activity, busy-poll the avail rings for this many µs before sleeping (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub poll_us: u64,
+    /// Guest writes stamp every block and reads check them (fails the job on a mismatch).
+    #[arg(long, default_value_t = false)]
+    pub verify: bool,
+    /// Write the full results (guest and host histograms) as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Guest kernel to use instead of the embedded blkbench (a blkbench ELF built elsewhere).
+    #[arg(long)]
+    pub guest: Option<PathBuf>,
+    #[command(flatten)]
+    pub vm: VmArgs,
 }
 
 /// Options shared by every command that starts a VM.
@@ -44,9 +92,6 @@ pub struct VmArgs {
     /// Serial console output: stdio, file:PATH or none.
     #[arg(long, default_value = "stdio")]
     pub serial: String,
-    /// A virtio-blk disk: path=IMG[,queues=N][,queue-size=N][,reactors=I,J][,readonly][,direct=on|off][,backend=uring|null][,poll-us=N][,size=BYTES (null backend)]. Repeatable.
-    #[arg(long)]
-    pub disk: Vec<String>,
     /// Use a kernel submission-queue polling thread (IORING_SETUP_SQPOLL) in every reactor.
     #[arg(long, default_value_t = false)]
     pub sqpoll: bool,
@@ -72,6 +117,9 @@ pub struct RunArgs {
     /// Kernel command line.
     #[arg(long, default_value = "")]
     pub cmdline: String,
+    /// A virtio-blk disk: path=IMG[,queues=N][,queue-size=N][,reactors=I,J][,readonly][,direct=on|off][,backend=uring|null][,poll-us=N][,size=BYTES (null backend)]. Repeatable.
+    #[arg(long)]
+    pub disk: Vec<String>,
     #[command(flatten)]
     pub vm: VmArgs,
 }

@@ -144,10 +144,15 @@ const CPU_FEATURE_NAMES: &str = "cx16, x2apic, xsave, avx, rdrand, tsc-deadline,
 impl VmConfig {
     /// Validates `args`; `max_vcpus` is what KVM allows (checked where KVM is open).
     pub fn from_args(run: &RunArgs) -> Result<Self, ConfigError> {
-        Self::build(run.kernel.clone(), run.initrd.clone(), run.cmdline.clone(), &run.vm)
+        let disks = run
+            .disk
+            .iter()
+            .map(|d| d.parse::<DiskConfig>().map_err(|e| ConfigError::Disk { spec: d.clone(), reason: e.to_string() }))
+            .collect::<Result<_, _>>()?;
+        Self::build(run.kernel.clone(), run.initrd.clone(), run.cmdline.clone(), disks, &run.vm)
     }
 
-    pub fn build(kernel: PathBuf, initrd: Option<PathBuf>, cmdline: String, a: &VmArgs) -> Result<Self, ConfigError> {
+    pub fn build(kernel: PathBuf, initrd: Option<PathBuf>, cmdline: String, disks: Vec<DiskConfig>, a: &VmArgs) -> Result<Self, ConfigError> {
         let memory = parse_size(&a.memory)?;
         let hugepages: HugePages = a.hugepages.parse().map_err(ConfigError::HugePages)?;
         let page = hugepages.page_size();
@@ -205,11 +210,7 @@ impl VmConfig {
             hugepages,
             prefault: a.prefault,
             serial: parse_serial(&a.serial)?,
-            disks: a
-                .disk
-                .iter()
-                .map(|d| d.parse::<DiskConfig>().map_err(|e| ConfigError::Disk { spec: d.clone(), reason: e.to_string() }))
-                .collect::<Result<_, _>>()?,
+            disks,
             sqpoll: a.sqpoll,
             stats_json: a.stats_json.clone(),
             hlog: a.hlog.clone(),

@@ -13,6 +13,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => commands::run(&args),
+        Command::Bench(args) => commands::bench(&args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

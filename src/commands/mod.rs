@@ -1,5 +1,8 @@
 //! The CLI's commands (the only place `anyhow` is used).
 
+mod bench;
+pub use bench::bench;
+
 use anyhow::Context;
 use ringvm::cli::RunArgs;
 use ringvm::config::VmConfig;

@@ -1,0 +1,170 @@
+//! blkbench's JSON result line and the per-job summary.
+
+use serde_json::Value;
+
+use super::Job;
+use crate::metrics::Report;
+
+/// blkbench's exit codes (guests/README.md) as the isa-debug-exit code.
+pub const GUEST_OK: u32 = 0;
+pub const GUEST_NO_DEVICE: u32 = 2;
+pub const GUEST_DEVICE_ERROR: u32 = 3;
+pub const GUEST_VERIFY: u32 = 4;
+pub const GUEST_BAD_PARAM: u32 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResultError {
+    #[error("The guest printed no result line; its last output was: {0}")]
+    Missing(String),
+    #[error("The guest's result line is not valid JSON")]
+    Json(#[source] serde_json::Error),
+    #[error("The guest's result lacks field {0}")]
+    Field(&'static str),
+}
+
+/// What the guest measured.
+#[derive(Debug, Clone)]
+pub struct GuestResult {
+    pub raw: Value,
+    pub ios: u64,
+    pub iops: f64,
+    pub mib_s: f64,
+    pub seconds: f64,
+    pub errors: u64,
+    pub verify: String,
+    /// p50, p90, p99, p99.9, max (ns).
+    pub lat_ns: [u64; 5],
+}
+
+/// Finds and parses the `{"blkbench":1,...}` line in the guest's console output.
+pub fn parse_guest(console: &str) -> Result<GuestResult, ResultError> {
+    let Some(line) = console.lines().rev().find(|l| l.starts_with("{\"blkbench\":")) else {
+        let tail: Vec<&str> = console.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect();
+        return Err(ResultError::Missing(if tail.is_empty() { "(nothing)".into() } else { tail.join(" | ") }));
+    };
+    let v: Value = serde_json::from_str(line).map_err(ResultError::Json)?;
+    let num = |k: &'static str| v.get(k).and_then(Value::as_f64).ok_or(ResultError::Field(k));
+    let lat = v.get("lat_ns").ok_or(ResultError::Field("lat_ns"))?;
+    let l = |k: &'static str| lat.get(k).and_then(Value::as_u64).ok_or(ResultError::Field("lat_ns"));
+    Ok(GuestResult {
+        ios: num("ios")? as u64,
+        iops: num("iops")?,
+        mib_s: num("mib_s")?,
+        seconds: num("seconds")?,
+        errors: num("errors")? as u64,
+        verify: v.get("verify").and_then(Value::as_str).unwrap_or("off").to_string(),
+        lat_ns: [l("p50")?, l("p90")?, l("p99")?, l("p99_9")?, l("max")?],
+        raw: v,
+    })
+}
+
+/// A finished job: the guest's view and the host's.
+pub struct JobResult {
+    pub job: Job,
+    pub guest: GuestResult,
+    pub host: Report,
+}
+
+fn us(ns: u64) -> String {
+    let u = ns as f64 / 1000.0;
+    if u >= 1000.0 {
+        format!("{u:.0}")
+    } else {
+        format!("{u:.1}")
+    }
+}
+
+fn host_pcts(h: &hdrhistogram::Histogram<u64>) -> [u64; 3] {
+    if h.is_empty() {
+        return [0; 3];
+    }
+    [h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.value_at_quantile(0.999)]
+}
+
+/// The summary table for all jobs.
+pub fn table(results: &[JobResult]) -> String {
+    let mut s = format!(
+        "{:<22} {:>9} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>7}\n",
+        "job", "IOPS", "MiB/s", "p50", "p90", "p99", "p99.9", "max", "k2c p50", "k2c p99", "k2c p99.9", "svc p50", "svc p99", "ns/req"
+    );
+    s.push_str(&format!("{:<22} {:>9} {:>8} | {:^44} | {:^26} | {:^17} | {:>7}\n", "", "", "", "guest latency (µs)", "host kick→complete (µs)", "host service (µs)", "VMM CPU"));
+    for r in results {
+        let mut k2c = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid bounds");
+        let mut svc = k2c.clone();
+        for q in &r.host.queues {
+            let _ = k2c.add(&q.kick_to_complete);
+            let _ = svc.add(&q.service);
+        }
+        let k = host_pcts(&k2c);
+        let v = host_pcts(&svc);
+        let g = &r.guest.lat_ns;
+        s.push_str(&format!(
+            "{:<22} {:>9.0} {:>8.1} | {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>7}\n",
+            r.job.label(),
+            r.guest.iops,
+            r.guest.mib_s,
+            us(g[0]),
+            us(g[1]),
+            us(g[2]),
+            us(g[3]),
+            us(g[4]),
+            us(k[0]),
+            us(k[1]),
+            us(k[2]),
+            us(v[0]),
+            us(v[1]),
+            r.host.busy_ns_per_request()
+        ));
+    }
+    s
+}
+
+/// The `--json` document: schema in the README ("ringvm bench --json").
+pub fn to_json(results: &[JobResult], machine: &Value) -> String {
+    let jobs: Vec<Value> = results
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "job": {
+                    "label": r.job.label(),
+                    "rw": r.job.rw.as_str(),
+                    "bs": r.job.bs,
+                    "qd": r.job.qd,
+                    "queues": r.job.queues,
+                    "runtime_s": r.job.runtime_s,
+                },
+                "guest": r.guest.raw,
+                "host": serde_json::from_str::<Value>(&r.host.to_json()).unwrap_or(Value::Null),
+            })
+        })
+        .collect();
+    serde_json::json!({ "ringvm_bench": 1, "machine": machine, "jobs": jobs }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINE: &str = r#"{"blkbench":1,"ios":10,"iops":5.0,"mib_s":0.02,"seconds":2.0,"errors":0,"verify":"ok","lat_ns":{"min":1,"mean":2,"p50":1000,"p90":2000,"p99":3000,"p99_9":4000,"p99_99":5000,"max":6000}}"#;
+
+    #[test]
+    fn test_parse_guest_finds_result_among_console_lines() {
+        let console = format!("blkbench: starting\n{LINE}\n");
+        let g = parse_guest(&console).unwrap();
+        assert_eq!((g.ios, g.errors), (10, 0));
+        assert_eq!(g.lat_ns, [1000, 2000, 3000, 4000, 6000]);
+        assert_eq!(g.verify, "ok");
+    }
+
+    #[test]
+    fn test_parse_guest_missing_line_quotes_last_output() {
+        let e = parse_guest("blkbench: bad parameter: qd=0\n").unwrap_err();
+        assert!(e.to_string().contains("bad parameter: qd=0"), "{e}");
+    }
+
+    #[test]
+    fn test_parse_guest_missing_field_named() {
+        let e = parse_guest(r#"{"blkbench":1,"ios":1}"#).unwrap_err();
+        assert!(e.to_string().contains("lacks field"), "{e}");
+    }
+}

@@ -1,0 +1,244 @@
+//! `ringvm bench`: boots the embedded blkbench guest once per job and prints the guest's
+//! latency percentiles next to the host reactors' histograms.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use ringvm::bench::result::{self, JobResult, GUEST_BAD_PARAM, GUEST_DEVICE_ERROR, GUEST_NO_DEVICE, GUEST_OK, GUEST_VERIFY};
+use ringvm::bench::{Job, Rw};
+use ringvm::cli::BenchArgs;
+use ringvm::config::{parse_size, VmConfig};
+use ringvm::devices::legacy::serial::SerialOut;
+use ringvm::devices::virtio::block::DiskConfig;
+use ringvm::vmm::devices::StandardDevices;
+use ringvm::vmm::exit::ExitReason;
+use ringvm::vmm::vm::{self, DeviceContext, VmError, VmExtension, TICK_MS};
+
+/// Removes the default RAM-backed disk when the bench ends, however it ends.
+struct TempDisk(PathBuf);
+impl Drop for TempDisk {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[derive(Clone, Default)]
+struct Console(Arc<Mutex<Vec<u8>>>);
+impl Write for Console {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct BenchVm {
+    devices: StandardDevices,
+    console: Console,
+    label: String,
+    progress: bool,
+    ticks: u64,
+    last: (Instant, u64),
+}
+
+impl VmExtension for BenchVm {
+    fn attach(&mut self, ctx: &mut DeviceContext) -> Result<(), VmError> {
+        self.devices.attach(ctx)
+    }
+    fn serial_out(&mut self) -> Option<SerialOut> {
+        Some(Box::new(self.console.clone()))
+    }
+    fn on_report_signal(&mut self) {
+        self.devices.on_report_signal()
+    }
+    fn on_tick(&mut self) {
+        self.ticks += 1;
+        if !self.progress || self.ticks % (1000 / TICK_MS).max(1) != 0 {
+            return;
+        }
+        let Some(Ok(r)) = self.devices.pool().map(|p| p.snapshot()) else { return };
+        let now = Instant::now();
+        let reqs = r.total_requests();
+        let iops = (reqs - self.last.1.min(reqs)) as f64 / now.duration_since(self.last.0).as_secs_f64();
+        self.last = (now, reqs);
+        let p99 = r.queues.iter().map(|q| if q.kick_to_complete.is_empty() { 0 } else { q.kick_to_complete.value_at_quantile(0.99) }).max().unwrap_or(0);
+        eprint!("\r{:<22} {:>10.0} IOPS   host k2c p99 {:>8.1} µs   ", self.label, iops, p99 as f64 / 1000.0);
+    }
+    fn on_stop(&mut self) {
+        if self.progress {
+            eprint!("\r{:80}\r", "");
+        }
+        self.devices.on_stop()
+    }
+}
+
+/// Holds an exclusive lock per pinned core so two benches never share cores unknowingly.
+struct CoreLocks(#[allow(dead_code)] Vec<File>);
+
+fn lock_cores(cores: &[usize]) -> anyhow::Result<CoreLocks> {
+    let dir = Path::new("/tmp/ringvm-cores");
+    std::fs::create_dir_all(dir).context("Cannot create /tmp/ringvm-cores")?;
+    let mut held = Vec::new();
+    let mut sorted = cores.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    for c in sorted {
+        let path = dir.join(format!("core{c}.lock"));
+        let f = File::options().create(true).truncate(false).read(true).write(true).open(&path).with_context(|| format!("Cannot open {}", path.display()))?;
+        // SAFETY: flock on a file descriptor we own; LOCK_NB never blocks.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let owner = std::fs::read_to_string(&path).unwrap_or_default();
+            bail!("Core {c} is already pinned by another ringvm bench (pid {}); pick other cores with --vcpu-affinity/--io-cores", owner.trim());
+        }
+        let mut fw = &f;
+        let _ = fw.write_all(format!("{}\n", std::process::id()).as_bytes());
+        held.push(f);
+    }
+    Ok(CoreLocks(held))
+}
+
+fn jobs(args: &BenchArgs) -> anyhow::Result<Vec<Job>> {
+    let single = args.rw.is_some() || args.bs.is_some() || args.qd.is_some() || args.queues.is_some();
+    if args.runtime <= 0.0 || !args.runtime.is_finite() {
+        bail!("Invalid --runtime {}: must be a positive number of seconds", args.runtime);
+    }
+    let mut list = if single {
+        let rw: Rw = args.rw.as_deref().unwrap_or("randread").parse().map_err(anyhow::Error::msg)?;
+        let bs = parse_size(args.bs.as_deref().unwrap_or("4k"))?;
+        if bs == 0 || bs % 512 != 0 {
+            bail!("Invalid --bs {bs}: must be a non-zero multiple of 512");
+        }
+        let qd = args.qd.unwrap_or(1);
+        if qd == 0 {
+            bail!("Invalid --qd 0: at least 1");
+        }
+        let queues = args.queues.unwrap_or(1);
+        if queues == 0 {
+            bail!("Invalid --queues 0: at least 1");
+        }
+        vec![Job { rw, bs, qd, queues, runtime_s: args.runtime, ramp_s: 0.5, verify: false }]
+    } else {
+        Job::default_matrix(args.runtime)
+    };
+    for j in &mut list {
+        j.verify = args.verify;
+    }
+    Ok(list)
+}
+
+fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    serde_json::json!({
+        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "kernel": kernel.trim(),
+        "cpu": cpu,
+    })
+}
+
+fn guest_failure(code: u32, console: &str) -> String {
+    let last = console.lines().filter(|l| !l.starts_with('{')).last().unwrap_or("").trim();
+    let what = match code {
+        GUEST_NO_DEVICE => "found no virtio-blk device",
+        GUEST_DEVICE_ERROR => "saw a device error",
+        GUEST_VERIFY => "found a verify mismatch",
+        GUEST_BAD_PARAM => "rejected the job",
+        _ => "failed",
+    };
+    format!("blkbench {what} (exit code {code}): {last}")
+}
+
+/// `ringvm bench`.
+pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
+    let jobs = jobs(args)?;
+    let _temp;
+    let (disk_path, size) = match &args.disk {
+        Some(p) => (p.clone(), None),
+        None => {
+            let size = parse_size(&args.disk_size)?;
+            let p = PathBuf::from(format!("/dev/shm/ringvm-bench-{}.img", std::process::id()));
+            let f = File::create(&p).with_context(|| format!("Cannot create the default disk {}", p.display()))?;
+            f.set_len(size).with_context(|| format!("Cannot size the default disk {}", p.display()))?;
+            _temp = TempDisk(p.clone());
+            (p, Some(size))
+        }
+    };
+    let kernel = match &args.guest {
+        Some(p) => p.clone(),
+        None => ringvm::guests::materialize("blkbench", ringvm::guests::BLKBENCH).context("Cannot write the embedded blkbench guest")?,
+    };
+    let progress = std::env::var_os("RINGVM_NO_PROGRESS").is_none() && {
+        // SAFETY: isatty only inspects the descriptor.
+        unsafe { libc::isatty(2) == 1 }
+    };
+    let mut results: Vec<JobResult> = Vec::new();
+    let mut failure = None;
+    let mut locks = None;
+    for job in &jobs {
+        let backend = match args.backend.as_str() {
+            "null" => format!("backend=null,size={}", size.unwrap_or(1 << 30)),
+            "uring" => format!("path={},backend=uring,direct={}", disk_path.display(), args.direct),
+            other => bail!("Invalid --backend '{other}': expected uring or null"),
+        };
+        let spec = format!("{backend},queues={},poll-us={}", job.queues, args.poll_us);
+        let disk: DiskConfig = spec.parse().map_err(|e| anyhow::anyhow!("Invalid disk '{spec}': {e}"))?;
+        let mut config = VmConfig::build(kernel.clone(), None, job.cmdline(), vec![disk], &args.vm)?;
+        config.prefault = true;
+        if locks.is_none() {
+            let mut cores = config.vcpu_cores.clone();
+            cores.extend(&config.io_cores);
+            locks = Some(lock_cores(&cores)?);
+        }
+        let mut ext = BenchVm { devices: StandardDevices::default(), console: Console::default(), label: job.label(), progress, ticks: 0, last: (Instant::now(), 0) };
+        let outcome = match vm::run(&config, &mut ext) {
+            Ok(o) => o,
+            Err(e) => {
+                failure = Some(anyhow::Error::new(e).context(format!("Job {} failed", job.label())));
+                break;
+            }
+        };
+        let console = String::from_utf8_lossy(&ext.console.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+        match outcome.reason {
+            ExitReason::DebugExit { code: GUEST_OK } => {}
+            ExitReason::DebugExit { code } => {
+                failure = Some(anyhow::anyhow!("Job {}: {}", job.label(), guest_failure(code, &console)));
+                break;
+            }
+            other => {
+                failure = Some(anyhow::anyhow!("Job {}: VM stopped: {}", job.label(), other.describe()));
+                break;
+            }
+        }
+        let guest = match result::parse_guest(&console) {
+            Ok(g) => g,
+            Err(e) => {
+                failure = Some(anyhow::Error::new(e).context(format!("Job {}", job.label())));
+                break;
+            }
+        };
+        let host = ext.devices.report.take().unwrap_or_default();
+        if let Some(hlog) = &args.vm.hlog {
+            let path = if jobs.len() == 1 { hlog.clone() } else { hlog.with_extension(format!("{}.hlog", results.len() + 1)) };
+            host.write_hlog(&path)?;
+        }
+        results.push(JobResult { job: job.clone(), guest, host });
+    }
+    if !results.is_empty() {
+        print!("{}", result::table(&results));
+        println!("disk: {}{}  backend: {}  vCPU cores {:?}  I/O cores {:?}", disk_path.display(), if size.is_some() { " (RAM-backed)" } else { "" }, args.backend, args.vm.vcpu_affinity.clone().unwrap_or_default(), args.vm.io_cores.clone().unwrap_or_default());
+    }
+    if let Some(p) = &args.json {
+        std::fs::write(p, result::to_json(&results, &machine())).with_context(|| format!("Cannot write {}", p.display()))?;
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(0),
+    }
+}
