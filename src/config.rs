@@ -228,7 +228,7 @@ mod tests {
         let mut v = vec!["ringvm", "run", "--kernel", "k"];
         v.extend_from_slice(extra);
         let cli = crate::cli::Cli::try_parse_from(v).unwrap();
-        let crate::cli::Command::Run(r) = cli.command;
+        let crate::cli::Command::Run(r) = cli.command else { panic!("parsed as run") };
         VmConfig::from_args(&r)
     }
 

@@ -9,7 +9,6 @@
 //! Memory map of the image (see `link.ld`): everything identity mapped,
 //! 0–4 GiB in 2 MiB pages, User + Writable, MMIO hole (≥ 3 GiB) uncached.
 
-use core::arch::global_asm;
 
 /// Kernel code selector (64-bit, DPL 0).
 pub const KERNEL_CS: u16 = 0x08;
@@ -18,7 +17,8 @@ pub const USER_DS: u16 = 0x18;
 /// User code selector (64-bit, DPL 3), used with RPL 3.
 pub const USER_CS: u16 = 0x20;
 
-global_asm!(
+#[cfg(not(test))]
+core::arch::global_asm!(
     r#"
     .set KERNEL_CS, 0x08
     .set KERNEL_DS, 0x10
@@ -231,13 +231,21 @@ ring3_stack_top:
     options(att_syntax)
 );
 
+#[cfg(not(test))]
 extern "C" {
     /// TSC at the PVH entry point, for measuring the ring-0 start-up time.
     static guest_entry_tsc: u64;
 }
 
 /// TSC value read by the first instruction of the PVH entry.
+#[cfg(not(test))]
 pub fn entry_tsc() -> u64 {
     // SAFETY: written once by the boot stub before ring 3 starts; read-only after.
     unsafe { core::ptr::read_volatile(&raw const guest_entry_tsc) }
+}
+
+/// Host unit tests run no boot stub.
+#[cfg(test)]
+pub fn entry_tsc() -> u64 {
+    0
 }

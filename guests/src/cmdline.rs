@@ -73,3 +73,42 @@ fn parse_fixed(s: &str, unit: u64) -> Option<u64> {
     }
     Some(value)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_pairs_bare_word_and_last_wins() {
+        let v: Vec<_> = pairs(" a=1  b  c=x=y ").collect();
+        assert_eq!(v, [("a", "1"), ("b", ""), ("c", "x=y")]);
+        assert_eq!(get("qd=1 qd=8", "qd"), Some("8"));
+        assert_eq!(get("qd=1", "bs"), None);
+    }
+
+    #[test]
+    fn test_parse_size_suffixes() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("4k"), Some(4096));
+        assert_eq!(parse_size("128K"), Some(128 << 10));
+        assert_eq!(parse_size("1m"), Some(1 << 20));
+        assert_eq!(parse_size("2g"), Some(2 << 30));
+        assert_eq!(parse_size("0x200"), Some(512));
+        for bad in ["", "k", "4kb", "-1", "1.5k", "99999999999999999999"] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn test_parse_duration_units_and_fractions() {
+        assert_eq!(parse_duration_ns("5"), Some(5_000_000_000));
+        assert_eq!(parse_duration_ns("2.5"), Some(2_500_000_000));
+        assert_eq!(parse_duration_ns(".5s"), Some(500_000_000));
+        assert_eq!(parse_duration_ns("250ms"), Some(250_000_000));
+        assert_eq!(parse_duration_ns("100us"), Some(100_000));
+        assert_eq!(parse_duration_ns("1.5ms"), Some(1_500_000));
+        for bad in ["", "s", "1.2.3", "abc", "1e3", "-1"] {
+            assert_eq!(parse_duration_ns(bad), None, "{bad}");
+        }
+    }
+}

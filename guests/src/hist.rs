@@ -101,3 +101,62 @@ impl Default for Histogram {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_index_of_bucket_low_value_is_that_bucket() {
+        for i in 0..COUNTS - 1 {
+            assert_eq!(Histogram::index(Histogram::value_at(i)), i, "index {i}");
+            assert_eq!(Histogram::index(Histogram::highest_at(i)), i, "index {i}");
+        }
+    }
+
+    #[test]
+    fn test_record_any_value_bucket_error_below_one_percent() {
+        let mut v = 1u64;
+        while v < MAX_VALUE {
+            let i = Histogram::index(v);
+            let (lo, hi) = (Histogram::value_at(i), Histogram::highest_at(i));
+            assert!(lo <= v && v <= hi, "{v} not in [{lo}, {hi}]");
+            assert!((hi - lo) as f64 <= v as f64 / 128.0, "bucket of {v} too wide");
+            v = v * 9 / 8 + 1;
+        }
+    }
+
+    #[test]
+    fn test_percentiles_uniform_values_within_one_percent() {
+        let mut h = Histogram::new();
+        for v in 1..=100_000u64 {
+            h.record(v * 10);
+        }
+        assert_eq!(h.total, 100_000);
+        assert_eq!(h.min, 10);
+        assert_eq!(h.max, 1_000_000);
+        assert_eq!(h.mean(), 500_005);
+        for (p, want) in [(50_000, 500_000f64), (99_000, 990_000.0), (99_900, 999_000.0)] {
+            let got = h.percentile(p) as f64;
+            assert!((got - want).abs() / want < 0.01, "p{p}: {got} vs {want}");
+        }
+        assert_eq!(h.percentile(100_000), 1_000_000);
+        assert_eq!(h.buckets().map(|(_, c)| c).sum::<u64>(), 100_000);
+    }
+
+    #[test]
+    fn test_record_huge_value_clamped_to_max() {
+        let mut h = Histogram::new();
+        h.record(u64::MAX);
+        assert_eq!(h.max, MAX_VALUE);
+        assert_eq!(h.percentile(50_000), MAX_VALUE);
+    }
+
+    #[test]
+    fn test_empty_histogram_reports_zero() {
+        let h = Histogram::new();
+        assert_eq!(h.percentile(99_000), 0);
+        assert_eq!(h.mean(), 0);
+        assert_eq!(h.buckets().count(), 0);
+    }
+}

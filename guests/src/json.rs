@@ -117,3 +117,40 @@ impl<'w, W: Write> Json<'w, W> {
         let _ = write!(self.out, "[{},{}]", a, b);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_nested_objects_and_arrays_have_commas_in_the_right_places() {
+        let mut bytes = [0u8; 256];
+        let mut b = Buf::new(&mut bytes);
+        let mut j = Json::new(&mut b);
+        j.begin_object();
+        j.u64("a", 1);
+        j.begin_object_field("o");
+        j.str("s", "x\"y");
+        j.bool("t", true);
+        j.end_object();
+        j.begin_array_field("h");
+        j.pair(1, 2);
+        j.pair(3, 4);
+        j.end_array();
+        j.f64("f", 1.5, 2);
+        j.null("n");
+        j.end_object();
+        assert_eq!(
+            core::str::from_utf8(b.as_bytes()).unwrap(),
+            r#"{"a":1,"o":{"s":"x\"y","t":true},"h":[[1,2],[3,4]],"f":1.50,"n":null}"#
+        );
+    }
+
+    #[test]
+    fn test_buffer_overflow_sets_truncated() {
+        let mut bytes = [0u8; 4];
+        let mut b = Buf::new(&mut bytes);
+        let _ = core::fmt::Write::write_str(&mut b, "hello");
+        assert!(b.truncated);
+    }
+}

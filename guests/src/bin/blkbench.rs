@@ -9,15 +9,11 @@
 
 #[path = "blkbench/engine.rs"]
 mod engine;
-#[path = "blkbench/params.rs"]
-mod params;
 #[path = "blkbench/report.rs"]
 mod report;
-#[path = "blkbench/stamp.rs"]
-mod stamp;
 
 use engine::{Engine, RunError};
-use params::Params;
+use ringvm_guests::bench::params::Params;
 use ringvm_guests::hist::Histogram;
 use ringvm_guests::mem::Bump;
 use ringvm_guests::pci::{self, Function};

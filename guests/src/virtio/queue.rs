@@ -152,3 +152,20 @@ pub fn write_desc_at(at: u64, addr: u64, len: u32, flags: u16, next: u16) {
     mmio::write16(at + 12, flags);
     mmio::write16(at + 14, next);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::need_event;
+
+    #[test]
+    fn test_need_event_kicks_only_when_event_index_crossed() {
+        // Device asked for a kick when avail idx passes 5.
+        assert!(need_event(5, 6, 5));
+        assert!(need_event(5, 10, 3));
+        assert!(!need_event(5, 5, 3));
+        assert!(!need_event(10, 8, 5));
+        // Wrap-around.
+        assert!(need_event(0xffff, 1, 0xfffe));
+        assert!(!need_event(2, 1, 0xfffe));
+    }
+}

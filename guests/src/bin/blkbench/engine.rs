@@ -2,8 +2,8 @@
 //! chains, batched submission gated by EVENT_IDX, completion polling in
 //! guest RAM, per-request TSC latency, verify bookkeeping and the watchdog.
 
-use super::params::{Params, Rw};
-use super::stamp::{self, Expect, Mismatch};
+use ringvm_guests::bench::params::{Params, Rw};
+use ringvm_guests::bench::stamp::{self, Expect, Mismatch};
 use ringvm_guests::arch::{mmio, rdtsc};
 use ringvm_guests::hist::Histogram;
 use ringvm_guests::mem::Bump;

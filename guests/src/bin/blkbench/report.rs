@@ -2,7 +2,7 @@
 //! line starting with `{"blkbench":1,` (schema in guests/README.md).
 
 use super::engine::Engine;
-use super::params::Params;
+use ringvm_guests::bench::params::Params;
 use ringvm_guests::json::{Buf, Json};
 use ringvm_guests::pci::Function;
 use ringvm_guests::serial;

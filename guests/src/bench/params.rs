@@ -1,6 +1,6 @@
 //! blkbench command-line parameters: parsing and the checks that need no device.
 
-use ringvm_guests::cmdline;
+use crate::cmdline;
 
 /// Workload pattern.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,6 +198,71 @@ impl Params {
             Rw::RandRead | Rw::Read => 100,
             Rw::RandWrite | Rw::Write => 0,
             Rw::RandRw => self.rwmix,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parse_empty_cmdline_gives_defaults() {
+        let p = Params::parse("").unwrap();
+        assert_eq!(p.rw, Rw::RandRead);
+        assert_eq!((p.bs, p.qd, p.queues), (4096, 1, 1));
+        assert_eq!(p.runtime_ns, Some(DEFAULT_RUNTIME_NS));
+        assert_eq!(p.ios, None);
+        assert!(!p.verify);
+    }
+
+    #[test]
+    fn test_parse_full_cmdline_reads_every_key() {
+        let p = Params::parse(
+            "rw=randrw rwmix=70 bs=128k qd=32 queues=2 runtime=250ms ramp=1 size=1g seed=7 verify=1 flush_every=8 tsc_khz=2000000 qsize=512 progress=1",
+        )
+        .unwrap();
+        assert_eq!(p.rw, Rw::RandRw);
+        assert_eq!(p.read_percent(), 70);
+        assert_eq!((p.bs, p.qd, p.queues), (128 << 10, 32, 2));
+        assert_eq!(p.runtime_ns, Some(250_000_000));
+        assert_eq!(p.ramp_ns, 1_000_000_000);
+        assert_eq!(p.size, Some(1 << 30));
+        assert_eq!((p.seed, p.verify, p.flush_every), (7, true, 8));
+        assert_eq!((p.tsc_khz, p.qsize, p.progress), (Some(2_000_000), Some(512), true));
+    }
+
+    #[test]
+    fn test_parse_ios_alone_has_no_time_limit() {
+        let p = Params::parse("ios=1000").unwrap();
+        assert_eq!((p.ios, p.runtime_ns), (Some(1000), None));
+        let p = Params::parse("ios=1000 runtime=2").unwrap();
+        assert_eq!((p.ios, p.runtime_ns), (Some(1000), Some(2_000_000_000)));
+    }
+
+    #[test]
+    fn test_parse_bad_values_name_the_parameter() {
+        for (cmd, key) in [
+            ("bs=3", "bs"),
+            ("bs=0", "bs"),
+            ("bs=4kb", "bs"),
+            ("qd=0", "qd"),
+            ("qd=x", "qd"),
+            ("queues=0", "queues"),
+            ("rw=trim", "rw"),
+            ("rwmix=101", "rwmix"),
+            ("runtime=0", "runtime"),
+            ("runtime=abc", "runtime"),
+            ("ios=0", "ios"),
+            ("size=0", "size"),
+            ("verify=2", "verify"),
+            ("qsize=1000", "qsize"),
+            ("tsc_khz=5", "tsc_khz"),
+            ("bs=4k foo=1", "foo"),
+            ("nokey", "nokey"),
+        ] {
+            let e = Params::parse(cmd).unwrap_err();
+            assert_eq!(e.key, key, "{cmd}");
         }
     }
 }

@@ -14,7 +14,7 @@
 //!
 //! A sector of all zeros was never written and is accepted.
 
-use ringvm_guests::arch::mmio;
+use crate::arch::mmio;
 
 pub const MAGIC: u32 = 0x3142_5652;
 const SECTOR: u64 = 512;
@@ -112,4 +112,71 @@ pub fn check(buf: u64, bytes: u64, lba: u64, run: u64, expect: Expect) -> Result
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::vec;
+
+    const RUN: u64 = 0x1234_5679;
+
+    fn buf(sectors: usize) -> std::vec::Vec<u64> {
+        vec![0u64; sectors * 64]
+    }
+
+    #[test]
+    fn test_check_own_write_passes() {
+        let b = buf(8);
+        let at = b.as_ptr() as u64;
+        fill(at, 4096, 800, RUN, 3);
+        assert!(check(at, 4096, 800, RUN, Expect::Gen(3)).is_ok());
+        assert!(check(at, 4096, 800, RUN, Expect::Any).is_ok());
+        // A later run (different id) accepts it from the stamp alone.
+        assert!(check(at, 4096, 800, RUN + 2, Expect::NotThisRun).is_ok());
+    }
+
+    #[test]
+    fn test_check_zero_sectors_pass_unless_a_write_is_expected() {
+        let b = buf(2);
+        let at = b.as_ptr() as u64;
+        assert!(check(at, 1024, 0, RUN, Expect::NotThisRun).is_ok());
+        assert!(matches!(check(at, 1024, 0, RUN, Expect::Gen(1)), Err((0, Mismatch::WrongGen(0)))));
+    }
+
+    #[test]
+    fn test_check_flipped_bit_fails_checksum() {
+        let mut b = buf(2);
+        let at = b.as_ptr() as u64;
+        fill(at, 1024, 10, RUN, 1);
+        b[64 + 40] ^= 1 << 7;
+        assert!(matches!(check(at, 1024, 10, RUN, Expect::Any), Err((11, Mismatch::BadChecksum))));
+    }
+
+    #[test]
+    fn test_check_misdirected_sector_fails_lba() {
+        let b = buf(1);
+        let at = b.as_ptr() as u64;
+        fill(at, 512, 7, RUN, 1);
+        assert!(matches!(check(at, 512, 8, RUN, Expect::Any), Err((8, Mismatch::WrongLba(7)))));
+    }
+
+    #[test]
+    fn test_check_stale_generation_and_foreign_run_fail() {
+        let b = buf(1);
+        let at = b.as_ptr() as u64;
+        fill(at, 512, 7, RUN, 1);
+        assert!(matches!(check(at, 512, 7, RUN, Expect::Gen(2)), Err((7, Mismatch::WrongGen(1)))));
+        assert!(matches!(check(at, 512, 7, RUN + 2, Expect::Gen(1)), Err((7, Mismatch::WrongRun(_)))));
+        assert!(matches!(check(at, 512, 7, RUN, Expect::NotThisRun), Err((7, Mismatch::WrongRun(_)))));
+    }
+
+    #[test]
+    fn test_check_garbage_fails_magic() {
+        let mut b = buf(1);
+        b[3] = 99;
+        let at = b.as_ptr() as u64;
+        assert!(matches!(check(at, 512, 0, RUN, Expect::Any), Err((0, Mismatch::BadMagic))));
+    }
 }
