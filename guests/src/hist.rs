@@ -35,7 +35,8 @@ impl Histogram {
     fn index(v: u64) -> usize {
         let bucket = (64 - SUB_HALF_MAG - 1) - (v | SUB_MASK).leading_zeros();
         let sub = v >> bucket;
-        (((bucket + 1) as u64) << SUB_HALF_MAG) as usize + (sub - SUB_HALF) as usize
+        // Bucket 0 also holds sub-bucket indices below SUB_HALF: add before subtracting.
+        ((((bucket + 1) as u64) << SUB_HALF_MAG) + sub - SUB_HALF) as usize
     }
 
     /// Lowest value that lands in counter `i`.

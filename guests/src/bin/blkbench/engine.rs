@@ -7,7 +7,7 @@ use ringvm_guests::bench::stamp::{self, Expect, Mismatch};
 use ringvm_guests::arch::{mmio, rdtsc};
 use ringvm_guests::hist::Histogram;
 use ringvm_guests::mem::Bump;
-use ringvm_guests::println;
+use ringvm_guests::{print, println};
 use ringvm_guests::rng::Rng;
 use ringvm_guests::tsc::Clock;
 use ringvm_guests::virtio::blk::{self, HEADER_SIZE, SECTOR_SIZE};
@@ -273,7 +273,8 @@ impl<'h> Engine<'h> {
             let measured = recording && slot.submit_tsc >= measure_from;
             if status != blk::S_OK {
                 if self.stats.errors < MAX_REPORTED {
-                    println!("device error: status {} for op {} at lba {}", status, slot.op, slot.block * self.block_sectors);
+                    let op = ["read", "write", "flush"][usize::from(slot.op)];
+                    println!("device error: status {} for {} at lba {}", status, op, slot.block * self.block_sectors);
                 }
                 self.stats.errors += 1;
             }
@@ -321,14 +322,19 @@ impl<'h> Engine<'h> {
         self.stats.verify_sectors += self.block_sectors;
         if let Err((bad_lba, why)) = stamp::check(slot.data, self.p.bs, lba, self.run_id, expect) {
             if self.stats.verify_errors < MAX_REPORTED {
-                let what = match why {
-                    Mismatch::BadMagic => "bad magic",
-                    Mismatch::BadChecksum => "bad checksum",
-                    Mismatch::WrongLba(_) => "stamped for another lba",
-                    Mismatch::WrongRun(_) => "stamp from an unexpected run",
-                    Mismatch::WrongGen(_) => "stale or wrong generation",
-                };
-                println!("verify mismatch: lba {} (request lba {}): {} ({:?}, expected {:?})", bad_lba, lba, what, why, expect);
+                print!("verify mismatch: lba {} (request at lba {}): ", bad_lba, lba);
+                match why {
+                    Mismatch::BadMagic => print!("no stamp (bad magic)"),
+                    Mismatch::BadChecksum => print!("stamp checksum wrong"),
+                    Mismatch::WrongLba(l) => print!("stamp is for lba {}", l),
+                    Mismatch::WrongRun(r) => print!("stamp from run {:#x}, this run is {:#x}", r, self.run_id),
+                    Mismatch::WrongGen(g) => print!("generation {} (0 = zeros)", g),
+                }
+                match expect {
+                    Expect::Gen(g) => println!("; expected generation {} of this run", g),
+                    Expect::NotThisRun => println!("; expected zeros or an earlier run's stamp"),
+                    Expect::Any => println!(),
+                }
             }
             self.stats.verify_errors += 1;
         }
