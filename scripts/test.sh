@@ -27,5 +27,4 @@ assert r["ios"] == 2000 and r["errors"] == 0 and r["verify"] == "ok", r
 print(f"qemu blkbench {rw}: ios {r['ios']}, errors {r['errors']}, verify {r['verify']}")
 PY
     done
-    echo "1 passed, 0 failed: blkbench under QEMU"
 fi

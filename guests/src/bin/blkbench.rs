@@ -12,7 +12,7 @@ mod engine;
 #[path = "blkbench/report.rs"]
 mod report;
 
-use engine::{Engine, RunError};
+use engine::{Engine, Layout, RunError};
 use ringvm_guests::bench::params::Params;
 use ringvm_guests::hist::Histogram;
 use ringvm_guests::mem::Bump;
@@ -203,8 +203,8 @@ fn main(si: &StartInfo) -> ! {
     }
     // SAFETY: HIST is only touched here, on the only thread.
     let hist = unsafe { &mut *(&raw mut HIST) };
-    let mut it = rings.iter_mut().filter_map(|r| r.take());
-    let Some(mut engine) = Engine::new(p, clock, &mut it, usize::from(p.queues), indirect, size, &mut bump, hist) else {
+    let layout = Layout { indirect, size_bytes: size };
+    let Some(mut engine) = Engine::new(p, clock, &mut rings, layout, &mut bump, hist) else {
         fail("qd", "buffers do not fit in guest memory")
     };
     dev.add_status(status::DRIVER_OK);

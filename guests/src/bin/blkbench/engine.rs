@@ -42,6 +42,8 @@ struct Slot {
     block: u64,
     gen: u32,
     op: u8,
+    /// Submitted and not yet seen in the used ring.
+    in_flight: bool,
 }
 
 /// A queue with its slots.
@@ -95,6 +97,14 @@ pub struct Engine<'h> {
     pub verify_table: bool,
 }
 
+/// How requests are laid out.
+pub struct Layout {
+    /// Each slot uses an indirect table (qd*3 exceeds the queue size).
+    pub indirect: bool,
+    /// Working-set bytes (a multiple of bs).
+    pub size_bytes: u64,
+}
+
 /// Splits `n` zeroed `T`s off the bump allocator.
 fn alloc_slice<T>(bump: &mut Bump, n: usize) -> Option<&'static mut [T]> {
     let bytes = (core::mem::size_of::<T>() * n.max(1)) as u64;
@@ -107,20 +117,19 @@ fn alloc_slice<T>(bump: &mut Bump, n: usize) -> Option<&'static mut [T]> {
 impl<'h> Engine<'h> {
     /// Builds slots and descriptor chains for already-enabled queues.
     /// Returns `None` if guest memory runs out.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         p: Params,
         clock: Clock,
-        rings: &mut dyn Iterator<Item = SplitQueue>,
-        nqueues: usize,
-        use_indirect: bool,
-        size_bytes: u64,
+        rings: &mut [Option<SplitQueue>],
+        layout: Layout,
         bump: &mut Bump,
         hist: &'h mut Histogram,
     ) -> Option<Self> {
+        let Layout { indirect: use_indirect, size_bytes } = layout;
+        let nqueues = rings.iter().filter(|r| r.is_some()).count();
         let queues_ptr = bump.alloc((core::mem::size_of::<QueueState>() * nqueues) as u64, 64)? as *mut QueueState;
         let qd = p.qd as usize;
-        for (i, q) in rings.take(nqueues).enumerate() {
+        for (i, q) in rings.iter_mut().filter_map(|r| r.take()).enumerate() {
             let slots = alloc_slice::<Slot>(bump, qd)?;
             let free = alloc_slice::<u16>(bump, qd)?;
             let meta = bump.alloc(32 * qd as u64, 64)?;
@@ -139,7 +148,17 @@ impl<'h> Engine<'h> {
                 if use_indirect {
                     q.write_desc(s as u16, chain, 3 * DESC_SIZE as u32, DESC_F_INDIRECT, 0);
                 }
-                slots[s] = Slot { meta: m, data, chain, chain_idx, submit_tsc: 0, block: 0, gen: 0, op: OP_READ };
+                slots[s] = Slot {
+                    meta: m,
+                    data,
+                    chain,
+                    chain_idx,
+                    submit_tsc: 0,
+                    block: 0,
+                    gen: 0,
+                    op: OP_READ,
+                    in_flight: false,
+                };
                 free[s] = s as u16;
                 if !p.verify && p.rw.writes() {
                     // Non-zero payload so backends cannot shortcut zero writes.
@@ -242,6 +261,7 @@ impl<'h> Engine<'h> {
             slot.block = block;
             slot.gen = gen;
             slot.submit_tsc = now;
+            slot.in_flight = true;
             let head = if st.head_shift_div3 { 3 * s as u16 } else { s as u16 };
             st.q.push(head);
             added += 1;
@@ -261,11 +281,12 @@ impl<'h> Engine<'h> {
             n += 1;
             let st = &mut self.queues[qi];
             let s = if st.head_shift_div3 { id as usize / 3 } else { id as usize };
-            if s >= st.slots.len() {
-                println!("device error: used id {} out of range", id);
+            if s >= st.slots.len() || !st.slots[s].in_flight {
+                println!("device error: used id {} is not a request in flight", id);
                 self.stats.errors += 1;
                 continue;
             }
+            st.slots[s].in_flight = false;
             let slot = st.slots[s];
             st.free[st.nfree] = s as u16;
             st.nfree += 1;
