@@ -113,7 +113,10 @@ fn main(si: &StartInfo) -> ! {
     };
     let (khz, tsc_source) = match p.tsc_khz {
         Some(k) => (k, TscSource::Cmdline),
-        None => tsc::khz_from_cpuid().unwrap_or_else(|| bad_param("tsc_khz", "", "tsc_khz needed (CPUID gives no TSC frequency)")),
+        None => tsc::khz_from_cpuid().unwrap_or_else(|| {
+            println!("bad parameter: tsc_khz needed (CPUID leaves 0x15 and 0x40000010 give no TSC frequency)");
+            exit::exit(EXIT_BAD_PARAM)
+        }),
     };
     let clock = Clock { khz };
     let ring0_ns = clock.cycles_to_ns(
