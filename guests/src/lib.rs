@@ -37,6 +37,13 @@ macro_rules! entry {
     };
 }
 
+/// The precompiled `core` refers to the unwinding personality even with
+/// panic=abort; LTO drops the reference in release builds, debug builds need
+/// the symbol. It is never called: nothing unwinds.
+#[cfg(not(test))]
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
