@@ -319,6 +319,9 @@ impl VcpuRunner {
                 events.exception.has_error_code = 0;
                 self.fd.set_vcpu_events(&events).map_err(|e| format!("int3: injecting #BP failed: {e}"))?;
                 self.emulated += 1;
+                if self.emulated <= 16 {
+                    log::info!("vcpu{}: injected #BP for int3 at {:#x} (the host's emulator refused it; #{})", self.id, regs.rip - 1, self.emulated);
+                }
                 Ok(())
             }
             None => Err(format!(
