@@ -7,7 +7,7 @@
 //! memory; every failure is a [`RequestError`] that says where the status byte is (if the
 //! chain has a usable one) and which virtio status to write.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use virtio_queue::desc::split::Descriptor;
 
 use super::config::{DiskInfo, ID_BYTES};
@@ -144,6 +144,18 @@ pub struct Segment {
 /// An empty iovec, to preallocate arrays.
 pub const IOVEC_EMPTY: libc::iovec = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
 
+/// Host address of `addr..addr+len` when the range lies inside one guest memory region (the
+/// common case, and far cheaper than vm-memory's slice iterators); `None` otherwise.
+#[inline]
+fn host_range(mem: &GuestMemory, addr: u64, len: u64) -> Option<*mut u8> {
+    let r = mem.find_region(GuestAddress(addr))?;
+    let off = addr - r.start_addr().raw_value();
+    if off.checked_add(len)? > r.len() {
+        return None;
+    }
+    r.get_host_address(MemoryRegionAddress(off)).ok()
+}
+
 /// Parses one chain. `scratch` bounds the number of descriptors (seg_max + 2 is right);
 /// `iov` receives the data buffers as host iovecs and bounds their number.
 pub fn parse<I>(chain: I, mem: &GuestMemory, disk: &DiskInfo, scratch: &mut [Segment], iov: &mut [libc::iovec]) -> Result<Request, RequestError>
@@ -170,7 +182,7 @@ where
         return Err(err(None, ParseError::NoStatus));
     }
     let status_addr = last.addr().0.checked_add(u64::from(last.len()) - 1).ok_or(err(None, ParseError::StatusOutOfRange(last.addr().0)))?;
-    if !GuestMemoryBackend::check_range(mem, GuestAddress(status_addr), 1) {
+    if host_range(mem, status_addr, 1).is_none() {
         return Err(err(None, ParseError::StatusOutOfRange(status_addr)));
     }
     let status = Some(GuestAddress(status_addr));
@@ -198,7 +210,17 @@ fn read_bytes(mem: &GuestMemory, segs: &[Segment], idx: &mut usize, off: &mut u3
         }
         let take = ((s.len - *off) as usize).min(out.len() - got);
         let addr = s.addr.checked_add(u64::from(*off)).ok_or(ParseError::AddressOutOfRange { addr: s.addr, len: s.len })?;
-        mem.read_slice(&mut out[got..got + take], GuestAddress(addr)).map_err(|_| ParseError::AddressOutOfRange { addr: s.addr, len: s.len })?;
+        match host_range(mem, addr, take as u64) {
+            Some(p) => {
+                for (i, b) in out[got..got + take].iter_mut().enumerate() {
+                    // SAFETY: `host_range` checked that `p..p+take` lies in one mapped guest
+                    // region, which `mem` keeps mapped. Volatile because the guest may write
+                    // it concurrently.
+                    *b = unsafe { std::ptr::read_volatile(p.add(i)) };
+                }
+            }
+            None => mem.read_slice(&mut out[got..got + take], GuestAddress(addr)).map_err(|_| ParseError::AddressOutOfRange { addr: s.addr, len: s.len })?,
+        }
         got += take;
         *off += take as u32;
     }
@@ -222,6 +244,13 @@ fn map_data(mem: &GuestMemory, segs: &[Segment], idx: usize, off: u32, write: bo
         let len = s.len - skip;
         let addr = s.addr.checked_add(u64::from(skip)).ok_or(ParseError::AddressOutOfRange { addr: s.addr, len: s.len })?;
         let oob = ParseError::AddressOutOfRange { addr, len };
+        if let Some(p) = host_range(mem, addr, u64::from(len)) {
+            let v = iov.get_mut(k).ok_or(ParseError::TooManySegments(cap))?;
+            *v = libc::iovec { iov_base: p.cast(), iov_len: len as usize };
+            k += 1;
+            total += u64::from(len);
+            continue;
+        }
         if !GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize) {
             return Err(oob);
         }
