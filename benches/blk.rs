@@ -15,7 +15,9 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughpu
 use ringvm::devices::virtio::block::config::DiskInfo;
 use ringvm::devices::virtio::block::driver::TestDriver;
 use ringvm::devices::virtio::block::handler::{BlockQueue, QueueParts};
-use ringvm::devices::virtio::block::request::{parse, Segment, IOVEC_EMPTY, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use ringvm::devices::virtio::block::request::{
+    parse, Segment, IOVEC_EMPTY, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
 use ringvm::metrics::QueueMetrics;
 use ringvm::reactor::{QueueHandler, Reactor, ReactorOptions};
 use virtio_queue::QueueT;
@@ -34,7 +36,11 @@ fn bench_parse(c: &mut Criterion) {
     for (name, indirect) in [("read_4k", false), ("write_4k_indirect", true)] {
         let mut d = TestDriver::new(&mem, GuestAddress(0x1000), 256, MEM as u64);
         let mut q = d.queue(true);
-        let ty = if indirect { VIRTIO_BLK_T_OUT } else { VIRTIO_BLK_T_IN };
+        let ty = if indirect {
+            VIRTIO_BLK_T_OUT
+        } else {
+            VIRTIO_BLK_T_IN
+        };
         let b = d.request(ty, 8, None, 4096, indirect);
         g.bench_function(name, |bch| {
             bch.iter(|| {
@@ -51,7 +57,9 @@ fn bench_reactor_pass(c: &mut Criterion) {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     let (mut reactor, _ctl) = Reactor::new_local(&ReactorOptions::default()).unwrap();
     let mut d = TestDriver::new(&mem, GuestAddress(0x1000), 256, MEM as u64);
-    let heads: Vec<u16> = (0..64).map(|i| d.request(VIRTIO_BLK_T_IN, i * 8, None, 4096, false).head).collect();
+    let heads: Vec<u16> = (0..64)
+        .map(|i| d.request(VIRTIO_BLK_T_IN, i * 8, None, 4096, false).head)
+        .collect();
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
     let irq_reader = irq.try_clone().unwrap();
@@ -67,7 +75,12 @@ fn bench_reactor_pass(c: &mut Criterion) {
         metrics: QueueMetrics::new("bench", 0, 0),
     };
     reactor
-        .attach_local(0, Box::new(move |_| Ok(Box::new(BlockQueue::new(parts, None, None)) as Box<dyn QueueHandler>)))
+        .attach_local(
+            0,
+            Box::new(move |_| {
+                Ok(Box::new(BlockQueue::new(parts, None, None)) as Box<dyn QueueHandler>)
+            }),
+        )
         .unwrap();
     reactor.turn_nowait().unwrap();
     let mut g = c.benchmark_group("reactor_pass");
@@ -103,7 +116,9 @@ fn bench_histogram(c: &mut Criterion) {
     let mut x = 1u64;
     c.bench_function("histogram/record", |b| {
         b.iter(|| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             m.record_k2c(Duration::from_nanos(black_box(x >> 40)));
         })
     });
