@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::config::DiskInfo;
 use super::driver::TestDriver;
 use super::handler::{BlockQueue, QueueParts};
-use super::request::{parse, Segment, IOVEC_EMPTY};
+use super::request::{parse, Chain, Segment, IOVEC_EMPTY};
 use crate::metrics::QueueMetrics;
 use crate::reactor::{AttachCtx, Reactor, ReactorOptions};
 
@@ -57,13 +57,19 @@ pub fn fuzz_one(data: &[u8]) -> u16 {
     let mut q = drv.queue(event_idx);
     let mut scratch = vec![Segment::default(); disk.seg_max as usize + 2];
     let mut iov = vec![IOVEC_EMPTY; disk.seg_max as usize + 8];
+    let mut iov2 = iov.clone();
     for _ in 0..2 * drv.size {
         let Some(chain) = q.pop_descriptor_chain(&mem) else {
             break;
         };
-        if let Ok(req) = parse(chain, &mem, &disk, &mut scratch, &mut iov) {
-            let total: usize = iov[..req.niov].iter().map(|v| v.iov_len).sum();
-            assert!(req.niov <= iov.len());
+        let head = chain.head_index();
+        let slow = parse(chain, &mem, &disk, &mut scratch, &mut iov);
+        let fast = Chain::new(&mem, GuestAddress(q.desc_table()), q.size(), head);
+        let r = parse(fast, &mem, &disk, &mut scratch, &mut iov2);
+        assert_eq!(slow, r, "the device's chain walker disagrees with virtio-queue's");
+        if let Ok(req) = r {
+            let total: usize = iov2[..req.niov].iter().map(|v| v.iov_len).sum();
+            assert!(req.niov <= iov2.len());
             assert!(
                 total as u64 >= u64::from(req.data_len),
                 "iovecs cover the data"

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::QueueIo;
@@ -176,10 +176,13 @@ impl BlockQueue {
         now: Instant,
     ) {
         if let Some(at) = status_at {
-            if self.p.mem.write_obj(status, at).is_err() {
+            let Some(p) = request::host_range(&self.p.mem, at.0, 1) else {
                 self.fail_queue("cannot write a status byte", now);
                 return;
-            }
+            };
+            // SAFETY: `host_range` checked that the byte lies in mapped guest memory, which
+            // `self.p.mem` keeps mapped.
+            unsafe { std::ptr::write_volatile(p, status) };
         }
         if let Err(e) = self.p.queue.add_used(&self.p.mem, head, used_len) {
             self.fail_queue(&format!("cannot write the used ring: {e}"), now);
@@ -342,15 +345,17 @@ impl QueueHandler for BlockQueue {
         let kick = self.last_kick.take().unwrap_or(ctx.now);
         // virtio-queue logs (without rate limit) and yields nothing when the driver's avail
         // index runs more than a queue ahead; catch that once here instead.
-        match self.p.queue.avail_idx(&self.p.mem, Ordering::Acquire) {
-            Ok(idx) if (idx - Wrapping(self.p.queue.next_avail())).0 <= self.p.queue.size() => {}
+        let next = self.p.queue.next_avail();
+        let size = self.p.queue.size();
+        if size == 0 {
+            self.fail_queue("queue size is 0", ctx.now);
+            return 0;
+        }
+        let avail_idx = match self.p.queue.avail_idx(&self.p.mem, Ordering::Acquire) {
+            Ok(idx) if (idx - Wrapping(next)).0 <= size => idx.0,
             Ok(idx) => {
                 self.fail_queue(
-                    &format!(
-                        "avail index {} is more than the queue size ahead of {}",
-                        idx.0,
-                        self.p.queue.next_avail()
-                    ),
+                    &format!("avail index {} is more than the queue size ahead of {next}", idx.0),
                     ctx.now,
                 );
                 return 0;
@@ -359,24 +364,32 @@ impl QueueHandler for BlockQueue {
                 self.fail_queue(&format!("cannot read the avail index: {e}"), ctx.now);
                 return 0;
             }
-        }
+        };
+        // Ring entries are read through one host pointer per pass (the Acquire load of the
+        // index above orders them); a ring outside guest memory needs a reset.
+        let ring = self.p.queue.avail_ring() + 4;
+        let Some(ring) = request::host_range(&self.p.mem, ring, 2 * u64::from(size)) else {
+            self.fail_queue("the avail ring is not inside guest memory", ctx.now);
+            return 0;
+        };
+        let desc_table = GuestAddress(self.p.queue.desc_table());
         let mut n = 0;
-        while n < budget {
-            let Some(chain) = self.p.queue.pop_descriptor_chain(&self.p.mem) else {
-                break;
-            };
+        while n < budget && next.wrapping_add(n as u16) != avail_idx && !self.broken {
+            let slot = usize::from(next.wrapping_add(n as u16) % size);
+            // SAFETY: `ring` covers `size` u16 entries in mapped guest memory and slot < size.
+            let head = u16::from_le(unsafe { std::ptr::read_volatile(ring.cast::<u16>().add(slot)) });
             n += 1;
-            let head = chain.head_index();
             let h = usize::from(head);
             if self.slots.get(h).is_none_or(|s| s.busy) {
-                // The driver made a head available twice while it is in flight: its buffers
-                // are in use, so the chain cannot be answered.
+                // A head beyond the queue, or made available twice while in flight: its
+                // buffers may be in use, so the chain cannot be answered.
                 self.fail_queue(
-                    &format!("descriptor head {head} made available while in flight"),
+                    &format!("descriptor head {head} is out of range or already in flight"),
                     ctx.now,
                 );
                 continue;
             }
+            let chain = request::Chain::new(&self.p.mem, desc_table, size, head);
             let parsed = request::parse(
                 chain,
                 &self.p.mem,
@@ -398,6 +411,7 @@ impl QueueHandler for BlockQueue {
                 }
             }
         }
+        self.p.queue.set_next_avail(next.wrapping_add(n as u16));
         self.p.metrics.record_batch(n);
         n
     }

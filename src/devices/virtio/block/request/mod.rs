@@ -156,7 +156,7 @@ pub const IOVEC_EMPTY: libc::iovec = libc::iovec {
 /// Host address of `addr..addr+len` when the range lies inside one guest memory region (the
 /// common case, and far cheaper than vm-memory's slice iterators); `None` otherwise.
 #[inline]
-fn host_range(mem: &GuestMemory, addr: u64, len: u64) -> Option<*mut u8> {
+pub(crate) fn host_range(mem: &GuestMemory, addr: u64, len: u64) -> Option<*mut u8> {
     let r = mem.find_region(GuestAddress(addr))?;
     let off = addr - r.start_addr().raw_value();
     if off.checked_add(len)? > r.len() {
@@ -449,6 +449,9 @@ fn parse_body(
     }
     Ok(req)
 }
+
+mod chain;
+pub use chain::Chain;
 
 #[cfg(test)]
 mod tests;

@@ -25,7 +25,18 @@ fn run(
     let mut scratch = vec![Segment::default(); disk.seg_max as usize + 2];
     let mut iov = vec![IOVEC_EMPTY; disk.seg_max as usize + 4];
     let chain = q.pop_descriptor_chain(mem).expect("a chain is available");
+    let head = chain.head_index();
     let r = parse(chain, mem, disk, &mut scratch, &mut iov);
+    // The device's own walker must agree with virtio-queue's on every chain.
+    let mut iov2 = vec![IOVEC_EMPTY; iov.len()];
+    let fast = Chain::new(mem, GuestAddress(q.desc_table()), q.size(), head);
+    let r2 = parse(fast, mem, disk, &mut scratch, &mut iov2);
+    assert_eq!(r, r2, "walkers disagree on head {head}");
+    if let Ok(req) = r {
+        for i in 0..req.niov {
+            assert_eq!((iov[i].iov_base, iov[i].iov_len), (iov2[i].iov_base, iov2[i].iov_len));
+        }
+    }
     (r, iov)
 }
 
