@@ -66,7 +66,10 @@ pub fn fuzz_one(data: &[u8]) -> u16 {
         let slow = parse(chain, &mem, &disk, &mut scratch, &mut iov);
         let fast = Chain::new(&mem, GuestAddress(q.desc_table()), q.size(), head);
         let r = parse(fast, &mem, &disk, &mut scratch, &mut iov2);
-        assert_eq!(slow, r, "the device's chain walker disagrees with virtio-queue's");
+        assert_eq!(
+            slow, r,
+            "the device's chain walker disagrees with virtio-queue's"
+        );
         if let Ok(req) = r {
             let total: usize = iov2[..req.niov].iter().map(|v| v.iov_len).sum();
             assert!(req.niov <= iov2.len());

@@ -6,7 +6,6 @@
 //! status byte and the used entry at once and the interrupt goes out once per batch, only if
 //! EVENT_IDX says the driver wants it and never when the queue has no vector.
 
-use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,6 +21,7 @@ use super::request::{
     self, Request, RequestError, RequestType, Segment, IOVEC_EMPTY, VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
 };
+use super::rings::Rings;
 use crate::devices::virtio::GuestMemory;
 use crate::metrics::QueueMetrics;
 use crate::reactor::{QueueHandler, RingCtx};
@@ -104,6 +104,8 @@ pub struct BlockQueue {
     p: QueueParts,
     io: Option<QueueIo>,
     fd: Option<RawFd>,
+    /// `None` when the rings are not inside guest memory (the queue is then broken).
+    rings: Option<Rings>,
     slots: Box<[Slot]>,
     scratch: Box<[Segment]>,
     in_flight: usize,
@@ -137,7 +139,9 @@ impl BlockQueue {
                 kick: now,
             })
             .collect();
-        BlockQueue {
+        let rings = Rings::new(&p.mem, &p.queue);
+        let mut q = BlockQueue {
+            rings: None,
             p,
             io,
             fd,
@@ -148,7 +152,12 @@ impl BlockQueue {
             dirty: false,
             broken: false,
             log: LogLimiter::new(),
+        };
+        match rings {
+            Some(r) => q.rings = Some(r),
+            None => q.fail_queue("the rings are misaligned or outside guest memory", now),
         }
+        q
     }
 
     fn fail_queue(&mut self, what: &str, now: Instant) {
@@ -184,10 +193,10 @@ impl BlockQueue {
             // `self.p.mem` keeps mapped.
             unsafe { std::ptr::write_volatile(p, status) };
         }
-        if let Err(e) = self.p.queue.add_used(&self.p.mem, head, used_len) {
-            self.fail_queue(&format!("cannot write the used ring: {e}"), now);
+        let Some(rings) = self.rings.as_mut() else {
             return;
-        }
+        };
+        rings.push_used(head, used_len);
         self.dirty = true;
         let c = &mut self.p.metrics.counters;
         match status {
@@ -345,39 +354,30 @@ impl QueueHandler for BlockQueue {
         let kick = self.last_kick.take().unwrap_or(ctx.now);
         // virtio-queue logs (without rate limit) and yields nothing when the driver's avail
         // index runs more than a queue ahead; catch that once here instead.
+        let Some(rings) = self.rings.as_ref() else {
+            return 0;
+        };
         let next = self.p.queue.next_avail();
         let size = self.p.queue.size();
-        if size == 0 {
-            self.fail_queue("queue size is 0", ctx.now);
+        let avail_idx = rings.avail_idx();
+        if avail_idx.wrapping_sub(next) > size {
+            // virtio-queue would log (without rate limit) and yield nothing on every pass.
+            self.fail_queue(
+                &format!("avail index {avail_idx} is more than the queue size ahead of {next}"),
+                ctx.now,
+            );
             return 0;
         }
-        let avail_idx = match self.p.queue.avail_idx(&self.p.mem, Ordering::Acquire) {
-            Ok(idx) if (idx - Wrapping(next)).0 <= size => idx.0,
-            Ok(idx) => {
-                self.fail_queue(
-                    &format!("avail index {} is more than the queue size ahead of {next}", idx.0),
-                    ctx.now,
-                );
-                return 0;
-            }
-            Err(e) => {
-                self.fail_queue(&format!("cannot read the avail index: {e}"), ctx.now);
-                return 0;
-            }
-        };
-        // Ring entries are read through one host pointer per pass (the Acquire load of the
-        // index above orders them); a ring outside guest memory needs a reset.
-        let ring = self.p.queue.avail_ring() + 4;
-        let Some(ring) = request::host_range(&self.p.mem, ring, 2 * u64::from(size)) else {
-            self.fail_queue("the avail ring is not inside guest memory", ctx.now);
-            return 0;
-        };
         let desc_table = GuestAddress(self.p.queue.desc_table());
         let mut n = 0;
         while n < budget && next.wrapping_add(n as u16) != avail_idx && !self.broken {
-            let slot = usize::from(next.wrapping_add(n as u16) % size);
-            // SAFETY: `ring` covers `size` u16 entries in mapped guest memory and slot < size.
-            let head = u16::from_le(unsafe { std::ptr::read_volatile(ring.cast::<u16>().add(slot)) });
+            let Some(head) = self
+                .rings
+                .as_ref()
+                .map(|r| r.avail_head(next.wrapping_add(n as u16)))
+            else {
+                break;
+            };
             n += 1;
             let h = usize::from(head);
             if self.slots.get(h).is_none_or(|s| s.busy) {
@@ -483,18 +483,26 @@ impl QueueHandler for BlockQueue {
             return;
         }
         self.dirty = false;
-        match self.p.queue.needs_notification(&self.p.mem) {
-            Ok(true) => match &self.p.irq {
-                Some(irq) => {
-                    if let Err(e) = irq.write(1) {
-                        log::error!("{}: cannot signal the irqfd: {e}", self.p.name);
-                    }
-                    self.p.metrics.counters.irqs_sent += 1;
+        let Some(rings) = self.rings.as_mut() else {
+            return;
+        };
+        let Some(idx) = rings.publish() else {
+            return;
+        };
+        self.p.queue.set_next_used(idx);
+        if !rings.needs_notification() {
+            self.p.metrics.counters.irqs_suppressed += 1;
+            return;
+        }
+        match &self.p.irq {
+            Some(irq) => {
+                if let Err(e) = irq.write(1) {
+                    log::error!("{}: cannot signal the irqfd: {e}", self.p.name);
                 }
-                None => self.p.metrics.counters.irqs_suppressed += 1,
-            },
-            Ok(false) => self.p.metrics.counters.irqs_suppressed += 1,
-            Err(e) => self.fail_queue(&format!("cannot read used_event: {e}"), Instant::now()),
+                self.p.metrics.counters.irqs_sent += 1;
+            }
+            // No vector: the driver polls the used ring.
+            None => self.p.metrics.counters.irqs_suppressed += 1,
         }
     }
 

@@ -19,6 +19,7 @@ pub mod driver;
 pub mod fuzz;
 pub mod handler;
 pub mod request;
+pub mod rings;
 
 pub use config::{BackendKind, DiskConfig, DiskConfigError, DiskInfo};
 

@@ -6,8 +6,8 @@
 //! total length must fit in 32 bits) and, like it, ends early on a violation, leaving a last
 //! descriptor that still has NEXT set: that is how the parser tells a broken chain.
 
-use vm_memory::GuestAddress;
 use virtio_queue::desc::split::Descriptor;
+use vm_memory::GuestAddress;
 
 use super::host_range;
 use crate::devices::virtio::GuestMemory;
@@ -32,8 +32,17 @@ impl<'a> Chain<'a> {
     /// Walks the chain starting at `head` in the table at `desc_table` with `size` entries.
     /// Yields nothing when the table is not inside one guest memory region.
     pub fn new(mem: &'a GuestMemory, desc_table: GuestAddress, size: u16, head: u16) -> Self {
-        let table = host_range(mem, desc_table.0, u64::from(size) * DESC_SIZE).unwrap_or(std::ptr::null_mut());
-        Chain { mem, table, size: if table.is_null() { 0 } else { size }, next: head, ttl: size, indirect: false, yielded: 0 }
+        let table = host_range(mem, desc_table.0, u64::from(size) * DESC_SIZE)
+            .unwrap_or(std::ptr::null_mut());
+        Chain {
+            mem,
+            table,
+            size: if table.is_null() { 0 } else { size },
+            next: head,
+            ttl: size,
+            indirect: false,
+            yielded: 0,
+        }
     }
 
     fn read(&self, index: u16) -> Descriptor {

@@ -34,7 +34,10 @@ fn run(
     assert_eq!(r, r2, "walkers disagree on head {head}");
     if let Ok(req) = r {
         for i in 0..req.niov {
-            assert_eq!((iov[i].iov_base, iov[i].iov_len), (iov2[i].iov_base, iov2[i].iov_len));
+            assert_eq!(
+                (iov[i].iov_base, iov[i].iov_len),
+                (iov2[i].iov_base, iov2[i].iov_len)
+            );
         }
     }
     (r, iov)
