@@ -46,22 +46,28 @@ impl<'a> Chain<'a> {
     }
 
     fn read(&self, index: u16) -> Descriptor {
-        let mut b = [0u8; 16];
         // SAFETY: `table` points to `size` descriptors inside one mapped guest region (checked
         // by `host_range` when the table was set) and `index < size`. Volatile because the
         // guest may write the table concurrently; the values are validated after the read.
-        unsafe {
+        let (lo, hi) = unsafe {
             let p = self.table.add(usize::from(index) * DESC_SIZE as usize);
-            for (i, x) in b.iter_mut().enumerate() {
-                *x = std::ptr::read_volatile(p.add(i));
+            if p as usize % 8 == 0 {
+                // Main tables are 16-aligned (virtio-queue checks); indirect ones usually are.
+                let q = p.cast::<u64>();
+                (std::ptr::read_volatile(q), std::ptr::read_volatile(q.add(1)))
+            } else {
+                let mut b = [0u8; 16];
+                for (i, x) in b.iter_mut().enumerate() {
+                    *x = std::ptr::read_volatile(p.add(i));
+                }
+                (
+                    u64::from_ne_bytes(b[0..8].try_into().expect("8 bytes")),
+                    u64::from_ne_bytes(b[8..16].try_into().expect("8 bytes")),
+                )
             }
-        }
-        Descriptor::new(
-            u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")),
-            u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")),
-            u16::from_le_bytes(b[12..14].try_into().expect("2 bytes")),
-            u16::from_le_bytes(b[14..16].try_into().expect("2 bytes")),
-        )
+        };
+        let (lo, hi) = (u64::from_le(lo), u64::from_le(hi));
+        Descriptor::new(lo, hi as u32, (hi >> 32) as u16, (hi >> 48) as u16)
     }
 }
 
