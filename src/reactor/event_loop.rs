@@ -132,8 +132,8 @@ impl Reactor {
         let ring = b.build(opts.ring_entries.max(8))?;
         ring.submitter()
             .register_files_sparse(MAX_QUEUES_PER_REACTOR as u32)?;
-        let mut queues = Vec::with_capacity(MAX_QUEUES_PER_REACTOR);
-        queues.resize_with(MAX_QUEUES_PER_REACTOR, || None);
+        // Grows to the highest slot in use (passes scan only that far), never reallocates.
+        let queues = Vec::with_capacity(MAX_QUEUES_PER_REACTOR);
         Ok(Reactor {
             index,
             ring,
@@ -178,16 +178,17 @@ impl Reactor {
         if self.stopping.is_some() {
             return Err("the reactor is stopping".into());
         }
-        let slot = self
-            .queues
-            .iter()
-            .position(Option::is_none)
-            .ok_or_else(|| {
-                format!(
-                    "reactor{} already serves {MAX_QUEUES_PER_REACTOR} queues",
-                    self.index
-                )
-            })?;
+        let slot = match self.queues.iter().position(Option::is_none) {
+            Some(i) => i,
+            None if self.queues.len() < MAX_QUEUES_PER_REACTOR => {
+                self.queues.push(None);
+                self.queues.len() - 1
+            }
+            None => {
+                let n = MAX_QUEUES_PER_REACTOR;
+                return Err(format!("reactor{} already serves {n} queues", self.index));
+            }
+        };
         let handler = factory(AttachCtx {
             reactor: self.index,
             fixed_file: slot as u32,
@@ -273,6 +274,9 @@ impl Reactor {
     /// Frees the slots of drained queues whose last completion came back, answers finished
     /// detaches and, when stopping with nothing left, the stop. Returns true once stopped.
     fn finish_drains(&mut self) -> bool {
+        if self.detaches.is_empty() && self.stopping.is_none() {
+            return false;
+        }
         for i in 0..self.queues.len() {
             let done = matches!(&self.queues[i], Some(q) if q.draining && !q.kick_armed && q.handler.in_flight() == 0);
             if !done {
@@ -289,6 +293,9 @@ impl Reactor {
                 }
             }
             self.retired.add_queue(q.handler.metrics());
+        }
+        while matches!(self.queues.last(), Some(None)) {
+            self.queues.pop();
         }
         let queues = &self.queues;
         self.detaches.retain(|(dev, ack)| {
