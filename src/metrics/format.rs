@@ -64,7 +64,17 @@ fn json_hist(h: &Histogram<u64>) -> String {
 
 fn tag_of(q: &QueueMetrics, what: &str) -> String {
     // Interval-log tags may not contain spaces or commas.
-    let dev: String = q.device.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    let dev: String = q
+        .device
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     format!("{dev}-q{}-{what}", q.queue)
 }
 
@@ -119,10 +129,18 @@ impl Report {
                 if q.batch.is_empty() { 0.0 } else { q.batch.mean() },
             );
         }
-        let _ = writeln!(s, "{:<10} {:>5} {:>12} {:>12} {:>7} {:>12} {:>10}", "reactor", "core", "busy ms", "idle ms", "busy %", "passes", "enters");
+        let _ = writeln!(
+            s,
+            "{:<10} {:>5} {:>12} {:>12} {:>7} {:>12} {:>10}",
+            "reactor", "core", "busy ms", "idle ms", "busy %", "passes", "enters"
+        );
         for r in &self.reactors {
             let total = r.busy_ns + r.idle_ns;
-            let pct = if total == 0 { 0.0 } else { 100.0 * r.busy_ns as f64 / total as f64 };
+            let pct = if total == 0 {
+                0.0
+            } else {
+                100.0 * r.busy_ns as f64 / total as f64
+            };
             let _ = writeln!(
                 s,
                 "reactor{:<3} {:>5} {:>12.1} {:>12.1} {:>7.1} {:>12} {:>10}",
@@ -142,7 +160,12 @@ impl Report {
     /// The report as one JSON object (latencies in ns).
     pub fn to_json(&self) -> String {
         let mut s = String::from("{");
-        let _ = write!(s, "\"elapsed_ns\":{},\"busy_ns_per_request\":{},\"queues\":[", self.elapsed.as_nanos(), self.busy_ns_per_request());
+        let _ = write!(
+            s,
+            "\"elapsed_ns\":{},\"busy_ns_per_request\":{},\"queues\":[",
+            self.elapsed.as_nanos(),
+            self.busy_ns_per_request()
+        );
         for (i, q) in self.queues.iter().enumerate() {
             let c = &q.counters;
             if i > 0 {
@@ -193,9 +216,16 @@ impl Report {
     /// (created or truncated). The interval spans the report's elapsed time.
     pub fn write_hlog(&self, path: &Path) -> Result<(), HlogError> {
         let p = path.display().to_string();
-        let io = |source| HlogError::Io { path: p.clone(), source };
+        let io = |source| HlogError::Io {
+            path: p.clone(),
+            source,
+        };
         let mut buf = Vec::new();
-        self.write_hlog_to(&mut buf).map_err(|message| HlogError::Encode { path: p.clone(), message })?;
+        self.write_hlog_to(&mut buf)
+            .map_err(|message| HlogError::Encode {
+                path: p.clone(),
+                message,
+            })?;
         let mut f = std::fs::File::create(path).map_err(io)?;
         f.write_all(&buf).map_err(io)
     }
@@ -211,11 +241,20 @@ impl Report {
             .with_base_time(start)
             .begin_log_with(out, &mut ser)
             .map_err(|e| e.to_string())?;
-        let dur = if self.elapsed.is_zero() { Duration::from_millis(1) } else { self.elapsed };
+        let dur = if self.elapsed.is_zero() {
+            Duration::from_millis(1)
+        } else {
+            self.elapsed
+        };
         for q in &self.queues {
-            for (what, h) in [("k2c", &q.kick_to_complete), ("svc", &q.service), ("batch", &q.batch)] {
+            for (what, h) in [
+                ("k2c", &q.kick_to_complete),
+                ("svc", &q.service),
+                ("batch", &q.batch),
+            ] {
                 let tag = tag_of(q, what);
-                w.write_histogram(h, Duration::ZERO, dur, Tag::new(&tag)).map_err(|e| e.to_string())?;
+                w.write_histogram(h, Duration::ZERO, dur, Tag::new(&tag))
+                    .map_err(|e| e.to_string())?;
             }
         }
         Ok(())
@@ -238,7 +277,14 @@ mod tests {
         q.record_batch(8);
         q.counters.reads = 1000;
         Report {
-            reactors: vec![ReactorMetrics { index: 0, core: 1, busy_ns: 3_000_000, idle_ns: 1_000_000, passes: 10, enters: 10 }],
+            reactors: vec![ReactorMetrics {
+                index: 0,
+                core: 1,
+                busy_ns: 3_000_000,
+                idle_ns: 1_000_000,
+                passes: 10,
+                enters: 10,
+            }],
             queues: vec![q],
             elapsed: Duration::from_secs(1),
         }
@@ -249,7 +295,10 @@ mod tests {
         let t = sample().table();
         assert!(t.contains("p99.9 µs"), "{t}");
         let row = t.lines().nth(1).unwrap();
-        assert!(row.contains("500.") || row.contains("499."), "p50 of 1..1000 µs should read ~500: {row}");
+        assert!(
+            row.contains("500.") || row.contains("499."),
+            "p50 of 1..1000 µs should read ~500: {row}"
+        );
         assert!(t.contains("busy ns/request: 3000"), "{t}");
     }
 
@@ -272,6 +321,9 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(tags, vec!["disk__a_-q0-k2c", "disk__a_-q0-svc", "disk__a_-q0-batch"]);
+        assert_eq!(
+            tags,
+            vec!["disk__a_-q0-k2c", "disk__a_-q0-svc", "disk__a_-q0-batch"]
+        );
     }
 }

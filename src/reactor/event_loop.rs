@@ -30,10 +30,21 @@ fn decode(ud: u64) -> (u64, usize, u32) {
 
 /// Messages to a reactor.
 pub(crate) enum Command {
-    Attach { device: u64, factory: HandlerFactory, ack: SyncSender<Result<(), String>> },
-    Detach { device: u64, ack: SyncSender<()> },
-    Snapshot { ack: SyncSender<Report> },
-    Stop { ack: SyncSender<Report> },
+    Attach {
+        device: u64,
+        factory: HandlerFactory,
+        ack: SyncSender<Result<(), String>>,
+    },
+    Detach {
+        device: u64,
+        ack: SyncSender<()>,
+    },
+    Snapshot {
+        ack: SyncSender<Report>,
+    },
+    Stop {
+        ack: SyncSender<Report>,
+    },
 }
 
 /// What a queue handler sees of the ring during a pass.
@@ -106,16 +117,23 @@ pub struct Reactor {
 
 impl Reactor {
     /// Builds the ring (with a sparse fixed-file table) and arms the wake-up poll.
-    pub(crate) fn new(index: usize, core: usize, opts: &ReactorOptions, rx: Receiver<Command>, wake: EventFd) -> io::Result<Self> {
+    pub(crate) fn new(
+        index: usize,
+        core: usize,
+        opts: &ReactorOptions,
+        rx: Receiver<Command>,
+        wake: EventFd,
+    ) -> io::Result<Self> {
         let mut b = IoUring::builder();
         b.setup_cqsize(opts.ring_entries.saturating_mul(4).max(64));
         if opts.sqpoll {
             b.setup_sqpoll(opts.sqpoll_idle_ms);
         }
         let ring = b.build(opts.ring_entries.max(8))?;
-        ring.submitter().register_files_sparse(MAX_QUEUES_PER_REACTOR as u32)?;
-        let mut queues = Vec::with_capacity(MAX_QUEUES_PER_REACTOR);
-        queues.resize_with(MAX_QUEUES_PER_REACTOR, || None);
+        ring.submitter()
+            .register_files_sparse(MAX_QUEUES_PER_REACTOR as u32)?;
+        // Grows to the highest slot in use (passes scan only that far), never reallocates.
+        let queues = Vec::with_capacity(MAX_QUEUES_PER_REACTOR);
         Ok(Reactor {
             index,
             ring,
@@ -127,7 +145,11 @@ impl Reactor {
             detaches: Vec::new(),
             stopping: None,
             retired: Report::default(),
-            metrics: ReactorMetrics { index, core, ..Default::default() },
+            metrics: ReactorMetrics {
+                index,
+                core,
+                ..Default::default()
+            },
             started: Instant::now(),
         })
     }
@@ -156,11 +178,27 @@ impl Reactor {
         if self.stopping.is_some() {
             return Err("the reactor is stopping".into());
         }
-        let slot = self.queues.iter().position(Option::is_none).ok_or_else(|| format!("reactor{} already serves {MAX_QUEUES_PER_REACTOR} queues", self.index))?;
-        let handler = factory(AttachCtx { reactor: self.index, fixed_file: slot as u32 })?;
+        let slot = match self.queues.iter().position(Option::is_none) {
+            Some(i) => i,
+            None if self.queues.len() < MAX_QUEUES_PER_REACTOR => {
+                self.queues.push(None);
+                self.queues.len() - 1
+            }
+            None => {
+                let n = MAX_QUEUES_PER_REACTOR;
+                return Err(format!("reactor{} already serves {n} queues", self.index));
+            }
+        };
+        let handler = factory(AttachCtx {
+            reactor: self.index,
+            fixed_file: slot as u32,
+        })?;
         let has_file = match handler.file_fd() {
             Some(fd) => {
-                self.ring.submitter().register_files_update(slot as u32, &[fd]).map_err(|e| format!("cannot register the disk file with io_uring: {e}"))?;
+                self.ring
+                    .submitter()
+                    .register_files_update(slot as u32, &[fd])
+                    .map_err(|e| format!("cannot register the disk file with io_uring: {e}"))?;
                 true
             }
             None => false,
@@ -202,7 +240,11 @@ impl Reactor {
     fn handle_commands(&mut self) {
         loop {
             match self.rx.try_recv() {
-                Ok(Command::Attach { device, factory, ack }) => {
+                Ok(Command::Attach {
+                    device,
+                    factory,
+                    ack,
+                }) => {
                     let _ = ack.send(self.attach(device, factory));
                 }
                 Ok(Command::Detach { device, ack }) => {
@@ -232,6 +274,9 @@ impl Reactor {
     /// Frees the slots of drained queues whose last completion came back, answers finished
     /// detaches and, when stopping with nothing left, the stop. Returns true once stopped.
     fn finish_drains(&mut self) -> bool {
+        if self.detaches.is_empty() && self.stopping.is_none() {
+            return false;
+        }
         for i in 0..self.queues.len() {
             let done = matches!(&self.queues[i], Some(q) if q.draining && !q.kick_armed && q.handler.in_flight() == 0);
             if !done {
@@ -241,10 +286,16 @@ impl Reactor {
             q.handler.publish();
             if q.has_file {
                 if let Err(e) = self.ring.submitter().register_files_update(i as u32, &[-1]) {
-                    log::error!("reactor{}: cannot unregister the file of queue slot {i}: {e}", self.index);
+                    log::error!(
+                        "reactor{}: cannot unregister the file of queue slot {i}: {e}",
+                        self.index
+                    );
                 }
             }
             self.retired.add_queue(q.handler.metrics());
+        }
+        while matches!(self.queues.last(), Some(None)) {
+            self.queues.pop();
         }
         let queues = &self.queues;
         self.detaches.retain(|(dev, ack)| {
@@ -286,10 +337,19 @@ impl Reactor {
             return Ok(Turn::Stopped);
         }
 
-        let Reactor { ring, queues, wake, wake_armed, .. } = self;
+        let Reactor {
+            ring,
+            queues,
+            wake,
+            wake_armed,
+            ..
+        } = self;
         let (submitter, mut sq, _) = ring.split();
         if !*wake_armed {
-            let e = opcode::PollAdd::new(types::Fd(wake.as_raw_fd()), libc::POLLIN as u32).multi(true).build().user_data(user_data(KIND_WAKE, 0, 0));
+            let e = opcode::PollAdd::new(types::Fd(wake.as_raw_fd()), libc::POLLIN as u32)
+                .multi(true)
+                .build()
+                .user_data(user_data(KIND_WAKE, 0, 0));
             // SAFETY: a poll SQE references no memory.
             push_raw(&mut sq, &submitter, &e)?;
             *wake_armed = true;
@@ -299,18 +359,31 @@ impl Reactor {
             let Some(q) = slot else { continue };
             if q.draining {
                 if q.kick_armed && !q.cancel_sent {
-                    let e = opcode::AsyncCancel::new(user_data(KIND_KICK, i, 0)).build().user_data(user_data(KIND_CANCEL, i, 0));
+                    let e = opcode::AsyncCancel::new(user_data(KIND_KICK, i, 0))
+                        .build()
+                        .user_data(user_data(KIND_CANCEL, i, 0));
                     push_raw(&mut sq, &submitter, &e)?;
                     q.cancel_sent = true;
                 }
                 continue;
             }
             if !q.kick_armed && !q.kick_dead {
-                let e = opcode::PollAdd::new(types::Fd(q.handler.kick_fd()), libc::POLLIN as u32).multi(true).build().user_data(user_data(KIND_KICK, i, 0));
+                let e = opcode::PollAdd::new(types::Fd(q.handler.kick_fd()), libc::POLLIN as u32)
+                    .multi(true)
+                    .build()
+                    .user_data(user_data(KIND_KICK, i, 0));
                 push_raw(&mut sq, &submitter, &e)?;
                 q.kick_armed = true;
             }
-            busy |= run_queue(q, &mut RingCtx { sq: &mut sq, submitter: &submitter, slot: i, now: t0 });
+            busy |= run_queue(
+                q,
+                &mut RingCtx {
+                    sq: &mut sq,
+                    submitter: &submitter,
+                    slot: i,
+                    now: t0,
+                },
+            );
             q.handler.publish();
         }
         sq.sync();
@@ -322,7 +395,11 @@ impl Reactor {
         self.metrics.enters += 1;
         match submitter.submit_and_wait(want) {
             Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
+                ) => {}
             Err(e) => return Err(e),
         }
         let t2 = Instant::now();
@@ -339,7 +416,13 @@ impl Reactor {
 
     fn reap(&mut self, now: Instant) -> io::Result<()> {
         let index = self.index;
-        let Reactor { ring, queues, wake_armed, wake_pending, .. } = self;
+        let Reactor {
+            ring,
+            queues,
+            wake_armed,
+            wake_pending,
+            ..
+        } = self;
         let (submitter, mut sq, mut cq) = ring.split();
         cq.sync();
         for cqe in &mut cq {
@@ -375,7 +458,16 @@ impl Reactor {
                         log::error!("reactor{index}: I/O completion for empty queue slot {slot}");
                         continue;
                     };
-                    q.handler.complete(&mut RingCtx { sq: &mut sq, submitter: &submitter, slot, now }, tag, res);
+                    q.handler.complete(
+                        &mut RingCtx {
+                            sq: &mut sq,
+                            submitter: &submitter,
+                            slot,
+                            now,
+                        },
+                        tag,
+                        res,
+                    );
                 }
             }
         }
@@ -398,7 +490,11 @@ pub struct LocalControl {
     _tx: std::sync::mpsc::Sender<Command>,
 }
 
-fn push_raw(sq: &mut SubmissionQueue<'_>, submitter: &Submitter<'_>, e: &squeue::Entry) -> io::Result<()> {
+fn push_raw(
+    sq: &mut SubmissionQueue<'_>,
+    submitter: &Submitter<'_>,
+    e: &squeue::Entry,
+) -> io::Result<()> {
     loop {
         // SAFETY: only used for poll and cancel entries, which reference no user memory.
         if unsafe { sq.push(e) }.is_ok() {

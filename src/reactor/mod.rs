@@ -50,7 +50,12 @@ pub struct ReactorOptions {
 
 impl Default for ReactorOptions {
     fn default() -> Self {
-        ReactorOptions { cores: vec![0], sqpoll: false, sqpoll_idle_ms: 100, ring_entries: 256 }
+        ReactorOptions {
+            cores: vec![0],
+            sqpoll: false,
+            sqpoll_idle_ms: 100,
+            ring_entries: 256,
+        }
     }
 }
 
@@ -98,7 +103,8 @@ pub struct AttachCtx {
 }
 
 /// Builds a queue's handler on the reactor thread.
-pub type HandlerFactory = Box<dyn FnOnce(AttachCtx) -> Result<Box<dyn QueueHandler>, String> + Send>;
+pub type HandlerFactory =
+    Box<dyn FnOnce(AttachCtx) -> Result<Box<dyn QueueHandler>, String> + Send>;
 
 /// The per-queue state machine a reactor drives. It lives and dies on the reactor thread.
 ///

@@ -39,23 +39,43 @@ impl PoolHandle {
     }
 
     fn send(&self, index: usize, cmd: Command) -> Result<(), ReactorError> {
-        let link = self.0.links.get(index).ok_or(ReactorError::NoSuchReactor { index, len: self.len() })?;
-        link.tx.send(cmd).map_err(|_| ReactorError::Gone { index })?;
+        let link = self.0.links.get(index).ok_or(ReactorError::NoSuchReactor {
+            index,
+            len: self.len(),
+        })?;
+        link.tx
+            .send(cmd)
+            .map_err(|_| ReactorError::Gone { index })?;
         link.wake.write(1).map_err(|_| ReactorError::Gone { index })
     }
 
     fn wait<T>(index: usize, rx: Receiver<T>) -> Result<T, ReactorError> {
         rx.recv_timeout(CONTROL_TIMEOUT).map_err(|e| match e {
-            mpsc::RecvTimeoutError::Timeout => ReactorError::Timeout { index, timeout_ms: CONTROL_TIMEOUT.as_millis() },
+            mpsc::RecvTimeoutError::Timeout => ReactorError::Timeout {
+                index,
+                timeout_ms: CONTROL_TIMEOUT.as_millis(),
+            },
             mpsc::RecvTimeoutError::Disconnected => ReactorError::Gone { index },
         })
     }
 
     /// Hands a queue to reactor `index`: `factory` runs on the reactor thread. `device` groups
     /// the queues that [`detach`](Self::detach) later removes together.
-    pub fn attach(&self, index: usize, device: u64, factory: HandlerFactory) -> Result<(), ReactorError> {
+    pub fn attach(
+        &self,
+        index: usize,
+        device: u64,
+        factory: HandlerFactory,
+    ) -> Result<(), ReactorError> {
         let (ack, rx) = mpsc::sync_channel(1);
-        self.send(index, Command::Attach { device, factory, ack })?;
+        self.send(
+            index,
+            Command::Attach {
+                device,
+                factory,
+                ack,
+            },
+        )?;
         Self::wait(index, rx)?.map_err(|message| ReactorError::Attach { index, message })
     }
 
@@ -104,20 +124,32 @@ impl ReactorPool {
         let mut ready = Vec::with_capacity(opts.cores.len());
         for (index, &core) in opts.cores.iter().enumerate() {
             let (tx, rx) = mpsc::channel();
-            let wake = EventFd::new(EFD_NONBLOCK).map_err(|source| ReactorError::EventFd { index, source })?;
-            let wake_reactor = wake.try_clone().map_err(|source| ReactorError::EventFd { index, source })?;
+            let wake = EventFd::new(EFD_NONBLOCK)
+                .map_err(|source| ReactorError::EventFd { index, source })?;
+            let wake_reactor = wake
+                .try_clone()
+                .map_err(|source| ReactorError::EventFd { index, source })?;
             let (ready_tx, ready_rx) = mpsc::sync_channel::<std::io::Result<()>>(1);
             let o = opts.clone();
             let ex = exit.clone();
-            let t = thread::spawn(&format!("reactor{index}"), Some(core), exit.clone(), move || {
-                reactor_main(index, core, &o, rx, wake_reactor, ready_tx, ex)
-            })
+            let t = thread::spawn(
+                &format!("reactor{index}"),
+                Some(core),
+                exit.clone(),
+                move || reactor_main(index, core, &o, rx, wake_reactor, ready_tx, ex),
+            )
             .map_err(|source| ReactorError::Spawn { index, source })?;
             links.push(Link { tx, wake });
             threads.push(t);
             ready.push(ready_rx);
         }
-        let pool = ReactorPool { handle: PoolHandle(Arc::new(Inner { links, started: Instant::now() })), threads };
+        let pool = ReactorPool {
+            handle: PoolHandle(Arc::new(Inner {
+                links,
+                started: Instant::now(),
+            })),
+            threads,
+        };
         for (index, rx) in ready.into_iter().enumerate() {
             match PoolHandle::wait(index, rx) {
                 Ok(Ok(())) => {}
@@ -214,6 +246,8 @@ fn reactor_main(
     };
     if let Err(e) = reactor.run() {
         log::error!("reactor{index}: io_uring failed: {e}");
-        exit.request(ExitReason::DeviceError { message: format!("reactor{index}: io_uring failed: {e}") });
+        exit.request(ExitReason::DeviceError {
+            message: format!("reactor{index}: io_uring failed: {e}"),
+        });
     }
 }

@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::config::DiskInfo;
 use super::driver::TestDriver;
 use super::handler::{BlockQueue, QueueParts};
-use super::request::{parse, Segment, IOVEC_EMPTY};
+use super::request::{parse, Chain, Segment, IOVEC_EMPTY};
 use crate::metrics::QueueMetrics;
 use crate::reactor::{AttachCtx, Reactor, ReactorOptions};
 
@@ -31,7 +31,11 @@ fn setup(data: &[u8]) -> Option<(GuestMemoryMmap<()>, TestDriver, bool, bool)> {
     let size = 2u16 << (flags >> 2 & 3); // 2, 4, 8 or 16
     let event_idx = flags & 1 != 0;
     let readonly = flags & 2 != 0;
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), REGION), (GuestAddress(REGION as u64), REGION)]).ok()?;
+    let mem = GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), REGION),
+        (GuestAddress(REGION as u64), REGION),
+    ])
+    .ok()?;
     let drv = TestDriver::new(&mem, GuestAddress(0), size, 2 * REGION as u64);
     let n = image.len().min(2 * REGION);
     mem.write_slice(&image[..n], GuestAddress(0)).ok()?;
@@ -41,25 +45,51 @@ fn setup(data: &[u8]) -> Option<(GuestMemoryMmap<()>, TestDriver, bool, bool)> {
 /// Runs one fuzz input and returns how many used entries the handler published. Panics only
 /// on a broken invariant.
 pub fn fuzz_one(data: &[u8]) -> u16 {
-    let Some((mem, drv, event_idx, readonly)) = setup(data) else { return 0 };
-    let disk = Arc::new(DiskInfo { readonly, ..DiskInfo::new(CAPACITY, readonly, drv.size, "fuzz") });
+    let Some((mem, drv, event_idx, readonly)) = setup(data) else {
+        return 0;
+    };
+    let disk = Arc::new(DiskInfo {
+        readonly,
+        ..DiskInfo::new(CAPACITY, readonly, drv.size, "fuzz")
+    });
 
     // 1. The parser alone, over at most two queue lengths of chains.
     let mut q = drv.queue(event_idx);
     let mut scratch = vec![Segment::default(); disk.seg_max as usize + 2];
     let mut iov = vec![IOVEC_EMPTY; disk.seg_max as usize + 8];
+    let mut iov2 = iov.clone();
     for _ in 0..2 * drv.size {
-        let Some(chain) = q.pop_descriptor_chain(&mem) else { break };
-        if let Ok(req) = parse(chain, &mem, &disk, &mut scratch, &mut iov) {
-            let total: usize = iov[..req.niov].iter().map(|v| v.iov_len).sum();
-            assert!(req.niov <= iov.len());
-            assert!(total as u64 >= u64::from(req.data_len), "iovecs cover the data");
+        let Some(chain) = q.pop_descriptor_chain(&mem) else {
+            break;
+        };
+        let head = chain.head_index();
+        let slow = parse(chain, &mem, &disk, &mut scratch, &mut iov);
+        let fast = Chain::new(&mem, GuestAddress(q.desc_table()), q.size(), head);
+        let r = parse(fast, &mem, &disk, &mut scratch, &mut iov2);
+        assert_eq!(
+            slow, r,
+            "the device's chain walker disagrees with virtio-queue's"
+        );
+        if let Ok(req) = r {
+            let total: usize = iov2[..req.niov].iter().map(|v| v.iov_len).sum();
+            assert!(req.niov <= iov2.len());
+            assert!(
+                total as u64 >= u64::from(req.data_len),
+                "iovecs cover the data"
+            );
         }
     }
 
     // 2. The queue handler on an inline reactor (same input, fresh memory).
-    let Some((mem, drv, event_idx, _)) = setup(data) else { return 0 };
-    let Ok((mut reactor, _ctl)) = Reactor::new_local(&ReactorOptions { ring_entries: 32, ..Default::default() }) else { return 0 };
+    let Some((mem, drv, event_idx, _)) = setup(data) else {
+        return 0;
+    };
+    let Ok((mut reactor, _ctl)) = Reactor::new_local(&ReactorOptions {
+        ring_entries: 32,
+        ..Default::default()
+    }) else {
+        return 0;
+    };
     let kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");
     let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
     let parts = QueueParts {
@@ -74,7 +104,13 @@ pub fn fuzz_one(data: &[u8]) -> u16 {
         metrics: QueueMetrics::new("fuzz", 0, 0),
     };
     reactor
-        .attach_local(0, Box::new(move |_: AttachCtx| Ok(Box::new(BlockQueue::new(parts, None, None)) as Box<dyn crate::reactor::QueueHandler>)))
+        .attach_local(
+            0,
+            Box::new(move |_: AttachCtx| {
+                Ok(Box::new(BlockQueue::new(parts, None, None))
+                    as Box<dyn crate::reactor::QueueHandler>)
+            }),
+        )
         .expect("attach");
     let _ = kick.write(1);
     for _ in 0..4 {
@@ -85,8 +121,13 @@ pub fn fuzz_one(data: &[u8]) -> u16 {
     let used = drv.used;
     let used_idx: u16 = mem.read_obj(GuestAddress(used.0 + 2)).unwrap_or(0);
     for i in 0..used_idx.min(drv.size) {
-        let id: u32 = mem.read_obj(GuestAddress(used.0 + 4 + 8 * u64::from(i))).unwrap_or(0);
-        assert!(id < u32::from(drv.size), "used entry {i} names head {id} beyond the queue");
+        let id: u32 = mem
+            .read_obj(GuestAddress(used.0 + 4 + 8 * u64::from(i)))
+            .unwrap_or(0);
+        assert!(
+            id < u32::from(drv.size),
+            "used entry {i} names head {id} beyond the queue"
+        );
     }
     used_idx
 }
@@ -172,7 +213,14 @@ mod tests {
 
     #[test]
     fn test_fuzz_seeds_run_clean() {
-        let expect = [("read", 1), ("write_indirect_event_idx", 2), ("get_id_discard_wz", 3), ("readonly_write", 1), ("loop", 1), ("unknown_type_out_of_disk", 2)];
+        let expect = [
+            ("read", 1),
+            ("write_indirect_event_idx", 2),
+            ("get_id_discard_wz", 3),
+            ("readonly_write", 1),
+            ("loop", 1),
+            ("unknown_type_out_of_disk", 2),
+        ];
         for ((name, v), (ename, n)) in seeds().into_iter().zip(expect) {
             assert_eq!(name, ename);
             assert_eq!(fuzz_one(&v), n, "seed {name}: used entries");
@@ -181,7 +229,9 @@ mod tests {
 
     #[test]
     fn test_fuzz_corpus_replays_without_panic() {
-        let Ok(dir) = std::fs::read_dir(corpus_dir()) else { panic!("corpus missing at {}", corpus_dir().display()) };
+        let Ok(dir) = std::fs::read_dir(corpus_dir()) else {
+            panic!("corpus missing at {}", corpus_dir().display())
+        };
         let mut n = 0;
         for e in dir {
             let p = e.unwrap().path();

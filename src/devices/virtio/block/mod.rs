@@ -19,6 +19,7 @@ pub mod driver;
 pub mod fuzz;
 pub mod handler;
 pub mod request;
+pub mod rings;
 
 pub use config::{BackendKind, DiskConfig, DiskConfigError, DiskInfo};
 
@@ -30,7 +31,10 @@ use backend::{Backend, BackendError};
 use config::{features as f, CONFIG_LEN};
 use handler::{BlockQueue, QueueParts};
 
-use super::{ActivateError, ActiveQueue, GuestMemory, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK};
+use super::{
+    ActivateError, ActiveQueue, GuestMemory, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC,
+    F_VERSION_1, TYPE_BLOCK,
+};
 use crate::metrics::QueueMetrics;
 use crate::reactor::{PoolHandle, ReactorError, ReactorPool};
 
@@ -73,13 +77,25 @@ impl BlockDevice {
         let backend = Backend::open(cfg)?;
         let n = NEXT_DEVICE.fetch_add(1, Ordering::Relaxed);
         let name = cfg.id.clone().unwrap_or_else(|| format!("blk{n}"));
-        let list: Vec<usize> = cfg.reactors.clone().unwrap_or_else(|| (0..pool.len()).collect());
+        let list: Vec<usize> = cfg
+            .reactors
+            .clone()
+            .unwrap_or_else(|| (0..pool.len()).collect());
         if let Some(&bad) = list.iter().find(|&&r| r >= pool.len()) {
-            return Err(BlockError::NoSuchReactor { index: bad, len: pool.len() });
+            return Err(BlockError::NoSuchReactor {
+                index: bad,
+                len: pool.len(),
+            });
         }
         // Spread the disks' first queues over the pool when placement is automatic.
-        let offset = if cfg.reactors.is_none() { n as usize } else { 0 };
-        let placement = (0..usize::from(cfg.queues)).map(|q| list[(q + offset) % list.len()]).collect();
+        let offset = if cfg.reactors.is_none() {
+            n as usize
+        } else {
+            0
+        };
+        let placement = (0..usize::from(cfg.queues))
+            .map(|q| list[(q + offset) % list.len()])
+            .collect();
         let readonly = cfg.readonly || matches!(&backend, Backend::Uring(u) if u.readonly);
         let disk = DiskInfo::new(backend.capacity_sectors(), readonly, cfg.queue_size, &name);
         let mut features = F_VERSION_1
@@ -136,7 +152,8 @@ impl BlockDevice {
             irq: q.irq,
             disk: self.disk.clone(),
             needs_reset: self.needs_reset.clone(),
-            poll: (self.cfg.poll_us > 0).then(|| Duration::from_micros(u64::from(self.cfg.poll_us))),
+            poll: (self.cfg.poll_us > 0)
+                .then(|| Duration::from_micros(u64::from(self.cfg.poll_us))),
             metrics: QueueMetrics::new(&self.name, q.index, reactor),
         };
         let backend = self.backend.clone();
@@ -173,24 +190,42 @@ impl VirtioDevice for BlockDevice {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
-            *b = offset.checked_add(i as u64).and_then(|o| self.config.get(o as usize)).copied().unwrap_or(0);
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| self.config.get(o as usize))
+                .copied()
+                .unwrap_or(0);
         }
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Everything is read-only without CONFIG_WCE, which we do not offer.
-        log::debug!("{}: ignored config write of {} bytes at {offset}", self.name, data.len());
+        log::debug!(
+            "{}: ignored config write of {} bytes at {offset}",
+            self.name,
+            data.len()
+        );
     }
 
     /// Hands each queue to its reactor. The driver may enable fewer queues than offered (Linux
     /// uses at most one per vCPU); each enabled queue keeps its index and placement.
-    fn activate(&mut self, mem: GuestMemory, _acked_features: u64, queues: Vec<ActiveQueue>) -> Result<(), ActivateError> {
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        _acked_features: u64,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
         let expected = self.num_queues();
         let mut seen = vec![false; expected];
         for q in &queues {
             match seen.get_mut(usize::from(q.index)) {
                 Some(s) if !*s => *s = true,
-                _ => return Err(ActivateError::QueueCount { expected, got: queues.len() }),
+                _ => {
+                    return Err(ActivateError::QueueCount {
+                        expected,
+                        got: queues.len(),
+                    })
+                }
             }
         }
         if queues.is_empty() {

@@ -36,7 +36,14 @@ struct Harness {
 
 fn pool(n: usize) -> ReactorPool {
     let cores = (0..n).map(|i| i % 2).collect();
-    ReactorPool::start(ReactorOptions { cores, ..Default::default() }, ExitHandle::new().unwrap()).unwrap()
+    ReactorPool::start(
+        ReactorOptions {
+            cores,
+            ..Default::default()
+        },
+        ExitHandle::new().unwrap(),
+    )
+    .unwrap()
 }
 
 fn image(dir: Option<&Path>, sectors: u64) -> tempfile::NamedTempFile {
@@ -60,7 +67,13 @@ struct Opts<'a> {
 
 impl Default for Opts<'_> {
     fn default() -> Self {
-        Opts { cfg: "", reactors: 1, event_idx: false, irq: true, file: None }
+        Opts {
+            cfg: "",
+            reactors: 1,
+            event_idx: false,
+            irq: true,
+            file: None,
+        }
     }
 }
 
@@ -77,14 +90,30 @@ fn harness(o: Opts<'_>) -> Harness {
     let mut active = Vec::new();
     for i in 0..cfg.queues {
         let base = u64::from(i) * QUEUE_SPAN + 0x1000;
-        let drv = TestDriver::new(&mem, GuestAddress(base), cfg.queue_size, base - 0x1000 + QUEUE_SPAN);
+        let drv = TestDriver::new(
+            &mem,
+            GuestAddress(base),
+            cfg.queue_size,
+            base - 0x1000 + QUEUE_SPAN,
+        );
         let kick = EventFd::new(EFD_NONBLOCK).unwrap();
         let irq = o.irq.then(|| EventFd::new(EFD_NONBLOCK).unwrap());
-        active.push(ActiveQueue { index: i, queue: drv.queue(o.event_idx), kick: kick.try_clone().unwrap(), irq: irq.as_ref().map(|e| e.try_clone().unwrap()) });
+        active.push(ActiveQueue {
+            index: i,
+            queue: drv.queue(o.event_idx),
+            kick: kick.try_clone().unwrap(),
+            irq: irq.as_ref().map(|e| e.try_clone().unwrap()),
+        });
         qs.push(Q { drv, kick, irq });
     }
     dev.activate(mem.clone(), dev.features(), active).unwrap();
-    Harness { pool: Some(pool), dev, mem, qs, _file: o.file }
+    Harness {
+        pool: Some(pool),
+        dev,
+        mem,
+        qs,
+        _file: o.file,
+    }
 }
 
 impl Harness {
@@ -99,7 +128,11 @@ impl Harness {
     fn wait_used(&mut self, q: usize, n: u16) {
         let t = Instant::now();
         while self.qs[q].drv.used_idx() < n {
-            assert!(t.elapsed() < WAIT, "queue {q}: used index {} never reached {n}", self.qs[q].drv.used_idx());
+            assert!(
+                t.elapsed() < WAIT,
+                "queue {q}: used index {} never reached {n}",
+                self.qs[q].drv.used_idx()
+            );
             std::thread::sleep(Duration::from_micros(200));
         }
     }
@@ -109,12 +142,20 @@ impl Harness {
         self.submit(q, &[b.head]);
         self.wait_used(q, before + 1);
         let used = self.qs[q].drv.take_used();
-        let e = used.iter().find(|e| e.0 == u32::from(b.head)).copied().expect("head in used ring");
+        let e = used
+            .iter()
+            .find(|e| e.0 == u32::from(b.head))
+            .copied()
+            .expect("head in used ring");
         (self.qs[q].drv.status(b), e.1)
     }
 
     fn irq_count(&self, q: usize) -> u64 {
-        self.qs[q].irq.as_ref().and_then(|e| e.read().ok()).unwrap_or(0)
+        self.qs[q]
+            .irq
+            .as_ref()
+            .and_then(|e| e.read().ok())
+            .unwrap_or(0)
     }
 
     fn stop(mut self) -> crate::metrics::Report {
@@ -132,14 +173,22 @@ fn read_file(f: &impl AsRef<Path>, off: u64, len: usize) -> Vec<u8> {
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+        .collect()
 }
 
 #[test]
 fn test_write_then_read_round_trips_through_file() {
-    let mut h = harness(Opts { file: Some(image(None, 64)), cfg: "direct=off", ..Default::default() });
+    let mut h = harness(Opts {
+        file: Some(image(None, 64)),
+        cfg: "direct=off",
+        ..Default::default()
+    });
     let data = pattern(3, 4096);
-    let w = h.qs[0].drv.request(VIRTIO_BLK_T_OUT, 8, Some(&data), 4096, false);
+    let w = h.qs[0]
+        .drv
+        .request(VIRTIO_BLK_T_OUT, 8, Some(&data), 4096, false);
     assert_eq!(h.run_one(0, &w), (VIRTIO_BLK_S_OK, 1));
     assert_eq!(read_file(h._file.as_ref().unwrap(), 8 * 512, 4096), data);
     let r = h.qs[0].drv.request(VIRTIO_BLK_T_IN, 8, None, 4096, false);
@@ -148,7 +197,10 @@ fn test_write_then_read_round_trips_through_file() {
     h.mem.read_slice(&mut back, r.data).unwrap();
     assert_eq!(back, data);
     let rep = h.stop();
-    assert_eq!((rep.queues[0].counters.reads, rep.queues[0].counters.writes), (1, 1));
+    assert_eq!(
+        (rep.queues[0].counters.reads, rep.queues[0].counters.writes),
+        (1, 1)
+    );
     assert_eq!(rep.queues[0].counters.bytes_read, 4096);
     assert_eq!(rep.queues[0].kick_to_complete.len(), 2);
 }
@@ -157,9 +209,14 @@ fn test_write_then_read_round_trips_through_file() {
 fn test_direct_io_on_disk_backed_dir_round_trips() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
     let f = image(Some(&dir), 64);
-    let mut h = harness(Opts { file: Some(f), ..Default::default() });
+    let mut h = harness(Opts {
+        file: Some(f),
+        ..Default::default()
+    });
     let data = pattern(9, 8192);
-    let w = h.qs[0].drv.request(VIRTIO_BLK_T_OUT, 16, Some(&data), 8192, false);
+    let w = h.qs[0]
+        .drv
+        .request(VIRTIO_BLK_T_OUT, 16, Some(&data), 8192, false);
     assert_eq!(h.run_one(0, &w).0, VIRTIO_BLK_S_OK);
     let r = h.qs[0].drv.request(VIRTIO_BLK_T_IN, 16, None, 8192, false);
     assert_eq!(h.run_one(0, &r).0, VIRTIO_BLK_S_OK);
@@ -175,7 +232,11 @@ fn test_direct_io_on_disk_backed_dir_round_trips() {
 #[test]
 fn test_multi_segment_and_indirect_chains_complete() {
     let f = image(None, 64);
-    let mut h = harness(Opts { file: Some(f), cfg: "direct=off", ..Default::default() });
+    let mut h = harness(Opts {
+        file: Some(f),
+        cfg: "direct=off",
+        ..Default::default()
+    });
     let d = &mut h.qs[0].drv;
     let hdr = d.alloc(16);
     let mut hb = [0u8; 16];
@@ -183,8 +244,17 @@ fn test_multi_segment_and_indirect_chains_complete() {
     h.mem.write_slice(&hb, hdr).unwrap();
     let (a, b) = (d.alloc(512), d.alloc(1024));
     let s = d.alloc(1);
-    let head = d.write_chain(&[Buf::r(hdr, 16), Buf::w(a, 512), Buf::w(b, 1024), Buf::w(s, 1)]);
-    let built = Built { head, status: s, data: a };
+    let head = d.write_chain(&[
+        Buf::r(hdr, 16),
+        Buf::w(a, 512),
+        Buf::w(b, 1024),
+        Buf::w(s, 1),
+    ]);
+    let built = Built {
+        head,
+        status: s,
+        data: a,
+    };
     assert_eq!(h.run_one(0, &built), (VIRTIO_BLK_S_OK, 1537));
     let expect = read_file(h._file.as_ref().unwrap(), 4 * 512, 1536);
     let mut got = vec![0u8; 1536];
@@ -192,7 +262,9 @@ fn test_multi_segment_and_indirect_chains_complete() {
     h.mem.read_slice(&mut got[512..], b).unwrap();
     assert_eq!(got, expect);
     let data = pattern(1, 512);
-    let ind = h.qs[0].drv.request(VIRTIO_BLK_T_OUT, 0, Some(&data), 512, true);
+    let ind = h.qs[0]
+        .drv
+        .request(VIRTIO_BLK_T_OUT, 0, Some(&data), 512, true);
     assert_eq!(h.run_one(0, &ind).0, VIRTIO_BLK_S_OK);
     assert_eq!(read_file(h._file.as_ref().unwrap(), 0, 512), data);
 }
@@ -200,7 +272,11 @@ fn test_multi_segment_and_indirect_chains_complete() {
 #[test]
 fn test_flush_get_id_discard_write_zeroes_complete_ok() {
     let f = image(None, 64);
-    let mut h = harness(Opts { file: Some(f), cfg: "direct=off,id=disk-serial-7", ..Default::default() });
+    let mut h = harness(Opts {
+        file: Some(f),
+        cfg: "direct=off,id=disk-serial-7",
+        ..Default::default()
+    });
     let fl = h.qs[0].drv.request(VIRTIO_BLK_T_FLUSH, 0, None, 0, false);
     assert_eq!(h.run_one(0, &fl), (VIRTIO_BLK_S_OK, 1));
     let id = h.qs[0].drv.request(VIRTIO_BLK_T_GET_ID, 0, None, 20, false);
@@ -217,26 +293,56 @@ fn test_flush_get_id_discard_write_zeroes_complete_ok() {
         p[12..16].copy_from_slice(&flags.to_le_bytes());
         p
     };
-    let dc = h.qs[0].drv.request(VIRTIO_BLK_T_DISCARD, 0, Some(&seg(8, 8, 0)), 16, false);
+    let dc = h.qs[0]
+        .drv
+        .request(VIRTIO_BLK_T_DISCARD, 0, Some(&seg(8, 8, 0)), 16, false);
     assert_eq!(h.run_one(0, &dc).0, VIRTIO_BLK_S_OK);
-    assert!(read_file(h._file.as_ref().unwrap(), 8 * 512, 4096).iter().all(|&b| b == 0));
-    let wz = h.qs[0].drv.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, Some(&seg(33, 3, 0)), 16, false);
+    assert!(read_file(h._file.as_ref().unwrap(), 8 * 512, 4096)
+        .iter()
+        .all(|&b| b == 0));
+    let wz = h.qs[0].drv.request(
+        VIRTIO_BLK_T_WRITE_ZEROES,
+        0,
+        Some(&seg(33, 3, 0)),
+        16,
+        false,
+    );
     assert_eq!(h.run_one(0, &wz).0, VIRTIO_BLK_S_OK);
     let f = &h._file.as_ref().unwrap().path().to_path_buf();
     assert!(read_file(f, 33 * 512, 1536).iter().all(|&b| b == 0));
-    assert_ne!(read_file(f, 32 * 512, 512), vec![0u8; 512], "sector before the range is untouched");
-    assert_ne!(read_file(f, 36 * 512, 512), vec![0u8; 512], "sector after the range is untouched");
-    let wzu = h.qs[0].drv.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, Some(&seg(40, 2, DWZ_FLAG_UNMAP)), 16, false);
+    assert_ne!(
+        read_file(f, 32 * 512, 512),
+        vec![0u8; 512],
+        "sector before the range is untouched"
+    );
+    assert_ne!(
+        read_file(f, 36 * 512, 512),
+        vec![0u8; 512],
+        "sector after the range is untouched"
+    );
+    let wzu = h.qs[0].drv.request(
+        VIRTIO_BLK_T_WRITE_ZEROES,
+        0,
+        Some(&seg(40, 2, DWZ_FLAG_UNMAP)),
+        16,
+        false,
+    );
     assert_eq!(h.run_one(0, &wzu).0, VIRTIO_BLK_S_OK);
     assert!(read_file(f, 40 * 512, 1024).iter().all(|&b| b == 0));
     assert_eq!(std::fs::metadata(f).unwrap().len(), 64 * 512, "KEEP_SIZE");
     let c = h.stop().queues[0].counters.clone();
-    assert_eq!((c.flushes, c.get_ids, c.discards, c.write_zeroes, c.errors), (1, 1, 1, 2, 0));
+    assert_eq!(
+        (c.flushes, c.get_ids, c.discards, c.write_zeroes, c.errors),
+        (1, 1, 1, 2, 0)
+    );
 }
 
 #[test]
 fn test_unknown_type_and_bad_input_get_status_and_device_keeps_serving() {
-    let mut h = harness(Opts { cfg: "backend=null,size=1M", ..Default::default() });
+    let mut h = harness(Opts {
+        cfg: "backend=null,size=1M",
+        ..Default::default()
+    });
     let u = h.qs[0].drv.request(42, 0, None, 0, false);
     assert_eq!(h.run_one(0, &u), (VIRTIO_BLK_S_UNSUPP, 1));
     let oob = h.qs[0].drv.request(VIRTIO_BLK_T_IN, 2048, None, 512, false);
@@ -260,12 +366,21 @@ fn test_unknown_type_and_bad_input_get_status_and_device_keeps_serving() {
 #[test]
 fn test_readonly_disk_offers_ro_and_rejects_writes() {
     let f = image(None, 16);
-    let mut h = harness(Opts { file: Some(f), cfg: "readonly,direct=off", ..Default::default() });
+    let mut h = harness(Opts {
+        file: Some(f),
+        cfg: "readonly,direct=off",
+        ..Default::default()
+    });
     assert_ne!(h.dev.features() & config::features::RO, 0);
     assert_eq!(h.dev.features() & config::features::DISCARD, 0);
-    let w = h.qs[0].drv.request(VIRTIO_BLK_T_OUT, 0, Some(&[0u8; 512]), 512, false);
+    let w = h.qs[0]
+        .drv
+        .request(VIRTIO_BLK_T_OUT, 0, Some(&[0u8; 512]), 512, false);
     assert_eq!(h.run_one(0, &w), (VIRTIO_BLK_S_IOERR, 1));
-    assert_eq!(read_file(h._file.as_ref().unwrap(), 0, 512), pattern_of_image(0, 512));
+    assert_eq!(
+        read_file(h._file.as_ref().unwrap(), 0, 512),
+        pattern_of_image(0, 512)
+    );
     let r = h.qs[0].drv.request(VIRTIO_BLK_T_IN, 0, None, 512, false);
     assert_eq!(h.run_one(0, &r).0, VIRTIO_BLK_S_OK);
 }
@@ -276,13 +391,18 @@ fn pattern_of_image(off: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn test_null_backend_completes_without_touching_data() {
-    let mut h = harness(Opts { cfg: "backend=null,size=64M,queue-size=128", ..Default::default() });
+    let mut h = harness(Opts {
+        cfg: "backend=null,size=64M,queue-size=128",
+        ..Default::default()
+    });
     assert_eq!(h.dev.capacity_sectors(), 128 * 1024);
     let mut heads = Vec::new();
     let mut built = Vec::new();
     for i in 0..100u64 {
         // Indirect: 100 chains of 3 descriptors would not fit the 128-entry table.
-        let b = h.qs[0].drv.request(VIRTIO_BLK_T_IN, i * 8, None, 4096, true);
+        let b = h.qs[0]
+            .drv
+            .request(VIRTIO_BLK_T_IN, i * 8, None, 4096, true);
         h.mem.write_slice(&[0xaa; 4096], b.data).unwrap();
         heads.push(b.head);
         built.push(b);
@@ -300,7 +420,11 @@ fn test_null_backend_completes_without_touching_data() {
 
 #[test]
 fn test_event_idx_suppresses_irq_until_used_event_reached() {
-    let mut h = harness(Opts { cfg: "backend=null,size=1M", event_idx: true, ..Default::default() });
+    let mut h = harness(Opts {
+        cfg: "backend=null,size=1M",
+        event_idx: true,
+        ..Default::default()
+    });
     // used_event = 5: no interrupt for the first completions.
     h.qs[0].drv.set_used_event(5);
     for i in 0..3u16 {
@@ -318,7 +442,10 @@ fn test_event_idx_suppresses_irq_until_used_event_reached() {
 
 #[test]
 fn test_without_event_idx_every_batch_interrupts() {
-    let mut h = harness(Opts { cfg: "backend=null,size=1M", ..Default::default() });
+    let mut h = harness(Opts {
+        cfg: "backend=null,size=1M",
+        ..Default::default()
+    });
     for _ in 0..3 {
         let b = h.qs[0].drv.request(VIRTIO_BLK_T_FLUSH, 0, None, 0, false);
         h.run_one(0, &b);
@@ -328,7 +455,11 @@ fn test_without_event_idx_every_batch_interrupts() {
 
 #[test]
 fn test_no_vector_queue_never_signals() {
-    let mut h = harness(Opts { cfg: "backend=null,size=1M", irq: false, ..Default::default() });
+    let mut h = harness(Opts {
+        cfg: "backend=null,size=1M",
+        irq: false,
+        ..Default::default()
+    });
     for _ in 0..5 {
         let b = h.qs[0].drv.request(VIRTIO_BLK_T_FLUSH, 0, None, 0, false);
         assert_eq!(h.run_one(0, &b).0, VIRTIO_BLK_S_OK);
@@ -340,23 +471,39 @@ fn test_no_vector_queue_never_signals() {
 #[test]
 fn test_two_queues_on_two_reactors_both_serve() {
     let f = image(None, 256);
-    let mut h = harness(Opts { file: Some(f), cfg: "direct=off,queues=2,reactors=0,1", reactors: 2, ..Default::default() });
+    let mut h = harness(Opts {
+        file: Some(f),
+        cfg: "direct=off,queues=2,reactors=0,1",
+        reactors: 2,
+        ..Default::default()
+    });
     assert_eq!(h.dev.placement(), &[0, 1]);
     let mut built = Vec::new();
     for q in 0..2 {
         let data = pattern(q as u8, 512);
-        let b = h.qs[q].drv.request(VIRTIO_BLK_T_OUT, 100 + q as u64, Some(&data), 512, false);
+        let b = h.qs[q]
+            .drv
+            .request(VIRTIO_BLK_T_OUT, 100 + q as u64, Some(&data), 512, false);
         h.submit(q, &[b.head]);
         built.push(b);
     }
-    for q in 0..2 {
+    for (q, b) in built.iter().enumerate() {
         h.wait_used(q, 1);
-        assert_eq!(h.qs[q].drv.status(&built[q]), VIRTIO_BLK_S_OK);
-        assert_eq!(read_file(h._file.as_ref().unwrap(), (100 + q as u64) * 512, 512), pattern(q as u8, 512));
+        assert_eq!(h.qs[q].drv.status(b), VIRTIO_BLK_S_OK);
+        assert_eq!(
+            read_file(h._file.as_ref().unwrap(), (100 + q as u64) * 512, 512),
+            pattern(q as u8, 512)
+        );
     }
     let snap = h.pool.as_ref().unwrap().snapshot().unwrap();
     assert_eq!(snap.reactors.len(), 2);
-    assert_eq!(snap.queues.iter().map(|q| (q.queue, q.reactor)).collect::<Vec<_>>(), vec![(0, 0), (1, 1)]);
+    assert_eq!(
+        snap.queues
+            .iter()
+            .map(|q| (q.queue, q.reactor))
+            .collect::<Vec<_>>(),
+        vec![(0, 0), (1, 1)]
+    );
     let threads: Vec<String> = std::fs::read_dir("/proc/self/task")
         .unwrap()
         .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
@@ -368,10 +515,20 @@ fn test_two_queues_on_two_reactors_both_serve() {
 #[test]
 fn test_reset_with_requests_in_flight_completes_them_and_stops_touching_memory() {
     let f = image(None, 4096);
-    let mut h = harness(Opts { file: Some(f), cfg: "direct=off,queue-size=256", ..Default::default() });
+    let mut h = harness(Opts {
+        file: Some(f),
+        cfg: "direct=off,queue-size=256",
+        ..Default::default()
+    });
     let mut built = Vec::new();
     for i in 0..200u64 {
-        let b = h.qs[0].drv.request(VIRTIO_BLK_T_OUT, i * 16, Some(&pattern(i as u8, 8192)), 8192, true);
+        let b = h.qs[0].drv.request(
+            VIRTIO_BLK_T_OUT,
+            i * 16,
+            Some(&pattern(i as u8, 8192)),
+            8192,
+            true,
+        );
         built.push(b);
     }
     let heads: Vec<u16> = built.iter().map(|b| b.head).collect();
@@ -384,20 +541,32 @@ fn test_reset_with_requests_in_flight_completes_them_and_stops_touching_memory()
     let used = h.qs[0].drv.take_used();
     let after = h.qs[0].drv.used_idx();
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(h.qs[0].drv.used_idx(), after, "no used-ring writes after reset returned");
+    assert_eq!(
+        h.qs[0].drv.used_idx(),
+        after,
+        "no used-ring writes after reset returned"
+    );
     let done: std::collections::HashSet<u32> = used.iter().map(|e| e.0).collect();
     for b in &built {
         let st = h.qs[0].drv.status(b);
         if done.contains(&u32::from(b.head)) {
             assert_eq!(st, VIRTIO_BLK_S_OK);
         } else {
-            assert_eq!(st, 0xff, "a request without a used entry must not have a status");
+            assert_eq!(
+                st, 0xff,
+                "a request without a used entry must not have a status"
+            );
         }
     }
     // The device can be activated again and serves requests.
     let mut d2 = TestDriver::new(&h.mem, GuestAddress(16 << 20), 16, 20 << 20);
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-    let q = ActiveQueue { index: 0, queue: d2.queue(false), kick: kick.try_clone().unwrap(), irq: None };
+    let q = ActiveQueue {
+        index: 0,
+        queue: d2.queue(false),
+        kick: kick.try_clone().unwrap(),
+        irq: None,
+    };
     h.dev.activate(h.mem.clone(), 0, vec![q]).unwrap();
     let b = d2.request(VIRTIO_BLK_T_FLUSH, 0, None, 0, false);
     d2.publish(b.head);
@@ -409,13 +578,20 @@ fn test_reset_with_requests_in_flight_completes_them_and_stops_touching_memory()
     }
     assert_eq!(d2.status(&b), VIRTIO_BLK_S_OK);
     let rep = h.stop();
-    assert_eq!(rep.queues.len(), 1, "re-attached queue merges with the retired one");
+    assert_eq!(
+        rep.queues.len(),
+        1,
+        "re-attached queue merges with the retired one"
+    );
     assert_eq!(rep.queues[0].counters.writes, done.len() as u64);
 }
 
 #[test]
 fn test_poll_us_serves_requests_without_kicks() {
-    let mut h = harness(Opts { cfg: "backend=null,size=1M,poll-us=200000", ..Default::default() });
+    let mut h = harness(Opts {
+        cfg: "backend=null,size=1M,poll-us=200000",
+        ..Default::default()
+    });
     let b = h.qs[0].drv.request(VIRTIO_BLK_T_FLUSH, 0, None, 0, false);
     h.run_one(0, &b);
     // Within the poll window the reactor finds new requests without a kick.
@@ -432,9 +608,15 @@ fn test_poll_us_serves_requests_without_kicks() {
 #[test]
 fn test_duplicate_head_in_flight_sets_needs_reset() {
     let f = image(None, 64);
-    let mut h = harness(Opts { file: Some(f), cfg: "direct=off", ..Default::default() });
+    let mut h = harness(Opts {
+        file: Some(f),
+        cfg: "direct=off",
+        ..Default::default()
+    });
     let mut heads = Vec::new();
-    let w = h.qs[0].drv.request(VIRTIO_BLK_T_OUT, 0, Some(&[1u8; 4096]), 4096, false);
+    let w = h.qs[0]
+        .drv
+        .request(VIRTIO_BLK_T_OUT, 0, Some(&[1u8; 4096]), 4096, false);
     for _ in 0..3 {
         heads.push(w.head);
     }
@@ -451,8 +633,19 @@ fn test_open_missing_file_names_path_and_reason() {
     let p = pool(1);
     let cfg: DiskConfig = "path=/nonexistent/ringvm.img".parse().unwrap();
     let e = BlockDevice::new(&cfg, &p).err().expect("opening must fail");
-    let chain = format!("{e}: {}", std::error::Error::source(&e).map(|s| format!("{s}: {}", s.source().map(|x| x.to_string()).unwrap_or_default())).unwrap_or_default());
-    assert!(chain.contains("/nonexistent/ringvm.img") && chain.contains("No such file"), "{chain}");
+    let chain = format!(
+        "{e}: {}",
+        std::error::Error::source(&e)
+            .map(|s| format!(
+                "{s}: {}",
+                s.source().map(|x| x.to_string()).unwrap_or_default()
+            ))
+            .unwrap_or_default()
+    );
+    assert!(
+        chain.contains("/nonexistent/ringvm.img") && chain.contains("No such file"),
+        "{chain}"
+    );
 }
 
 #[test]
@@ -461,9 +654,20 @@ fn test_activate_with_fewer_queues_ok_and_duplicate_index_fails() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let mut dev = BlockDevice::new(&"backend=null,size=1M,queues=4".parse().unwrap(), &p).unwrap();
     let d = TestDriver::new(&mem, GuestAddress(0x1000), 16, 1 << 20);
-    let mk = |i| ActiveQueue { index: i, queue: d.queue(false), kick: EventFd::new(0).unwrap(), irq: None };
-    assert!(matches!(dev.activate(mem.clone(), 0, vec![mk(0), mk(0)]), Err(ActivateError::QueueCount { .. })));
-    assert!(matches!(dev.activate(mem.clone(), 0, vec![mk(7)]), Err(ActivateError::QueueCount { .. })));
+    let mk = |i| ActiveQueue {
+        index: i,
+        queue: d.queue(false),
+        kick: EventFd::new(0).unwrap(),
+        irq: None,
+    };
+    assert!(matches!(
+        dev.activate(mem.clone(), 0, vec![mk(0), mk(0)]),
+        Err(ActivateError::QueueCount { .. })
+    ));
+    assert!(matches!(
+        dev.activate(mem.clone(), 0, vec![mk(7)]),
+        Err(ActivateError::QueueCount { .. })
+    ));
     dev.activate(mem.clone(), 0, vec![mk(1)]).unwrap();
     dev.reset();
 }
@@ -482,28 +686,45 @@ fn test_config_space_reads_capacity_and_ignores_out_of_range() {
     let mut nq = [0u8; 2];
     dev.read_config(34, &mut nq);
     assert_eq!(u16::from_le_bytes(nq), 2);
-    assert_eq!(dev.features() & (F_VERSION_1 | F_RING_EVENT_IDX | config::features::MQ), F_VERSION_1 | F_RING_EVENT_IDX | config::features::MQ);
+    assert_eq!(
+        dev.features() & (F_VERSION_1 | F_RING_EVENT_IDX | config::features::MQ),
+        F_VERSION_1 | F_RING_EVENT_IDX | config::features::MQ
+    );
 }
 
 #[test]
 fn test_pool_stop_reports_busy_and_idle_time() {
-    let mut h = harness(Opts { cfg: "backend=null,size=1M", ..Default::default() });
+    let mut h = harness(Opts {
+        cfg: "backend=null,size=1M",
+        ..Default::default()
+    });
     for _ in 0..10 {
         let b = h.qs[0].drv.request(VIRTIO_BLK_T_FLUSH, 0, None, 0, false);
         h.run_one(0, &b);
     }
     let rep = h.stop();
     assert_eq!(rep.reactors.len(), 1);
-    assert!(rep.reactors[0].busy_ns > 0 && rep.reactors[0].idle_ns > 0, "{:?}", rep.reactors[0]);
+    assert!(
+        rep.reactors[0].busy_ns > 0 && rep.reactors[0].idle_ns > 0,
+        "{:?}",
+        rep.reactors[0]
+    );
     assert!(rep.table().contains("reactor0"));
-    let _ = std::fs::File::open("/dev/null").unwrap().read_at(&mut [0u8; 1], 0);
+    let _ = std::fs::File::open("/dev/null")
+        .unwrap()
+        .read_at(&mut [0u8; 1], 0);
 }
 
 #[test]
 fn test_avail_index_far_ahead_sets_needs_reset_without_serving() {
-    let mut h = harness(Opts { cfg: "backend=null,size=1M,queue-size=16", ..Default::default() });
+    let mut h = harness(Opts {
+        cfg: "backend=null,size=1M,queue-size=16",
+        ..Default::default()
+    });
     let avail_idx = GuestAddress(h.qs[0].drv.avail.0 + 2);
-    h.mem.store(1000u16, avail_idx, std::sync::atomic::Ordering::Release).unwrap();
+    h.mem
+        .store(1000u16, avail_idx, std::sync::atomic::Ordering::Release)
+        .unwrap();
     h.qs[0].kick.write(1).unwrap();
     let t = Instant::now();
     while !h.dev.needs_reset() {
@@ -524,7 +745,17 @@ fn test_used_ring_outside_memory_sets_needs_reset() {
     let mut q = d.queue(false);
     virtio_queue::QueueT::set_used_ring_address(&mut q, Some(0xfff0_0000), Some(0));
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-    dev.activate(mem.clone(), 0, vec![ActiveQueue { index: 0, queue: q, kick: kick.try_clone().unwrap(), irq: None }]).unwrap();
+    dev.activate(
+        mem.clone(),
+        0,
+        vec![ActiveQueue {
+            index: 0,
+            queue: q,
+            kick: kick.try_clone().unwrap(),
+            irq: None,
+        }],
+    )
+    .unwrap();
     let b = d.request(VIRTIO_BLK_T_FLUSH, 0, None, 0, false);
     d.publish(b.head);
     kick.write(1).unwrap();
@@ -538,18 +769,37 @@ fn test_used_ring_outside_memory_sets_needs_reset() {
 
 #[test]
 fn test_sqpoll_ring_serves_requests() {
-    let p = ReactorPool::start(ReactorOptions { cores: vec![0], sqpoll: true, ..Default::default() }, ExitHandle::new().unwrap());
+    let p = ReactorPool::start(
+        ReactorOptions {
+            cores: vec![0],
+            sqpoll: true,
+            ..Default::default()
+        },
+        ExitHandle::new().unwrap(),
+    );
     let Ok(p) = p else {
         eprintln!("SQPOLL unavailable here: {}", p.err().unwrap());
         return;
     };
     let f = image(None, 16);
-    let cfg: DiskConfig = format!("path={},direct=off", f.path().display()).parse().unwrap();
+    let cfg: DiskConfig = format!("path={},direct=off", f.path().display())
+        .parse()
+        .unwrap();
     let mut dev = BlockDevice::new(&cfg, &p).unwrap();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let mut d = TestDriver::new(&mem, GuestAddress(0x1000), 16, 1 << 20);
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-    dev.activate(mem.clone(), 0, vec![ActiveQueue { index: 0, queue: d.queue(true), kick: kick.try_clone().unwrap(), irq: None }]).unwrap();
+    dev.activate(
+        mem.clone(),
+        0,
+        vec![ActiveQueue {
+            index: 0,
+            queue: d.queue(true),
+            kick: kick.try_clone().unwrap(),
+            irq: None,
+        }],
+    )
+    .unwrap();
     let b = d.request(VIRTIO_BLK_T_IN, 1, None, 512, false);
     d.publish(b.head);
     kick.write(1).unwrap();
@@ -568,11 +818,18 @@ fn test_sqpoll_ring_serves_requests() {
 
 #[test]
 fn test_tmpfs_direct_falls_back_or_works() {
-    let Ok(f) = tempfile::NamedTempFile::new_in("/dev/shm") else { return };
+    let Ok(f) = tempfile::NamedTempFile::new_in("/dev/shm") else {
+        return;
+    };
     f.as_file().set_len(1 << 20).unwrap();
-    let mut h = harness(Opts { file: Some(f), ..Default::default() });
+    let mut h = harness(Opts {
+        file: Some(f),
+        ..Default::default()
+    });
     let data = pattern(5, 512);
-    let w = h.qs[0].drv.request(VIRTIO_BLK_T_OUT, 3, Some(&data), 512, false);
+    let w = h.qs[0]
+        .drv
+        .request(VIRTIO_BLK_T_OUT, 3, Some(&data), 512, false);
     assert_eq!(h.run_one(0, &w).0, VIRTIO_BLK_S_OK);
     assert_eq!(read_file(h._file.as_ref().unwrap(), 3 * 512, 512), data);
 }

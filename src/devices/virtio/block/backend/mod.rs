@@ -49,7 +49,11 @@ impl Backend {
     /// capacity.
     pub fn open(cfg: &DiskConfig) -> Result<Backend, BackendError> {
         match (cfg.backend, &cfg.path) {
-            (BackendKind::Uring, Some(p)) => Ok(Backend::Uring(UringBackend::open(p, cfg.readonly, cfg.direct)?)),
+            (BackendKind::Uring, Some(p)) => Ok(Backend::Uring(UringBackend::open(
+                p,
+                cfg.readonly,
+                cfg.direct,
+            )?)),
             (BackendKind::Uring, None) => Err(BackendError::NoSize),
             (BackendKind::Null, _) => {
                 let bytes = match (cfg.size, &cfg.path) {
@@ -57,7 +61,9 @@ impl Backend {
                     (None, Some(p)) => uring::size_of_path(p)?,
                     (None, None) => return Err(BackendError::NoSize),
                 };
-                Ok(Backend::Null(NullBackend { capacity_sectors: bytes >> SECTOR_SHIFT }))
+                Ok(Backend::Null(NullBackend {
+                    capacity_sectors: bytes >> SECTOR_SHIFT,
+                }))
             }
         }
     }
