@@ -33,6 +33,12 @@ pub enum ConfigError {
     Disk { spec: String, reason: String },
 }
 
+/// Guest memory when `--memory` is not given (`ringvm run`).
+pub const DEFAULT_MEMORY: &str = "512M";
+/// Guest memory for `ringvm bench`: blkbench needs only its rings and buffers (a few MiB);
+/// a small guest starts fast, and the 0.5 s ramp absorbs its first-touch faults.
+pub const BENCH_MEMORY: &str = "64M";
+
 /// Where the serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialMode {
@@ -153,14 +159,15 @@ impl VmConfig {
     }
 
     pub fn build(kernel: PathBuf, initrd: Option<PathBuf>, cmdline: String, disks: Vec<DiskConfig>, a: &VmArgs) -> Result<Self, ConfigError> {
-        let memory = parse_size(&a.memory)?;
+        let memory_arg = a.memory.clone().unwrap_or_else(|| DEFAULT_MEMORY.to_string());
+        let memory = parse_size(&memory_arg)?;
         let hugepages: HugePages = a.hugepages.parse().map_err(ConfigError::HugePages)?;
         let page = hugepages.page_size();
         if memory < (16 << 20) {
-            return Err(ConfigError::Memory { size: a.memory.clone(), reason: "at least 16M".into() });
+            return Err(ConfigError::Memory { size: memory_arg, reason: "at least 16M".into() });
         }
         if memory % page != 0 {
-            return Err(ConfigError::Memory { size: a.memory.clone(), reason: format!("not a multiple of the {} KiB page size", page >> 10) });
+            return Err(ConfigError::Memory { size: memory_arg, reason: format!("not a multiple of the {} KiB page size", page >> 10) });
         }
         if a.vcpus == 0 {
             return Err(ConfigError::NoVcpus(0));

@@ -63,6 +63,17 @@ pub struct JobResult {
     pub job: Job,
     pub guest: GuestResult,
     pub host: Report,
+    /// Process start (or the previous job's end) to the vCPU's first KVM_RUN.
+    pub vmm_startup_ns: u64,
+}
+
+impl JobResult {
+    /// Start to the guest's first I/O: the VMM's start-up plus the guest's own (blkbench's
+    /// `platform.first_io_ns`, TSC-timed from its entry point).
+    pub fn first_io_ns(&self) -> Option<u64> {
+        let guest = self.guest.raw.get("platform")?.get("first_io_ns")?.as_u64()?;
+        Some(self.vmm_startup_ns + guest)
+    }
 }
 
 fn us(ns: u64) -> String {
@@ -133,6 +144,7 @@ pub fn to_json(results: &[JobResult], machine: &Value) -> String {
                     "queues": r.job.queues,
                     "runtime_s": r.job.runtime_s,
                 },
+                "startup": {"vmm_ns": r.vmm_startup_ns, "first_io_ns": r.first_io_ns()},
                 "guest": r.guest.raw,
                 "host": serde_json::from_str::<Value>(&r.host.to_json()).unwrap_or(Value::Null),
             })

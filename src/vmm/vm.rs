@@ -68,6 +68,29 @@ pub struct RunOutcome {
     pub reason: ExitReason,
     /// Wall time from the first KVM_RUN to the stop request.
     pub guest_time: Duration,
+    /// From process start (see [`mark_process_start`]) to the vCPUs' first KVM_RUN: the
+    /// VMM's share of "start to the guest's first I/O".
+    pub startup: Duration,
+}
+
+static PROCESS_START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+static JOB_START: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// Records when the process started; `main` calls it first thing.
+pub fn mark_process_start() {
+    let _ = PROCESS_START.set(Instant::now());
+}
+
+/// Times the next VM's start-up from now instead of from process start (a bench running
+/// several VMs in one process).
+pub fn mark_job_start() {
+    *JOB_START.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+}
+
+fn start_reference(now: Instant) -> Instant {
+    let job = JOB_START.lock().unwrap_or_else(|e| e.into_inner()).take();
+    job.unwrap_or_else(|| *PROCESS_START.get_or_init(|| now))
 }
 
 /// Hooks that let a caller (the bench command, a device set) add devices and observe the
@@ -263,6 +286,7 @@ fn run_vcpus(
     }
 
     let started = Instant::now();
+    let startup = started.duration_since(start_reference(started));
     let mut threads = Vec::new();
     for r in runners {
         let shared = r.shared.clone();
@@ -280,7 +304,7 @@ fn run_vcpus(
             let _ = h.join();
         }
     }
-    Ok(RunOutcome { reason, guest_time })
+    Ok(RunOutcome { reason, guest_time, startup })
 }
 
 type VcpuThread = (std::thread::JoinHandle<Option<()>>, Arc<VcpuShared>);
