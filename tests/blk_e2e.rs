@@ -58,6 +58,13 @@ fn test_blkbench_write_read_verify_one_queue() {
 }
 
 #[test]
+fn test_blkbench_write_read_verify_two_queues() {
+    if have_kvm() {
+        write_then_verify(2);
+    }
+}
+
+#[test]
 fn test_blkbench_write_read_verify_four_queues() {
     if have_kvm() {
         write_then_verify(4);
@@ -110,18 +117,24 @@ fn expect_bad_param(cmdline: &str, name: &str) {
     assert!(r.stdout.contains(name), "message should name '{name}': {}", r.stdout);
 }
 
-#[test]
-fn test_blkbench_bad_parameters_named() {
-    if !have_kvm() {
-        return;
-    }
-    expect_bad_param("bs=3", "bs");
-    expect_bad_param("qd=0", "qd");
-    expect_bad_param("queues=3", "queues");
-    expect_bad_param("nosuchkey=1", "nosuchkey");
-    expect_bad_param("rw=sideways", "rw");
-    expect_bad_param("size=1t", "size");
+macro_rules! bad_param_test {
+    ($name:ident, $cmdline:expr, $param:expr) => {
+        #[test]
+        fn $name() {
+            if have_kvm() {
+                expect_bad_param($cmdline, $param);
+            }
+        }
+    };
 }
+
+bad_param_test!(test_blkbench_bad_block_size_named, "bs=3", "bs");
+bad_param_test!(test_blkbench_zero_queue_depth_named, "qd=0", "qd");
+bad_param_test!(test_blkbench_more_queues_than_offered_named, "queues=3", "queues");
+bad_param_test!(test_blkbench_unknown_key_named, "nosuchkey=1", "nosuchkey");
+bad_param_test!(test_blkbench_unknown_workload_named, "rw=sideways", "rw");
+bad_param_test!(test_blkbench_working_set_beyond_disk_named, "size=1t", "size");
+bad_param_test!(test_blkbench_bad_number_named, "runtime=xyz", "runtime");
 
 #[test]
 fn test_disk_that_cannot_be_opened_is_a_startup_error() {
