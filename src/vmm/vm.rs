@@ -282,6 +282,7 @@ fn run_vcpus(
             exit: exit.clone(),
             shared: Arc::new(VcpuShared::default()),
             emulated: 0,
+            mem: mem.clone(),
         });
     }
 
