@@ -5,7 +5,7 @@
 #
 # usage: scripts/net/bridge.sh [TAP] [BRIDGE] [HOST_CIDR]
 #   defaults: rvtap0 rvbr0 10.213.0.1/24
-#   guest:    ip=10.213.0.2 peer=10.213.0.1 (any free address in the subnet)
+#   guest:    ip=10.213.0.2 peer=10.213.0.1 (any free address in the subnet for ip=)
 # Idempotent; scripts/net/teardown.sh removes what it created.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 need_root
@@ -20,4 +20,7 @@ enslave "$TAP" "$BRIDGE"
 ip addr replace "$HOST_CIDR" dev "$BRIDGE"
 say "host address $HOST_CIDR on $BRIDGE"
 host_ip=${HOST_CIDR%/*}
-say "guest: ip=<free address in $HOST_CIDR> peer=$host_ip"
+guest_ip=$(python3 -c 'import ipaddress, sys
+i = ipaddress.ip_interface(sys.argv[1])
+print(next(h for h in i.network.hosts() if h != i.ip))' "$HOST_CIDR")
+say "guest: ip=$guest_ip peer=$host_ip (or any free address in $HOST_CIDR)"

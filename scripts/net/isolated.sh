@@ -16,11 +16,11 @@ TAPS=("$@")
 [ ${#TAPS[@]} -gt 0 ] || TAPS=(rvtap0 rvtap1)
 
 ensure_bridge "$BRIDGE"
-if [ -n "$(ip -o addr show dev "$BRIDGE")" ]; then
-    ip addr flush dev "$BRIDGE"
+sysctl -qw "net.ipv6.conf.$BRIDGE.disable_ipv6=1"
+if [ -n "$(ip -o -4 addr show dev "$BRIDGE")" ]; then
+    ip -4 addr flush dev "$BRIDGE"
     say "removed the host addresses of $BRIDGE (isolated: the host takes no part)"
 fi
-sysctl -qw "net.ipv6.conf.$BRIDGE.disable_ipv6=1"
 for tap in "${TAPS[@]}"; do
     ensure_tap "$tap"
     sysctl -qw "net.ipv6.conf.$tap.disable_ipv6=1"

@@ -231,6 +231,39 @@ mod tests {
         assert!(err.to_string().contains("/nonexistent/vmlinuz"), "{err}");
     }
 
+    fn elf_with_note(owner: &[u8]) -> tempfile::NamedTempFile {
+        let mut b = vec![0u8; 120];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        b[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        b[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        let mut note = Vec::new();
+        note.extend_from_slice(&(owner.len() as u32 + 1).to_le_bytes());
+        note.extend_from_slice(&4u32.to_le_bytes());
+        note.extend_from_slice(&1u32.to_le_bytes());
+        note.extend_from_slice(owner);
+        note.push(0);
+        while note.len() % 4 != 0 {
+            note.push(0);
+        }
+        note.extend_from_slice(&[1, 2, 3, 4]);
+        b[64..68].copy_from_slice(&4u32.to_le_bytes()); // PT_NOTE
+        b[72..80].copy_from_slice(&120u64.to_le_bytes()); // p_offset
+        b[96..104].copy_from_slice(&(note.len() as u64).to_le_bytes()); // p_filesz
+        b.extend_from_slice(&note);
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&b).unwrap();
+        f
+    }
+
+    #[test]
+    fn test_linux_note_detected_only_for_linux_owner() {
+        let mut linux = elf_with_note(b"Linux").reopen().unwrap();
+        assert!(has_linux_note(&mut linux).unwrap());
+        let mut xen = elf_with_note(b"Xen").reopen().unwrap();
+        assert!(!has_linux_note(&mut xen).unwrap());
+    }
+
     #[test]
     fn test_initrd_too_big_rejected() {
         let mut f = tempfile::NamedTempFile::new().unwrap();

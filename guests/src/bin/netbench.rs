@@ -242,7 +242,11 @@ fn main(si: &StartInfo) -> ! {
         Ok(()) => {}
     }
     if let Some(m) = bench.peer_mac {
-        println!("netbench: peer {} is at {} (arp {} us)", IpFmt(p.peer), MacFmt(m), bench.stats.arp_ns / 1000);
+        if bench.stats.arp_ns > 0 {
+            println!("netbench: peer {} is at {} (arp {} us)", IpFmt(p.peer), MacFmt(m), bench.stats.arp_ns / 1000);
+        } else {
+            println!("netbench: peer {} is at {} (from its ARP request)", IpFmt(p.peer), MacFmt(m));
+        }
     }
     let info = report::DeviceInfo {
         func,
