@@ -180,3 +180,28 @@ fn test_bench_missing_disk_is_named() {
     assert_ne!(r.status, 0);
     assert!(r.stderr.contains("/nonexistent/bench.img"), "stderr: {}", r.stderr);
 }
+
+#[test]
+fn test_run_writes_stats_json_and_hlog() {
+    if !have_kvm() {
+        return;
+    }
+    let json = tempfile::NamedTempFile::new().unwrap();
+    let hlog = tempfile::NamedTempFile::new().unwrap();
+    let r = run(&[
+        "run", "--kernel", &blkbench(), "--memory", "64M", "--disk", "backend=null,size=16M,queues=2",
+        "--cmdline", "rw=randread qd=4 queues=2 ios=2000",
+        "--stats-json", json.path().to_str().unwrap(), "--hlog", hlog.path().to_str().unwrap(),
+    ]);
+    assert_eq!(r.status, 1, "stderr: {}", r.stderr);
+    // The exit table has the percentile columns and one row per queue.
+    assert!(r.stderr.contains("p99.9"), "stderr: {}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json.path()).unwrap()).unwrap();
+    let queues = v["queues"].as_array().unwrap();
+    assert_eq!(queues.len(), 2);
+    let total: u64 = queues.iter().map(|q| q["requests"].as_u64().unwrap()).sum();
+    assert_eq!(total, 2000, "every guest request is counted once: {v}");
+    let log = std::fs::read_to_string(hlog.path()).unwrap();
+    assert!(log.contains("Tag=blk") || log.contains("Tag="), "tagged intervals: {log}");
+    assert!(log.lines().filter(|l| !l.starts_with('#') && !l.starts_with('"')).count() >= 2, "{log}");
+}
