@@ -14,7 +14,8 @@
 #   VHOST=on|off    vhost-net back end (default off; needs /dev/vhost-net)
 #   NETNS=name      run QEMU inside this network namespace (ip netns exec)
 #   MAC=addr        the device's MAC (default QEMU's 52:54:00:12:34:56)
-#   QSIZE=n         rx_queue_size and tx_queue_size (default 256; QEMU allows 256..1024)
+#   RX_QSIZE=n      rx_queue_size (default 256; QEMU allows 256..1024)
+#   TX_QSIZE=n      tx_queue_size (default 256; QEMU allows more only for vhost-user/vDPA)
 #   KERNEL=path     guest ELF (default guests/target/release/netbench, built if missing)
 #   VCPU_CPU=n      host CPU for the vCPU thread                          (default 0)
 #   IO_CPU=n        host CPU for QEMU's main loop (virtio-net back end) and the
@@ -37,7 +38,8 @@ mkdir -p "$OUT"
 TAP=${TAP:-rvtap0}
 VHOST=${VHOST:-off}
 NETNS=${NETNS:-}
-QSIZE=${QSIZE:-256}
+RX_QSIZE=${RX_QSIZE:-256}
+TX_QSIZE=${TX_QSIZE:-256}
 KERNEL=${KERNEL:-$ROOT/guests/target/release/netbench}
 TIMEOUT=${TIMEOUT:-300}
 LOG=${LOG:-$OUT/qemu-netbench.log}
@@ -83,7 +85,7 @@ in_ns timeout --foreground "$TIMEOUT" qemu-system-x86_64 \
     -nographic -no-reboot -nic none \
     -kernel "$KERNEL" -append "$PARAMS" \
     -netdev "tap,id=n0,ifname=$TAP,script=no,downscript=no,vhost=$VHOST,queues=$queues" \
-    -device "virtio-net-pci,netdev=n0,disable-legacy=on,romfile=,rx_queue_size=$QSIZE,tx_queue_size=$QSIZE$mac_opt" \
+    -device "virtio-net-pci,netdev=n0,disable-legacy=on,romfile=,rx_queue_size=$RX_QSIZE,tx_queue_size=$TX_QSIZE$mac_opt" \
     -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
     -qmp "unix:$QMP,server=on,wait=off" \
     ${QEMU_EXTRA:-} </dev/null >"$LOG" 2>&1 &
@@ -145,10 +147,16 @@ set -e
 
 # Firmware output may precede the guest's first line on the same line.
 tr -d '\r' <"$LOG" | grep -aoE '(netbench: |bad parameter|device error|no device|panic).*' >&2 || true
-tr -d '\r' <"$LOG" | grep -aoE '\{"netbench":1,.*' || true
+json=$(tr -d '\r' <"$LOG" | grep -aoE '\{"netbench":1,.*' || true)
+[ -z "$json" ] || echo "$json"
 if [ "$status" -eq 124 ]; then
     echo "qemu-netbench: timed out after ${TIMEOUT}s (log: $LOG)" >&2
     exit 124
+elif [ "$status" -eq 1 ] && [ -z "$json" ]; then
+    # Guest code 0 is status 1, but netbench always reports before it: this is QEMU's own failure.
+    echo "qemu-netbench: QEMU failed with status 1 (log: $LOG)" >&2
+    tail -n 5 "$LOG" >&2
+    exit 125
 elif [ $((status & 1)) -eq 1 ]; then
     exit $((status >> 1))
 elif [ "$status" -eq 0 ]; then
