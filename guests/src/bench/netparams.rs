@@ -46,7 +46,7 @@ pub struct NetParams {
     /// ping: a reply later than this is lost.
     pub timeout_ns: u64,
     pub tsc_khz: Option<u64>,
-    /// Queue size (power of two ≤ the device's maximum); `None` = device max, capped.
+    /// Queue size (power of two, 16..=1024, ≤ the device's maximum); `None` = device max, capped.
     pub qsize: Option<u16>,
 }
 
@@ -62,6 +62,8 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 1000;
 pub const DEFAULT_FLOOD_RUNTIME_NS: u64 = 5_000_000_000;
 /// echo without count/runtime.
 pub const DEFAULT_ECHO_RUNTIME_NS: u64 = 10_000_000_000;
+/// Largest queue the driver sets up (2 KiB of buffer per descriptor).
+pub const MAX_QSIZE: u64 = 1024;
 /// Longest interval and timeout accepted (1 minute).
 const MAX_WAIT_NS: u64 = 60_000_000_000;
 
@@ -175,8 +177,8 @@ impl NetParams {
                 }
                 "qsize" => {
                     let n = num()?;
-                    if n < 16 || n > 32768 || !n.is_power_of_two() {
-                        return Err(bad("must be a power of two, 16..32768"));
+                    if !(16..=MAX_QSIZE).contains(&n) || !n.is_power_of_two() {
+                        return Err(bad("must be a power of two, 16..1024"));
                     }
                     p.qsize = Some(n as u16);
                 }
@@ -263,6 +265,7 @@ mod tests {
             ("tsc_khz=5", "tsc_khz"),
             ("qsize=100", "qsize"),
             ("qsize=8", "qsize"),
+            ("qsize=2048", "qsize"),
             ("bs=4k", "bs"),
             ("nokey", "nokey"),
         ] {

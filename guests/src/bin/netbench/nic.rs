@@ -13,7 +13,7 @@ use ringvm_guests::virtio::queue::{SplitQueue, DESC_F_WRITE};
 /// Bytes per buffer: the 12-byte header and a 1514-byte frame fit, with room.
 pub const BUF_SIZE: u64 = 2048;
 /// Largest queue the driver uses (the device's maximum is capped to it).
-pub const MAX_QSIZE: u16 = 1024;
+pub const MAX_QSIZE: u16 = ringvm_guests::bench::netparams::MAX_QSIZE as u16;
 /// Transmit descriptors kept for control frames.
 const CTRL_SLOTS: u16 = 8;
 
