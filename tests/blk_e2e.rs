@@ -205,3 +205,28 @@ fn test_run_writes_stats_json_and_hlog() {
     assert!(log.contains("Tag=blk") || log.contains("Tag="), "tagged intervals: {log}");
     assert!(log.lines().filter(|l| !l.starts_with('#') && !l.starts_with('"')).count() >= 2, "{log}");
 }
+
+#[test]
+fn test_sigusr1_prints_statistics_while_running() {
+    if !have_kvm() {
+        return;
+    }
+    let child = common::ringvm()
+        .args(["run", "--kernel", &blkbench(), "--memory", "64M", "--disk", "backend=null,size=16M", "--cmdline", "rw=randread qd=2 runtime=30"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGUSR1) };
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Once on SIGUSR1 while running, once at exit.
+    assert_eq!(err.matches("busy ns/request").count(), 2, "stderr: {err}");
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM));
+}
