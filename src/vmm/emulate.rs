@@ -196,9 +196,8 @@ pub unsafe fn compare_exchange(ptr: *mut u8, width: u8, expected: u128, new: u12
     }
     let (mut lo, mut hi) = (expected as u64, (expected >> 64) as u64);
     let ok: u8;
-    // SAFETY: the caller guarantees an aligned, valid 16-byte location; every x86-64 host
-    // that runs KVM guests has cmpxchg16b. rbx is reserved by LLVM, so it is swapped in and
-    // out around the instruction.
+    // rbx is reserved by LLVM, so the new low half is swapped into it around the instruction.
+    // SAFETY: the caller guarantees an aligned, valid 16-byte location; x86-64 KVM hosts have cx16.
     unsafe {
         std::arch::asm!(
             "xchg {nlo}, rbx",
