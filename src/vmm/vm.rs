@@ -20,7 +20,7 @@ use super::vcpu::{self, EntryPoint, VcpuRunner, VcpuShared};
 use super::{cpuid, kvm, memory, thread};
 use crate::boot::{self, BootSpec};
 use crate::config::{cpu_feature, SerialMode, VmConfig};
-use crate::devices::legacy::{debug_exit, i8042, serial, DebugExit, Serial, I8042};
+use crate::devices::legacy::{cmos, debug_exit, i8042, serial, Cmos, DebugExit, Serial, I8042};
 use crate::devices::pci::root::{self, PciConfigIo, PciConfigMmio};
 use crate::devices::pci::PciRoot;
 use crate::devices::virtio::pci::VirtioPci;
@@ -226,6 +226,7 @@ fn attach_legacy(vm: &VmFd, pio: &Arc<Bus>, exit: &ExitHandle, mode: &SerialMode
     let add = |dev: Arc<Mutex<dyn BusDevice>>, base, len| pio.insert(dev, base, len).map_err(|e| VmError::Devices(e.to_string()));
     add(Arc::new(Mutex::new(DebugExit::new(exit.clone()))), debug_exit::DEBUG_EXIT_PORT, debug_exit::DEBUG_EXIT_SIZE)?;
     add(Arc::new(Mutex::new(I8042::new(exit.clone()))), i8042::I8042_BASE, i8042::I8042_SIZE)?;
+    add(Arc::new(Mutex::new(Cmos::default())), cmos::CMOS_BASE, cmos::CMOS_SIZE)?;
     let out = match out {
         Some(o) => o,
         None => match serial_out(mode)? {
