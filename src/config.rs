@@ -138,6 +138,8 @@ pub fn cpu_feature(name: &str) -> Option<crate::vmm::cpuid::FeatureBit> {
         "avx2" => (7, Reg::Ebx, 5),
         "avx512f" => (7, Reg::Ebx, 16),
         "rdseed" => (7, Reg::Ebx, 18),
+        "smap" => (7, Reg::Ebx, 20),
+        "smep" => (7, Reg::Ebx, 7),
         "pdpe1gb" => (0x8000_0001, Reg::Edx, 26),
         "rdtscp" => (0x8000_0001, Reg::Edx, 27),
         _ => return None,
@@ -145,7 +147,7 @@ pub fn cpu_feature(name: &str) -> Option<crate::vmm::cpuid::FeatureBit> {
     Some(FeatureBit { leaf, subleaf: 0, reg, bit })
 }
 
-const CPU_FEATURE_NAMES: &str = "cx16, x2apic, xsave, avx, rdrand, tsc-deadline, pcid, avx2, avx512f, rdseed, pdpe1gb, rdtscp";
+const CPU_FEATURE_NAMES: &str = "cx16, x2apic, xsave, avx, rdrand, tsc-deadline, pcid, avx2, avx512f, rdseed, smap, smep, pdpe1gb, rdtscp";
 
 impl VmConfig {
     /// Validates `args`; `max_vcpus` is what KVM allows (checked where KVM is open).

@@ -97,7 +97,7 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<EntryPoint, BootError>
         Format::Elf => has_linux_note(&mut kernel).unwrap_or(false),
     };
     let cmdline = if is_linux && spec.pvm_quirks && !spec.cmdline.split_whitespace().any(|w| w == PVM_LINUX_PARAMS) {
-        log::warn!("nested PVM host: adding '{PVM_LINUX_PARAMS}' to the Linux command line and hiding cx16 (see README, Linux guests)");
+        log::warn!("nested PVM host: adding '{PVM_LINUX_PARAMS}' to the Linux command line and hiding cx16 and smap (see README, Linux guests)");
         format!("{} {PVM_LINUX_PARAMS}", spec.cmdline).trim().to_string()
     } else {
         spec.cmdline.to_string()

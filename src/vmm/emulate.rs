@@ -7,6 +7,7 @@
 //! |-------|-------------|------------------|
 //! | `cc`  | `int3`      | injects #BP (KVM_SET_VCPU_EVENTS) with RIP past the int3, as the CPU would |
 //! | `[f0] REX.W 0f c7 /1` | `lock cmpxchg16b m128` (and `cmpxchg8b m64` without REX.W) | translates the operand's address (KVM_TRANSLATE), performs the compare-exchange atomically on guest memory with the host's own `lock cmpxchg16b`, updates RAX/RDX and ZF, advances RIP |
+//! | `0f 01 ca` / `0f 01 cb` | `clac` / `stac` | clears / sets RFLAGS.AC, advances RIP |
 //! | anything else | — | stops the VM naming RIP, the bytes and the mnemonic |
 
 /// KVM_INTERNAL_ERROR_EMULATION.
@@ -45,6 +46,8 @@ pub fn mnemonic(bytes: &[u8]) -> &'static str {
         [0x0f, 0xae, m, ..] if reg(*m) == 5 && *m < 0xc0 => "xrstor",
         [0x0f, 0xae, m, ..] if reg(*m) == 4 && *m < 0xc0 => "xsave",
         [0x0f, 0xc7, m, ..] if reg(*m) == 4 => "xsavec",
+        [0x0f, 0x01, 0xca, ..] => "clac",
+        [0x0f, 0x01, 0xcb, ..] => "stac",
         [0x0f, 0x01, 0xd0, ..] => "xgetbv",
         [0x0f, 0x01, 0xd1, ..] => "xsetbv",
         [0x0f, 0x0b, ..] => "ud2",
@@ -62,7 +65,12 @@ pub enum Fixup {
     InjectBreakpoint,
     /// Perform a `cmpxchg8b`/`cmpxchg16b` on the memory operand.
     CompareExchange(CmpXchg),
+    /// `clac` (false) or `stac` (true): set RFLAGS.AC and step over the 3 bytes.
+    SetAc(bool),
 }
+
+/// RFLAGS.AC, the alignment-check / SMAP override flag.
+pub const RFLAGS_AC: u64 = 1 << 18;
 
 /// Segment override of a memory operand (only FS and GS have bases in 64-bit mode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,8 +225,10 @@ pub unsafe fn compare_exchange(ptr: *mut u8, width: u8, expected: u128, new: u12
 
 /// The fix-up for `bytes`, or `None` when ringvm cannot complete the instruction.
 pub fn fixup(bytes: &[u8]) -> Option<Fixup> {
-    match bytes.first() {
-        Some(0xcc) => Some(Fixup::InjectBreakpoint),
+    match bytes {
+        [0xcc, ..] => Some(Fixup::InjectBreakpoint),
+        [0x0f, 0x01, 0xca, ..] => Some(Fixup::SetAc(false)),
+        [0x0f, 0x01, 0xcb, ..] => Some(Fixup::SetAc(true)),
         _ => decode_cmpxchg(bytes).map(Fixup::CompareExchange),
     }
 }
@@ -296,6 +306,15 @@ mod tests {
         assert!(ok);
         assert_eq!(&cell.0[..8], &3u64.to_le_bytes());
         assert_eq!(&cell.0[8..], &7u64.to_le_bytes());
+    }
+
+    /// The exit a Debian 6.1 kernel produced here at an exception entry (ASM_CLAC).
+    #[test]
+    fn test_clac_and_stac_set_ac() {
+        let clac = [0x0f, 0x01, 0xca, 0xfc, 0xe8, 0xb7, 0x05, 0x00];
+        assert_eq!(mnemonic(&clac), "clac");
+        assert_eq!(fixup(&clac), Some(Fixup::SetAc(false)));
+        assert_eq!(fixup(&[0x0f, 0x01, 0xcb]), Some(Fixup::SetAc(true)));
     }
 
     #[test]

@@ -368,6 +368,21 @@ impl VcpuRunner {
                 Ok(())
             }
             Some(emulate::Fixup::CompareExchange(op)) => self.complete_cmpxchg(op, regs, &bytes),
+            Some(emulate::Fixup::SetAc(set)) => {
+                let rip = regs.rip;
+                if set {
+                    regs.rflags |= emulate::RFLAGS_AC;
+                } else {
+                    regs.rflags &= !emulate::RFLAGS_AC;
+                }
+                regs.rip += 3;
+                self.fd.set_regs(&regs).map_err(|e| format!("{} at {rip:#x}: setting registers failed: {e}", emulate::mnemonic(&bytes)))?;
+                self.emulated += 1;
+                if self.emulated <= 16 {
+                    log::info!("vcpu{}: completed {} at {rip:#x} for the host's emulator (#{})", self.id, emulate::mnemonic(&bytes), self.emulated);
+                }
+                Ok(())
+            }
             None => Err(format!(
                 "the host's instruction emulator cannot run `{}` at rip {:#x} (bytes {})",
                 emulate::mnemonic(&bytes),

@@ -260,15 +260,23 @@ fn run_vcpus(
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|source| VmError::Setup { what: "supported CPUID", source })?;
     let mut masked: Vec<cpuid::FeatureBit> = config.cpu_features.iter().filter(|(add, _)| !add).filter_map(|(_, n)| cpu_feature(n)).collect();
-    if kvm::is_pvm_host() && !config.cpu_features.iter().any(|(add, n)| *add && n == "cx16") {
-        masked.push(cpuid::FEATURE_CX16);
+    if kvm::is_pvm_host() {
+        // Features whose instructions this host's ring-0 emulator refuses; `+name` keeps one.
+        for (name, bit) in [("cx16", cpuid::FEATURE_CX16), ("smap", cpuid::FEATURE_SMAP)] {
+            if !config.cpu_features.iter().any(|(add, n)| *add && n == name) {
+                masked.push(bit);
+            }
+        }
     }
 
     let mut runners = Vec::new();
     for id in 0..config.vcpus as u64 {
         let fd = vm.create_vcpu(id).map_err(|source| vcpu::VcpuError::Create { id, source })?;
         let tsc_khz = fd.get_tsc_khz().ok();
-        let c = cpuid::for_vcpu(&base_cpuid, id as u32, config.vcpus, tsc_khz, &masked);
+        let mut c = cpuid::for_vcpu(&base_cpuid, id as u32, config.vcpus, tsc_khz, &masked);
+        for bit in config.cpu_features.iter().filter(|(add, _)| *add).filter_map(|(_, n)| cpu_feature(n)) {
+            cpuid::add(&mut c, bit);
+        }
         fd.set_cpuid2(&c).map_err(|source| vcpu::VcpuError::Setup { id, what: "cpuid", source })?;
         if id == 0 {
             vcpu::setup_boot_state(&fd, id, mem, entry)?;
