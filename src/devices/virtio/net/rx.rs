@@ -102,7 +102,6 @@ impl RxQueue {
             let head = chain.head_index();
             let h = usize::from(head);
             if self.slots.get(h).is_none_or(|s| s.busy) {
-                drop(chain);
                 self.c.fail_queue(&format!("descriptor head {head} made available while in use"), ctx.now);
                 break;
             }
@@ -244,10 +243,8 @@ impl QueueHandler for RxQueue {
             }
             _ => {
                 self.read_done(ctx, tag as u16, res);
-                if !self.drain.stopping && !self.c.broken {
-                    if self.refill(ctx, RX_POSTED_MAX) > 0 {
-                        self.popped_outside = true;
-                    }
+                if !self.drain.stopping && !self.c.broken && self.refill(ctx, RX_POSTED_MAX) > 0 {
+                    self.popped_outside = true;
                 }
             }
         }

@@ -90,7 +90,6 @@ impl QueueHandler for TxQueue {
             let head = chain.head_index();
             let h = usize::from(head);
             if self.slots.get(h).is_none_or(|s| s.busy) {
-                drop(chain);
                 self.c.fail_queue(&format!("descriptor head {head} made available while in flight"), now);
                 break;
             }
