@@ -246,6 +246,14 @@ mod tests {
     }
 
     #[test]
+    fn test_net_option_parsed_and_bad_one_named() {
+        let c = args(&["--net", "tap=tap0,queues=2", "--net", "tap=tap1"]).unwrap();
+        assert_eq!(c.nets.iter().map(|n| (n.tap.as_str(), n.queues)).collect::<Vec<_>>(), vec![("tap0", 2), ("tap1", 1)]);
+        let e = args(&["--net", "tap=tap0,queues=0"]).unwrap_err().to_string();
+        assert!(e.starts_with("Invalid --net 'tap=tap0,queues=0': ") && e.contains("`queues`"), "{e}");
+    }
+
+    #[test]
     fn test_parse_size_suffixes() {
         assert_eq!(parse_size("512M").unwrap(), 512 << 20);
         assert_eq!(parse_size("4k").unwrap(), 4096);
