@@ -52,9 +52,14 @@ pub struct RxQueue {
     in_flight: usize,
     drain: Drain,
     poll_armed: bool,
-    /// Popped since the last `set_notify(true)`: avail_event must move on.
-    popped_outside: bool,
+    /// Notifications must be re-enabled once a read slot is free: chains were popped in a
+    /// completion (next_avail moved past avail_event) or the reactor's enable was skipped
+    /// while the reads were capped.
+    want_notify: bool,
     pub drops: RxDrops,
+    /// One host byte behind every read's guest buffers: tun truncates a frame that does not
+    /// fit and returns the bytes copied, so a read that reaches this byte was truncated.
+    overflow: Box<[u8]>,
 }
 
 impl RxQueue {
@@ -63,7 +68,7 @@ impl RxQueue {
         let size = usize::from(p.queue.size().max(1));
         let now = Instant::now();
         let slots = (0..size).map(|_| Slot { busy: false, buf: RxBuf::default(), iov: vec![IOVEC_EMPTY; RX_IOV_MAX].into_boxed_slice(), posted: now }).collect();
-        RxQueue { c: Core::new(p), slots, posted: 0, in_flight: 0, drain: Drain::default(), poll_armed: false, popped_outside: false, drops: RxDrops::default() }
+        RxQueue { c: Core::new(p), slots, posted: 0, in_flight: 0, drain: Drain::default(), poll_armed: false, want_notify: false, drops: RxDrops::default(), overflow: vec![0u8; 1].into_boxed_slice() }
     }
 
     fn fd(&self) -> types::Fixed {
@@ -74,12 +79,15 @@ impl RxQueue {
     fn post(&mut self, ctx: &mut RingCtx<'_, '_>, head: u16) {
         let h = usize::from(head);
         let slot = &mut self.slots[h];
-        let e = opcode::Readv::new(types::Fixed(self.c.p.fixed), slot.iov.as_ptr(), slot.buf.niov as u32).build();
+        // parse_rx leaves the last iovec free for this.
+        slot.iov[slot.buf.niov] = libc::iovec { iov_base: self.overflow.as_mut_ptr().cast(), iov_len: self.overflow.len() };
+        let e = opcode::Readv::new(types::Fixed(self.c.p.fixed), slot.iov.as_ptr(), slot.buf.niov as u32 + 1).build();
         slot.busy = true;
         slot.posted = ctx.now;
         // SAFETY: the iovec array belongs to the slot, which is not reused until this
         // completion is reaped (`busy`); the guest buffers stay mapped while `mem` lives, and
-        // the reactor keeps the handler until `in_flight` is 0.
+        // the reactor keeps the handler (and `overflow`, a boxed slice that never moves) until
+        // `in_flight` is 0. Reads may write `overflow` concurrently; nobody reads it.
         match unsafe { ctx.push(e, u32::from(head)) } {
             Ok(()) => {
                 self.posted += 1;
@@ -105,7 +113,7 @@ impl RxQueue {
                 self.c.fail_queue(&format!("descriptor head {head} made available while in use"), ctx.now);
                 break;
             }
-            match frame::parse_rx(chain, &self.c.p.mem, &mut self.slots[h].iov) {
+            match frame::parse_rx(chain, &self.c.p.mem, &mut self.slots[h].iov[..RX_IOV_MAX - 1]) {
                 Ok(buf) => {
                     self.slots[h].buf = buf;
                     self.post(ctx, head);
@@ -140,7 +148,14 @@ impl RxQueue {
         let (buf, posted) = (slot.buf, slot.posted);
         self.posted -= 1;
         self.in_flight -= 1;
-        if res >= VNET_HDR_LEN as i32 {
+        if res > 0 && res as u32 > buf.len && !self.drain.stopping {
+            // The read reached the overflow byte: tun truncated the frame.
+            self.drops.too_big += 1;
+            self.c.drop_chain(format_args!("RX frame of {res} bytes truncated to the {}-byte buffer (head {head})", buf.len), now);
+            self.post(ctx, head);
+            return;
+        }
+        if res >= VNET_HDR_LEN as i32 && res as u32 <= buf.len {
             // tun skips num_buffers (it writes the 10-byte legacy header): one buffer per frame.
             for (i, at) in buf.num_buffers.iter().enumerate() {
                 if self.c.p.mem.write_obj(1u16.to_le_bytes()[i], *at).is_err() {
@@ -190,12 +205,14 @@ impl QueueHandler for RxQueue {
     }
 
     fn set_notify(&mut self, enable: bool) -> bool {
-        if enable {
-            self.popped_outside = false;
-        }
-        // While the reads are capped, a kick would find nothing to do.
+        // While the reads are capped a kick would find nothing to do; `publish` enables
+        // notifications again once a completion freed a slot.
         if enable && self.posted >= RX_POSTED_MAX {
+            self.want_notify = true;
             return false;
+        }
+        if enable {
+            self.want_notify = false;
         }
         self.c.set_notify(enable)
     }
@@ -244,18 +261,20 @@ impl QueueHandler for RxQueue {
             _ => {
                 self.read_done(ctx, tag as u16, res);
                 if !self.drain.stopping && !self.c.broken && self.refill(ctx, RX_POSTED_MAX) > 0 {
-                    self.popped_outside = true;
+                    self.want_notify = true;
                 }
             }
         }
     }
 
     fn publish(&mut self) {
-        if self.popped_outside && !self.c.broken {
-            // Chains popped in completions moved next_avail past avail_event; move it on so
-            // the driver kicks for the next buffers.
-            self.popped_outside = false;
-            let _ = self.c.set_notify(true);
+        if self.want_notify && self.posted < RX_POSTED_MAX && !self.c.broken && !self.drain.stopping {
+            self.want_notify = false;
+            if self.c.set_notify(true) {
+                // Buffers arrived after the last pop and the driver will not kick for them:
+                // kick ourselves (rare: only when the race is lost).
+                let _ = self.c.p.kick.write(1);
+            }
         }
         self.c.publish();
     }

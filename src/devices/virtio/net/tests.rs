@@ -398,3 +398,21 @@ fn test_tap_offloads_follow_acked_features() {
     assert_eq!(tap_offloads(f::GUEST_CSUM | f::GUEST_TSO4 | f::GUEST_TSO6), TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6);
     assert_eq!(tap_offloads(f::GUEST_CSUM | f::GUEST_TSO4 | f::MRG_RXBUF), TUN_F_CSUM);
 }
+
+#[test]
+fn test_rx_frame_larger_than_buffer_dropped_and_buffer_reused() {
+    let Some(mut h) = harness("", ACKED, &[0, 1]) else { return };
+    h.rx_bufs(1, 30);
+    h.kick(0);
+    let sock = std::net::UdpSocket::bind(format!("10.213.{}.1:0", h.subnet)).unwrap();
+    let t = Instant::now();
+    let mut errors = 0;
+    while errors == 0 && t.elapsed() < WAIT {
+        let _ = sock.send_to(b"ping", format!("10.213.{}.2:9", h.subnet));
+        std::thread::sleep(Duration::from_millis(20));
+        errors = h.report().queues.iter().find(|q| q.device == h.dev.name() && q.queue == 0).unwrap().counters.errors;
+    }
+    assert!(errors >= 1, "a frame larger than the buffer was not counted as dropped");
+    let used = h.q(0).drv.take_used();
+    assert!(used.is_empty(), "the short buffer must stay posted, not be returned truncated: {used:?}");
+}
