@@ -416,3 +416,49 @@ fn test_rx_frame_larger_than_buffer_dropped_and_buffer_reused() {
     let used = h.q(0).drv.take_used();
     assert!(used.is_empty(), "the short buffer must stay posted, not be returned truncated: {used:?}");
 }
+
+#[test]
+fn test_rx_reads_capped_and_reset_returns_only_posted_chains() {
+    let (name, _) = tap_name();
+    let cfg: NetConfig = format!("tap={name},queue-size=128").parse().unwrap();
+    let pool = ReactorPool::start(ReactorOptions { cores: vec![0], ..Default::default() }, ExitHandle::new().unwrap()).unwrap();
+    let mut dev = match NetDevice::new(&cfg, &pool) {
+        Ok(d) => d,
+        Err(e) => return eprintln!("SKIP: cannot create tap {name}: {e}"),
+    };
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let mut drv = TestDriver::new(&mem, GuestAddress(0x1000), 128, QUEUE_SPAN);
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    let q = ActiveQueue { index: 0, queue: drv.queue(true), kick: kick.try_clone().unwrap(), irq: None };
+    dev.activate(mem, ACKED | F_RING_EVENT_IDX, vec![q]).unwrap();
+    for _ in 0..100 {
+        let a = drv.alloc(2048);
+        let head = drv.write_chain(&[Buf::w(a, 2048)]);
+        drv.publish(head);
+    }
+    kick.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    dev.reset();
+    let mut used: Vec<u32> = drv.take_used().into_iter().map(|u| u.0).collect();
+    used.sort();
+    used.dedup();
+    assert_eq!(used.len(), rx::RX_POSTED_MAX);
+    drop(pool);
+}
+
+#[test]
+fn test_tx_on_second_pair_reaches_multiqueue_tap() {
+    let Some(mut h) = harness("queues=2", ACKED | f::MQ, &[0, 1, 2, 3, 4]) else { return };
+    let cap = capture(h.dev.tap().name());
+    let d = &mut h.q(3).drv;
+    let hd = d.alloc(12);
+    d.mem.write_slice(&VnetHdr::default().to_bytes(), hd).unwrap();
+    let fr = test_frame(42);
+    let a = d.alloc(fr.len() as u64);
+    d.mem.write_slice(&fr, a).unwrap();
+    let head = d.write_chain(&[Buf::r(hd, 12), Buf::r(a, fr.len() as u32)]);
+    d.publish(head);
+    h.kick(3);
+    assert_eq!(h.wait_used(3, 1), vec![(u32::from(head), 0)]);
+    assert_eq!(captured_tags(&cap, 1), vec![42]);
+}
