@@ -189,6 +189,15 @@ mod tests {
     }
 
     #[test]
+    fn test_open_non_tap_interface_fails_naming_it() {
+        // `lo` exists and is no tap: TUNSETIFF refuses it (EINVAL, or EPERM without
+        // CAP_NET_ADMIN); either way the error names the interface.
+        let e = Tap::open("lo", 1).unwrap_err();
+        let msg = crate::vmm::devices::error_chain(&e);
+        assert!(msg.contains("tap `lo`"), "{msg}");
+    }
+
+    #[test]
     fn test_ifreq_has_kernel_layout() {
         assert_eq!(std::mem::size_of::<IfReq>(), 40);
     }
