@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use crate::boot::mptable::MAX_VCPUS;
 use crate::cli::{RunArgs, VmArgs};
 use crate::devices::virtio::block::DiskConfig;
+use crate::devices::virtio::net::NetConfig;
 use crate::vmm::memory::HugePages;
 
 /// Errors in the user's configuration.
@@ -31,6 +32,8 @@ pub enum ConfigError {
     CpuFeature(String, String),
     #[error("Invalid --disk '{spec}': {reason}")]
     Disk { spec: String, reason: String },
+    #[error("Invalid --net '{spec}': {reason}")]
+    Net { spec: String, reason: String },
 }
 
 /// Guest memory when `--memory` is not given (`ringvm run`).
@@ -61,6 +64,8 @@ pub struct VmConfig {
     pub prefault: bool,
     pub serial: SerialMode,
     pub disks: Vec<DiskConfig>,
+    /// `--net` devices (set by `from_args`; `build` leaves it empty).
+    pub nets: Vec<NetConfig>,
     pub sqpoll: bool,
     pub stats_json: Option<PathBuf>,
     pub hlog: Option<PathBuf>,
@@ -157,7 +162,14 @@ impl VmConfig {
             .iter()
             .map(|d| d.parse::<DiskConfig>().map_err(|e| ConfigError::Disk { spec: d.clone(), reason: e.to_string() }))
             .collect::<Result<_, _>>()?;
-        Self::build(run.kernel.clone(), run.initrd.clone(), run.cmdline.clone(), disks, &run.vm)
+        let nets = run
+            .net
+            .iter()
+            .map(|n| n.parse::<NetConfig>().map_err(|e| ConfigError::Net { spec: n.clone(), reason: e.to_string() }))
+            .collect::<Result<_, _>>()?;
+        let mut c = Self::build(run.kernel.clone(), run.initrd.clone(), run.cmdline.clone(), disks, &run.vm)?;
+        c.nets = nets;
+        Ok(c)
     }
 
     pub fn build(kernel: PathBuf, initrd: Option<PathBuf>, cmdline: String, disks: Vec<DiskConfig>, a: &VmArgs) -> Result<Self, ConfigError> {
@@ -220,6 +232,7 @@ impl VmConfig {
             prefault: a.prefault,
             serial: parse_serial(&a.serial)?,
             disks,
+            nets: Vec::new(),
             sqpoll: a.sqpoll,
             stats_json: a.stats_json.clone(),
             hlog: a.hlog.clone(),
@@ -239,6 +252,14 @@ mod tests {
         let cli = crate::cli::Cli::try_parse_from(v).unwrap();
         let crate::cli::Command::Run(r) = cli.command else { panic!("parsed as run") };
         VmConfig::from_args(&r)
+    }
+
+    #[test]
+    fn test_net_option_parsed_and_bad_one_named() {
+        let c = args(&["--net", "tap=tap0,queues=2", "--net", "tap=tap1"]).unwrap();
+        assert_eq!(c.nets.iter().map(|n| (n.tap.as_str(), n.queues)).collect::<Vec<_>>(), vec![("tap0", 2), ("tap1", 1)]);
+        let e = args(&["--net", "tap=tap0,queues=0"]).unwrap_err().to_string();
+        assert!(e.starts_with("Invalid --net 'tap=tap0,queues=0': ") && e.contains("`queues`"), "{e}");
     }
 
     #[test]

@@ -24,7 +24,7 @@ impl StandardDevices {
 impl VmExtension for StandardDevices {
     fn attach(&mut self, ctx: &mut DeviceContext) -> Result<(), VmError> {
         let config = ctx.config;
-        if config.disks.is_empty() {
+        if config.disks.is_empty() && config.nets.is_empty() {
             return Ok(());
         }
         let opts = ReactorOptions { cores: config.io_cores.clone(), sqpoll: config.sqpoll, ..Default::default() };
@@ -33,6 +33,7 @@ impl VmExtension for StandardDevices {
             let dev = BlockDevice::new(disk, &pool).map_err(|e| VmError::Devices(error_chain(&e)))?;
             ctx.add_virtio(Box::new(dev))?;
         }
+        attach_nets(ctx, &pool)?;
         self.pool = Some(pool);
         Ok(())
     }
@@ -63,4 +64,16 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     s
+}
+
+// ---- virtio-net (`--net`) -------------------------------------------------------------
+
+/// One virtio-net device per `--net`, on the same reactor pool as the disks. A tap that
+/// cannot be opened or created stops start-up with its name and the reason.
+fn attach_nets(ctx: &mut DeviceContext, pool: &ReactorPool) -> Result<(), VmError> {
+    for net in &ctx.config.nets {
+        let dev = crate::devices::virtio::net::NetDevice::new(net, pool).map_err(|e| VmError::Devices(error_chain(&e)))?;
+        ctx.add_virtio(Box::new(dev))?;
+    }
+    Ok(())
 }

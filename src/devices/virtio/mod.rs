@@ -7,6 +7,7 @@
 //! queues are served by reactor threads and the vCPU threads never touch them again.
 
 pub mod block;
+pub mod net;
 pub mod pci;
 
 use vmm_sys_util::eventfd::EventFd;

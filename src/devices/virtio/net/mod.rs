@@ -1,0 +1,305 @@
+//! virtio-net on a tap: options and config space ([`config`]), the pure chain parser
+//! ([`frame`]), the tap back end ([`tap`]) and per-queue handlers on the reactors ([`rx`],
+//! [`tx`], [`ctrl`], sharing [`handler`]).
+//!
+//! ```ignore
+//! let dev = NetDevice::new(&"tap=tap0,queues=2".parse()?, &pool)?;
+//! // the transport calls VirtioDevice::{features, read_config, activate, reset}
+//! ```
+//!
+//! Queues are laid out as the spec says: rx0, tx0, rx1, tx1, …, then the control queue
+//! (index 2 × pairs with MQ, 2 without). Both queues of a pair go to the same reactor,
+//! which registers the pair's tap file in its fixed-file table. Metrics use the block
+//! counters with these meanings: `reads`/`bytes_read` are frames and payload bytes received
+//! by the guest (RX), `writes`/`bytes_written` frames and bytes sent (TX) or control commands
+//! acknowledged (ctrl), `errors` every dropped chain or frame, `unsupported` control commands
+//! answered with VIRTIO_NET_ERR; `kick_to_complete` is TX kick to used entry, `service` is
+//! pop to completion (on RX: how long a posted buffer waited for a frame).
+
+pub mod config;
+pub mod ctrl;
+pub mod frame;
+pub mod handler;
+pub mod rx;
+pub mod tap;
+pub mod tx;
+
+pub use config::{NetConfig, NetConfigError};
+pub use tap::{Tap, TapError};
+
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use config::{features as f, CONFIG_LEN};
+use handler::NetQueueParts;
+
+use super::{ActivateError, ActiveQueue, GuestMemory, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET};
+use crate::metrics::QueueMetrics;
+use crate::reactor::{PoolHandle, ReactorError, ReactorPool};
+
+static NEXT_DEVICE: AtomicU64 = AtomicU64::new(0);
+/// Device ids for the reactors: apart from the block devices' (which count from 0).
+const DEVICE_ID_BASE: u64 = 1 << 40;
+
+/// Errors creating a net device.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("Failed to open the tap")]
+    Tap(#[from] TapError),
+    #[error("Net option reactors= names reactor {index}, but the pool has {len}")]
+    NoSuchReactor { index: usize, len: usize },
+}
+
+/// A virtio-net device backed by a tap.
+pub struct NetDevice {
+    name: String,
+    id: u64,
+    cfg: NetConfig,
+    tap: Tap,
+    config: [u8; CONFIG_LEN],
+    features: u64,
+    pool: PoolHandle,
+    /// Reactor index per queue pair; the control queue goes with pair 0.
+    placement: Vec<usize>,
+    active: Vec<usize>,
+    stops: Vec<EventFd>,
+    pairs: Arc<AtomicU16>,
+}
+
+/// Maps the guest's acknowledged receive offloads to `TUN_F_*` flags. GSO frames need a
+/// buffer of up to 64 KiB; with MRG_RXBUF the guest posts small buffers that only merging
+/// several per frame could fill, which the single-buffer reads do not do, so then the host
+/// segments instead and only checksum offload stays.
+pub fn tap_offloads(acked: u64) -> u32 {
+    use tap::*;
+    if acked & f::GUEST_CSUM == 0 {
+        return 0;
+    }
+    let mut t = TUN_F_CSUM;
+    if acked & f::MRG_RXBUF == 0 {
+        for (feat, flag) in [(f::GUEST_TSO4, TUN_F_TSO4), (f::GUEST_TSO6, TUN_F_TSO6), (f::GUEST_ECN, TUN_F_TSO_ECN), (f::GUEST_UFO, TUN_F_UFO)] {
+            if acked & feat != 0 {
+                t |= flag;
+            }
+        }
+    }
+    t
+}
+
+impl NetDevice {
+    /// Opens (or creates) the tap and prepares the device; queues go to `pool`'s reactors.
+    pub fn new(cfg: &NetConfig, pool: &ReactorPool) -> Result<NetDevice, NetError> {
+        Self::with_handle(cfg, pool.handle())
+    }
+
+    /// Like [`new`](Self::new), with a pool handle.
+    pub fn with_handle(cfg: &NetConfig, pool: PoolHandle) -> Result<NetDevice, NetError> {
+        let list: Vec<usize> = cfg.reactors.clone().unwrap_or_else(|| (0..pool.len()).collect());
+        if let Some(&bad) = list.iter().find(|&&r| r >= pool.len()) {
+            return Err(NetError::NoSuchReactor { index: bad, len: pool.len() });
+        }
+        let tap = Tap::open(&cfg.tap, cfg.queues)?;
+        let n = NEXT_DEVICE.fetch_add(1, Ordering::Relaxed);
+        let offset = if cfg.reactors.is_none() { n as usize } else { 0 };
+        let placement = (0..usize::from(cfg.queues)).map(|p| list[(p + offset) % list.len()]).collect();
+        let mac = cfg.mac.unwrap_or([0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(n as u8)]);
+        let sup = tap.supported_offloads();
+        let mut features = F_VERSION_1
+            | F_RING_EVENT_IDX
+            | F_RING_INDIRECT_DESC
+            | f::MAC
+            | f::STATUS
+            | f::MRG_RXBUF
+            | f::CTRL_VQ
+            | f::CTRL_RX
+            | f::CSUM
+            | f::HOST_TSO4
+            | f::HOST_TSO6
+            | f::HOST_ECN;
+        if sup & tap::TUN_F_UFO != 0 {
+            features |= f::HOST_UFO;
+        }
+        if sup & tap::TUN_F_CSUM != 0 {
+            features |= f::GUEST_CSUM;
+            for (flag, feat) in [(tap::TUN_F_TSO4, f::GUEST_TSO4), (tap::TUN_F_TSO6, f::GUEST_TSO6), (tap::TUN_F_TSO_ECN, f::GUEST_ECN), (tap::TUN_F_UFO, f::GUEST_UFO)] {
+                if sup & flag != 0 {
+                    features |= feat;
+                }
+            }
+        }
+        if cfg.queues > 1 {
+            features |= f::MQ;
+        }
+        if cfg.mtu.is_some() {
+            features |= f::MTU;
+        }
+        Ok(NetDevice {
+            name: format!("net{n}"),
+            id: DEVICE_ID_BASE + n,
+            config: config::config_space(mac, cfg.queues, cfg.mtu.unwrap_or(0)),
+            cfg: cfg.clone(),
+            tap,
+            features,
+            pool,
+            placement,
+            active: Vec::new(),
+            stops: Vec::new(),
+            pairs: Arc::new(AtomicU16::new(1)),
+        })
+    }
+
+    /// Device name used in metrics and logs (`netN`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The tap.
+    pub fn tap(&self) -> &Tap {
+        &self.tap
+    }
+
+    /// Reactor index serving each queue pair.
+    pub fn placement(&self) -> &[usize] {
+        &self.placement
+    }
+
+    /// Queue pairs the driver asked for with VQ_PAIRS_SET (1 until it does).
+    pub fn active_pairs(&self) -> u16 {
+        self.pairs.load(Ordering::Acquire)
+    }
+
+    fn attach_queue(&mut self, mem: &GuestMemory, acked: u64, q: ActiveQueue, ctrl: Option<u16>) -> Result<(), ActivateError> {
+        let is_ctrl = ctrl == Some(q.index);
+        let pair = if is_ctrl { 0 } else { usize::from(q.index / 2) };
+        if pair >= self.tap.pairs() {
+            return Err(ActivateError::QueueCount { expected: self.num_queues(), got: usize::from(q.index) + 1 });
+        }
+        let reactor = self.placement[pair];
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Io)?;
+        let stop_dev = stop.try_clone().map_err(ActivateError::Io)?;
+        let role = if is_ctrl {
+            "ctrl".to_string()
+        } else if q.index % 2 == 0 {
+            format!("rx{pair}")
+        } else {
+            format!("tx{pair}")
+        };
+        let mut parts = NetQueueParts {
+            name: format!("{}-{role}", self.name),
+            mem: mem.clone(),
+            queue: q.queue,
+            kick: q.kick,
+            irq: q.irq,
+            acked,
+            poll: (self.cfg.poll_us > 0 && !is_ctrl).then(|| Duration::from_micros(u64::from(self.cfg.poll_us))),
+            metrics: QueueMetrics::new(&self.name, q.index, reactor),
+            tap_fd: (!is_ctrl).then(|| self.tap.fd(pair)),
+            fixed: 0,
+            stop,
+        };
+        let (max_pairs, pairs) = (self.cfg.queues, self.pairs.clone());
+        let rx = q.index % 2 == 0;
+        if !self.active.contains(&reactor) {
+            self.active.push(reactor);
+        }
+        self.stops.push(stop_dev);
+        self.pool
+            .attach(
+                reactor,
+                self.id,
+                Box::new(move |ctx| {
+                    parts.fixed = ctx.fixed_file;
+                    let h: Box<dyn crate::reactor::QueueHandler> = if is_ctrl {
+                        Box::new(ctrl::CtrlQueue::new(parts, max_pairs, pairs))
+                    } else if rx {
+                        Box::new(rx::RxQueue::new(parts))
+                    } else {
+                        Box::new(tx::TxQueue::new(parts))
+                    };
+                    Ok(h)
+                }),
+            )
+            .map_err(|e: ReactorError| ActivateError::Reactor(e.to_string()))
+    }
+}
+
+impl VirtioDevice for NetDevice {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn num_queues(&self) -> usize {
+        2 * usize::from(self.cfg.queues) + 1
+    }
+
+    fn queue_max_size(&self) -> u16 {
+        self.cfg.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset.checked_add(i as u64).and_then(|o| self.config.get(o as usize)).copied().unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The MAC is writable only in legacy devices; everything is read-only here.
+        log::debug!("{}: ignored config write of {} bytes at {offset}", self.name, data.len());
+    }
+
+    /// Sets the tap's offloads from the acknowledged features and hands each enabled queue to
+    /// its pair's reactor.
+    fn activate(&mut self, mem: GuestMemory, acked: u64, queues: Vec<ActiveQueue>) -> Result<(), ActivateError> {
+        let expected = self.num_queues();
+        let ctrl = (acked & f::CTRL_VQ != 0).then(|| if acked & f::MQ != 0 { 2 * self.cfg.queues } else { 2 });
+        let mut seen = vec![false; expected];
+        for q in &queues {
+            match seen.get_mut(usize::from(q.index)) {
+                Some(s) if !*s => *s = true,
+                _ => return Err(ActivateError::QueueCount { expected, got: queues.len() }),
+            }
+        }
+        if queues.is_empty() {
+            return Err(ActivateError::QueueCount { expected, got: 0 });
+        }
+        self.tap.set_offloads(tap_offloads(acked)).map_err(|e| ActivateError::Reactor(crate::vmm::devices::error_chain(&e)))?;
+        self.pairs.store(1, Ordering::Release);
+        for q in queues {
+            if let Err(e) = self.attach_queue(&mem, acked, q, ctrl) {
+                self.reset();
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Cancels the posted reads, then blocks until every reactor serving this device has
+    /// dropped its queues (or [`crate::reactor::CONTROL_TIMEOUT`] passed, logged as an error).
+    fn reset(&mut self) {
+        for s in self.stops.drain(..) {
+            let _ = s.write(1);
+        }
+        for r in std::mem::take(&mut self.active) {
+            if let Err(e) = self.pool.detach(r, self.id) {
+                log::error!("{}: reset: {e}", self.name);
+            }
+        }
+        self.pairs.store(1, Ordering::Release);
+    }
+}
+
+impl Drop for NetDevice {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests;
