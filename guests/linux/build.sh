@@ -75,8 +75,8 @@ if [ ! -e "$KROOT/.from" ] || [ "$(cat "$KROOT/.from")" != "$(basename "$KDEB")"
 fi
 KVER=$(ls "$KROOT/lib/modules" | head -n 1)
 [ -n "$KVER" ] || die "$KDEB has no lib/modules/<version>"
-cp "$KROOT/boot/vmlinuz-$KVER" "$OUT/bzImage"
-cp "$KROOT/boot/config-$KVER" "$OUT/config"
+cp -p "$KROOT/boot/vmlinuz-$KVER" "$OUT/bzImage"
+cp -p "$KROOT/boot/config-$KVER" "$OUT/config"
 
 # vmlinux: the bzImage's payload starts at (setup_sects + 1) * 512 + payload_offset
 # (boot protocol header: setup_sects at 0x1f1, payload_offset/length at 0x248/0x24c).
