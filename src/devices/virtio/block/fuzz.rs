@@ -5,7 +5,7 @@
 //! Each input runs twice: through the parser alone (every chain the queue yields), then
 //! through a [`BlockQueue`] on an inline reactor with the null back end (pop, parse, status,
 //! used ring, EVENT_IDX, interrupt). The property is that nothing panics, hangs or writes
-//! outside guest memory, and that every used entry names a valid head.
+//! outside guest memory, and that both chain walkers agree.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -39,6 +39,9 @@ fn setup(data: &[u8]) -> Option<(GuestMemoryMmap<()>, TestDriver, bool, bool)> {
     let drv = TestDriver::new(&mem, GuestAddress(0), size, 2 * REGION as u64);
     let n = image.len().min(2 * REGION);
     mem.write_slice(&image[..n], GuestAddress(0)).ok()?;
+    // The used ring belongs to the device: start it clean so the published count is ours.
+    let used_len = 6 + 8 * usize::from(size);
+    mem.write_slice(&vec![0u8; used_len], drv.used).ok()?;
     Some((mem, drv, event_idx, readonly))
 }
 
@@ -118,17 +121,10 @@ pub fn fuzz_one(data: &[u8]) -> u16 {
             break;
         }
     }
-    let used = drv.used;
-    let used_idx: u16 = mem.read_obj(GuestAddress(used.0 + 2)).unwrap_or(0);
-    for i in 0..used_idx.min(drv.size) {
-        let id: u32 = mem
-            .read_obj(GuestAddress(used.0 + 4 + 8 * u64::from(i)))
-            .unwrap_or(0);
-        assert!(
-            id < u32::from(drv.size),
-            "used entry {i} names head {id} beyond the queue"
-        );
-    }
+    // Every used entry names a valid head by construction (Rings::push_used debug-asserts
+    // it; fuzz builds enable debug assertions). The entries themselves are not checked here:
+    // a guest may point its own buffers at the used ring.
+    let used_idx: u16 = mem.read_obj(GuestAddress(drv.used.0 + 2)).unwrap_or(0);
     used_idx
 }
 
