@@ -231,6 +231,10 @@ impl VirtioDevice for BlockDevice {
         if queues.is_empty() {
             return Err(ActivateError::QueueCount { expected, got: 0 });
         }
+        if !self.active.is_empty() {
+            // Activated again without a reset: drop the old queues first.
+            self.reset();
+        }
         self.needs_reset.store(false, Ordering::Release);
         for q in queues {
             if let Err(e) = self.attach_queue(&mem, q) {
@@ -245,8 +249,13 @@ impl VirtioDevice for BlockDevice {
     /// dropped the queues (or [`crate::reactor::CONTROL_TIMEOUT`] passed, logged as an error).
     fn reset(&mut self) {
         for r in std::mem::take(&mut self.active) {
-            if let Err(e) = self.pool.detach(r, self.id) {
-                log::error!("{}: reset: {e}", self.name);
+            match self.pool.detach(r, self.id) {
+                Ok(()) => {}
+                // A stopped reactor drained its queues before exiting.
+                Err(ReactorError::Gone { .. }) => {
+                    log::debug!("{}: reset after reactor{r} stopped", self.name)
+                }
+                Err(e) => log::error!("{}: reset: {e}", self.name),
             }
         }
         self.needs_reset.store(false, Ordering::Release);

@@ -833,3 +833,44 @@ fn test_tmpfs_direct_falls_back_or_works() {
     assert_eq!(h.run_one(0, &w).0, VIRTIO_BLK_S_OK);
     assert_eq!(read_file(h._file.as_ref().unwrap(), 3 * 512, 512), data);
 }
+
+#[test]
+fn test_two_disks_share_one_reactor_and_reset_independently() {
+    let p = pool(1);
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+    let f = image(None, 16);
+    let cfgs = [format!("path={},direct=off", f.path().display()), "backend=null,size=1M".to_string()];
+    let mut devs = Vec::new();
+    let mut drvs = Vec::new();
+    for (i, c) in cfgs.iter().enumerate() {
+        let mut dev = BlockDevice::new(&c.parse().unwrap(), &p).unwrap();
+        let base = i as u64 * (2 << 20);
+        let d = TestDriver::new(&mem, GuestAddress(base + 0x1000), 16, base + (2 << 20));
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let q = ActiveQueue { index: 0, queue: d.queue(false), kick: kick.try_clone().unwrap(), irq: None };
+        dev.activate(mem.clone(), 0, vec![q]).unwrap();
+        devs.push(dev);
+        drvs.push((d, kick));
+    }
+    let serve = |d: &mut TestDriver, kick: &EventFd| {
+        let b = d.request(VIRTIO_BLK_T_IN, 1, None, 512, false);
+        let n = d.used_idx();
+        d.publish(b.head);
+        kick.write(1).unwrap();
+        let t = Instant::now();
+        while d.used_idx() == n {
+            assert!(t.elapsed() < WAIT);
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        d.status(&b)
+    };
+    for (d, k) in drvs.iter_mut() {
+        assert_eq!(serve(d, k), VIRTIO_BLK_S_OK);
+    }
+    devs[0].reset();
+    let (d, k) = &mut drvs[1];
+    assert_eq!(serve(d, k), VIRTIO_BLK_S_OK, "the other disk keeps being served");
+    let rep = p.stop().unwrap();
+    assert_eq!(rep.queues.len(), 2);
+    drop(devs); // reset after the pool stopped is quiet and does not block
+}

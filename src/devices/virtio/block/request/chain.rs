@@ -63,7 +63,10 @@ impl<'a> Chain<'a> {
             if p as usize % 8 == 0 {
                 // Main tables are 16-aligned (virtio-queue checks); indirect ones usually are.
                 let q = p.cast::<u64>();
-                (std::ptr::read_volatile(q), std::ptr::read_volatile(q.add(1)))
+                (
+                    std::ptr::read_volatile(q),
+                    std::ptr::read_volatile(q.add(1)),
+                )
             } else {
                 let mut b = [0u8; 16];
                 for (i, x) in b.iter_mut().enumerate() {
@@ -76,7 +79,12 @@ impl<'a> Chain<'a> {
             }
         };
         let (lo, hi) = (u64::from_le(lo), u64::from_le(hi));
-        Some(Descriptor::new(lo, hi as u32, (hi >> 32) as u16, (hi >> 48) as u16))
+        Some(Descriptor::new(
+            lo,
+            hi as u32,
+            (hi >> 32) as u16,
+            (hi >> 48) as u16,
+        ))
     }
 }
 
@@ -94,7 +102,8 @@ impl Iterator for Chain<'_> {
                     return None;
                 }
                 let entries = u16::try_from(d.len() / DESC_SIZE as u32).ok()?;
-                self.table = host_range(self.mem, d.addr().0, u64::from(d.len())).unwrap_or(std::ptr::null_mut());
+                self.table = host_range(self.mem, d.addr().0, u64::from(d.len()))
+                    .unwrap_or(std::ptr::null_mut());
                 self.gpa = d.addr().0;
                 self.size = entries;
                 self.next = 0;
