@@ -77,7 +77,7 @@ fn bench_reactor_pass(c: &mut Criterion) {
         .attach_local(
             0,
             Box::new(move |_| {
-                Ok(Box::new(BlockQueue::new(parts, None, None)) as Box<dyn QueueHandler>)
+                Ok(Box::new(BlockQueue::new(parts, None, [None, None])) as Box<dyn QueueHandler>)
             }),
         )
         .unwrap();

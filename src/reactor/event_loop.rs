@@ -131,7 +131,7 @@ impl Reactor {
         }
         let ring = b.build(opts.ring_entries.max(8))?;
         ring.submitter()
-            .register_files_sparse(MAX_QUEUES_PER_REACTOR as u32)?;
+            .register_files_sparse(2 * MAX_QUEUES_PER_REACTOR as u32)?;
         // Grows to the highest slot in use (passes scan only that far), never reallocates.
         let queues = Vec::with_capacity(MAX_QUEUES_PER_REACTOR);
         Ok(Reactor {
@@ -189,20 +189,22 @@ impl Reactor {
                 return Err(format!("reactor{} already serves {n} queues", self.index));
             }
         };
+        let alt = slot + MAX_QUEUES_PER_REACTOR;
         let handler = factory(AttachCtx {
             reactor: self.index,
             fixed_file: slot as u32,
+            alt_fixed_file: alt as u32,
         })?;
-        let has_file = match handler.file_fd() {
-            Some(fd) => {
+        let mut has_file = false;
+        for (index, fd) in [(slot, handler.file_fd()), (alt, handler.alt_file_fd())] {
+            if let Some(fd) = fd {
                 self.ring
                     .submitter()
-                    .register_files_update(slot as u32, &[fd])
+                    .register_files_update(index as u32, &[fd])
                     .map_err(|e| format!("cannot register the disk file with io_uring: {e}"))?;
-                true
+                has_file = true;
             }
-            None => false,
-        };
+        }
         self.queues[slot] = Some(QueueSlot {
             device,
             handler,
@@ -285,11 +287,17 @@ impl Reactor {
             let mut q = self.queues[i].take().expect("checked above");
             q.handler.publish();
             if q.has_file {
-                if let Err(e) = self.ring.submitter().register_files_update(i as u32, &[-1]) {
-                    log::error!(
-                        "reactor{}: cannot unregister the file of queue slot {i}: {e}",
-                        self.index
-                    );
+                for index in [i, i + MAX_QUEUES_PER_REACTOR] {
+                    if let Err(e) = self
+                        .ring
+                        .submitter()
+                        .register_files_update(index as u32, &[-1])
+                    {
+                        log::error!(
+                            "reactor{}: cannot unregister the files of queue slot {i}: {e}",
+                            self.index
+                        );
+                    }
                 }
             }
             self.retired.add_queue(q.handler.metrics());

@@ -110,7 +110,7 @@ pub fn fuzz_one(data: &[u8]) -> u16 {
         .attach_local(
             0,
             Box::new(move |_: AttachCtx| {
-                Ok(Box::new(BlockQueue::new(parts, None, None))
+                Ok(Box::new(BlockQueue::new(parts, None, [None, None]))
                     as Box<dyn crate::reactor::QueueHandler>)
             }),
         )

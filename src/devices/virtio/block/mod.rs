@@ -164,8 +164,12 @@ impl BlockDevice {
             reactor,
             self.id,
             Box::new(move |ctx| {
-                let io = backend.queue_io(ctx.fixed_file);
-                Ok(Box::new(BlockQueue::new(parts, io, backend.fd())))
+                let io = backend.queue_io(ctx.fixed_file, ctx.alt_fixed_file);
+                Ok(Box::new(BlockQueue::new(
+                    parts,
+                    io,
+                    [backend.fd(), backend.alt_fd()],
+                )))
             }),
         )
     }

@@ -839,7 +839,10 @@ fn test_two_disks_share_one_reactor_and_reset_independently() {
     let p = pool(1);
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
     let f = image(None, 16);
-    let cfgs = [format!("path={},direct=off", f.path().display()), "backend=null,size=1M".to_string()];
+    let cfgs = [
+        format!("path={},direct=off", f.path().display()),
+        "backend=null,size=1M".to_string(),
+    ];
     let mut devs = Vec::new();
     let mut drvs = Vec::new();
     for (i, c) in cfgs.iter().enumerate() {
@@ -847,7 +850,12 @@ fn test_two_disks_share_one_reactor_and_reset_independently() {
         let base = i as u64 * (2 << 20);
         let d = TestDriver::new(&mem, GuestAddress(base + 0x1000), 16, base + (2 << 20));
         let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-        let q = ActiveQueue { index: 0, queue: d.queue(false), kick: kick.try_clone().unwrap(), irq: None };
+        let q = ActiveQueue {
+            index: 0,
+            queue: d.queue(false),
+            kick: kick.try_clone().unwrap(),
+            irq: None,
+        };
         dev.activate(mem.clone(), 0, vec![q]).unwrap();
         devs.push(dev);
         drvs.push((d, kick));
@@ -869,8 +877,42 @@ fn test_two_disks_share_one_reactor_and_reset_independently() {
     }
     devs[0].reset();
     let (d, k) = &mut drvs[1];
-    assert_eq!(serve(d, k), VIRTIO_BLK_S_OK, "the other disk keeps being served");
+    assert_eq!(
+        serve(d, k),
+        VIRTIO_BLK_S_OK,
+        "the other disk keeps being served"
+    );
     let rep = p.stop().unwrap();
     assert_eq!(rep.queues.len(), 2);
     drop(devs); // reset after the pool stopped is quiet and does not block
+}
+
+#[test]
+fn test_direct_io_with_misaligned_guest_buffers_goes_buffered_ok() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    let mut h = harness(Opts { file: Some(image(Some(&dir), 64)), ..Default::default() });
+    let data = pattern(77, 1024);
+    let d = &mut h.qs[0].drv;
+    let (hw, hr) = (d.alloc(16), d.alloc(16));
+    let (bw, br) = (d.alloc(2048), d.alloc(2048));
+    let (sw, sr) = (d.alloc(1), d.alloc(1));
+    let mut hb = [0u8; 16];
+    hb[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+    hb[8..16].copy_from_slice(&5u64.to_le_bytes());
+    h.mem.write_slice(&hb, hw).unwrap();
+    hb[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    h.mem.write_slice(&hb, hr).unwrap();
+    let (dw, dr) = (GuestAddress(bw.0 + 8), GuestAddress(br.0 + 8));
+    h.mem.write_slice(&data, dw).unwrap();
+    let w = d.write_chain(&[Buf::r(hw, 16), Buf::r(dw, 1024), Buf::w(sw, 1)]);
+    let w = Built { head: w, status: sw, data: dw };
+    assert_eq!(h.run_one(0, &w).0, VIRTIO_BLK_S_OK);
+    let d = &mut h.qs[0].drv;
+    let r = d.write_chain(&[Buf::r(hr, 16), Buf::w(dr, 1024), Buf::w(sr, 1)]);
+    let r = Built { head: r, status: sr, data: dr };
+    assert_eq!(h.run_one(0, &r).0, VIRTIO_BLK_S_OK);
+    let mut back = vec![0u8; 1024];
+    h.mem.read_slice(&mut back, dr).unwrap();
+    assert_eq!(back, data);
+    assert_eq!(read_file(h._file.as_ref().unwrap(), 5 * 512, 1024), data);
 }
