@@ -890,7 +890,10 @@ fn test_two_disks_share_one_reactor_and_reset_independently() {
 #[test]
 fn test_direct_io_with_misaligned_guest_buffers_goes_buffered_ok() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
-    let mut h = harness(Opts { file: Some(image(Some(&dir), 64)), ..Default::default() });
+    let mut h = harness(Opts {
+        file: Some(image(Some(&dir), 64)),
+        ..Default::default()
+    });
     let data = pattern(77, 1024);
     let d = &mut h.qs[0].drv;
     let (hw, hr) = (d.alloc(16), d.alloc(16));
@@ -905,11 +908,19 @@ fn test_direct_io_with_misaligned_guest_buffers_goes_buffered_ok() {
     let (dw, dr) = (GuestAddress(bw.0 + 8), GuestAddress(br.0 + 8));
     h.mem.write_slice(&data, dw).unwrap();
     let w = d.write_chain(&[Buf::r(hw, 16), Buf::r(dw, 1024), Buf::w(sw, 1)]);
-    let w = Built { head: w, status: sw, data: dw };
+    let w = Built {
+        head: w,
+        status: sw,
+        data: dw,
+    };
     assert_eq!(h.run_one(0, &w).0, VIRTIO_BLK_S_OK);
     let d = &mut h.qs[0].drv;
     let r = d.write_chain(&[Buf::r(hr, 16), Buf::w(dr, 1024), Buf::w(sr, 1)]);
-    let r = Built { head: r, status: sr, data: dr };
+    let r = Built {
+        head: r,
+        status: sr,
+        data: dr,
+    };
     assert_eq!(h.run_one(0, &r).0, VIRTIO_BLK_S_OK);
     let mut back = vec![0u8; 1024];
     h.mem.read_slice(&mut back, dr).unwrap();

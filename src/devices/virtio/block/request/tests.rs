@@ -82,7 +82,11 @@ fn test_parse_misaligned_buffer_is_flagged_unaligned() {
     let h = hdr(&mut d, VIRTIO_BLK_T_OUT, 0);
     let data = d.alloc(1024);
     let s = d.alloc(1);
-    let head = d.write_chain(&[Buf::r(h, 16), Buf::r(GuestAddress(data.0 + 4), 512), Buf::w(s, 1)]);
+    let head = d.write_chain(&[
+        Buf::r(h, 16),
+        Buf::r(GuestAddress(data.0 + 4), 512),
+        Buf::w(s, 1),
+    ]);
     d.publish(head);
     assert!(run(&mem, &mut q, &disk()).0.unwrap().unaligned);
 }
