@@ -3,8 +3,9 @@
 //!
 //! Request slots (with their iovec arrays) are allocated when the queue is attached and
 //! indexed by descriptor head, so the data path allocates nothing; completions write the
-//! status byte and the used entry at once and the interrupt goes out once per batch, only if
-//! EVENT_IDX says the driver wants it and never when the queue has no vector.
+//! status byte and the used element at once, the used index is published once per batch
+//! ([`Rings`]) and the interrupt goes out once per batch, only if EVENT_IDX (or
+//! NO_INTERRUPT) says the driver wants it and never when the queue has no vector.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
