@@ -130,6 +130,7 @@ impl Reactor {
             b.setup_sqpoll(opts.sqpoll_idle_ms);
         }
         let ring = b.build(opts.ring_entries.max(8))?;
+        probe_opcodes(&ring)?;
         ring.submitter()
             .register_files_sparse(2 * MAX_QUEUES_PER_REACTOR as u32)?;
         // Grows to the highest slot in use (passes scan only that far), never reallocates.
@@ -491,6 +492,28 @@ impl Reactor {
     pub fn report(&self) -> Report {
         self.snapshot()
     }
+}
+
+/// Fails with a clear message when the kernel lacks an opcode the reactors use.
+fn probe_opcodes(ring: &IoUring) -> io::Result<()> {
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    let needed = [
+        (opcode::Readv::CODE, "READV"),
+        (opcode::Writev::CODE, "WRITEV"),
+        (opcode::Fsync::CODE, "FSYNC"),
+        (opcode::Fallocate::CODE, "FALLOCATE"),
+        (opcode::PollAdd::CODE, "POLL_ADD"),
+        (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+    ];
+    for (code, name) in needed {
+        if !probe.is_supported(code) {
+            return Err(io::Error::other(format!(
+                "the kernel's io_uring lacks IORING_OP_{name} (Linux 5.19 or newer is needed)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Keeps the control channel of a [`Reactor::new_local`] reactor open.
