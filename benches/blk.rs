@@ -86,9 +86,7 @@ fn bench_reactor_pass(c: &mut Criterion) {
     g.throughput(Throughput::Elements(64));
     g.bench_function("null_64", |bch| {
         bch.iter(|| {
-            for &h in &heads {
-                d.publish(h);
-            }
+            d.publish_many(&heads);
             // Keep EVENT_IDX asking for an interrupt on every batch (worst case).
             d.set_used_event(d.used_idx().wrapping_add(63));
             kick.write(1).unwrap();
