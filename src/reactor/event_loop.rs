@@ -169,6 +169,23 @@ impl Reactor {
         self.attach(device, factory)
     }
 
+    /// Detaches a device from a reactor driven inline: drains its queues with non-blocking
+    /// passes. Fails if they do not drain within `max_passes`.
+    pub fn detach_local(&mut self, device: u64, max_passes: usize) -> io::Result<()> {
+        let (ack, rx) = std::sync::mpsc::sync_channel(1);
+        self.begin_drain(Some(device));
+        self.detaches.push((device, ack));
+        for _ in 0..max_passes {
+            self.turn_nowait()?;
+            if rx.try_recv().is_ok() {
+                return Ok(());
+            }
+        }
+        Err(io::Error::other(format!(
+            "device {device} did not drain in {max_passes} passes"
+        )))
+    }
+
     /// Runs passes until the reactor has stopped or its ring failed.
     pub(crate) fn run(mut self) -> io::Result<()> {
         while self.turn()? == Turn::Running {}

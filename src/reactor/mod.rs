@@ -19,7 +19,7 @@
 mod event_loop;
 mod pool;
 
-pub use event_loop::{Reactor, RingCtx};
+pub use event_loop::{LocalControl, Reactor, RingCtx};
 pub use pool::{PoolHandle, ReactorPool};
 
 use std::os::fd::RawFd;

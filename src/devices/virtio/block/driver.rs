@@ -190,7 +190,11 @@ impl TestDriver {
             self.avail_idx = self.avail_idx.wrapping_add(1);
         }
         self.mem
-            .store(self.avail_idx, GuestAddress(self.avail.0 + 2), Ordering::Release)
+            .store(
+                self.avail_idx,
+                GuestAddress(self.avail.0 + 2),
+                Ordering::Release,
+            )
             .unwrap();
     }
 
