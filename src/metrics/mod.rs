@@ -11,9 +11,12 @@
 //! - [`Report::to_json`]: the same data as JSON (hand-written, no serde dependency);
 //! - [`Report::write_hlog`]: an HdrHistogram V2 interval log with one tagged interval per
 //!   queue and histogram (`blk0-q1-k2c`, `blk0-q1-svc`, `blk0-q1-batch`), readable by
-//!   HdrHistogram's `HistogramLogProcessor` and `hdr-plot`.
+//!   HdrHistogram's `HistogramLogProcessor` and `hdr-plot`; [`HlogWriter`] appends one
+//!   interval per snapshot instead (what was recorded since the previous one).
 
 mod format;
+
+pub use format::{HlogError, HlogWriter};
 
 use std::time::Duration;
 

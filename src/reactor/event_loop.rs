@@ -130,8 +130,9 @@ impl Reactor {
             b.setup_sqpoll(opts.sqpoll_idle_ms);
         }
         let ring = b.build(opts.ring_entries.max(8))?;
+        probe_opcodes(&ring)?;
         ring.submitter()
-            .register_files_sparse(MAX_QUEUES_PER_REACTOR as u32)?;
+            .register_files_sparse(2 * MAX_QUEUES_PER_REACTOR as u32)?;
         // Grows to the highest slot in use (passes scan only that far), never reallocates.
         let queues = Vec::with_capacity(MAX_QUEUES_PER_REACTOR);
         Ok(Reactor {
@@ -168,6 +169,23 @@ impl Reactor {
         self.attach(device, factory)
     }
 
+    /// Detaches a device from a reactor driven inline: drains its queues with non-blocking
+    /// passes. Fails if they do not drain within `max_passes`.
+    pub fn detach_local(&mut self, device: u64, max_passes: usize) -> io::Result<()> {
+        let (ack, rx) = std::sync::mpsc::sync_channel(1);
+        self.begin_drain(Some(device));
+        self.detaches.push((device, ack));
+        for _ in 0..max_passes {
+            self.turn_nowait()?;
+            if rx.try_recv().is_ok() {
+                return Ok(());
+            }
+        }
+        Err(io::Error::other(format!(
+            "device {device} did not drain in {max_passes} passes"
+        )))
+    }
+
     /// Runs passes until the reactor has stopped or its ring failed.
     pub(crate) fn run(mut self) -> io::Result<()> {
         while self.turn()? == Turn::Running {}
@@ -189,20 +207,22 @@ impl Reactor {
                 return Err(format!("reactor{} already serves {n} queues", self.index));
             }
         };
+        let alt = slot + MAX_QUEUES_PER_REACTOR;
         let handler = factory(AttachCtx {
             reactor: self.index,
             fixed_file: slot as u32,
+            alt_fixed_file: alt as u32,
         })?;
-        let has_file = match handler.file_fd() {
-            Some(fd) => {
+        let mut has_file = false;
+        for (index, fd) in [(slot, handler.file_fd()), (alt, handler.alt_file_fd())] {
+            if let Some(fd) = fd {
                 self.ring
                     .submitter()
-                    .register_files_update(slot as u32, &[fd])
+                    .register_files_update(index as u32, &[fd])
                     .map_err(|e| format!("cannot register the disk file with io_uring: {e}"))?;
-                true
+                has_file = true;
             }
-            None => false,
-        };
+        }
         self.queues[slot] = Some(QueueSlot {
             device,
             handler,
@@ -285,11 +305,17 @@ impl Reactor {
             let mut q = self.queues[i].take().expect("checked above");
             q.handler.publish();
             if q.has_file {
-                if let Err(e) = self.ring.submitter().register_files_update(i as u32, &[-1]) {
-                    log::error!(
-                        "reactor{}: cannot unregister the file of queue slot {i}: {e}",
-                        self.index
-                    );
+                for index in [i, i + MAX_QUEUES_PER_REACTOR] {
+                    if let Err(e) = self
+                        .ring
+                        .submitter()
+                        .register_files_update(index as u32, &[-1])
+                    {
+                        log::error!(
+                            "reactor{}: cannot unregister the files of queue slot {i}: {e}",
+                            self.index
+                        );
+                    }
                 }
             }
             self.retired.add_queue(q.handler.metrics());
@@ -483,6 +509,28 @@ impl Reactor {
     pub fn report(&self) -> Report {
         self.snapshot()
     }
+}
+
+/// Fails with a clear message when the kernel lacks an opcode the reactors use.
+fn probe_opcodes(ring: &IoUring) -> io::Result<()> {
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    let needed = [
+        (opcode::Readv::CODE, "READV"),
+        (opcode::Writev::CODE, "WRITEV"),
+        (opcode::Fsync::CODE, "FSYNC"),
+        (opcode::Fallocate::CODE, "FALLOCATE"),
+        (opcode::PollAdd::CODE, "POLL_ADD"),
+        (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+    ];
+    for (code, name) in needed {
+        if !probe.is_supported(code) {
+            return Err(io::Error::other(format!(
+                "the kernel's io_uring lacks IORING_OP_{name} (Linux 5.19 or newer is needed)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Keeps the control channel of a [`Reactor::new_local`] reactor open.

@@ -251,3 +251,153 @@ fn reactor_main(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsRawFd, RawFd};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::metrics::QueueMetrics;
+    use crate::reactor::{QueueHandler, RingCtx};
+
+    fn start(n: usize) -> ReactorPool {
+        let cores = (0..n).map(|i| i % 2).collect();
+        ReactorPool::start(
+            ReactorOptions {
+                cores,
+                ..Default::default()
+            },
+            ExitHandle::new().unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// Counts kicks and pops nothing.
+    struct Counter {
+        kick: EventFd,
+        kicks: Arc<AtomicUsize>,
+    }
+
+    impl QueueHandler for Counter {
+        fn kick_fd(&self) -> RawFd {
+            self.kick.as_raw_fd()
+        }
+        fn file_fd(&self) -> Option<RawFd> {
+            None
+        }
+        fn poll_window(&self) -> Option<Duration> {
+            None
+        }
+        fn kicked(&mut self, _: Instant) {
+            self.kicks.fetch_add(1, Ordering::SeqCst);
+        }
+        fn set_notify(&mut self, _: bool) -> bool {
+            false
+        }
+        fn poll_avail(&mut self, _: &mut RingCtx<'_, '_>, _: usize) -> usize {
+            0
+        }
+        fn poll_hit(&mut self) {}
+        fn complete(&mut self, _: &mut RingCtx<'_, '_>, _: u32, _: i32) {}
+        fn publish(&mut self) {}
+        fn in_flight(&self) -> usize {
+            0
+        }
+        fn metrics(&self) -> QueueMetrics {
+            QueueMetrics::new("mock", 0, 0)
+        }
+    }
+
+    #[test]
+    fn test_start_without_cores_fails() {
+        let r = ReactorPool::start(
+            ReactorOptions {
+                cores: vec![],
+                ..Default::default()
+            },
+            ExitHandle::new().unwrap(),
+        );
+        assert!(matches!(r, Err(ReactorError::NoCores)));
+    }
+
+    #[test]
+    fn test_attach_to_missing_reactor_fails() {
+        let p = start(1);
+        let r = p.handle().attach(3, 0, Box::new(|_| Err("unused".into())));
+        assert!(matches!(
+            r,
+            Err(ReactorError::NoSuchReactor { index: 3, len: 1 })
+        ));
+    }
+
+    #[test]
+    fn test_factory_error_reaches_caller() {
+        let p = start(1);
+        let r = p
+            .handle()
+            .attach(0, 0, Box::new(|_| Err("no thanks".into())));
+        match r {
+            Err(ReactorError::Attach { index: 0, message }) => assert_eq!(message, "no thanks"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_each_kick_write_is_seen_once_or_coalesced_never_lost() {
+        let p = start(2);
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kicks = Arc::new(AtomicUsize::new(0));
+        let (k, c) = (kick.try_clone().unwrap(), kicks.clone());
+        p.handle()
+            .attach(
+                1,
+                7,
+                Box::new(move |_| {
+                    Ok(Box::new(Counter { kick: k, kicks: c }) as Box<dyn QueueHandler>)
+                }),
+            )
+            .unwrap();
+        for i in 1..=20 {
+            kick.write(1).unwrap();
+            let t = Instant::now();
+            while kicks.load(Ordering::SeqCst) < i {
+                assert!(t.elapsed() < CONTROL_TIMEOUT, "kick {i} never seen");
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        p.handle().detach(1, 7).unwrap();
+        let rep = p.stop().unwrap();
+        assert_eq!(rep.reactors.len(), 2);
+        assert_eq!(rep.queues.len(), 1, "detached queue metrics are kept");
+    }
+
+    #[test]
+    fn test_snapshot_lists_every_reactor_and_threads_are_named() {
+        let p = start(2);
+        let snap = p.snapshot().unwrap();
+        assert_eq!(
+            snap.reactors.iter().map(|r| r.index).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+        let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+            .map(|s| s.trim().to_string())
+            .collect();
+        assert!(
+            names.iter().any(|n| n == "reactor0") && names.iter().any(|n| n == "reactor1"),
+            "{names:?}"
+        );
+        p.stop().unwrap();
+    }
+
+    #[test]
+    fn test_detach_of_unknown_device_acks_at_once() {
+        let p = start(1);
+        let t = Instant::now();
+        p.handle().detach(0, 12345).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
+}

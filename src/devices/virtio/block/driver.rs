@@ -182,6 +182,22 @@ impl TestDriver {
             .unwrap();
     }
 
+    /// Makes all `heads` available with one index update, as a driver batching requests does.
+    pub fn publish_many(&mut self, heads: &[u16]) {
+        for &head in heads {
+            let slot = GuestAddress(self.avail.0 + 4 + 2 * u64::from(self.avail_idx % self.size));
+            self.mem.write_obj(head, slot).unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+        }
+        self.mem
+            .store(
+                self.avail_idx,
+                GuestAddress(self.avail.0 + 2),
+                Ordering::Release,
+            )
+            .unwrap();
+    }
+
     /// Builds a complete request: 16-byte header, one data buffer of `data_len` bytes
     /// (device-writable for IN/GET_ID), status byte. With `indirect`, through an indirect table.
     pub fn request(

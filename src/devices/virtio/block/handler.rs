@@ -3,8 +3,9 @@
 //!
 //! Request slots (with their iovec arrays) are allocated when the queue is attached and
 //! indexed by descriptor head, so the data path allocates nothing; completions write the
-//! status byte and the used entry at once and the interrupt goes out once per batch, only if
-//! EVENT_IDX says the driver wants it and never when the queue has no vector.
+//! status byte and the used element at once, the used index is published once per batch
+//! ([`Rings`]) and the interrupt goes out once per batch, only if EVENT_IDX (or
+//! NO_INTERRUPT) says the driver wants it and never when the queue has no vector.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -79,6 +80,8 @@ impl Default for LogLimiter {
 
 struct Slot {
     busy: bool,
+    /// Served through the buffered twin of an O_DIRECT disk.
+    buffered: bool,
     req: Request,
     iov: Box<[libc::iovec]>,
     popped: Instant,
@@ -103,7 +106,8 @@ pub struct QueueParts {
 pub struct BlockQueue {
     p: QueueParts,
     io: Option<QueueIo>,
-    fd: Option<RawFd>,
+    /// Disk file and its buffered twin, registered by the reactor.
+    files: [Option<RawFd>; 2],
     /// `None` when the rings are not inside guest memory (the queue is then broken).
     rings: Option<Rings>,
     slots: Box<[Slot]>,
@@ -113,18 +117,21 @@ pub struct BlockQueue {
     dirty: bool,
     broken: bool,
     log: LogLimiter,
+    /// The notice about O_DIRECT fallbacks was logged.
+    noted_buffered: bool,
 }
 
 impl BlockQueue {
     /// Builds the queue state; call on the reactor thread. `io` is `None` for the null back
-    /// end; `fd` is the file the reactor registers for `io`.
-    pub fn new(p: QueueParts, io: Option<QueueIo>, fd: Option<RawFd>) -> Self {
+    /// end; `files` are the disk file and its buffered twin, which the reactor registers.
+    pub fn new(p: QueueParts, io: Option<QueueIo>, files: [Option<RawFd>; 2]) -> Self {
         let size = usize::from(p.queue.size().max(1));
         let segs = p.disk.seg_max as usize + 2;
         let now = Instant::now();
         let slots = (0..size)
             .map(|_| Slot {
                 busy: false,
+                buffered: false,
                 req: Request {
                     kind: RequestType::Flush,
                     sector: 0,
@@ -133,6 +140,7 @@ impl BlockQueue {
                     status: GuestAddress(0),
                     num_sectors: 0,
                     unmap: false,
+                    unaligned: false,
                 },
                 iov: vec![IOVEC_EMPTY; segs + IOV_SLACK].into_boxed_slice(),
                 popped: now,
@@ -144,7 +152,7 @@ impl BlockQueue {
             rings: None,
             p,
             io,
-            fd,
+            files,
             slots,
             scratch: vec![Segment::default(); segs].into_boxed_slice(),
             in_flight: 0,
@@ -152,6 +160,7 @@ impl BlockQueue {
             dirty: false,
             broken: false,
             log: LogLimiter::new(),
+            noted_buffered: false,
         };
         match rings {
             Some(r) => q.rings = Some(r),
@@ -237,6 +246,7 @@ impl BlockQueue {
         let now = ctx.now;
         let h = usize::from(head);
         let req = self.slots[h].req;
+        let buffered = req.unaligned && self.io.as_ref().is_some_and(QueueIo::has_buffered);
         let entry = match (&self.io, req.kind) {
             (_, RequestType::GetId) => {
                 let mut left = &self.p.disk.id[..req.data_len as usize];
@@ -254,10 +264,10 @@ impl BlockQueue {
             (None, _) => None,
             (Some(_), RequestType::In | RequestType::Out) if req.niov == 0 => None,
             (Some(io), RequestType::In) => {
-                Some(io.read(self.slots[h].iov.as_ptr(), req.niov, req.offset()))
+                Some(io.read(self.slots[h].iov.as_ptr(), req.niov, req.offset(), buffered))
             }
             (Some(io), RequestType::Out) => {
-                Some(io.write(self.slots[h].iov.as_ptr(), req.niov, req.offset()))
+                Some(io.write(self.slots[h].iov.as_ptr(), req.niov, req.offset(), buffered))
             }
             (Some(io), RequestType::Flush) => Some(io.flush()),
             (Some(io), RequestType::Discard) => Some(io.punch(
@@ -283,6 +293,7 @@ impl BlockQueue {
         };
         let slot = &mut self.slots[h];
         slot.busy = true;
+        slot.buffered = buffered;
         slot.popped = now;
         slot.kick = kick;
         // SAFETY: the iovec array belongs to the slot, which is neither freed nor reused
@@ -314,7 +325,11 @@ impl QueueHandler for BlockQueue {
     }
 
     fn file_fd(&self) -> Option<RawFd> {
-        self.fd
+        self.files[0]
+    }
+
+    fn alt_file_fd(&self) -> Option<RawFd> {
+        self.files[1]
     }
 
     fn poll_window(&self) -> Option<Duration> {
@@ -440,6 +455,29 @@ impl QueueHandler for BlockQueue {
                 );
                 // SAFETY: a fallocate SQE references no memory.
                 if unsafe { ctx.push(e, tag) }.is_ok() {
+                    return;
+                }
+            }
+        }
+        if res == -libc::EINVAL
+            && matches!(req.kind, RequestType::In | RequestType::Out)
+            && !slot.buffered
+        {
+            if let Some(io) = self.io.as_ref().filter(|io| io.has_buffered()) {
+                // O_DIRECT refused the request (e.g. a host disk with 4 KiB sectors): retry
+                // it once through the buffered twin.
+                slot.buffered = true;
+                let e = match req.kind {
+                    RequestType::In => io.read(slot.iov.as_ptr(), req.niov, req.offset(), true),
+                    _ => io.write(slot.iov.as_ptr(), req.niov, req.offset(), true),
+                };
+                // SAFETY: the same iovec array, still owned by the busy slot until this
+                // completion comes back.
+                if unsafe { ctx.push(e, tag) }.is_ok() {
+                    if !self.noted_buffered {
+                        self.noted_buffered = true;
+                        log::info!("{}: O_DIRECT refused a request; such requests go through the page cache", self.p.name);
+                    }
                     return;
                 }
             }

@@ -1,5 +1,5 @@
 //! virtio-blk: config ([`config`]), pure request parser ([`request`]), per-queue handler on
-//! the reactors ([`handler`]), back ends ([`backend`]).
+//! the reactors ([`handler`]), host-pointer ring access ([`rings`]), back ends ([`backend`]).
 //!
 //! ```ignore
 //! let pool = reactor::ReactorPool::start(reactor::ReactorOptions { cores: vec![1], ..Default::default() }, exit.clone())?;
@@ -10,6 +10,18 @@
 //! `activate` sends each queue to its reactor (round-robin over the pool, or over the disk's
 //! `reactors=` list) and waits for the reactor to accept it; `reset` asks the reactors to
 //! drain and drop the device's queues and returns once they no longer touch guest memory.
+//!
+//! Data path, per queue and reactor pass: read the avail index once, walk at most
+//! [`crate::reactor::BATCH_MAX`] chains through host pointers ([`request::Chain`]), parse
+//! each into a slot indexed by its head (iovecs point into guest memory), queue one SQE per
+//! request on the reactor's ring (readv/writev, fdatasync, fallocate), and on completion
+//! write the status byte and the used element; the used index is stored once per batch and
+//! the irqfd written at most once per batch, when EVENT_IDX (or NO_INTERRUPT) allows.
+//!
+//! O_DIRECT disks keep a buffered twin of the file: requests whose guest buffers are not
+//! 512-byte aligned, or that O_DIRECT refuses with EINVAL, go through the page cache instead
+//! of failing. Bad guest input completes with IOERR/UNSUPP (or used length 0 when the chain
+//! has no status byte) and a rate-limited log line; ring corruption sets DEVICE_NEEDS_RESET.
 
 pub mod backend;
 pub mod config;
@@ -164,8 +176,12 @@ impl BlockDevice {
             reactor,
             self.id,
             Box::new(move |ctx| {
-                let io = backend.queue_io(ctx.fixed_file);
-                Ok(Box::new(BlockQueue::new(parts, io, backend.fd())))
+                let io = backend.queue_io(ctx.fixed_file, ctx.alt_fixed_file);
+                Ok(Box::new(BlockQueue::new(
+                    parts,
+                    io,
+                    [backend.fd(), backend.alt_fd()],
+                )))
             }),
         )
     }
@@ -231,6 +247,10 @@ impl VirtioDevice for BlockDevice {
         if queues.is_empty() {
             return Err(ActivateError::QueueCount { expected, got: 0 });
         }
+        if !self.active.is_empty() {
+            // Activated again without a reset: drop the old queues first.
+            self.reset();
+        }
         self.needs_reset.store(false, Ordering::Release);
         for q in queues {
             if let Err(e) = self.attach_queue(&mem, q) {
@@ -245,8 +265,13 @@ impl VirtioDevice for BlockDevice {
     /// dropped the queues (or [`crate::reactor::CONTROL_TIMEOUT`] passed, logged as an error).
     fn reset(&mut self) {
         for r in std::mem::take(&mut self.active) {
-            if let Err(e) = self.pool.detach(r, self.id) {
-                log::error!("{}: reset: {e}", self.name);
+            match self.pool.detach(r, self.id) {
+                Ok(()) => {}
+                // A stopped reactor drained its queues before exiting.
+                Err(ReactorError::Gone { .. }) => {
+                    log::debug!("{}: reset after reactor{r} stopped", self.name)
+                }
+                Err(e) => log::error!("{}: reset: {e}", self.name),
             }
         }
         self.needs_reset.store(false, Ordering::Release);

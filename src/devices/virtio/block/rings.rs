@@ -73,6 +73,10 @@ impl Rings {
 
     /// Writes a used element; the driver sees it at the next [`publish`](Self::publish).
     pub fn push_used(&mut self, head: u16, len: u32) {
+        debug_assert!(
+            head < self.size,
+            "used entry for head {head} beyond the queue"
+        );
         let off = 4 + 8 * usize::from(self.next_used % self.size);
         let mut e = [0u8; 8];
         e[0..4].copy_from_slice(&u32::from(head).to_le_bytes());

@@ -18,6 +18,9 @@ use crate::devices::virtio::block::request::SECTOR_SHIFT;
 pub struct UringBackend {
     pub path: PathBuf,
     pub file: Arc<File>,
+    /// The same disk without O_DIRECT (only when `direct`): requests whose guest buffers
+    /// O_DIRECT refuses (misaligned, or a 4 KiB-sector host disk) go through it.
+    pub buffered: Option<Arc<File>>,
     pub capacity_sectors: u64,
     /// Opened with O_DIRECT.
     pub direct: bool,
@@ -89,9 +92,19 @@ impl UringBackend {
                 bytes % 512
             );
         }
+        let buffered = if direct {
+            let f = open_with(p, readonly, false).map_err(|source| BackendError::Open {
+                path: p.into(),
+                source,
+            })?;
+            Some(Arc::new(f))
+        } else {
+            None
+        };
         Ok(UringBackend {
             path: p.into(),
             file: Arc::new(file),
+            buffered,
             capacity_sectors: bytes >> SECTOR_SHIFT,
             direct,
             readonly,
@@ -101,37 +114,73 @@ impl UringBackend {
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
+
+    /// The buffered twin of [`fd`](Self::fd), if the disk is opened with O_DIRECT.
+    pub fn buffered_fd(&self) -> Option<RawFd> {
+        self.buffered.as_ref().map(|f| f.as_raw_fd())
+    }
 }
 
 /// Builds a queue's SQEs against its fixed-file slot. Lives on the reactor.
 #[derive(Debug)]
 pub struct QueueIo {
     fixed: types::Fixed,
-    /// Keeps the file open as long as the queue may submit to it.
-    _file: Arc<File>,
+    /// The buffered twin, when `fixed` is opened with O_DIRECT.
+    alt: Option<types::Fixed>,
+    /// Keeps the files open as long as the queue may submit to them.
+    _files: (Arc<File>, Option<Arc<File>>),
     /// FALLOC_FL_ZERO_RANGE works here (cleared after the first EOPNOTSUPP, e.g. on tmpfs).
     pub zero_range: bool,
 }
 
 impl QueueIo {
-    pub fn new(fixed: u32, file: Arc<File>) -> Self {
+    pub fn new(fixed: u32, file: Arc<File>, alt: Option<(u32, Arc<File>)>) -> Self {
+        let (alt_fixed, alt_file) = match alt {
+            Some((i, f)) => (Some(types::Fixed(i)), Some(f)),
+            None => (None, None),
+        };
         QueueIo {
             fixed: types::Fixed(fixed),
-            _file: file,
+            alt: alt_fixed,
+            _files: (file, alt_file),
             zero_range: true,
         }
     }
 
-    /// `readv` into `n` iovecs at `iov`.
-    pub fn read(&self, iov: *const libc::iovec, n: usize, offset: u64) -> squeue::Entry {
-        opcode::Readv::new(self.fixed, iov, n as u32)
+    /// True when a buffered twin exists for requests O_DIRECT refuses.
+    pub fn has_buffered(&self) -> bool {
+        self.alt.is_some()
+    }
+
+    fn target(&self, buffered: bool) -> types::Fixed {
+        match (buffered, self.alt) {
+            (true, Some(a)) => a,
+            _ => self.fixed,
+        }
+    }
+
+    /// `readv` into `n` iovecs at `iov` (through the buffered twin when `buffered`).
+    pub fn read(
+        &self,
+        iov: *const libc::iovec,
+        n: usize,
+        offset: u64,
+        buffered: bool,
+    ) -> squeue::Entry {
+        opcode::Readv::new(self.target(buffered), iov, n as u32)
             .offset(offset)
             .build()
     }
 
-    /// `writev` from `n` iovecs at `iov`.
-    pub fn write(&self, iov: *const libc::iovec, n: usize, offset: u64) -> squeue::Entry {
-        opcode::Writev::new(self.fixed, iov, n as u32)
+    /// `writev` from `n` iovecs at `iov` (through the buffered twin when `buffered`).
+    pub fn write(
+        &self,
+        iov: *const libc::iovec,
+        n: usize,
+        offset: u64,
+        buffered: bool,
+    ) -> squeue::Entry {
+        opcode::Writev::new(self.target(buffered), iov, n as u32)
             .offset(offset)
             .build()
     }

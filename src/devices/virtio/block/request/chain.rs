@@ -7,7 +7,7 @@
 //! descriptor that still has NEXT set: that is how the parser tells a broken chain.
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::host_range;
 use crate::devices::virtio::GuestMemory;
@@ -19,8 +19,10 @@ const F_INDIRECT: u16 = 4;
 /// Iterator over the descriptors of one chain.
 pub struct Chain<'a> {
     mem: &'a GuestMemory,
-    /// Host address of the current table (main or indirect), valid for `size` entries.
+    /// Host address of the current table (main or indirect) when all `size` entries lie in
+    /// one region; null otherwise (then each descriptor is read through `mem` at `gpa`).
     table: *const u8,
+    gpa: u64,
     size: u16,
     next: u16,
     ttl: u16,
@@ -37,7 +39,8 @@ impl<'a> Chain<'a> {
         Chain {
             mem,
             table,
-            size: if table.is_null() { 0 } else { size },
+            gpa: desc_table.0,
+            size,
             next: head,
             ttl: size,
             indirect: false,
@@ -45,7 +48,13 @@ impl<'a> Chain<'a> {
         }
     }
 
-    fn read(&self, index: u16) -> Descriptor {
+    fn read(&self, index: u16) -> Option<Descriptor> {
+        if self.table.is_null() {
+            // A table that straddles regions (or runs out of guest memory): read descriptor
+            // by descriptor, exactly like virtio-queue.
+            let at = self.gpa.checked_add(u64::from(index) * DESC_SIZE)?;
+            return self.mem.read_obj::<Descriptor>(GuestAddress(at)).ok();
+        }
         // SAFETY: `table` points to `size` descriptors inside one mapped guest region (checked
         // by `host_range` when the table was set) and `index < size`. Volatile because the
         // guest may write the table concurrently; the values are validated after the read.
@@ -54,7 +63,10 @@ impl<'a> Chain<'a> {
             if p as usize % 8 == 0 {
                 // Main tables are 16-aligned (virtio-queue checks); indirect ones usually are.
                 let q = p.cast::<u64>();
-                (std::ptr::read_volatile(q), std::ptr::read_volatile(q.add(1)))
+                (
+                    std::ptr::read_volatile(q),
+                    std::ptr::read_volatile(q.add(1)),
+                )
             } else {
                 let mut b = [0u8; 16];
                 for (i, x) in b.iter_mut().enumerate() {
@@ -67,7 +79,12 @@ impl<'a> Chain<'a> {
             }
         };
         let (lo, hi) = (u64::from_le(lo), u64::from_le(hi));
-        Descriptor::new(lo, hi as u32, (hi >> 32) as u16, (hi >> 48) as u16)
+        Some(Descriptor::new(
+            lo,
+            hi as u32,
+            (hi >> 32) as u16,
+            (hi >> 48) as u16,
+        ))
     }
 }
 
@@ -79,13 +96,15 @@ impl Iterator for Chain<'_> {
             if self.ttl == 0 || self.next >= self.size {
                 return None;
             }
-            let d = self.read(self.next);
+            let d = self.read(self.next)?;
             if d.flags() & F_INDIRECT != 0 {
                 if self.indirect || d.len() % DESC_SIZE as u32 != 0 {
                     return None;
                 }
                 let entries = u16::try_from(d.len() / DESC_SIZE as u32).ok()?;
-                self.table = host_range(self.mem, d.addr().0, u64::from(d.len()))?;
+                self.table = host_range(self.mem, d.addr().0, u64::from(d.len()))
+                    .unwrap_or(std::ptr::null_mut());
+                self.gpa = d.addr().0;
                 self.size = entries;
                 self.next = 0;
                 self.ttl = entries;

@@ -73,6 +73,22 @@ fn test_parse_in_request_maps_data_to_host_iovec() {
     );
     assert_eq!(iov[0].iov_len, 1024);
     assert_eq!(r.used_len_ok(), 1025);
+    assert!(!r.unaligned);
+}
+
+#[test]
+fn test_parse_misaligned_buffer_is_flagged_unaligned() {
+    let (mem, mut d, mut q) = setup();
+    let h = hdr(&mut d, VIRTIO_BLK_T_OUT, 0);
+    let data = d.alloc(1024);
+    let s = d.alloc(1);
+    let head = d.write_chain(&[
+        Buf::r(h, 16),
+        Buf::r(GuestAddress(data.0 + 4), 512),
+        Buf::w(s, 1),
+    ]);
+    d.publish(head);
+    assert!(run(&mem, &mut q, &disk()).0.unwrap().unaligned);
 }
 
 #[test]
