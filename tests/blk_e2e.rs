@@ -201,6 +201,12 @@ fn test_run_writes_stats_json_and_hlog() {
     assert_eq!(queues.len(), 2);
     let total: u64 = queues.iter().map(|q| q["requests"].as_u64().unwrap()).sum();
     assert_eq!(total, 2000, "every guest request is counted once: {v}");
+    // The full distribution is there: bucket counts add up to the requests.
+    let in_buckets: u64 = queues
+        .iter()
+        .flat_map(|q| q["service_ns"]["buckets"].as_array().unwrap().iter().map(|b| b[1].as_u64().unwrap()))
+        .sum();
+    assert_eq!(in_buckets, 2000);
     let log = std::fs::read_to_string(hlog.path()).unwrap();
     assert!(log.contains("Tag=blk") || log.contains("Tag="), "tagged intervals: {log}");
     assert!(log.lines().filter(|l| !l.starts_with('#') && !l.starts_with('"')).count() >= 2, "{log}");

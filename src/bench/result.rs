@@ -85,13 +85,6 @@ fn us(ns: u64) -> String {
     }
 }
 
-fn host_pcts(h: &hdrhistogram::Histogram<u64>) -> [u64; 3] {
-    if h.is_empty() {
-        return [0; 3];
-    }
-    [h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.value_at_quantile(0.999)]
-}
-
 /// The summary table for all jobs.
 pub fn table(results: &[JobResult]) -> String {
     let mut s = format!(
@@ -106,8 +99,9 @@ pub fn table(results: &[JobResult]) -> String {
             let _ = k2c.add(&q.kick_to_complete);
             let _ = svc.add(&q.service);
         }
-        let k = host_pcts(&k2c);
-        let v = host_pcts(&svc);
+        // p50, p99, p99.9 of the merged queues.
+        let (k, v) = (crate::metrics::pcts(&k2c), crate::metrics::pcts(&svc));
+        let (k, v) = ([k[0], k[2], k[3]], [v[0], v[2]]);
         let g = &r.guest.lat_ns;
         s.push_str(&format!(
             "{:<22} {:>9.0} {:>8.1} | {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>7}\n",

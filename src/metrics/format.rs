@@ -17,7 +17,8 @@ fn us(ns: u64) -> f64 {
     ns as f64 / 1000.0
 }
 
-fn pcts(h: &Histogram<u64>) -> [u64; 5] {
+/// p50, p90, p99, p99.9 and max of `h` (zeros when empty).
+pub fn pcts(h: &Histogram<u64>) -> [u64; 5] {
     if h.is_empty() {
         return [0; 5];
     }
@@ -47,10 +48,20 @@ fn json_str(s: &str) -> String {
     out
 }
 
+/// Summary and full distribution: `buckets` lists `[value, count]` for every recorded value
+/// bucket (HdrHistogram's equivalent values, 3 significant digits).
 fn json_hist(h: &Histogram<u64>) -> String {
     let p = pcts(h);
+    let mut buckets = String::from("[");
+    for (i, v) in h.iter_recorded().enumerate() {
+        if i > 0 {
+            buckets.push(',');
+        }
+        let _ = write!(buckets, "[{},{}]", h.highest_equivalent(v.value_iterated_to()), v.count_at_value());
+    }
+    buckets.push(']');
     format!(
-        "{{\"count\":{},\"min\":{},\"mean\":{:.1},\"p50\":{},\"p90\":{},\"p99\":{},\"p99_9\":{},\"max\":{}}}",
+        "{{\"count\":{},\"min\":{},\"mean\":{:.1},\"p50\":{},\"p90\":{},\"p99\":{},\"p99_9\":{},\"max\":{},\"buckets\":{buckets}}}",
         h.len(),
         if h.is_empty() { 0 } else { h.min() },
         if h.is_empty() { 0.0 } else { h.mean() },

@@ -16,7 +16,7 @@
 
 mod format;
 
-pub use format::{HlogError, HlogWriter};
+pub use format::{pcts, HlogError, HlogWriter};
 
 use std::time::Duration;
 
