@@ -128,6 +128,11 @@ impl Reactor {
         b.setup_cqsize(opts.ring_entries.saturating_mul(4).max(64));
         if opts.sqpoll {
             b.setup_sqpoll(opts.sqpoll_idle_ms);
+        } else {
+            // One thread submits, and completions may wait for its next io_uring_enter:
+            // no inter-processor interrupt per completion.
+            b.setup_single_issuer();
+            b.setup_coop_taskrun();
         }
         let ring = b.build(opts.ring_entries.max(8))?;
         probe_opcodes(&ring)?;
