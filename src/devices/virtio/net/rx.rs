@@ -305,3 +305,13 @@ impl RxQueue {
         self.posted
     }
 }
+
+impl Drop for RxQueue {
+    /// The drop reasons behind the `errors` column, once per queue life.
+    fn drop(&mut self) {
+        let d = &self.drops;
+        if *d != RxDrops::default() {
+            log::info!("{}: dropped {} bad RX chains, {} frames larger than their buffer, {} times a packet waited without an RX buffer", self.c.p.name, d.bad_chain, d.too_big, d.no_buffer);
+        }
+    }
+}
