@@ -31,6 +31,7 @@ static NEXT_TAP: AtomicU32 = AtomicU32::new(0);
 struct Q {
     drv: TestDriver,
     kick: EventFd,
+    irq: EventFd,
 }
 
 struct Harness {
@@ -78,8 +79,8 @@ fn harness(opts: &str, acked: u64, enabled: &[u16]) -> Option<Harness> {
         let drv = TestDriver::new(&mem, GuestAddress(base), QSIZE, base - 0x1000 + QUEUE_SPAN);
         let kick = EventFd::new(EFD_NONBLOCK).unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        active.push(ActiveQueue { index: i, queue: drv.queue(acked & F_RING_EVENT_IDX != 0), kick: kick.try_clone().unwrap(), irq: Some(irq) });
-        qs.push(Some(Q { drv, kick }));
+        active.push(ActiveQueue { index: i, queue: drv.queue(acked & F_RING_EVENT_IDX != 0), kick: kick.try_clone().unwrap(), irq: Some(irq.try_clone().unwrap()) });
+        qs.push(Some(Q { drv, kick, irq }));
     }
     dev.activate(mem, acked, active).unwrap();
     Some(Harness { pool: Some(pool), dev, qs, subnet })
@@ -506,4 +507,25 @@ fn rx_flood() {
     let rxq = r1.queues.iter().find(|q| q.device == h.dev.name() && q.queue == 0).unwrap();
     eprintln!("RX_POSTED_MAX {} sent {sent} received {got} (counter {}) drops {} busy ns/frame {}", rx::RX_POSTED_MAX, rxq.counters.reads, rxq.counters.errors, busy / rxq.counters.reads.max(1));
     let _ = bufs;
+}
+
+#[test]
+fn test_tx_interrupts_follow_event_idx() {
+    let Some(mut h) = harness("", ACKED | F_RING_EVENT_IDX, &[0, 1]) else { return };
+    // used_event 0: the driver wants an interrupt once the first entry is used.
+    h.q(1).drv.set_used_event(0);
+    h.tx_chain(&test_frame(1));
+    h.kick(1);
+    assert_eq!(h.wait_used(1, 1).len(), 1);
+    assert_eq!(h.q(1).irq.read().unwrap(), 1);
+    // used_event far ahead: no interrupt for the next frame.
+    h.q(1).drv.set_used_event(100);
+    h.tx_chain(&test_frame(2));
+    h.kick(1);
+    assert_eq!(h.wait_used(1, 1).len(), 1);
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(h.q(1).irq.read().is_err(), "interrupt sent although used_event says no");
+    let r = h.report();
+    let txq = r.queues.iter().find(|q| q.device == h.dev.name() && q.queue == 1).unwrap();
+    assert_eq!((txq.counters.irqs_sent, txq.counters.irqs_suppressed), (1, 1));
 }
