@@ -121,6 +121,11 @@ tr -d '\r' <"$LOG" | grep -aoE '\{"blkbench":1,.*' || true
 if [ "$status" -eq 124 ]; then
     echo "qemu-blkbench: timed out after ${TIMEOUT}s (log: $LOG)" >&2
     exit 124
+elif [ "$status" -eq 1 ] && ! grep -aq '"blkbench":1' "$LOG"; then
+    # Status 1 with no result: QEMU itself failed (a bad option), not the guest's exit code 0.
+    echo "qemu-blkbench: QEMU failed with status 1 (log: $LOG)" >&2
+    tail -n 5 "$LOG" >&2
+    exit 125
 elif [ $((status & 1)) -eq 1 ]; then
     exit $((status >> 1))
 elif [ "$status" -eq 0 ]; then

@@ -69,9 +69,9 @@ pub struct BenchArgs {
 /// Options shared by every command that starts a VM.
 #[derive(Args, Debug, Clone)]
 pub struct VmArgs {
-    /// Guest memory size, with an optional K/M/G suffix.
-    #[arg(long, default_value = "512M")]
-    pub memory: String,
+    /// Guest memory size, with an optional K/M/G suffix [default: 512M for run, 128M for bench].
+    #[arg(long)]
+    pub memory: Option<String>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,

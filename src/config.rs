@@ -36,6 +36,12 @@ pub enum ConfigError {
     Net { spec: String, reason: String },
 }
 
+/// Guest memory when `--memory` is not given (`ringvm run`).
+pub const DEFAULT_MEMORY: &str = "512M";
+/// Guest memory for `ringvm bench`: blkbench needs only its rings and buffers (a few MiB);
+/// a small guest starts fast, and the 0.5 s ramp absorbs its first-touch faults.
+pub const BENCH_MEMORY: &str = "64M";
+
 /// Where the serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialMode {
@@ -137,6 +143,8 @@ pub fn cpu_feature(name: &str) -> Option<crate::vmm::cpuid::FeatureBit> {
         "avx2" => (7, Reg::Ebx, 5),
         "avx512f" => (7, Reg::Ebx, 16),
         "rdseed" => (7, Reg::Ebx, 18),
+        "smap" => (7, Reg::Ebx, 20),
+        "smep" => (7, Reg::Ebx, 7),
         "pdpe1gb" => (0x8000_0001, Reg::Edx, 26),
         "rdtscp" => (0x8000_0001, Reg::Edx, 27),
         _ => return None,
@@ -144,7 +152,7 @@ pub fn cpu_feature(name: &str) -> Option<crate::vmm::cpuid::FeatureBit> {
     Some(FeatureBit { leaf, subleaf: 0, reg, bit })
 }
 
-const CPU_FEATURE_NAMES: &str = "cx16, x2apic, xsave, avx, rdrand, tsc-deadline, pcid, avx2, avx512f, rdseed, pdpe1gb, rdtscp";
+const CPU_FEATURE_NAMES: &str = "cx16, x2apic, xsave, avx, rdrand, tsc-deadline, pcid, avx2, avx512f, rdseed, smap, smep, pdpe1gb, rdtscp";
 
 impl VmConfig {
     /// Validates `args`; `max_vcpus` is what KVM allows (checked where KVM is open).
@@ -165,14 +173,15 @@ impl VmConfig {
     }
 
     pub fn build(kernel: PathBuf, initrd: Option<PathBuf>, cmdline: String, disks: Vec<DiskConfig>, a: &VmArgs) -> Result<Self, ConfigError> {
-        let memory = parse_size(&a.memory)?;
+        let memory_arg = a.memory.clone().unwrap_or_else(|| DEFAULT_MEMORY.to_string());
+        let memory = parse_size(&memory_arg)?;
         let hugepages: HugePages = a.hugepages.parse().map_err(ConfigError::HugePages)?;
         let page = hugepages.page_size();
         if memory < (16 << 20) {
-            return Err(ConfigError::Memory { size: a.memory.clone(), reason: "at least 16M".into() });
+            return Err(ConfigError::Memory { size: memory_arg, reason: "at least 16M".into() });
         }
         if memory % page != 0 {
-            return Err(ConfigError::Memory { size: a.memory.clone(), reason: format!("not a multiple of the {} KiB page size", page >> 10) });
+            return Err(ConfigError::Memory { size: memory_arg, reason: format!("not a multiple of the {} KiB page size", page >> 10) });
         }
         if a.vcpus == 0 {
             return Err(ConfigError::NoVcpus(0));

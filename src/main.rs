@@ -9,6 +9,7 @@ use ringvm::cli::{Cli, Command};
 mod commands;
 
 fn main() -> ExitCode {
+    ringvm::vmm::vm::mark_process_start();
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {

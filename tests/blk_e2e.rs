@@ -58,6 +58,13 @@ fn test_blkbench_write_read_verify_one_queue() {
 }
 
 #[test]
+fn test_blkbench_write_read_verify_two_queues() {
+    if have_kvm() {
+        write_then_verify(2);
+    }
+}
+
+#[test]
 fn test_blkbench_write_read_verify_four_queues() {
     if have_kvm() {
         write_then_verify(4);
@@ -110,18 +117,24 @@ fn expect_bad_param(cmdline: &str, name: &str) {
     assert!(r.stdout.contains(name), "message should name '{name}': {}", r.stdout);
 }
 
-#[test]
-fn test_blkbench_bad_parameters_named() {
-    if !have_kvm() {
-        return;
-    }
-    expect_bad_param("bs=3", "bs");
-    expect_bad_param("qd=0", "qd");
-    expect_bad_param("queues=3", "queues");
-    expect_bad_param("nosuchkey=1", "nosuchkey");
-    expect_bad_param("rw=sideways", "rw");
-    expect_bad_param("size=1t", "size");
+macro_rules! bad_param_test {
+    ($name:ident, $cmdline:expr, $param:expr) => {
+        #[test]
+        fn $name() {
+            if have_kvm() {
+                expect_bad_param($cmdline, $param);
+            }
+        }
+    };
 }
+
+bad_param_test!(test_blkbench_bad_block_size_named, "bs=3", "bs");
+bad_param_test!(test_blkbench_zero_queue_depth_named, "qd=0", "qd");
+bad_param_test!(test_blkbench_more_queues_than_offered_named, "queues=3", "queues");
+bad_param_test!(test_blkbench_unknown_key_named, "nosuchkey=1", "nosuchkey");
+bad_param_test!(test_blkbench_unknown_workload_named, "rw=sideways", "rw");
+bad_param_test!(test_blkbench_working_set_beyond_disk_named, "size=1t", "size");
+bad_param_test!(test_blkbench_bad_number_named, "runtime=xyz", "runtime");
 
 #[test]
 fn test_disk_that_cannot_be_opened_is_a_startup_error() {
@@ -166,4 +179,60 @@ fn test_bench_missing_disk_is_named() {
     let r = run(&["bench", "--disk", "/nonexistent/bench.img", "--runtime", "0.5", "--qd", "1"]);
     assert_ne!(r.status, 0);
     assert!(r.stderr.contains("/nonexistent/bench.img"), "stderr: {}", r.stderr);
+}
+
+#[test]
+fn test_run_writes_stats_json_and_hlog() {
+    if !have_kvm() {
+        return;
+    }
+    let json = tempfile::NamedTempFile::new().unwrap();
+    let hlog = tempfile::NamedTempFile::new().unwrap();
+    let r = run(&[
+        "run", "--kernel", &blkbench(), "--memory", "64M", "--disk", "backend=null,size=16M,queues=2",
+        "--cmdline", "rw=randread qd=4 queues=2 ios=2000",
+        "--stats-json", json.path().to_str().unwrap(), "--hlog", hlog.path().to_str().unwrap(),
+    ]);
+    assert_eq!(r.status, 1, "stderr: {}", r.stderr);
+    // The exit table has the percentile columns and one row per queue.
+    assert!(r.stderr.contains("p99.9"), "stderr: {}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json.path()).unwrap()).unwrap();
+    let queues = v["queues"].as_array().unwrap();
+    assert_eq!(queues.len(), 2);
+    let total: u64 = queues.iter().map(|q| q["requests"].as_u64().unwrap()).sum();
+    assert_eq!(total, 2000, "every guest request is counted once: {v}");
+    // The full distribution is there: bucket counts add up to the requests.
+    let in_buckets: u64 = queues
+        .iter()
+        .flat_map(|q| q["service_ns"]["buckets"].as_array().unwrap().iter().map(|b| b[1].as_u64().unwrap()))
+        .sum();
+    assert_eq!(in_buckets, 2000);
+    let log = std::fs::read_to_string(hlog.path()).unwrap();
+    assert!(log.contains("Tag=blk") || log.contains("Tag="), "tagged intervals: {log}");
+    assert!(log.lines().filter(|l| !l.starts_with('#') && !l.starts_with('"')).count() >= 2, "{log}");
+}
+
+#[test]
+fn test_sigusr1_prints_statistics_while_running() {
+    if !have_kvm() {
+        return;
+    }
+    let child = common::ringvm()
+        .args(["run", "--kernel", &blkbench(), "--memory", "64M", "--disk", "backend=null,size=16M", "--cmdline", "rw=randread qd=2 runtime=30"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGUSR1) };
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Once on SIGUSR1 while running, once at exit.
+    assert_eq!(err.matches("busy ns/request").count(), 2, "stderr: {err}");
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM));
 }

@@ -117,6 +117,21 @@ long_mode:
     movl $TSS_SEL, %eax
     ltr %ax
     movabsq $ring0_stack_top, %rsp
+
+    /* A guest that defines guest_ring0_cx16_opt_in runs one `lock cmpxchg16b` in ring 0,
+       which this lab host's emulator cannot execute: the VMM must complete it (ringvm
+       does, see src/vmm/emulate.rs). Ring 3 reports the outcome (ring0_cx16_cell). */
+    movabsq $guest_ring0_cx16_opt_in, %rax
+    testq %rax, %rax
+    jz 7f
+    movabsq $ring0_cx16_cell, %rsi
+    movq (%rsi), %rax
+    movq 8(%rsi), %rdx
+    movabsq $0x1122334455667788, %rbx
+    movabsq $0x99aabbccddeeff00, %rcx
+    lock cmpxchg16b (%rsi)
+    setz 16(%rsi)
+7:
     pushq $(USER_DS | 3)
     movabsq $ring3_stack_top, %rax
     pushq %rax
@@ -140,6 +155,15 @@ ring0_halt:
     jmp 6b
 halt_msg:
     .asciz "ringvm-guest: ring0 halt\n"
+
+    .data
+    .balign 16
+    .global ring0_cx16_cell
+ring0_cx16_cell:
+    .quad 0x0123456789abcdef, 0xfedcba9876543210
+    .byte 0                 /* ZF after the cmpxchg16b */
+    .balign 16
+    .text
 
     .code64
 

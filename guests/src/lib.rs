@@ -11,6 +11,7 @@ pub mod exit;
 pub mod hist;
 pub mod json;
 pub mod mem;
+pub mod netproto;
 pub mod pci;
 pub mod rng;
 pub mod serial;

@@ -63,6 +63,17 @@ pub struct JobResult {
     pub job: Job,
     pub guest: GuestResult,
     pub host: Report,
+    /// Process start (or the previous job's end) to the vCPU's first KVM_RUN.
+    pub vmm_startup_ns: u64,
+}
+
+impl JobResult {
+    /// Start to the guest's first I/O: the VMM's start-up plus the guest's own (blkbench's
+    /// `platform.first_io_ns`, TSC-timed from its entry point).
+    pub fn first_io_ns(&self) -> Option<u64> {
+        let guest = self.guest.raw.get("platform")?.get("first_io_ns")?.as_u64()?;
+        Some(self.vmm_startup_ns + guest)
+    }
 }
 
 fn us(ns: u64) -> String {
@@ -72,13 +83,6 @@ fn us(ns: u64) -> String {
     } else {
         format!("{u:.1}")
     }
-}
-
-fn host_pcts(h: &hdrhistogram::Histogram<u64>) -> [u64; 3] {
-    if h.is_empty() {
-        return [0; 3];
-    }
-    [h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.value_at_quantile(0.999)]
 }
 
 /// The summary table for all jobs.
@@ -95,8 +99,9 @@ pub fn table(results: &[JobResult]) -> String {
             let _ = k2c.add(&q.kick_to_complete);
             let _ = svc.add(&q.service);
         }
-        let k = host_pcts(&k2c);
-        let v = host_pcts(&svc);
+        // p50, p99, p99.9 of the merged queues.
+        let (k, v) = (crate::metrics::pcts(&k2c), crate::metrics::pcts(&svc));
+        let (k, v) = ([k[0], k[2], k[3]], [v[0], v[2]]);
         let g = &r.guest.lat_ns;
         s.push_str(&format!(
             "{:<22} {:>9.0} {:>8.1} | {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>7}\n",
@@ -133,6 +138,7 @@ pub fn to_json(results: &[JobResult], machine: &Value) -> String {
                     "queues": r.job.queues,
                     "runtime_s": r.job.runtime_s,
                 },
+                "startup": {"vmm_ns": r.vmm_startup_ns, "first_io_ns": r.first_io_ns()},
                 "guest": r.guest.raw,
                 "host": serde_json::from_str::<Value>(&r.host.to_json()).unwrap_or(Value::Null),
             })

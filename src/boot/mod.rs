@@ -97,7 +97,7 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<EntryPoint, BootError>
         Format::Elf => has_linux_note(&mut kernel).unwrap_or(false),
     };
     let cmdline = if is_linux && spec.pvm_quirks && !spec.cmdline.split_whitespace().any(|w| w == PVM_LINUX_PARAMS) {
-        log::warn!("nested PVM host: adding '{PVM_LINUX_PARAMS}' to the Linux command line and hiding cx16 (see README, Linux guests)");
+        log::warn!("nested PVM host: adding '{PVM_LINUX_PARAMS}' to the Linux command line and hiding cx16 and smap (see README, Linux guests)");
         format!("{} {PVM_LINUX_PARAMS}", spec.cmdline).trim().to_string()
     } else {
         spec.cmdline.to_string()
@@ -229,6 +229,39 @@ mod tests {
         let spec = BootSpec { kernel: Path::new("/nonexistent/vmlinuz"), initrd: None, cmdline: "", mem_size: 32 << 20, vcpus: 1, pvm_quirks: false };
         let err = load(&mem(), &spec).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vmlinuz"), "{err}");
+    }
+
+    fn elf_with_note(owner: &[u8]) -> tempfile::NamedTempFile {
+        let mut b = vec![0u8; 120];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        b[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        b[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        let mut note = Vec::new();
+        note.extend_from_slice(&(owner.len() as u32 + 1).to_le_bytes());
+        note.extend_from_slice(&4u32.to_le_bytes());
+        note.extend_from_slice(&1u32.to_le_bytes());
+        note.extend_from_slice(owner);
+        note.push(0);
+        while note.len() % 4 != 0 {
+            note.push(0);
+        }
+        note.extend_from_slice(&[1, 2, 3, 4]);
+        b[64..68].copy_from_slice(&4u32.to_le_bytes()); // PT_NOTE
+        b[72..80].copy_from_slice(&120u64.to_le_bytes()); // p_offset
+        b[96..104].copy_from_slice(&(note.len() as u64).to_le_bytes()); // p_filesz
+        b.extend_from_slice(&note);
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&b).unwrap();
+        f
+    }
+
+    #[test]
+    fn test_linux_note_detected_only_for_linux_owner() {
+        let mut linux = elf_with_note(b"Linux").reopen().unwrap();
+        assert!(has_linux_note(&mut linux).unwrap());
+        let mut xen = elf_with_note(b"Xen").reopen().unwrap();
+        assert!(!has_linux_note(&mut xen).unwrap());
     }
 
     #[test]

@@ -182,6 +182,10 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
     let mut failure = None;
     let mut locks = None;
     for job in &jobs {
+        if !results.is_empty() {
+            // Each job's start-up is timed from its own start, not the process's.
+            vm::mark_job_start();
+        }
         let backend = match args.backend.as_str() {
             "null" => format!("backend=null,size={}", size.unwrap_or(1 << 30)),
             "uring" => format!("path={},backend=uring,direct={}", disk_path.display(), args.direct),
@@ -189,8 +193,9 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
         };
         let spec = format!("{backend},queues={},poll-us={}", job.queues, args.poll_us);
         let disk: DiskConfig = spec.parse().map_err(|e| anyhow::anyhow!("Invalid disk '{spec}': {e}"))?;
-        let mut config = VmConfig::build(kernel.clone(), None, job.cmdline(), vec![disk], &args.vm)?;
-        config.prefault = true;
+        let mut vm_args = args.vm.clone();
+        vm_args.memory.get_or_insert_with(|| ringvm::config::BENCH_MEMORY.to_string());
+        let config = VmConfig::build(kernel.clone(), None, job.cmdline(), vec![disk], &vm_args)?;
         if locks.is_none() {
             let mut cores = config.vcpu_cores.clone();
             cores.extend(&config.io_cores);
@@ -228,10 +233,12 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
             let path = if jobs.len() == 1 { hlog.clone() } else { hlog.with_extension(format!("{}.hlog", results.len() + 1)) };
             host.write_hlog(&path)?;
         }
-        results.push(JobResult { job: job.clone(), guest, host });
+        results.push(JobResult { job: job.clone(), guest, host, vmm_startup_ns: outcome.startup.as_nanos() as u64 });
     }
     if !results.is_empty() {
         print!("{}", result::table(&results));
+        let first: Vec<String> = results.iter().filter_map(|r| r.first_io_ns()).map(|n| format!("{:.1}", n as f64 / 1e6)).collect();
+        println!("start to first guest I/O (ms, per job; VMM start-up + guest init): {}", first.join(", "));
         println!("disk: {}{}  backend: {}  vCPU cores {:?}  I/O cores {:?}", disk_path.display(), if size.is_some() { " (RAM-backed)" } else { "" }, args.backend, args.vm.vcpu_affinity.clone().unwrap_or_default(), args.vm.io_cores.clone().unwrap_or_default());
     }
     if let Some(p) = &args.json {

@@ -17,7 +17,8 @@ fn us(ns: u64) -> f64 {
     ns as f64 / 1000.0
 }
 
-fn pcts(h: &Histogram<u64>) -> [u64; 5] {
+/// p50, p90, p99, p99.9 and max of `h` (zeros when empty).
+pub fn pcts(h: &Histogram<u64>) -> [u64; 5] {
     if h.is_empty() {
         return [0; 5];
     }
@@ -47,10 +48,20 @@ fn json_str(s: &str) -> String {
     out
 }
 
+/// Summary and full distribution: `buckets` lists `[value, count]` for every recorded value
+/// bucket (HdrHistogram's equivalent values, 3 significant digits).
 fn json_hist(h: &Histogram<u64>) -> String {
     let p = pcts(h);
+    let mut buckets = String::from("[");
+    for (i, v) in h.iter_recorded().enumerate() {
+        if i > 0 {
+            buckets.push(',');
+        }
+        let _ = write!(buckets, "[{},{}]", h.highest_equivalent(v.value_iterated_to()), v.count_at_value());
+    }
+    buckets.push(']');
     format!(
-        "{{\"count\":{},\"min\":{},\"mean\":{:.1},\"p50\":{},\"p90\":{},\"p99\":{},\"p99_9\":{},\"max\":{}}}",
+        "{{\"count\":{},\"min\":{},\"mean\":{:.1},\"p50\":{},\"p90\":{},\"p99\":{},\"p99_9\":{},\"max\":{},\"buckets\":{buckets}}}",
         h.len(),
         if h.is_empty() { 0 } else { h.min() },
         if h.is_empty() { 0.0 } else { h.mean() },
@@ -64,7 +75,17 @@ fn json_hist(h: &Histogram<u64>) -> String {
 
 fn tag_of(q: &QueueMetrics, what: &str) -> String {
     // Interval-log tags may not contain spaces or commas.
-    let dev: String = q.device.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    let dev: String = q
+        .device
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     format!("{dev}-q{}-{what}", q.queue)
 }
 
@@ -119,10 +140,18 @@ impl Report {
                 if q.batch.is_empty() { 0.0 } else { q.batch.mean() },
             );
         }
-        let _ = writeln!(s, "{:<10} {:>5} {:>12} {:>12} {:>7} {:>12} {:>10}", "reactor", "core", "busy ms", "idle ms", "busy %", "passes", "enters");
+        let _ = writeln!(
+            s,
+            "{:<10} {:>5} {:>12} {:>12} {:>7} {:>12} {:>10}",
+            "reactor", "core", "busy ms", "idle ms", "busy %", "passes", "enters"
+        );
         for r in &self.reactors {
             let total = r.busy_ns + r.idle_ns;
-            let pct = if total == 0 { 0.0 } else { 100.0 * r.busy_ns as f64 / total as f64 };
+            let pct = if total == 0 {
+                0.0
+            } else {
+                100.0 * r.busy_ns as f64 / total as f64
+            };
             let _ = writeln!(
                 s,
                 "reactor{:<3} {:>5} {:>12.1} {:>12.1} {:>7.1} {:>12} {:>10}",
@@ -142,7 +171,12 @@ impl Report {
     /// The report as one JSON object (latencies in ns).
     pub fn to_json(&self) -> String {
         let mut s = String::from("{");
-        let _ = write!(s, "\"elapsed_ns\":{},\"busy_ns_per_request\":{},\"queues\":[", self.elapsed.as_nanos(), self.busy_ns_per_request());
+        let _ = write!(
+            s,
+            "\"elapsed_ns\":{},\"busy_ns_per_request\":{},\"queues\":[",
+            self.elapsed.as_nanos(),
+            self.busy_ns_per_request()
+        );
         for (i, q) in self.queues.iter().enumerate() {
             let c = &q.counters;
             if i > 0 {
@@ -193,9 +227,16 @@ impl Report {
     /// (created or truncated). The interval spans the report's elapsed time.
     pub fn write_hlog(&self, path: &Path) -> Result<(), HlogError> {
         let p = path.display().to_string();
-        let io = |source| HlogError::Io { path: p.clone(), source };
+        let io = |source| HlogError::Io {
+            path: p.clone(),
+            source,
+        };
         let mut buf = Vec::new();
-        self.write_hlog_to(&mut buf).map_err(|message| HlogError::Encode { path: p.clone(), message })?;
+        self.write_hlog_to(&mut buf)
+            .map_err(|message| HlogError::Encode {
+                path: p.clone(),
+                message,
+            })?;
         let mut f = std::fs::File::create(path).map_err(io)?;
         f.write_all(&buf).map_err(io)
     }
@@ -211,13 +252,121 @@ impl Report {
             .with_base_time(start)
             .begin_log_with(out, &mut ser)
             .map_err(|e| e.to_string())?;
-        let dur = if self.elapsed.is_zero() { Duration::from_millis(1) } else { self.elapsed };
+        let dur = if self.elapsed.is_zero() {
+            Duration::from_millis(1)
+        } else {
+            self.elapsed
+        };
         for q in &self.queues {
-            for (what, h) in [("k2c", &q.kick_to_complete), ("svc", &q.service), ("batch", &q.batch)] {
+            for (what, h) in [
+                ("k2c", &q.kick_to_complete),
+                ("svc", &q.service),
+                ("batch", &q.batch),
+            ] {
                 let tag = tag_of(q, what);
-                w.write_histogram(h, Duration::ZERO, dur, Tag::new(&tag)).map_err(|e| e.to_string())?;
+                w.write_histogram(h, Duration::ZERO, dur, Tag::new(&tag))
+                    .map_err(|e| e.to_string())?;
             }
         }
+        Ok(())
+    }
+}
+
+/// Appends one interval per snapshot to an interval log: each interval holds what was
+/// recorded since the previous snapshot (for `--hlog` with periodic or SIGUSR1 snapshots).
+pub struct HlogWriter {
+    path: std::path::PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    prev: Option<Report>,
+}
+
+impl HlogWriter {
+    /// Creates (or truncates) the log at `path`; `started` is when the pool started.
+    pub fn create(path: &Path, started: SystemTime) -> Result<HlogWriter, HlogError> {
+        let p = path.display().to_string();
+        let f = std::fs::File::create(path).map_err(|source| HlogError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        let mut w = HlogWriter {
+            path: path.into(),
+            file: std::io::BufWriter::new(f),
+            prev: None,
+        };
+        let mut buf = Vec::new();
+        let mut ser = V2Serializer::new();
+        IntervalLogWriterBuilder::new()
+            .add_comment("ringvm block metrics: latencies in ns, batch sizes in requests")
+            .with_start_time(started)
+            .with_base_time(started)
+            .begin_log_with(&mut buf, &mut ser)
+            .map_err(|source| HlogError::Io {
+                path: p.clone(),
+                source,
+            })?;
+        w.file
+            .write_all(&buf)
+            .map_err(|source| HlogError::Io { path: p, source })?;
+        Ok(w)
+    }
+
+    /// Writes the intervals between the previous snapshot and `report` (a later snapshot of
+    /// the same pool), and flushes.
+    pub fn append(&mut self, report: &Report) -> Result<(), HlogError> {
+        let p = self.path.display().to_string();
+        let from = self.prev.as_ref().map_or(Duration::ZERO, |r| r.elapsed);
+        let dur = report
+            .elapsed
+            .saturating_sub(from)
+            .max(Duration::from_micros(1));
+        let mut buf = Vec::new();
+        let mut ser = V2Serializer::new();
+        let mut w = IntervalLogWriterBuilder::new()
+            .begin_log_with(&mut buf, &mut ser)
+            .map_err(|source| HlogError::Io {
+                path: p.clone(),
+                source,
+            })?;
+        for q in &report.queues {
+            let before = self.prev.as_ref().and_then(|r| {
+                r.queues
+                    .iter()
+                    .find(|o| o.device == q.device && o.queue == q.queue)
+            });
+            for (what, h, old) in [
+                (
+                    "k2c",
+                    &q.kick_to_complete,
+                    before.map(|b| &b.kick_to_complete),
+                ),
+                ("svc", &q.service, before.map(|b| &b.service)),
+                ("batch", &q.batch, before.map(|b| &b.batch)),
+            ] {
+                let mut delta = h.clone();
+                if let Some(old) = old {
+                    // Counts only grow between snapshots; a queue reset in between shows
+                    // up as a failed subtraction, and then the whole histogram is written.
+                    if delta.subtract(old).is_err() {
+                        delta = h.clone();
+                    }
+                }
+                let tag = tag_of(q, what);
+                w.write_histogram(&delta, from, dur, Tag::new(&tag))
+                    .map_err(|e| HlogError::Encode {
+                        path: p.clone(),
+                        message: e.to_string(),
+                    })?;
+            }
+        }
+        drop(w);
+        self.file.write_all(&buf).map_err(|source| HlogError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        self.file
+            .flush()
+            .map_err(|source| HlogError::Io { path: p, source })?;
+        self.prev = Some(report.clone());
         Ok(())
     }
 }
@@ -238,7 +387,14 @@ mod tests {
         q.record_batch(8);
         q.counters.reads = 1000;
         Report {
-            reactors: vec![ReactorMetrics { index: 0, core: 1, busy_ns: 3_000_000, idle_ns: 1_000_000, passes: 10, enters: 10 }],
+            reactors: vec![ReactorMetrics {
+                index: 0,
+                core: 1,
+                busy_ns: 3_000_000,
+                idle_ns: 1_000_000,
+                passes: 10,
+                enters: 10,
+            }],
             queues: vec![q],
             elapsed: Duration::from_secs(1),
         }
@@ -249,7 +405,10 @@ mod tests {
         let t = sample().table();
         assert!(t.contains("p99.9 µs"), "{t}");
         let row = t.lines().nth(1).unwrap();
-        assert!(row.contains("500.") || row.contains("499."), "p50 of 1..1000 µs should read ~500: {row}");
+        assert!(
+            row.contains("500.") || row.contains("499."),
+            "p50 of 1..1000 µs should read ~500: {row}"
+        );
         assert!(t.contains("busy ns/request: 3000"), "{t}");
     }
 
@@ -263,6 +422,58 @@ mod tests {
     }
 
     #[test]
+    fn test_hlog_writer_appends_deltas_between_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blk.hlog");
+        let mut first = sample();
+        let mut w = HlogWriter::create(&path, SystemTime::now()).unwrap();
+        w.append(&first).unwrap();
+        first.queues[0].record_k2c(Duration::from_micros(5));
+        first.elapsed = Duration::from_secs(2);
+        w.append(&first).unwrap();
+        let text = std::fs::read(&path).unwrap();
+        let counts: Vec<(String, f64, u64)> = IntervalLogIterator::new(&text)
+            .filter_map(|e| match e {
+                Ok(LogEntry::Interval(i))
+                    if i.tag().map(|t| t.as_str()) == Some("disk__a_-q0-k2c") =>
+                {
+                    let h: Histogram<u64> = hdrhistogram::serialization::Deserializer::new()
+                        .deserialize(&mut base64_decode(i.encoded_histogram()).as_slice())
+                        .unwrap();
+                    Some((
+                        i.tag().unwrap().as_str().to_string(),
+                        i.start_timestamp().as_secs_f64(),
+                        h.len(),
+                    ))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(counts.len(), 2, "{counts:?}");
+        assert_eq!(
+            (counts[0].2, counts[1].2),
+            (1000, 1),
+            "second interval holds only the new sample"
+        );
+        assert_eq!(counts[1].1, 1.0);
+    }
+
+    fn base64_decode(s: &str) -> Vec<u8> {
+        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = Vec::new();
+        let (mut acc, mut bits) = (0u32, 0);
+        for c in s.bytes().filter(|&c| c != b'=') {
+            acc = acc << 6 | T.iter().position(|&t| t == c).unwrap() as u32;
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((acc >> bits) as u8);
+            }
+        }
+        out
+    }
+
+    #[test]
     fn test_hlog_round_trips_tagged_intervals() {
         let mut buf = Vec::new();
         sample().write_hlog_to(&mut buf).unwrap();
@@ -272,6 +483,9 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(tags, vec!["disk__a_-q0-k2c", "disk__a_-q0-svc", "disk__a_-q0-batch"]);
+        assert_eq!(
+            tags,
+            vec!["disk__a_-q0-k2c", "disk__a_-q0-svc", "disk__a_-q0-batch"]
+        );
     }
 }

@@ -11,9 +11,12 @@
 //! - [`Report::to_json`]: the same data as JSON (hand-written, no serde dependency);
 //! - [`Report::write_hlog`]: an HdrHistogram V2 interval log with one tagged interval per
 //!   queue and histogram (`blk0-q1-k2c`, `blk0-q1-svc`, `blk0-q1-batch`), readable by
-//!   HdrHistogram's `HistogramLogProcessor` and `hdr-plot`.
+//!   HdrHistogram's `HistogramLogProcessor` and `hdr-plot`; [`HlogWriter`] appends one
+//!   interval per snapshot instead (what was recorded since the previous one).
 
 mod format;
+
+pub use format::{pcts, HlogError, HlogWriter};
 
 use std::time::Duration;
 
@@ -54,7 +57,13 @@ pub struct QueueCounters {
 impl QueueCounters {
     /// Total requests completed (all types, including failed ones).
     pub fn requests(&self) -> u64 {
-        self.reads + self.writes + self.flushes + self.get_ids + self.discards + self.write_zeroes + self.unsupported
+        self.reads
+            + self.writes
+            + self.flushes
+            + self.get_ids
+            + self.discards
+            + self.write_zeroes
+            + self.unsupported
     }
 
     fn add(&mut self, o: &QueueCounters) {
@@ -93,7 +102,8 @@ pub struct QueueMetrics {
 }
 
 fn latency_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, LATENCY_MAX_NS, SIGFIGS).expect("constant histogram bounds are valid")
+    Histogram::new_with_bounds(1, LATENCY_MAX_NS, SIGFIGS)
+        .expect("constant histogram bounds are valid")
 }
 
 impl QueueMetrics {
@@ -106,7 +116,8 @@ impl QueueMetrics {
             counters: QueueCounters::default(),
             kick_to_complete: latency_histogram(),
             service: latency_histogram(),
-            batch: Histogram::new_with_bounds(1, BATCH_MAX, SIGFIGS).expect("constant histogram bounds are valid"),
+            batch: Histogram::new_with_bounds(1, BATCH_MAX, SIGFIGS)
+                .expect("constant histogram bounds are valid"),
         }
     }
 
@@ -192,7 +203,8 @@ impl Report {
             Some(e) => e.merge(&q),
             None => {
                 self.queues.push(q);
-                self.queues.sort_by(|a, b| a.device.cmp(&b.device).then(a.queue.cmp(&b.queue)));
+                self.queues
+                    .sort_by(|a, b| a.device.cmp(&b.device).then(a.queue.cmp(&b.queue)));
             }
         }
     }
@@ -220,7 +232,10 @@ mod tests {
         m.record_batch(1_000_000);
         m.record_service(Duration::ZERO);
         assert_eq!(m.kick_to_complete.len(), 1);
-        assert_eq!(m.kick_to_complete.max(), m.kick_to_complete.highest_equivalent(LATENCY_MAX_NS));
+        assert_eq!(
+            m.kick_to_complete.max(),
+            m.kick_to_complete.highest_equivalent(LATENCY_MAX_NS)
+        );
         assert_eq!(m.batch.len(), 1);
         assert_eq!(m.service.min(), 1);
     }

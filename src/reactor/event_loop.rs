@@ -30,10 +30,21 @@ fn decode(ud: u64) -> (u64, usize, u32) {
 
 /// Messages to a reactor.
 pub(crate) enum Command {
-    Attach { device: u64, factory: HandlerFactory, ack: SyncSender<Result<(), String>> },
-    Detach { device: u64, ack: SyncSender<()> },
-    Snapshot { ack: SyncSender<Report> },
-    Stop { ack: SyncSender<Report> },
+    Attach {
+        device: u64,
+        factory: HandlerFactory,
+        ack: SyncSender<Result<(), String>>,
+    },
+    Detach {
+        device: u64,
+        ack: SyncSender<()>,
+    },
+    Snapshot {
+        ack: SyncSender<Report>,
+    },
+    Stop {
+        ack: SyncSender<Report>,
+    },
 }
 
 /// What a queue handler sees of the ring during a pass.
@@ -106,16 +117,24 @@ pub struct Reactor {
 
 impl Reactor {
     /// Builds the ring (with a sparse fixed-file table) and arms the wake-up poll.
-    pub(crate) fn new(index: usize, core: usize, opts: &ReactorOptions, rx: Receiver<Command>, wake: EventFd) -> io::Result<Self> {
+    pub(crate) fn new(
+        index: usize,
+        core: usize,
+        opts: &ReactorOptions,
+        rx: Receiver<Command>,
+        wake: EventFd,
+    ) -> io::Result<Self> {
         let mut b = IoUring::builder();
         b.setup_cqsize(opts.ring_entries.saturating_mul(4).max(64));
         if opts.sqpoll {
             b.setup_sqpoll(opts.sqpoll_idle_ms);
         }
         let ring = b.build(opts.ring_entries.max(8))?;
-        ring.submitter().register_files_sparse(MAX_QUEUES_PER_REACTOR as u32)?;
-        let mut queues = Vec::with_capacity(MAX_QUEUES_PER_REACTOR);
-        queues.resize_with(MAX_QUEUES_PER_REACTOR, || None);
+        probe_opcodes(&ring)?;
+        ring.submitter()
+            .register_files_sparse(2 * MAX_QUEUES_PER_REACTOR as u32)?;
+        // Grows to the highest slot in use (passes scan only that far), never reallocates.
+        let queues = Vec::with_capacity(MAX_QUEUES_PER_REACTOR);
         Ok(Reactor {
             index,
             ring,
@@ -127,7 +146,11 @@ impl Reactor {
             detaches: Vec::new(),
             stopping: None,
             retired: Report::default(),
-            metrics: ReactorMetrics { index, core, ..Default::default() },
+            metrics: ReactorMetrics {
+                index,
+                core,
+                ..Default::default()
+            },
             started: Instant::now(),
         })
     }
@@ -146,6 +169,23 @@ impl Reactor {
         self.attach(device, factory)
     }
 
+    /// Detaches a device from a reactor driven inline: drains its queues with non-blocking
+    /// passes. Fails if they do not drain within `max_passes`.
+    pub fn detach_local(&mut self, device: u64, max_passes: usize) -> io::Result<()> {
+        let (ack, rx) = std::sync::mpsc::sync_channel(1);
+        self.begin_drain(Some(device));
+        self.detaches.push((device, ack));
+        for _ in 0..max_passes {
+            self.turn_nowait()?;
+            if rx.try_recv().is_ok() {
+                return Ok(());
+            }
+        }
+        Err(io::Error::other(format!(
+            "device {device} did not drain in {max_passes} passes"
+        )))
+    }
+
     /// Runs passes until the reactor has stopped or its ring failed.
     pub(crate) fn run(mut self) -> io::Result<()> {
         while self.turn()? == Turn::Running {}
@@ -156,15 +196,33 @@ impl Reactor {
         if self.stopping.is_some() {
             return Err("the reactor is stopping".into());
         }
-        let slot = self.queues.iter().position(Option::is_none).ok_or_else(|| format!("reactor{} already serves {MAX_QUEUES_PER_REACTOR} queues", self.index))?;
-        let handler = factory(AttachCtx { reactor: self.index, fixed_file: slot as u32 })?;
-        let has_file = match handler.file_fd() {
-            Some(fd) => {
-                self.ring.submitter().register_files_update(slot as u32, &[fd]).map_err(|e| format!("cannot register the disk file with io_uring: {e}"))?;
-                true
+        let slot = match self.queues.iter().position(Option::is_none) {
+            Some(i) => i,
+            None if self.queues.len() < MAX_QUEUES_PER_REACTOR => {
+                self.queues.push(None);
+                self.queues.len() - 1
             }
-            None => false,
+            None => {
+                let n = MAX_QUEUES_PER_REACTOR;
+                return Err(format!("reactor{} already serves {n} queues", self.index));
+            }
         };
+        let alt = slot + MAX_QUEUES_PER_REACTOR;
+        let handler = factory(AttachCtx {
+            reactor: self.index,
+            fixed_file: slot as u32,
+            alt_fixed_file: alt as u32,
+        })?;
+        let mut has_file = false;
+        for (index, fd) in [(slot, handler.file_fd()), (alt, handler.alt_file_fd())] {
+            if let Some(fd) = fd {
+                self.ring
+                    .submitter()
+                    .register_files_update(index as u32, &[fd])
+                    .map_err(|e| format!("cannot register the disk file with io_uring: {e}"))?;
+                has_file = true;
+            }
+        }
         self.queues[slot] = Some(QueueSlot {
             device,
             handler,
@@ -202,7 +260,11 @@ impl Reactor {
     fn handle_commands(&mut self) {
         loop {
             match self.rx.try_recv() {
-                Ok(Command::Attach { device, factory, ack }) => {
+                Ok(Command::Attach {
+                    device,
+                    factory,
+                    ack,
+                }) => {
                     let _ = ack.send(self.attach(device, factory));
                 }
                 Ok(Command::Detach { device, ack }) => {
@@ -232,6 +294,9 @@ impl Reactor {
     /// Frees the slots of drained queues whose last completion came back, answers finished
     /// detaches and, when stopping with nothing left, the stop. Returns true once stopped.
     fn finish_drains(&mut self) -> bool {
+        if self.detaches.is_empty() && self.stopping.is_none() {
+            return false;
+        }
         for i in 0..self.queues.len() {
             let done = matches!(&self.queues[i], Some(q) if q.draining && !q.kick_armed && q.handler.in_flight() == 0);
             if !done {
@@ -240,11 +305,23 @@ impl Reactor {
             let mut q = self.queues[i].take().expect("checked above");
             q.handler.publish();
             if q.has_file {
-                if let Err(e) = self.ring.submitter().register_files_update(i as u32, &[-1]) {
-                    log::error!("reactor{}: cannot unregister the file of queue slot {i}: {e}", self.index);
+                for index in [i, i + MAX_QUEUES_PER_REACTOR] {
+                    if let Err(e) = self
+                        .ring
+                        .submitter()
+                        .register_files_update(index as u32, &[-1])
+                    {
+                        log::error!(
+                            "reactor{}: cannot unregister the files of queue slot {i}: {e}",
+                            self.index
+                        );
+                    }
                 }
             }
             self.retired.add_queue(q.handler.metrics());
+        }
+        while matches!(self.queues.last(), Some(None)) {
+            self.queues.pop();
         }
         let queues = &self.queues;
         self.detaches.retain(|(dev, ack)| {
@@ -286,10 +363,19 @@ impl Reactor {
             return Ok(Turn::Stopped);
         }
 
-        let Reactor { ring, queues, wake, wake_armed, .. } = self;
+        let Reactor {
+            ring,
+            queues,
+            wake,
+            wake_armed,
+            ..
+        } = self;
         let (submitter, mut sq, _) = ring.split();
         if !*wake_armed {
-            let e = opcode::PollAdd::new(types::Fd(wake.as_raw_fd()), libc::POLLIN as u32).multi(true).build().user_data(user_data(KIND_WAKE, 0, 0));
+            let e = opcode::PollAdd::new(types::Fd(wake.as_raw_fd()), libc::POLLIN as u32)
+                .multi(true)
+                .build()
+                .user_data(user_data(KIND_WAKE, 0, 0));
             // SAFETY: a poll SQE references no memory.
             push_raw(&mut sq, &submitter, &e)?;
             *wake_armed = true;
@@ -299,18 +385,31 @@ impl Reactor {
             let Some(q) = slot else { continue };
             if q.draining {
                 if q.kick_armed && !q.cancel_sent {
-                    let e = opcode::AsyncCancel::new(user_data(KIND_KICK, i, 0)).build().user_data(user_data(KIND_CANCEL, i, 0));
+                    let e = opcode::AsyncCancel::new(user_data(KIND_KICK, i, 0))
+                        .build()
+                        .user_data(user_data(KIND_CANCEL, i, 0));
                     push_raw(&mut sq, &submitter, &e)?;
                     q.cancel_sent = true;
                 }
                 continue;
             }
             if !q.kick_armed && !q.kick_dead {
-                let e = opcode::PollAdd::new(types::Fd(q.handler.kick_fd()), libc::POLLIN as u32).multi(true).build().user_data(user_data(KIND_KICK, i, 0));
+                let e = opcode::PollAdd::new(types::Fd(q.handler.kick_fd()), libc::POLLIN as u32)
+                    .multi(true)
+                    .build()
+                    .user_data(user_data(KIND_KICK, i, 0));
                 push_raw(&mut sq, &submitter, &e)?;
                 q.kick_armed = true;
             }
-            busy |= run_queue(q, &mut RingCtx { sq: &mut sq, submitter: &submitter, slot: i, now: t0 });
+            busy |= run_queue(
+                q,
+                &mut RingCtx {
+                    sq: &mut sq,
+                    submitter: &submitter,
+                    slot: i,
+                    now: t0,
+                },
+            );
             q.handler.publish();
         }
         sq.sync();
@@ -322,7 +421,11 @@ impl Reactor {
         self.metrics.enters += 1;
         match submitter.submit_and_wait(want) {
             Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
+                ) => {}
             Err(e) => return Err(e),
         }
         let t2 = Instant::now();
@@ -339,7 +442,13 @@ impl Reactor {
 
     fn reap(&mut self, now: Instant) -> io::Result<()> {
         let index = self.index;
-        let Reactor { ring, queues, wake_armed, wake_pending, .. } = self;
+        let Reactor {
+            ring,
+            queues,
+            wake_armed,
+            wake_pending,
+            ..
+        } = self;
         let (submitter, mut sq, mut cq) = ring.split();
         cq.sync();
         for cqe in &mut cq {
@@ -375,7 +484,16 @@ impl Reactor {
                         log::error!("reactor{index}: I/O completion for empty queue slot {slot}");
                         continue;
                     };
-                    q.handler.complete(&mut RingCtx { sq: &mut sq, submitter: &submitter, slot, now }, tag, res);
+                    q.handler.complete(
+                        &mut RingCtx {
+                            sq: &mut sq,
+                            submitter: &submitter,
+                            slot,
+                            now,
+                        },
+                        tag,
+                        res,
+                    );
                 }
             }
         }
@@ -393,12 +511,38 @@ impl Reactor {
     }
 }
 
+/// Fails with a clear message when the kernel lacks an opcode the reactors use.
+fn probe_opcodes(ring: &IoUring) -> io::Result<()> {
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    let needed = [
+        (opcode::Readv::CODE, "READV"),
+        (opcode::Writev::CODE, "WRITEV"),
+        (opcode::Fsync::CODE, "FSYNC"),
+        (opcode::Fallocate::CODE, "FALLOCATE"),
+        (opcode::PollAdd::CODE, "POLL_ADD"),
+        (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+    ];
+    for (code, name) in needed {
+        if !probe.is_supported(code) {
+            return Err(io::Error::other(format!(
+                "the kernel's io_uring lacks IORING_OP_{name} (Linux 5.19 or newer is needed)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Keeps the control channel of a [`Reactor::new_local`] reactor open.
 pub struct LocalControl {
     _tx: std::sync::mpsc::Sender<Command>,
 }
 
-fn push_raw(sq: &mut SubmissionQueue<'_>, submitter: &Submitter<'_>, e: &squeue::Entry) -> io::Result<()> {
+fn push_raw(
+    sq: &mut SubmissionQueue<'_>,
+    submitter: &Submitter<'_>,
+    e: &squeue::Entry,
+) -> io::Result<()> {
     loop {
         // SAFETY: only used for poll and cancel entries, which reference no user memory.
         if unsafe { sq.push(e) }.is_ok() {

@@ -19,7 +19,7 @@
 mod event_loop;
 mod pool;
 
-pub use event_loop::{Reactor, RingCtx};
+pub use event_loop::{LocalControl, Reactor, RingCtx};
 pub use pool::{PoolHandle, ReactorPool};
 
 use std::os::fd::RawFd;
@@ -29,7 +29,7 @@ use crate::metrics::QueueMetrics;
 
 /// Most requests a queue pops in one pass, so one busy queue cannot starve the others.
 pub const BATCH_MAX: usize = 64;
-/// Most queues (of all devices) one reactor serves; also the size of its fixed-file table.
+/// Most queues (of all devices) one reactor serves; its fixed-file table has two entries per queue.
 pub const MAX_QUEUES_PER_REACTOR: usize = 256;
 /// How long a control message (attach, detach, snapshot, stop) may take before the caller
 /// gives up and logs an error.
@@ -50,7 +50,12 @@ pub struct ReactorOptions {
 
 impl Default for ReactorOptions {
     fn default() -> Self {
-        ReactorOptions { cores: vec![0], sqpoll: false, sqpoll_idle_ms: 100, ring_entries: 256 }
+        ReactorOptions {
+            cores: vec![0],
+            sqpoll: false,
+            sqpoll_idle_ms: 100,
+            ring_entries: 256,
+        }
     }
 }
 
@@ -95,10 +100,13 @@ pub struct AttachCtx {
     /// Index of the queue's entry in the ring's fixed-file table (`types::Fixed(fixed_file)`),
     /// valid when the handler returns a [`QueueHandler::file_fd`].
     pub fixed_file: u32,
+    /// Index for [`QueueHandler::alt_file_fd`].
+    pub alt_fixed_file: u32,
 }
 
 /// Builds a queue's handler on the reactor thread.
-pub type HandlerFactory = Box<dyn FnOnce(AttachCtx) -> Result<Box<dyn QueueHandler>, String> + Send>;
+pub type HandlerFactory =
+    Box<dyn FnOnce(AttachCtx) -> Result<Box<dyn QueueHandler>, String> + Send>;
 
 /// The per-queue state machine a reactor drives. It lives and dies on the reactor thread.
 ///
@@ -110,6 +118,11 @@ pub trait QueueHandler {
     fn kick_fd(&self) -> RawFd;
     /// A file to register in the ring's fixed-file table at [`AttachCtx::fixed_file`].
     fn file_fd(&self) -> Option<RawFd>;
+    /// A second file (the disk opened without O_DIRECT), registered at
+    /// [`AttachCtx::alt_fixed_file`].
+    fn alt_file_fd(&self) -> Option<RawFd> {
+        None
+    }
     /// Busy-poll window after activity (`poll-us`), if any.
     fn poll_window(&self) -> Option<Duration>;
     /// The reactor saw a kick at `now`.

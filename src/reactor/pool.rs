@@ -39,23 +39,43 @@ impl PoolHandle {
     }
 
     fn send(&self, index: usize, cmd: Command) -> Result<(), ReactorError> {
-        let link = self.0.links.get(index).ok_or(ReactorError::NoSuchReactor { index, len: self.len() })?;
-        link.tx.send(cmd).map_err(|_| ReactorError::Gone { index })?;
+        let link = self.0.links.get(index).ok_or(ReactorError::NoSuchReactor {
+            index,
+            len: self.len(),
+        })?;
+        link.tx
+            .send(cmd)
+            .map_err(|_| ReactorError::Gone { index })?;
         link.wake.write(1).map_err(|_| ReactorError::Gone { index })
     }
 
     fn wait<T>(index: usize, rx: Receiver<T>) -> Result<T, ReactorError> {
         rx.recv_timeout(CONTROL_TIMEOUT).map_err(|e| match e {
-            mpsc::RecvTimeoutError::Timeout => ReactorError::Timeout { index, timeout_ms: CONTROL_TIMEOUT.as_millis() },
+            mpsc::RecvTimeoutError::Timeout => ReactorError::Timeout {
+                index,
+                timeout_ms: CONTROL_TIMEOUT.as_millis(),
+            },
             mpsc::RecvTimeoutError::Disconnected => ReactorError::Gone { index },
         })
     }
 
     /// Hands a queue to reactor `index`: `factory` runs on the reactor thread. `device` groups
     /// the queues that [`detach`](Self::detach) later removes together.
-    pub fn attach(&self, index: usize, device: u64, factory: HandlerFactory) -> Result<(), ReactorError> {
+    pub fn attach(
+        &self,
+        index: usize,
+        device: u64,
+        factory: HandlerFactory,
+    ) -> Result<(), ReactorError> {
         let (ack, rx) = mpsc::sync_channel(1);
-        self.send(index, Command::Attach { device, factory, ack })?;
+        self.send(
+            index,
+            Command::Attach {
+                device,
+                factory,
+                ack,
+            },
+        )?;
         Self::wait(index, rx)?.map_err(|message| ReactorError::Attach { index, message })
     }
 
@@ -104,20 +124,32 @@ impl ReactorPool {
         let mut ready = Vec::with_capacity(opts.cores.len());
         for (index, &core) in opts.cores.iter().enumerate() {
             let (tx, rx) = mpsc::channel();
-            let wake = EventFd::new(EFD_NONBLOCK).map_err(|source| ReactorError::EventFd { index, source })?;
-            let wake_reactor = wake.try_clone().map_err(|source| ReactorError::EventFd { index, source })?;
+            let wake = EventFd::new(EFD_NONBLOCK)
+                .map_err(|source| ReactorError::EventFd { index, source })?;
+            let wake_reactor = wake
+                .try_clone()
+                .map_err(|source| ReactorError::EventFd { index, source })?;
             let (ready_tx, ready_rx) = mpsc::sync_channel::<std::io::Result<()>>(1);
             let o = opts.clone();
             let ex = exit.clone();
-            let t = thread::spawn(&format!("reactor{index}"), Some(core), exit.clone(), move || {
-                reactor_main(index, core, &o, rx, wake_reactor, ready_tx, ex)
-            })
+            let t = thread::spawn(
+                &format!("reactor{index}"),
+                Some(core),
+                exit.clone(),
+                move || reactor_main(index, core, &o, rx, wake_reactor, ready_tx, ex),
+            )
             .map_err(|source| ReactorError::Spawn { index, source })?;
             links.push(Link { tx, wake });
             threads.push(t);
             ready.push(ready_rx);
         }
-        let pool = ReactorPool { handle: PoolHandle(Arc::new(Inner { links, started: Instant::now() })), threads };
+        let pool = ReactorPool {
+            handle: PoolHandle(Arc::new(Inner {
+                links,
+                started: Instant::now(),
+            })),
+            threads,
+        };
         for (index, rx) in ready.into_iter().enumerate() {
             match PoolHandle::wait(index, rx) {
                 Ok(Ok(())) => {}
@@ -214,6 +246,158 @@ fn reactor_main(
     };
     if let Err(e) = reactor.run() {
         log::error!("reactor{index}: io_uring failed: {e}");
-        exit.request(ExitReason::DeviceError { message: format!("reactor{index}: io_uring failed: {e}") });
+        exit.request(ExitReason::DeviceError {
+            message: format!("reactor{index}: io_uring failed: {e}"),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsRawFd, RawFd};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::metrics::QueueMetrics;
+    use crate::reactor::{QueueHandler, RingCtx};
+
+    fn start(n: usize) -> ReactorPool {
+        let cores = (0..n).map(|i| i % 2).collect();
+        ReactorPool::start(
+            ReactorOptions {
+                cores,
+                ..Default::default()
+            },
+            ExitHandle::new().unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// Counts kicks and pops nothing.
+    struct Counter {
+        kick: EventFd,
+        kicks: Arc<AtomicUsize>,
+    }
+
+    impl QueueHandler for Counter {
+        fn kick_fd(&self) -> RawFd {
+            self.kick.as_raw_fd()
+        }
+        fn file_fd(&self) -> Option<RawFd> {
+            None
+        }
+        fn poll_window(&self) -> Option<Duration> {
+            None
+        }
+        fn kicked(&mut self, _: Instant) {
+            self.kicks.fetch_add(1, Ordering::SeqCst);
+        }
+        fn set_notify(&mut self, _: bool) -> bool {
+            false
+        }
+        fn poll_avail(&mut self, _: &mut RingCtx<'_, '_>, _: usize) -> usize {
+            0
+        }
+        fn poll_hit(&mut self) {}
+        fn complete(&mut self, _: &mut RingCtx<'_, '_>, _: u32, _: i32) {}
+        fn publish(&mut self) {}
+        fn in_flight(&self) -> usize {
+            0
+        }
+        fn metrics(&self) -> QueueMetrics {
+            QueueMetrics::new("mock", 0, 0)
+        }
+    }
+
+    #[test]
+    fn test_start_without_cores_fails() {
+        let r = ReactorPool::start(
+            ReactorOptions {
+                cores: vec![],
+                ..Default::default()
+            },
+            ExitHandle::new().unwrap(),
+        );
+        assert!(matches!(r, Err(ReactorError::NoCores)));
+    }
+
+    #[test]
+    fn test_attach_to_missing_reactor_fails() {
+        let p = start(1);
+        let r = p.handle().attach(3, 0, Box::new(|_| Err("unused".into())));
+        assert!(matches!(
+            r,
+            Err(ReactorError::NoSuchReactor { index: 3, len: 1 })
+        ));
+    }
+
+    #[test]
+    fn test_factory_error_reaches_caller() {
+        let p = start(1);
+        let r = p
+            .handle()
+            .attach(0, 0, Box::new(|_| Err("no thanks".into())));
+        match r {
+            Err(ReactorError::Attach { index: 0, message }) => assert_eq!(message, "no thanks"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_each_kick_write_is_seen_once_or_coalesced_never_lost() {
+        let p = start(2);
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kicks = Arc::new(AtomicUsize::new(0));
+        let (k, c) = (kick.try_clone().unwrap(), kicks.clone());
+        p.handle()
+            .attach(
+                1,
+                7,
+                Box::new(move |_| {
+                    Ok(Box::new(Counter { kick: k, kicks: c }) as Box<dyn QueueHandler>)
+                }),
+            )
+            .unwrap();
+        for i in 1..=20 {
+            kick.write(1).unwrap();
+            let t = Instant::now();
+            while kicks.load(Ordering::SeqCst) < i {
+                assert!(t.elapsed() < CONTROL_TIMEOUT, "kick {i} never seen");
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        p.handle().detach(1, 7).unwrap();
+        let rep = p.stop().unwrap();
+        assert_eq!(rep.reactors.len(), 2);
+        assert_eq!(rep.queues.len(), 1, "detached queue metrics are kept");
+    }
+
+    #[test]
+    fn test_snapshot_lists_every_reactor_and_threads_are_named() {
+        let p = start(2);
+        let snap = p.snapshot().unwrap();
+        assert_eq!(
+            snap.reactors.iter().map(|r| r.index).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+        let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+            .map(|s| s.trim().to_string())
+            .collect();
+        assert!(
+            names.iter().any(|n| n == "reactor0") && names.iter().any(|n| n == "reactor1"),
+            "{names:?}"
+        );
+        p.stop().unwrap();
+    }
+
+    #[test]
+    fn test_detach_of_unknown_device_acks_at_once() {
+        let p = start(1);
+        let t = Instant::now();
+        p.handle().detach(0, 12345).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(1));
     }
 }

@@ -35,6 +35,9 @@ pub enum Reg {
 
 /// `cx16` (CMPXCHG16B), which this host's ring-0 emulator cannot execute.
 pub const FEATURE_CX16: FeatureBit = FeatureBit { leaf: 1, subleaf: 0, reg: Reg::Ecx, bit: 13 };
+/// `smap`: with it Linux patches `clac`/`stac` into every entry path, which this host's
+/// emulator cannot execute (ringvm can, but each one costs an exit to userspace).
+pub const FEATURE_SMAP: FeatureBit = FeatureBit { leaf: 7, subleaf: 0, reg: Reg::Ebx, bit: 20 };
 
 fn bits_for(count: u32) -> u32 {
     if count <= 1 {
@@ -110,8 +113,17 @@ pub fn for_vcpu(base: &CpuId, id: u32, count: u32, tsc_khz: Option<u32>, masked:
     cpuid
 }
 
+/// Sets feature bit `f` wherever its leaf appears (`--cpu-features +name`).
+pub fn add(cpuid: &mut CpuId, f: FeatureBit) {
+    update(cpuid, f, true);
+}
+
 /// Clears feature bit `f` wherever its leaf appears.
 pub fn mask(cpuid: &mut CpuId, f: FeatureBit) {
+    update(cpuid, f, false);
+}
+
+fn update(cpuid: &mut CpuId, f: FeatureBit, set: bool) {
     for e in cpuid.as_mut_slice().iter_mut() {
         let index_matters = e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0;
         if e.function == f.leaf && (!index_matters || e.index == f.subleaf) {
@@ -121,7 +133,11 @@ pub fn mask(cpuid: &mut CpuId, f: FeatureBit) {
                 Reg::Ecx => &mut e.ecx,
                 Reg::Edx => &mut e.edx,
             };
-            *r &= !(1u32 << f.bit);
+            if set {
+                *r |= 1u32 << f.bit;
+            } else {
+                *r &= !(1u32 << f.bit);
+            }
         }
     }
 }
@@ -159,6 +175,13 @@ mod tests {
         let c = for_vcpu(&base(), 0, 1, Some(2_100_000), &[]);
         assert_eq!(leaf(&c, LEAF_TIMING, 0).eax, 2_100_000);
         assert!(leaf(&c, LEAF_HYPERVISOR, 0).eax >= LEAF_TIMING);
+    }
+
+    #[test]
+    fn test_cpuid_add_sets_bit() {
+        let mut c = base();
+        add(&mut c, FeatureBit { leaf: 1, subleaf: 0, reg: Reg::Ecx, bit: 21 });
+        assert_ne!(leaf(&c, 1, 0).ecx & (1 << 21), 0);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, Msrs, kvm_msr_entry, KVM_MP_STATE_HALTED};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::bus::Bus;
 use super::emulate;
@@ -220,6 +220,8 @@ pub struct VcpuRunner {
     pub shared: Arc<VcpuShared>,
     /// Instructions completed on behalf of the host's emulator (see `emulate`).
     pub emulated: u64,
+    /// Guest memory, for instructions ringvm completes itself.
+    pub mem: GuestMemory,
 }
 
 impl VcpuRunner {
@@ -292,6 +294,47 @@ impl VcpuRunner {
         }
     }
 
+    /// Completes `cmpxchg8b/16b` on guest memory, atomically, as the CPU would.
+    fn complete_cmpxchg(&mut self, op: emulate::CmpXchg, mut regs: kvm_regs, bytes: &[u8]) -> Result<(), String> {
+        let rip = regs.rip;
+        let what = || format!("`{}` at rip {rip:#x}", emulate::mnemonic(bytes));
+        let sregs = self.fd.get_sregs().map_err(|e| format!("{}: reading sregs failed: {e}", what()))?;
+        let gva = op.address(&regs, sregs.fs.base, sregs.gs.base);
+        if gva % op.width as u64 != 0 {
+            return Err(format!("{}: operand {gva:#x} is misaligned (the CPU would raise #GP)", what()));
+        }
+        let t = self.fd.translate_gva(gva).map_err(|e| format!("{}: translating {gva:#x} failed: {e}", what()))?;
+        if t.valid == 0 || t.writeable == 0 {
+            return Err(format!("{}: operand {gva:#x} is not mapped writable (the guest would take #PF)", what()));
+        }
+        let ptr = self
+            .mem
+            .get_host_address(GuestAddress(t.physical_address))
+            .map_err(|e| format!("{}: operand {gva:#x} -> {:#x} is not RAM: {e}", what(), t.physical_address))?;
+        let half = if op.width == 16 { 64 } else { 32 };
+        let mask = if op.width == 16 { u64::MAX } else { u32::MAX as u64 };
+        let expected = ((regs.rdx & mask) as u128) << half | (regs.rax & mask) as u128;
+        let new = ((regs.rcx & mask) as u128) << half | (regs.rbx & mask) as u128;
+        // SAFETY: ptr is the host address of guest RAM at an address aligned to the operand
+        // width, so the whole operand lies in one page of one mapped region.
+        let (swapped, found) = unsafe { emulate::compare_exchange(ptr, op.width, expected, new) };
+        const ZF: u64 = 1 << 6;
+        if swapped {
+            regs.rflags |= ZF;
+        } else {
+            regs.rflags &= !ZF;
+            regs.rax = (found as u64) & mask;
+            regs.rdx = ((found >> half) as u64) & mask;
+        }
+        regs.rip += op.len as u64;
+        self.fd.set_regs(&regs).map_err(|e| format!("{}: setting registers failed: {e}", what()))?;
+        self.emulated += 1;
+        if self.emulated <= 16 {
+            log::info!("vcpu{}: completed {} for the host's emulator (#{})", self.id, what(), self.emulated);
+        }
+        Ok(())
+    }
+
     fn check_halted(&self) {
         let halted = self.fd.get_mp_state().is_ok_and(|s| s.mp_state == KVM_MP_STATE_HALTED);
         let if_clear = self.fd.get_regs().is_ok_and(|r| r.rflags & (1 << 9) == 0);
@@ -319,6 +362,25 @@ impl VcpuRunner {
                 events.exception.has_error_code = 0;
                 self.fd.set_vcpu_events(&events).map_err(|e| format!("int3: injecting #BP failed: {e}"))?;
                 self.emulated += 1;
+                if self.emulated <= 16 {
+                    log::info!("vcpu{}: injected #BP for int3 at {:#x} (the host's emulator refused it; #{})", self.id, regs.rip - 1, self.emulated);
+                }
+                Ok(())
+            }
+            Some(emulate::Fixup::CompareExchange(op)) => self.complete_cmpxchg(op, regs, &bytes),
+            Some(emulate::Fixup::SetAc(set)) => {
+                let rip = regs.rip;
+                if set {
+                    regs.rflags |= emulate::RFLAGS_AC;
+                } else {
+                    regs.rflags &= !emulate::RFLAGS_AC;
+                }
+                regs.rip += 3;
+                self.fd.set_regs(&regs).map_err(|e| format!("{} at {rip:#x}: setting registers failed: {e}", emulate::mnemonic(&bytes)))?;
+                self.emulated += 1;
+                if self.emulated <= 16 {
+                    log::info!("vcpu{}: completed {} at {rip:#x} for the host's emulator (#{})", self.id, emulate::mnemonic(&bytes), self.emulated);
+                }
                 Ok(())
             }
             None => Err(format!(

@@ -20,7 +20,7 @@ use super::vcpu::{self, EntryPoint, VcpuRunner, VcpuShared};
 use super::{cpuid, kvm, memory, thread};
 use crate::boot::{self, BootSpec};
 use crate::config::{cpu_feature, SerialMode, VmConfig};
-use crate::devices::legacy::{debug_exit, i8042, serial, DebugExit, Serial, I8042};
+use crate::devices::legacy::{cmos, debug_exit, i8042, serial, Cmos, DebugExit, Serial, I8042};
 use crate::devices::pci::root::{self, PciConfigIo, PciConfigMmio};
 use crate::devices::pci::PciRoot;
 use crate::devices::virtio::pci::VirtioPci;
@@ -68,6 +68,29 @@ pub struct RunOutcome {
     pub reason: ExitReason,
     /// Wall time from the first KVM_RUN to the stop request.
     pub guest_time: Duration,
+    /// From process start (see [`mark_process_start`]) to the vCPUs' first KVM_RUN: the
+    /// VMM's share of "start to the guest's first I/O".
+    pub startup: Duration,
+}
+
+static PROCESS_START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+static JOB_START: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// Records when the process started; `main` calls it first thing.
+pub fn mark_process_start() {
+    let _ = PROCESS_START.set(Instant::now());
+}
+
+/// Times the next VM's start-up from now instead of from process start (a bench running
+/// several VMs in one process).
+pub fn mark_job_start() {
+    *JOB_START.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+}
+
+fn start_reference(now: Instant) -> Instant {
+    let job = JOB_START.lock().unwrap_or_else(|e| e.into_inner()).take();
+    job.unwrap_or_else(|| *PROCESS_START.get_or_init(|| now))
 }
 
 /// Hooks that let a caller (the bench command, a device set) add devices and observe the
@@ -203,6 +226,7 @@ fn attach_legacy(vm: &VmFd, pio: &Arc<Bus>, exit: &ExitHandle, mode: &SerialMode
     let add = |dev: Arc<Mutex<dyn BusDevice>>, base, len| pio.insert(dev, base, len).map_err(|e| VmError::Devices(e.to_string()));
     add(Arc::new(Mutex::new(DebugExit::new(exit.clone()))), debug_exit::DEBUG_EXIT_PORT, debug_exit::DEBUG_EXIT_SIZE)?;
     add(Arc::new(Mutex::new(I8042::new(exit.clone()))), i8042::I8042_BASE, i8042::I8042_SIZE)?;
+    add(Arc::new(Mutex::new(Cmos::default())), cmos::CMOS_BASE, cmos::CMOS_SIZE)?;
     let out = match out {
         Some(o) => o,
         None => match serial_out(mode)? {
@@ -236,15 +260,23 @@ fn run_vcpus(
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|source| VmError::Setup { what: "supported CPUID", source })?;
     let mut masked: Vec<cpuid::FeatureBit> = config.cpu_features.iter().filter(|(add, _)| !add).filter_map(|(_, n)| cpu_feature(n)).collect();
-    if kvm::is_pvm_host() && !config.cpu_features.iter().any(|(add, n)| *add && n == "cx16") {
-        masked.push(cpuid::FEATURE_CX16);
+    if kvm::is_pvm_host() {
+        // Features whose instructions this host's ring-0 emulator refuses; `+name` keeps one.
+        for (name, bit) in [("cx16", cpuid::FEATURE_CX16), ("smap", cpuid::FEATURE_SMAP)] {
+            if !config.cpu_features.iter().any(|(add, n)| *add && n == name) {
+                masked.push(bit);
+            }
+        }
     }
 
     let mut runners = Vec::new();
     for id in 0..config.vcpus as u64 {
         let fd = vm.create_vcpu(id).map_err(|source| vcpu::VcpuError::Create { id, source })?;
         let tsc_khz = fd.get_tsc_khz().ok();
-        let c = cpuid::for_vcpu(&base_cpuid, id as u32, config.vcpus, tsc_khz, &masked);
+        let mut c = cpuid::for_vcpu(&base_cpuid, id as u32, config.vcpus, tsc_khz, &masked);
+        for bit in config.cpu_features.iter().filter(|(add, _)| *add).filter_map(|(_, n)| cpu_feature(n)) {
+            cpuid::add(&mut c, bit);
+        }
         fd.set_cpuid2(&c).map_err(|source| vcpu::VcpuError::Setup { id, what: "cpuid", source })?;
         if id == 0 {
             vcpu::setup_boot_state(&fd, id, mem, entry)?;
@@ -259,10 +291,12 @@ fn run_vcpus(
             exit: exit.clone(),
             shared: Arc::new(VcpuShared::default()),
             emulated: 0,
+            mem: mem.clone(),
         });
     }
 
     let started = Instant::now();
+    let startup = started.duration_since(start_reference(started));
     let mut threads = Vec::new();
     for r in runners {
         let shared = r.shared.clone();
@@ -280,7 +314,7 @@ fn run_vcpus(
             let _ = h.join();
         }
     }
-    Ok(RunOutcome { reason, guest_time })
+    Ok(RunOutcome { reason, guest_time, startup })
 }
 
 type VcpuThread = (std::thread::JoinHandle<Option<()>>, Arc<VcpuShared>);

@@ -26,6 +26,7 @@ pub fn guest(name: &str) -> PathBuf {
     let elf = match name {
         "hello" => ringvm::guests::HELLO,
         "blkbench" => ringvm::guests::BLKBENCH,
+        "netbench" => ringvm::guests::NETBENCH,
         _ => panic!("unknown guest {name}"),
     };
     let dir = std::env::temp_dir().join(format!("ringvm-test-{}", std::process::id()));

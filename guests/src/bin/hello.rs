@@ -14,9 +14,22 @@ entry!(main);
 #[used]
 static guest_ring0_halt_opt_in: u8 = 1;
 
+/// Asks the boot stub to run one `lock cmpxchg16b` in ring 0 (see guests/src/boot.rs).
+#[no_mangle]
+#[used]
+static guest_ring0_cx16_opt_in: u8 = 1;
+
+extern "C" {
+    static ring0_cx16_cell: [u64; 3];
+}
+
 fn main(si: &StartInfo) -> ! {
     let cmd = si.cmdline();
     println!("ringvm-hello: ring3 ok");
+    // SAFETY: written once by the boot stub before ring 3 started; read-only from here.
+    let cell = unsafe { core::ptr::read_volatile(&raw const ring0_cx16_cell) };
+    let swapped = cell[2] & 0xff == 1 && cell[0] == 0x1122_3344_5566_7788 && cell[1] == 0x99aa_bbcc_ddee_ff00;
+    println!("ring0 cmpxchg16b: {}", if swapped { "swapped" } else { "WRONG" });
     println!("cmdline: {}", cmd);
     println!("memmap: {} entries, {} MiB", si.memmap_entries, si.ram_bytes() >> 20);
     let code = cmdline::get(cmd, "exit").and_then(cmdline::parse_u64).unwrap_or(0) as u32;

@@ -1,6 +1,7 @@
-//! Modern virtio over PCI: transport, split virtqueues, virtio-blk.
+//! Modern virtio over PCI: transport, split virtqueues, virtio-blk, virtio-net.
 
 pub mod blk;
+pub mod net;
 pub mod pci;
 pub mod queue;
 

@@ -1,9 +1,11 @@
-//! Legacy PC devices: 8250 serial, i8042 reset, isa-debug-exit.
+//! Legacy PC devices: 8250 serial, i8042 reset, isa-debug-exit, CMOS RTC.
 
+pub mod cmos;
 pub mod debug_exit;
 pub mod i8042;
 pub mod serial;
 
+pub use cmos::Cmos;
 pub use debug_exit::DebugExit;
 pub use i8042::I8042;
 pub use serial::Serial;

@@ -22,6 +22,8 @@ pub struct DeviceInfo {
     pub tsc_khz: u64,
     pub tsc_source: TscSource,
     pub ring0_ns: u64,
+    /// Guest entry to the first I/O submission.
+    pub first_io_ns: u64,
 }
 
 /// Room for the JSON line (a full histogram is ~4000 buckets).
@@ -122,6 +124,7 @@ pub fn print(p: &Params, size: u64, e: &Engine, d: &DeviceInfo) {
     j.u64("tsc_khz", d.tsc_khz);
     j.str("tsc_source", d.tsc_source.name());
     j.u64("ring0_ns", d.ring0_ns);
+    j.u64("first_io_ns", d.first_io_ns);
     j.end_object();
     j.end_object();
     if out.truncated {

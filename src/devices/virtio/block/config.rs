@@ -65,7 +65,11 @@ pub enum DiskConfigError {
     #[error("Unknown disk option `{0}` (expected path, queues, queue-size, reactors, readonly, direct, backend, poll-us, id, size)")]
     UnknownKey(String),
     #[error("Invalid value `{value}` for disk option `{key}`: {reason}")]
-    BadValue { key: String, value: String, reason: String },
+    BadValue {
+        key: String,
+        value: String,
+        reason: String,
+    },
     #[error("Disk option `{0}` given twice")]
     Duplicate(String),
     #[error("A disk needs `path=` (only `backend=null` may omit it)")]
@@ -75,7 +79,11 @@ pub enum DiskConfigError {
 }
 
 fn bad(key: &str, value: &str, reason: &str) -> DiskConfigError {
-    DiskConfigError::BadValue { key: key.into(), value: value.into(), reason: reason.into() }
+    DiskConfigError::BadValue {
+        key: key.into(),
+        value: value.into(),
+        reason: reason.into(),
+    }
 }
 
 fn parse_on_off(key: &str, value: &str) -> Result<bool, DiskConfigError> {
@@ -100,8 +108,12 @@ fn parse_size(key: &str, value: &str) -> Result<u64, DiskConfigError> {
         }
         _ => (value, 1),
     };
-    let n: u64 = num.parse().map_err(|_| bad(key, value, "expected a size such as 512M"))?;
-    let bytes = n.checked_mul(mult).ok_or_else(|| bad(key, value, "too large"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| bad(key, value, "expected a size such as 512M"))?;
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| bad(key, value, "too large"))?;
     if bytes == 0 || bytes % 512 != 0 {
         return Err(bad(key, value, "must be a non-zero multiple of 512 bytes"));
     }
@@ -122,7 +134,9 @@ impl FromStr for DiskConfig {
             let (key, value) = match tok.split_once('=') {
                 Some((k, v)) => (k.trim(), v.trim()),
                 None if in_reactors && tok.chars().all(|ch| ch.is_ascii_digit()) => {
-                    let n = tok.parse().map_err(|_| bad("reactors", tok, "expected a reactor index"))?;
+                    let n = tok
+                        .parse()
+                        .map_err(|_| bad("reactors", tok, "expected a reactor index"))?;
                     c.reactors.get_or_insert_with(Vec::new).push(n);
                     continue;
                 }
@@ -140,23 +154,33 @@ impl FromStr for DiskConfig {
                     c.path = Some(PathBuf::from(value));
                 }
                 "queues" | "num-queues" => {
-                    let n: u16 = value.parse().map_err(|_| bad(key, value, "expected a number"))?;
+                    let n: u16 = value
+                        .parse()
+                        .map_err(|_| bad(key, value, "expected a number"))?;
                     if n == 0 || n > QUEUES_MAX {
                         return Err(bad(key, value, &format!("must be 1 to {QUEUES_MAX}")));
                     }
                     c.queues = n;
                 }
                 "queue-size" => {
-                    let n: u16 = value.parse().map_err(|_| bad(key, value, "expected a number"))?;
-                    if n < 2 || n > QUEUE_SIZE_MAX || !n.is_power_of_two() {
-                        return Err(bad(key, value, &format!("must be a power of two from 2 to {QUEUE_SIZE_MAX}")));
+                    let n: u16 = value
+                        .parse()
+                        .map_err(|_| bad(key, value, "expected a number"))?;
+                    if !(2..=QUEUE_SIZE_MAX).contains(&n) || !n.is_power_of_two() {
+                        return Err(bad(
+                            key,
+                            value,
+                            &format!("must be a power of two from 2 to {QUEUE_SIZE_MAX}"),
+                        ));
                     }
                     c.queue_size = n;
                 }
                 "reactors" => {
                     let mut list = Vec::new();
                     for item in value.split(':').filter(|i| !i.is_empty()) {
-                        list.push(item.parse().map_err(|_| bad(key, value, "expected reactor indices such as 0,1"))?);
+                        list.push(item.parse().map_err(|_| {
+                            bad(key, value, "expected reactor indices such as 0,1")
+                        })?);
                     }
                     if list.is_empty() {
                         return Err(bad(key, value, "expected reactor indices such as 0,1"));
@@ -164,7 +188,13 @@ impl FromStr for DiskConfig {
                     c.reactors = Some(list);
                     in_reactors = true;
                 }
-                "readonly" | "ro" => c.readonly = if value.is_empty() { true } else { parse_on_off(key, value)? },
+                "readonly" | "ro" => {
+                    c.readonly = if value.is_empty() {
+                        true
+                    } else {
+                        parse_on_off(key, value)?
+                    }
+                }
                 "direct" => c.direct = parse_on_off(key, value)?,
                 "backend" => {
                     c.backend = match value {
@@ -174,7 +204,9 @@ impl FromStr for DiskConfig {
                     }
                 }
                 "poll-us" => {
-                    let n: u32 = value.parse().map_err(|_| bad(key, value, "expected microseconds"))?;
+                    let n: u32 = value
+                        .parse()
+                        .map_err(|_| bad(key, value, "expected microseconds"))?;
                     if n > 1_000_000 {
                         return Err(bad(key, value, "at most 1000000 (1 s)"));
                     }
@@ -288,7 +320,10 @@ mod tests {
 
     #[test]
     fn test_parse_full_option_string_sets_every_field() {
-        let c: DiskConfig = "path=/img,queues=4,queue-size=128,reactors=1,2,readonly,direct=off,poll-us=50,id=abc".parse().unwrap();
+        let c: DiskConfig =
+            "path=/img,queues=4,queue-size=128,reactors=1,2,readonly,direct=off,poll-us=50,id=abc"
+                .parse()
+                .unwrap();
         assert_eq!(c.path.as_deref(), Some(std::path::Path::new("/img")));
         assert_eq!((c.queues, c.queue_size, c.poll_us), (4, 128, 50));
         assert_eq!(c.reactors, Some(vec![1, 2]));
@@ -312,21 +347,42 @@ mod tests {
             ("path=/a,queue-size=100", "queue-size", "100"),
             ("path=/a,direct=maybe", "direct", "maybe"),
             ("path=/a,backend=spdk", "backend", "spdk"),
-            ("path=/a,id=012345678901234567890", "id", "012345678901234567890"),
+            (
+                "path=/a,id=012345678901234567890",
+                "id",
+                "012345678901234567890",
+            ),
             ("backend=null,size=1X", "size", "1X"),
             ("path=/a,reactors=x", "reactors", "x"),
         ];
         for (s, key, value) in cases {
             match s.parse::<DiskConfig>() {
-                Err(DiskConfigError::BadValue { key: k, value: v, .. }) => assert_eq!((k.as_str(), v.as_str()), (key, value), "{s}"),
+                Err(DiskConfigError::BadValue {
+                    key: k, value: v, ..
+                }) => assert_eq!((k.as_str(), v.as_str()), (key, value), "{s}"),
                 other => panic!("{s}: {other:?}"),
             }
         }
-        assert_eq!("path=/a,colour=red".parse::<DiskConfig>(), Err(DiskConfigError::UnknownKey("colour".into())));
-        assert_eq!("queues=2".parse::<DiskConfig>(), Err(DiskConfigError::MissingPath));
-        assert_eq!("backend=null".parse::<DiskConfig>(), Err(DiskConfigError::MissingSize));
-        assert_eq!("path=/a,path=/b".parse::<DiskConfig>(), Err(DiskConfigError::Duplicate("path".into())));
-        let msg = "path=/a,queues=x".parse::<DiskConfig>().unwrap_err().to_string();
+        assert_eq!(
+            "path=/a,colour=red".parse::<DiskConfig>(),
+            Err(DiskConfigError::UnknownKey("colour".into()))
+        );
+        assert_eq!(
+            "queues=2".parse::<DiskConfig>(),
+            Err(DiskConfigError::MissingPath)
+        );
+        assert_eq!(
+            "backend=null".parse::<DiskConfig>(),
+            Err(DiskConfigError::MissingSize)
+        );
+        assert_eq!(
+            "path=/a,path=/b".parse::<DiskConfig>(),
+            Err(DiskConfigError::Duplicate("path".into()))
+        );
+        let msg = "path=/a,queues=x"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("`queues`") && msg.contains("`x`"), "{msg}");
     }
 
@@ -338,7 +394,10 @@ mod tests {
         assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 254);
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
         assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 4);
-        assert_eq!(u32::from_le_bytes(c[44..48].try_into().unwrap()), DISCARD_ALIGN_SECTORS);
+        assert_eq!(
+            u32::from_le_bytes(c[44..48].try_into().unwrap()),
+            DISCARD_ALIGN_SECTORS
+        );
         assert_eq!(c[56], 1);
     }
 }

@@ -24,10 +24,18 @@ pub struct Buf {
 
 impl Buf {
     pub fn r(addr: GuestAddress, len: u32) -> Self {
-        Buf { addr, len, write: false }
+        Buf {
+            addr,
+            len,
+            write: false,
+        }
     }
     pub fn w(addr: GuestAddress, len: u32) -> Self {
-        Buf { addr, len, write: true }
+        Buf {
+            addr,
+            len,
+            write: true,
+        }
     }
 }
 
@@ -62,7 +70,18 @@ impl TestDriver {
         let avail = GuestAddress(desc.0 + 16 * s);
         let used = GuestAddress((avail.0 + 6 + 2 * s + 3) & !3);
         let heap = (used.0 + 6 + 8 * s + 4095) & !4095;
-        let d = TestDriver { mem: mem.clone(), size, desc, avail, used, next_desc: 0, avail_idx: 0, used_seen: 0, heap, heap_end };
+        let d = TestDriver {
+            mem: mem.clone(),
+            size,
+            desc,
+            avail,
+            used,
+            next_desc: 0,
+            avail_idx: 0,
+            used_seen: 0,
+            heap,
+            heap_end,
+        };
         d.mem.write_obj(0u16, avail).unwrap();
         d.mem.write_obj(0u16, GuestAddress(avail.0 + 2)).unwrap();
         d.mem.write_obj(0u16, used).unwrap();
@@ -134,7 +153,13 @@ impl TestDriver {
             if i + 1 < bufs.len() {
                 flags |= F_NEXT;
             }
-            self.write_desc_at(GuestAddress(table.0 + 16 * i as u64), b.addr.0, b.len, flags, (i + 1) as u16);
+            self.write_desc_at(
+                GuestAddress(table.0 + 16 * i as u64),
+                b.addr.0,
+                b.len,
+                flags,
+                (i + 1) as u16,
+            );
         }
         let head = self.next_desc;
         self.write_desc(head, table.0, 16 * bufs.len() as u32, F_INDIRECT, 0);
@@ -148,12 +173,41 @@ impl TestDriver {
         self.mem.write_obj(head, slot).unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
         fence(Ordering::SeqCst);
-        self.mem.store(self.avail_idx, GuestAddress(self.avail.0 + 2), Ordering::Release).unwrap();
+        self.mem
+            .store(
+                self.avail_idx,
+                GuestAddress(self.avail.0 + 2),
+                Ordering::Release,
+            )
+            .unwrap();
+    }
+
+    /// Makes all `heads` available with one index update, as a driver batching requests does.
+    pub fn publish_many(&mut self, heads: &[u16]) {
+        for &head in heads {
+            let slot = GuestAddress(self.avail.0 + 4 + 2 * u64::from(self.avail_idx % self.size));
+            self.mem.write_obj(head, slot).unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+        }
+        self.mem
+            .store(
+                self.avail_idx,
+                GuestAddress(self.avail.0 + 2),
+                Ordering::Release,
+            )
+            .unwrap();
     }
 
     /// Builds a complete request: 16-byte header, one data buffer of `data_len` bytes
     /// (device-writable for IN/GET_ID), status byte. With `indirect`, through an indirect table.
-    pub fn request(&mut self, ty: u32, sector: u64, data: Option<&[u8]>, data_len: u32, indirect: bool) -> Built {
+    pub fn request(
+        &mut self,
+        ty: u32,
+        sector: u64,
+        data: Option<&[u8]>,
+        data_len: u32,
+        indirect: bool,
+    ) -> Built {
         let hdr = self.alloc(16);
         let mut h = [0u8; 16];
         h[0..4].copy_from_slice(&ty.to_le_bytes());
@@ -169,16 +223,31 @@ impl TestDriver {
             if let Some(d) = data {
                 self.mem.write_slice(d, data_addr).unwrap();
             }
-            bufs.push(Buf { addr: data_addr, len: data_len, write: dev_writes });
+            bufs.push(Buf {
+                addr: data_addr,
+                len: data_len,
+                write: dev_writes,
+            });
         }
         bufs.push(Buf::w(status, 1));
-        let head = if indirect { self.write_indirect(&bufs) } else { self.write_chain(&bufs) };
-        Built { head, status, data: data_addr }
+        let head = if indirect {
+            self.write_indirect(&bufs)
+        } else {
+            self.write_chain(&bufs)
+        };
+        Built {
+            head,
+            status,
+            data: data_addr,
+        }
     }
 
     /// New used entries (id, len) since the last call.
     pub fn take_used(&mut self) -> Vec<(u32, u32)> {
-        let idx: u16 = self.mem.load(GuestAddress(self.used.0 + 2), Ordering::Acquire).unwrap();
+        let idx: u16 = self
+            .mem
+            .load(GuestAddress(self.used.0 + 2), Ordering::Acquire)
+            .unwrap();
         let mut out = Vec::new();
         while self.used_seen != idx {
             let e = GuestAddress(self.used.0 + 4 + 8 * u64::from(self.used_seen % self.size));
@@ -192,12 +261,20 @@ impl TestDriver {
 
     /// The device's used index.
     pub fn used_idx(&self) -> u16 {
-        self.mem.load(GuestAddress(self.used.0 + 2), Ordering::Acquire).unwrap()
+        self.mem
+            .load(GuestAddress(self.used.0 + 2), Ordering::Acquire)
+            .unwrap()
     }
 
     /// Sets `used_event` (EVENT_IDX): the driver wants an interrupt once the used index passes it.
     pub fn set_used_event(&self, v: u16) {
-        self.mem.store(v, GuestAddress(self.avail.0 + 4 + 2 * u64::from(self.size)), Ordering::Release).unwrap();
+        self.mem
+            .store(
+                v,
+                GuestAddress(self.avail.0 + 4 + 2 * u64::from(self.size)),
+                Ordering::Release,
+            )
+            .unwrap();
     }
 
     /// The status byte of a built request.

@@ -3,22 +3,26 @@
 //!
 //! Request slots (with their iovec arrays) are allocated when the queue is attached and
 //! indexed by descriptor head, so the data path allocates nothing; completions write the
-//! status byte and the used entry at once and the interrupt goes out once per batch, only if
-//! EVENT_IDX says the driver wants it and never when the queue has no vector.
+//! status byte and the used element at once, the used index is published once per batch
+//! ([`Rings`]) and the interrupt goes out once per batch, only if EVENT_IDX (or
+//! NO_INTERRUPT) says the driver wants it and never when the queue has no vector.
 
-use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::QueueIo;
 use super::config::DiskInfo;
-use super::request::{self, Request, RequestError, RequestType, Segment, IOVEC_EMPTY, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+use super::request::{
+    self, Request, RequestError, RequestType, Segment, IOVEC_EMPTY, VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+};
+use super::rings::Rings;
 use crate::devices::virtio::GuestMemory;
 use crate::metrics::QueueMetrics;
 use crate::reactor::{QueueHandler, RingCtx};
@@ -38,14 +42,21 @@ pub struct LogLimiter {
 
 impl LogLimiter {
     pub fn new() -> Self {
-        LogLimiter { window: Instant::now(), lines: 0, dropped: 0 }
+        LogLimiter {
+            window: Instant::now(),
+            lines: 0,
+            dropped: 0,
+        }
     }
 
     /// True when a line may be logged now.
     pub fn allow(&mut self, now: Instant, who: &str) -> bool {
         if now.saturating_duration_since(self.window) >= Duration::from_secs(1) {
             if self.dropped > 0 {
-                log::warn!("{who}: {} more messages about bad requests suppressed", self.dropped);
+                log::warn!(
+                    "{who}: {} more messages about bad requests suppressed",
+                    self.dropped
+                );
             }
             self.window = now;
             self.lines = 0;
@@ -69,6 +80,8 @@ impl Default for LogLimiter {
 
 struct Slot {
     busy: bool,
+    /// Served through the buffered twin of an O_DIRECT disk.
+    buffered: bool,
     req: Request,
     iov: Box<[libc::iovec]>,
     popped: Instant,
@@ -93,7 +106,10 @@ pub struct QueueParts {
 pub struct BlockQueue {
     p: QueueParts,
     io: Option<QueueIo>,
-    fd: Option<RawFd>,
+    /// Disk file and its buffered twin, registered by the reactor.
+    files: [Option<RawFd>; 2],
+    /// `None` when the rings are not inside guest memory (the queue is then broken).
+    rings: Option<Rings>,
     slots: Box<[Slot]>,
     scratch: Box<[Segment]>,
     in_flight: usize,
@@ -101,28 +117,42 @@ pub struct BlockQueue {
     dirty: bool,
     broken: bool,
     log: LogLimiter,
+    /// The notice about O_DIRECT fallbacks was logged.
+    noted_buffered: bool,
 }
 
 impl BlockQueue {
     /// Builds the queue state; call on the reactor thread. `io` is `None` for the null back
-    /// end; `fd` is the file the reactor registers for `io`.
-    pub fn new(p: QueueParts, io: Option<QueueIo>, fd: Option<RawFd>) -> Self {
+    /// end; `files` are the disk file and its buffered twin, which the reactor registers.
+    pub fn new(p: QueueParts, io: Option<QueueIo>, files: [Option<RawFd>; 2]) -> Self {
         let size = usize::from(p.queue.size().max(1));
         let segs = p.disk.seg_max as usize + 2;
         let now = Instant::now();
         let slots = (0..size)
             .map(|_| Slot {
                 busy: false,
-                req: Request { kind: RequestType::Flush, sector: 0, data_len: 0, niov: 0, status: GuestAddress(0), num_sectors: 0, unmap: false },
+                buffered: false,
+                req: Request {
+                    kind: RequestType::Flush,
+                    sector: 0,
+                    data_len: 0,
+                    niov: 0,
+                    status: GuestAddress(0),
+                    num_sectors: 0,
+                    unmap: false,
+                    unaligned: false,
+                },
                 iov: vec![IOVEC_EMPTY; segs + IOV_SLACK].into_boxed_slice(),
                 popped: now,
                 kick: now,
             })
             .collect();
-        BlockQueue {
+        let rings = Rings::new(&p.mem, &p.queue);
+        let mut q = BlockQueue {
+            rings: None,
             p,
             io,
-            fd,
+            files,
             slots,
             scratch: vec![Segment::default(); segs].into_boxed_slice(),
             in_flight: 0,
@@ -130,7 +160,13 @@ impl BlockQueue {
             dirty: false,
             broken: false,
             log: LogLimiter::new(),
+            noted_buffered: false,
+        };
+        match rings {
+            Some(r) => q.rings = Some(r),
+            None => q.fail_queue("the rings are misaligned or outside guest memory", now),
         }
+        q
     }
 
     fn fail_queue(&mut self, what: &str, now: Instant) {
@@ -148,17 +184,28 @@ impl BlockQueue {
     }
 
     /// Writes the status byte and the used entry, and records metrics.
-    fn finish(&mut self, head: u16, status_at: Option<GuestAddress>, status: u8, used_len: u32, req: Option<(&Request, Instant, Instant)>, now: Instant) {
+    fn finish(
+        &mut self,
+        head: u16,
+        status_at: Option<GuestAddress>,
+        status: u8,
+        used_len: u32,
+        req: Option<(&Request, Instant, Instant)>,
+        now: Instant,
+    ) {
         if let Some(at) = status_at {
-            if self.p.mem.write_obj(status, at).is_err() {
+            let Some(p) = request::host_range(&self.p.mem, at.0, 1) else {
                 self.fail_queue("cannot write a status byte", now);
                 return;
-            }
+            };
+            // SAFETY: `host_range` checked that the byte lies in mapped guest memory, which
+            // `self.p.mem` keeps mapped.
+            unsafe { std::ptr::write_volatile(p, status) };
         }
-        if let Err(e) = self.p.queue.add_used(&self.p.mem, head, used_len) {
-            self.fail_queue(&format!("cannot write the used ring: {e}"), now);
+        let Some(rings) = self.rings.as_mut() else {
             return;
-        }
+        };
+        rings.push_used(head, used_len);
         self.dirty = true;
         let c = &mut self.p.metrics.counters;
         match status {
@@ -166,7 +213,9 @@ impl BlockQueue {
             VIRTIO_BLK_S_UNSUPP => c.unsupported += 1,
             _ => c.errors += 1,
         }
-        let Some((req, popped, kick)) = req else { return };
+        let Some((req, popped, kick)) = req else {
+            return;
+        };
         let ok = status == VIRTIO_BLK_S_OK;
         if status != VIRTIO_BLK_S_UNSUPP {
             match req.kind {
@@ -184,8 +233,12 @@ impl BlockQueue {
                 RequestType::WriteZeroes => c.write_zeroes += 1,
             }
         }
-        self.p.metrics.record_service(now.saturating_duration_since(popped));
-        self.p.metrics.record_k2c(now.saturating_duration_since(kick));
+        self.p
+            .metrics
+            .record_service(now.saturating_duration_since(popped));
+        self.p
+            .metrics
+            .record_k2c(now.saturating_duration_since(kick));
     }
 
     /// Starts one parsed request: completes it inline or queues its SQE.
@@ -193,6 +246,7 @@ impl BlockQueue {
         let now = ctx.now;
         let h = usize::from(head);
         let req = self.slots[h].req;
+        let buffered = req.unaligned && self.io.as_ref().is_some_and(QueueIo::has_buffered);
         let entry = match (&self.io, req.kind) {
             (_, RequestType::GetId) => {
                 let mut left = &self.p.disk.id[..req.data_len as usize];
@@ -200,25 +254,46 @@ impl BlockQueue {
                     let take = v.iov_len.min(left.len());
                     // SAFETY: the parser checked that this iovec lies inside guest memory, which
                     // `self.p.mem` keeps mapped; `left` is a host buffer that cannot overlap it.
-                    unsafe { std::ptr::copy_nonoverlapping(left.as_ptr(), v.iov_base.cast::<u8>(), take) };
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(left.as_ptr(), v.iov_base.cast::<u8>(), take)
+                    };
                     left = &left[take..];
                 }
                 None
             }
             (None, _) => None,
             (Some(_), RequestType::In | RequestType::Out) if req.niov == 0 => None,
-            (Some(io), RequestType::In) => Some(io.read(self.slots[h].iov.as_ptr(), req.niov, req.offset())),
-            (Some(io), RequestType::Out) => Some(io.write(self.slots[h].iov.as_ptr(), req.niov, req.offset())),
+            (Some(io), RequestType::In) => {
+                Some(io.read(self.slots[h].iov.as_ptr(), req.niov, req.offset(), buffered))
+            }
+            (Some(io), RequestType::Out) => {
+                Some(io.write(self.slots[h].iov.as_ptr(), req.niov, req.offset(), buffered))
+            }
             (Some(io), RequestType::Flush) => Some(io.flush()),
-            (Some(io), RequestType::Discard) => Some(io.punch(req.offset(), u64::from(req.num_sectors) << request::SECTOR_SHIFT)),
-            (Some(io), RequestType::WriteZeroes) => Some(io.write_zeroes(req.offset(), u64::from(req.num_sectors) << request::SECTOR_SHIFT, req.unmap)),
+            (Some(io), RequestType::Discard) => Some(io.punch(
+                req.offset(),
+                u64::from(req.num_sectors) << request::SECTOR_SHIFT,
+            )),
+            (Some(io), RequestType::WriteZeroes) => Some(io.write_zeroes(
+                req.offset(),
+                u64::from(req.num_sectors) << request::SECTOR_SHIFT,
+                req.unmap,
+            )),
         };
         let Some(entry) = entry else {
-            self.finish(head, Some(req.status), VIRTIO_BLK_S_OK, req.used_len_ok(), Some((&req, now, kick)), now);
+            self.finish(
+                head,
+                Some(req.status),
+                VIRTIO_BLK_S_OK,
+                req.used_len_ok(),
+                Some((&req, now, kick)),
+                now,
+            );
             return;
         };
         let slot = &mut self.slots[h];
         slot.busy = true;
+        slot.buffered = buffered;
         slot.popped = now;
         slot.kick = kick;
         // SAFETY: the iovec array belongs to the slot, which is neither freed nor reused
@@ -231,7 +306,14 @@ impl BlockQueue {
                 if self.log.allow(now, &self.p.name) {
                     log::error!("{}: cannot submit a request: {e}", self.p.name);
                 }
-                self.finish(head, Some(req.status), VIRTIO_BLK_S_IOERR, 1, Some((&req, now, kick)), now);
+                self.finish(
+                    head,
+                    Some(req.status),
+                    VIRTIO_BLK_S_IOERR,
+                    1,
+                    Some((&req, now, kick)),
+                    now,
+                );
             }
         }
     }
@@ -243,7 +325,11 @@ impl QueueHandler for BlockQueue {
     }
 
     fn file_fd(&self) -> Option<RawFd> {
-        self.fd
+        self.files[0]
+    }
+
+    fn alt_file_fd(&self) -> Option<RawFd> {
+        self.files[1]
     }
 
     fn poll_window(&self) -> Option<Duration> {
@@ -259,9 +345,19 @@ impl QueueHandler for BlockQueue {
         if self.broken {
             return false;
         }
-        let r = if enable { self.p.queue.enable_notification(&self.p.mem) } else { self.p.queue.disable_notification(&self.p.mem).map(|_| false) };
+        let r = if enable {
+            self.p.queue.enable_notification(&self.p.mem)
+        } else {
+            self.p
+                .queue
+                .disable_notification(&self.p.mem)
+                .map(|_| false)
+        };
         r.unwrap_or_else(|e| {
-            self.fail_queue(&format!("cannot update the notification state: {e}"), Instant::now());
+            self.fail_queue(
+                &format!("cannot update the notification state: {e}"),
+                Instant::now(),
+            );
             false
         })
     }
@@ -273,31 +369,49 @@ impl QueueHandler for BlockQueue {
         let kick = self.last_kick.take().unwrap_or(ctx.now);
         // virtio-queue logs (without rate limit) and yields nothing when the driver's avail
         // index runs more than a queue ahead; catch that once here instead.
-        match self.p.queue.avail_idx(&self.p.mem, Ordering::Acquire) {
-            Ok(idx) if (idx - Wrapping(self.p.queue.next_avail())).0 <= self.p.queue.size() => {}
-            Ok(idx) => {
-                self.fail_queue(&format!("avail index {} is more than the queue size ahead of {}", idx.0, self.p.queue.next_avail()), ctx.now);
-                return 0;
-            }
-            Err(e) => {
-                self.fail_queue(&format!("cannot read the avail index: {e}"), ctx.now);
-                return 0;
-            }
+        let Some(rings) = self.rings.as_ref() else {
+            return 0;
+        };
+        let next = self.p.queue.next_avail();
+        let size = self.p.queue.size();
+        let avail_idx = rings.avail_idx();
+        if avail_idx.wrapping_sub(next) > size {
+            // virtio-queue would log (without rate limit) and yield nothing on every pass.
+            self.fail_queue(
+                &format!("avail index {avail_idx} is more than the queue size ahead of {next}"),
+                ctx.now,
+            );
+            return 0;
         }
+        let desc_table = GuestAddress(self.p.queue.desc_table());
         let mut n = 0;
-        while n < budget {
-            let Some(chain) = self.p.queue.pop_descriptor_chain(&self.p.mem) else { break };
+        while n < budget && next.wrapping_add(n as u16) != avail_idx && !self.broken {
+            let Some(head) = self
+                .rings
+                .as_ref()
+                .map(|r| r.avail_head(next.wrapping_add(n as u16)))
+            else {
+                break;
+            };
             n += 1;
-            let head = chain.head_index();
             let h = usize::from(head);
             if self.slots.get(h).is_none_or(|s| s.busy) {
-                // The driver made a head available twice while it is in flight: its buffers
-                // are in use, so the chain cannot be answered.
-                drop(chain);
-                self.fail_queue(&format!("descriptor head {head} made available while in flight"), ctx.now);
+                // A head beyond the queue, or made available twice while in flight: its
+                // buffers may be in use, so the chain cannot be answered.
+                self.fail_queue(
+                    &format!("descriptor head {head} is out of range or already in flight"),
+                    ctx.now,
+                );
                 continue;
             }
-            let parsed = request::parse(chain, &self.p.mem, &self.p.disk, &mut self.scratch, &mut self.slots[h].iov);
+            let chain = request::Chain::new(&self.p.mem, desc_table, size, head);
+            let parsed = request::parse(
+                chain,
+                &self.p.mem,
+                &self.p.disk,
+                &mut self.scratch,
+                &mut self.slots[h].iov,
+            );
             match parsed {
                 Ok(req) => {
                     self.slots[h].req = req;
@@ -312,6 +426,7 @@ impl QueueHandler for BlockQueue {
                 }
             }
         }
+        self.p.queue.set_next_avail(next.wrapping_add(n as u16));
         self.p.metrics.record_batch(n);
         n
     }
@@ -333,9 +448,36 @@ impl QueueHandler for BlockQueue {
             if let Some(io) = self.io.as_mut().filter(|io| io.zero_range) {
                 // ZERO_RANGE is not supported by this file system: punch a hole instead.
                 io.zero_range = false;
-                let e = io.write_zeroes(req.offset(), u64::from(req.num_sectors) << request::SECTOR_SHIFT, true);
+                let e = io.write_zeroes(
+                    req.offset(),
+                    u64::from(req.num_sectors) << request::SECTOR_SHIFT,
+                    true,
+                );
                 // SAFETY: a fallocate SQE references no memory.
                 if unsafe { ctx.push(e, tag) }.is_ok() {
+                    return;
+                }
+            }
+        }
+        if res == -libc::EINVAL
+            && matches!(req.kind, RequestType::In | RequestType::Out)
+            && !slot.buffered
+        {
+            if let Some(io) = self.io.as_ref().filter(|io| io.has_buffered()) {
+                // O_DIRECT refused the request (e.g. a host disk with 4 KiB sectors): retry
+                // it once through the buffered twin.
+                slot.buffered = true;
+                let e = match req.kind {
+                    RequestType::In => io.read(slot.iov.as_ptr(), req.niov, req.offset(), true),
+                    _ => io.write(slot.iov.as_ptr(), req.niov, req.offset(), true),
+                };
+                // SAFETY: the same iovec array, still owned by the busy slot until this
+                // completion comes back.
+                if unsafe { ctx.push(e, tag) }.is_ok() {
+                    if !self.noted_buffered {
+                        self.noted_buffered = true;
+                        log::info!("{}: O_DIRECT refused a request; such requests go through the page cache", self.p.name);
+                    }
                     return;
                 }
             }
@@ -347,11 +489,31 @@ impl QueueHandler for BlockQueue {
             _ => res >= 0,
         };
         if !ok && self.log.allow(now, &self.p.name) {
-            let why = if res < 0 { std::io::Error::from_raw_os_error(-res).to_string() } else { format!("short transfer of {res} of {} bytes", req.data_len) };
-            log::warn!("{}: {:?} at sector {} failed: {why}", self.p.name, req.kind, req.sector);
+            let why = if res < 0 {
+                std::io::Error::from_raw_os_error(-res).to_string()
+            } else {
+                format!("short transfer of {res} of {} bytes", req.data_len)
+            };
+            log::warn!(
+                "{}: {:?} at sector {} failed: {why}",
+                self.p.name,
+                req.kind,
+                req.sector
+            );
         }
-        let (status, used) = if ok { (VIRTIO_BLK_S_OK, req.used_len_ok()) } else { (VIRTIO_BLK_S_IOERR, 1) };
-        self.finish(tag as u16, Some(req.status), status, used, Some((&req, popped, kick)), now);
+        let (status, used) = if ok {
+            (VIRTIO_BLK_S_OK, req.used_len_ok())
+        } else {
+            (VIRTIO_BLK_S_IOERR, 1)
+        };
+        self.finish(
+            tag as u16,
+            Some(req.status),
+            status,
+            used,
+            Some((&req, popped, kick)),
+            now,
+        );
     }
 
     fn publish(&mut self) {
@@ -359,18 +521,26 @@ impl QueueHandler for BlockQueue {
             return;
         }
         self.dirty = false;
-        match self.p.queue.needs_notification(&self.p.mem) {
-            Ok(true) => match &self.p.irq {
-                Some(irq) => {
-                    if let Err(e) = irq.write(1) {
-                        log::error!("{}: cannot signal the irqfd: {e}", self.p.name);
-                    }
-                    self.p.metrics.counters.irqs_sent += 1;
+        let Some(rings) = self.rings.as_mut() else {
+            return;
+        };
+        let Some(idx) = rings.publish() else {
+            return;
+        };
+        self.p.queue.set_next_used(idx);
+        if !rings.needs_notification() {
+            self.p.metrics.counters.irqs_suppressed += 1;
+            return;
+        }
+        match &self.p.irq {
+            Some(irq) => {
+                if let Err(e) = irq.write(1) {
+                    log::error!("{}: cannot signal the irqfd: {e}", self.p.name);
                 }
-                None => self.p.metrics.counters.irqs_suppressed += 1,
-            },
-            Ok(false) => self.p.metrics.counters.irqs_suppressed += 1,
-            Err(e) => self.fail_queue(&format!("cannot read used_event: {e}"), Instant::now()),
+                self.p.metrics.counters.irqs_sent += 1;
+            }
+            // No vector: the driver polls the used ring.
+            None => self.p.metrics.counters.irqs_suppressed += 1,
         }
     }
 

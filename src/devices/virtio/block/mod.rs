@@ -1,5 +1,5 @@
 //! virtio-blk: config ([`config`]), pure request parser ([`request`]), per-queue handler on
-//! the reactors ([`handler`]), back ends ([`backend`]).
+//! the reactors ([`handler`]), host-pointer ring access ([`rings`]), back ends ([`backend`]).
 //!
 //! ```ignore
 //! let pool = reactor::ReactorPool::start(reactor::ReactorOptions { cores: vec![1], ..Default::default() }, exit.clone())?;
@@ -10,6 +10,18 @@
 //! `activate` sends each queue to its reactor (round-robin over the pool, or over the disk's
 //! `reactors=` list) and waits for the reactor to accept it; `reset` asks the reactors to
 //! drain and drop the device's queues and returns once they no longer touch guest memory.
+//!
+//! Data path, per queue and reactor pass: read the avail index once, walk at most
+//! [`crate::reactor::BATCH_MAX`] chains through host pointers ([`request::Chain`]), parse
+//! each into a slot indexed by its head (iovecs point into guest memory), queue one SQE per
+//! request on the reactor's ring (readv/writev, fdatasync, fallocate), and on completion
+//! write the status byte and the used element; the used index is stored once per batch and
+//! the irqfd written at most once per batch, when EVENT_IDX (or NO_INTERRUPT) allows.
+//!
+//! O_DIRECT disks keep a buffered twin of the file: requests whose guest buffers are not
+//! 512-byte aligned, or that O_DIRECT refuses with EINVAL, go through the page cache instead
+//! of failing. Bad guest input completes with IOERR/UNSUPP (or used length 0 when the chain
+//! has no status byte) and a rate-limited log line; ring corruption sets DEVICE_NEEDS_RESET.
 
 pub mod backend;
 pub mod config;
@@ -19,6 +31,7 @@ pub mod driver;
 pub mod fuzz;
 pub mod handler;
 pub mod request;
+pub mod rings;
 
 pub use config::{BackendKind, DiskConfig, DiskConfigError, DiskInfo};
 
@@ -30,7 +43,10 @@ use backend::{Backend, BackendError};
 use config::{features as f, CONFIG_LEN};
 use handler::{BlockQueue, QueueParts};
 
-use super::{ActivateError, ActiveQueue, GuestMemory, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK};
+use super::{
+    ActivateError, ActiveQueue, GuestMemory, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC,
+    F_VERSION_1, TYPE_BLOCK,
+};
 use crate::metrics::QueueMetrics;
 use crate::reactor::{PoolHandle, ReactorError, ReactorPool};
 
@@ -73,13 +89,25 @@ impl BlockDevice {
         let backend = Backend::open(cfg)?;
         let n = NEXT_DEVICE.fetch_add(1, Ordering::Relaxed);
         let name = cfg.id.clone().unwrap_or_else(|| format!("blk{n}"));
-        let list: Vec<usize> = cfg.reactors.clone().unwrap_or_else(|| (0..pool.len()).collect());
+        let list: Vec<usize> = cfg
+            .reactors
+            .clone()
+            .unwrap_or_else(|| (0..pool.len()).collect());
         if let Some(&bad) = list.iter().find(|&&r| r >= pool.len()) {
-            return Err(BlockError::NoSuchReactor { index: bad, len: pool.len() });
+            return Err(BlockError::NoSuchReactor {
+                index: bad,
+                len: pool.len(),
+            });
         }
         // Spread the disks' first queues over the pool when placement is automatic.
-        let offset = if cfg.reactors.is_none() { n as usize } else { 0 };
-        let placement = (0..usize::from(cfg.queues)).map(|q| list[(q + offset) % list.len()]).collect();
+        let offset = if cfg.reactors.is_none() {
+            n as usize
+        } else {
+            0
+        };
+        let placement = (0..usize::from(cfg.queues))
+            .map(|q| list[(q + offset) % list.len()])
+            .collect();
         let readonly = cfg.readonly || matches!(&backend, Backend::Uring(u) if u.readonly);
         let disk = DiskInfo::new(backend.capacity_sectors(), readonly, cfg.queue_size, &name);
         let mut features = F_VERSION_1
@@ -136,7 +164,8 @@ impl BlockDevice {
             irq: q.irq,
             disk: self.disk.clone(),
             needs_reset: self.needs_reset.clone(),
-            poll: (self.cfg.poll_us > 0).then(|| Duration::from_micros(u64::from(self.cfg.poll_us))),
+            poll: (self.cfg.poll_us > 0)
+                .then(|| Duration::from_micros(u64::from(self.cfg.poll_us))),
             metrics: QueueMetrics::new(&self.name, q.index, reactor),
         };
         let backend = self.backend.clone();
@@ -147,8 +176,12 @@ impl BlockDevice {
             reactor,
             self.id,
             Box::new(move |ctx| {
-                let io = backend.queue_io(ctx.fixed_file);
-                Ok(Box::new(BlockQueue::new(parts, io, backend.fd())))
+                let io = backend.queue_io(ctx.fixed_file, ctx.alt_fixed_file);
+                Ok(Box::new(BlockQueue::new(
+                    parts,
+                    io,
+                    [backend.fd(), backend.alt_fd()],
+                )))
             }),
         )
     }
@@ -173,28 +206,50 @@ impl VirtioDevice for BlockDevice {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
-            *b = offset.checked_add(i as u64).and_then(|o| self.config.get(o as usize)).copied().unwrap_or(0);
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| self.config.get(o as usize))
+                .copied()
+                .unwrap_or(0);
         }
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Everything is read-only without CONFIG_WCE, which we do not offer.
-        log::debug!("{}: ignored config write of {} bytes at {offset}", self.name, data.len());
+        log::debug!(
+            "{}: ignored config write of {} bytes at {offset}",
+            self.name,
+            data.len()
+        );
     }
 
     /// Hands each queue to its reactor. The driver may enable fewer queues than offered (Linux
     /// uses at most one per vCPU); each enabled queue keeps its index and placement.
-    fn activate(&mut self, mem: GuestMemory, _acked_features: u64, queues: Vec<ActiveQueue>) -> Result<(), ActivateError> {
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        _acked_features: u64,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
         let expected = self.num_queues();
         let mut seen = vec![false; expected];
         for q in &queues {
             match seen.get_mut(usize::from(q.index)) {
                 Some(s) if !*s => *s = true,
-                _ => return Err(ActivateError::QueueCount { expected, got: queues.len() }),
+                _ => {
+                    return Err(ActivateError::QueueCount {
+                        expected,
+                        got: queues.len(),
+                    })
+                }
             }
         }
         if queues.is_empty() {
             return Err(ActivateError::QueueCount { expected, got: 0 });
+        }
+        if !self.active.is_empty() {
+            // Activated again without a reset: drop the old queues first.
+            self.reset();
         }
         self.needs_reset.store(false, Ordering::Release);
         for q in queues {
@@ -210,8 +265,13 @@ impl VirtioDevice for BlockDevice {
     /// dropped the queues (or [`crate::reactor::CONTROL_TIMEOUT`] passed, logged as an error).
     fn reset(&mut self) {
         for r in std::mem::take(&mut self.active) {
-            if let Err(e) = self.pool.detach(r, self.id) {
-                log::error!("{}: reset: {e}", self.name);
+            match self.pool.detach(r, self.id) {
+                Ok(()) => {}
+                // A stopped reactor drained its queues before exiting.
+                Err(ReactorError::Gone { .. }) => {
+                    log::debug!("{}: reset after reactor{r} stopped", self.name)
+                }
+                Err(e) => log::error!("{}: reset: {e}", self.name),
             }
         }
         self.needs_reset.store(false, Ordering::Release);

@@ -94,7 +94,17 @@ impl Tap {
             flags |= IFF_MULTI_QUEUE;
         }
         let mut fds = Vec::with_capacity(usize::from(queues.max(1)));
-        for _ in 0..queues.max(1) {
+        // A single-queue open of a tap created multi_queue (as scripts/net/ and libvirt do)
+        // fails with EINVAL: open that tap the way it was made.
+        let first = match open_one(name, flags) {
+            Err(TapError::SetIff { source, .. }) if queues <= 1 && source.raw_os_error() == Some(libc::EINVAL) => {
+                flags |= IFF_MULTI_QUEUE;
+                open_one(name, flags)?
+            }
+            other => other?,
+        };
+        fds.push(first);
+        for _ in 1..queues.max(1) {
             fds.push(open_one(name, flags)?);
         }
         let mut tap = Tap { name: name.into(), fds, supported: 0 };

@@ -49,7 +49,11 @@ impl Backend {
     /// capacity.
     pub fn open(cfg: &DiskConfig) -> Result<Backend, BackendError> {
         match (cfg.backend, &cfg.path) {
-            (BackendKind::Uring, Some(p)) => Ok(Backend::Uring(UringBackend::open(p, cfg.readonly, cfg.direct)?)),
+            (BackendKind::Uring, Some(p)) => Ok(Backend::Uring(UringBackend::open(
+                p,
+                cfg.readonly,
+                cfg.direct,
+            )?)),
             (BackendKind::Uring, None) => Err(BackendError::NoSize),
             (BackendKind::Null, _) => {
                 let bytes = match (cfg.size, &cfg.path) {
@@ -57,7 +61,9 @@ impl Backend {
                     (None, Some(p)) => uring::size_of_path(p)?,
                     (None, None) => return Err(BackendError::NoSize),
                 };
-                Ok(Backend::Null(NullBackend { capacity_sectors: bytes >> SECTOR_SHIFT }))
+                Ok(Backend::Null(NullBackend {
+                    capacity_sectors: bytes >> SECTOR_SHIFT,
+                }))
             }
         }
     }
@@ -77,10 +83,23 @@ impl Backend {
         }
     }
 
-    /// The per-queue I/O builder for a queue whose file sits at `fixed` in its ring's table.
-    pub fn queue_io(&self, fixed: u32) -> Option<QueueIo> {
+    /// The buffered twin of [`fd`](Self::fd), if any.
+    pub fn alt_fd(&self) -> Option<RawFd> {
         match self {
-            Backend::Uring(u) => Some(QueueIo::new(fixed, u.file.clone())),
+            Backend::Uring(u) => u.buffered_fd(),
+            Backend::Null(_) => None,
+        }
+    }
+
+    /// The per-queue I/O builder for a queue whose files sit at `fixed` and `alt` in its
+    /// ring's table.
+    pub fn queue_io(&self, fixed: u32, alt: u32) -> Option<QueueIo> {
+        match self {
+            Backend::Uring(u) => Some(QueueIo::new(
+                fixed,
+                u.file.clone(),
+                u.buffered.clone().map(|f| (alt, f)),
+            )),
             Backend::Null(_) => None,
         }
     }

@@ -18,6 +18,9 @@ use crate::devices::virtio::block::request::SECTOR_SHIFT;
 pub struct UringBackend {
     pub path: PathBuf,
     pub file: Arc<File>,
+    /// The same disk without O_DIRECT (only when `direct`): requests whose guest buffers
+    /// O_DIRECT refuses (misaligned, or a 4 KiB-sector host disk) go through it.
+    pub buffered: Option<Arc<File>>,
     pub capacity_sectors: u64,
     /// Opened with O_DIRECT.
     pub direct: bool,
@@ -25,14 +28,25 @@ pub struct UringBackend {
 }
 
 pub(super) fn size_of_path(p: &Path) -> Result<u64, BackendError> {
-    let mut f = File::open(p).map_err(|source| BackendError::Open { path: p.into(), source })?;
+    let mut f = File::open(p).map_err(|source| BackendError::Open {
+        path: p.into(),
+        source,
+    })?;
     // Seeking to the end gives the size of regular files and block devices alike.
-    f.seek(SeekFrom::End(0)).map_err(|source| BackendError::Size { path: p.into(), source })
+    f.seek(SeekFrom::End(0))
+        .map_err(|source| BackendError::Size {
+            path: p.into(),
+            source,
+        })
 }
 
 fn open_with(p: &Path, readonly: bool, direct: bool) -> std::io::Result<File> {
     let flags = libc::O_CLOEXEC | if direct { libc::O_DIRECT } else { 0 };
-    OpenOptions::new().read(true).write(!readonly).custom_flags(flags).open(p)
+    OpenOptions::new()
+        .read(true)
+        .write(!readonly)
+        .custom_flags(flags)
+        .open(p)
 }
 
 impl UringBackend {
@@ -43,23 +57,67 @@ impl UringBackend {
         let (mut file, direct) = match open_with(p, readonly, direct) {
             Ok(f) => (f, direct),
             Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                log::warn!("{}: O_DIRECT is not supported there, using buffered I/O", p.display());
-                (open_with(p, readonly, false).map_err(|source| BackendError::Open { path: p.into(), source })?, false)
+                log::warn!(
+                    "{}: O_DIRECT is not supported there, using buffered I/O",
+                    p.display()
+                );
+                (
+                    open_with(p, readonly, false).map_err(|source| BackendError::Open {
+                        path: p.into(),
+                        source,
+                    })?,
+                    false,
+                )
             }
-            Err(source) => return Err(BackendError::Open { path: p.into(), source }),
+            Err(source) => {
+                return Err(BackendError::Open {
+                    path: p.into(),
+                    source,
+                })
+            }
         };
-        let bytes = file.seek(SeekFrom::End(0)).map_err(|source| BackendError::Size { path: p.into(), source })?;
+        let bytes = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| BackendError::Size {
+                path: p.into(),
+                source,
+            })?;
         if bytes < 512 {
             return Err(BackendError::Empty { path: p.into() });
         }
         if bytes % 512 != 0 {
-            log::warn!("{}: size {bytes} is not a multiple of 512, the last {} bytes are not visible", p.display(), bytes % 512);
+            log::warn!(
+                "{}: size {bytes} is not a multiple of 512, the last {} bytes are not visible",
+                p.display(),
+                bytes % 512
+            );
         }
-        Ok(UringBackend { path: p.into(), file: Arc::new(file), capacity_sectors: bytes >> SECTOR_SHIFT, direct, readonly })
+        let buffered = if direct {
+            let f = open_with(p, readonly, false).map_err(|source| BackendError::Open {
+                path: p.into(),
+                source,
+            })?;
+            Some(Arc::new(f))
+        } else {
+            None
+        };
+        Ok(UringBackend {
+            path: p.into(),
+            file: Arc::new(file),
+            buffered,
+            capacity_sectors: bytes >> SECTOR_SHIFT,
+            direct,
+            readonly,
+        })
     }
 
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+
+    /// The buffered twin of [`fd`](Self::fd), if the disk is opened with O_DIRECT.
+    pub fn buffered_fd(&self) -> Option<RawFd> {
+        self.buffered.as_ref().map(|f| f.as_raw_fd())
     }
 }
 
@@ -67,35 +125,79 @@ impl UringBackend {
 #[derive(Debug)]
 pub struct QueueIo {
     fixed: types::Fixed,
-    /// Keeps the file open as long as the queue may submit to it.
-    _file: Arc<File>,
+    /// The buffered twin, when `fixed` is opened with O_DIRECT.
+    alt: Option<types::Fixed>,
+    /// Keeps the files open as long as the queue may submit to them.
+    _files: (Arc<File>, Option<Arc<File>>),
     /// FALLOC_FL_ZERO_RANGE works here (cleared after the first EOPNOTSUPP, e.g. on tmpfs).
     pub zero_range: bool,
 }
 
 impl QueueIo {
-    pub fn new(fixed: u32, file: Arc<File>) -> Self {
-        QueueIo { fixed: types::Fixed(fixed), _file: file, zero_range: true }
+    pub fn new(fixed: u32, file: Arc<File>, alt: Option<(u32, Arc<File>)>) -> Self {
+        let (alt_fixed, alt_file) = match alt {
+            Some((i, f)) => (Some(types::Fixed(i)), Some(f)),
+            None => (None, None),
+        };
+        QueueIo {
+            fixed: types::Fixed(fixed),
+            alt: alt_fixed,
+            _files: (file, alt_file),
+            zero_range: true,
+        }
     }
 
-    /// `readv` into `n` iovecs at `iov`.
-    pub fn read(&self, iov: *const libc::iovec, n: usize, offset: u64) -> squeue::Entry {
-        opcode::Readv::new(self.fixed, iov, n as u32).offset(offset).build()
+    /// True when a buffered twin exists for requests O_DIRECT refuses.
+    pub fn has_buffered(&self) -> bool {
+        self.alt.is_some()
     }
 
-    /// `writev` from `n` iovecs at `iov`.
-    pub fn write(&self, iov: *const libc::iovec, n: usize, offset: u64) -> squeue::Entry {
-        opcode::Writev::new(self.fixed, iov, n as u32).offset(offset).build()
+    fn target(&self, buffered: bool) -> types::Fixed {
+        match (buffered, self.alt) {
+            (true, Some(a)) => a,
+            _ => self.fixed,
+        }
+    }
+
+    /// `readv` into `n` iovecs at `iov` (through the buffered twin when `buffered`).
+    pub fn read(
+        &self,
+        iov: *const libc::iovec,
+        n: usize,
+        offset: u64,
+        buffered: bool,
+    ) -> squeue::Entry {
+        opcode::Readv::new(self.target(buffered), iov, n as u32)
+            .offset(offset)
+            .build()
+    }
+
+    /// `writev` from `n` iovecs at `iov` (through the buffered twin when `buffered`).
+    pub fn write(
+        &self,
+        iov: *const libc::iovec,
+        n: usize,
+        offset: u64,
+        buffered: bool,
+    ) -> squeue::Entry {
+        opcode::Writev::new(self.target(buffered), iov, n as u32)
+            .offset(offset)
+            .build()
     }
 
     /// fdatasync.
     pub fn flush(&self) -> squeue::Entry {
-        opcode::Fsync::new(self.fixed).flags(types::FsyncFlags::DATASYNC).build()
+        opcode::Fsync::new(self.fixed)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
     }
 
     /// Deallocates the range; reads return zeros afterwards. Works on files and block devices.
     pub fn punch(&self, offset: u64, len: u64) -> squeue::Entry {
-        opcode::Fallocate::new(self.fixed, len).offset(offset).mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE).build()
+        opcode::Fallocate::new(self.fixed, len)
+            .offset(offset)
+            .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+            .build()
     }
 
     /// Zeroes the range: ZERO_RANGE, or a punched hole when `unmap` is allowed or ZERO_RANGE
@@ -104,6 +206,9 @@ impl QueueIo {
         if unmap || !self.zero_range {
             return self.punch(offset, len);
         }
-        opcode::Fallocate::new(self.fixed, len).offset(offset).mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE).build()
+        opcode::Fallocate::new(self.fixed, len)
+            .offset(offset)
+            .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+            .build()
     }
 }
