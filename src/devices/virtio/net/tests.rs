@@ -529,3 +529,17 @@ fn test_tx_interrupts_follow_event_idx() {
     let txq = r.queues.iter().find(|q| q.device == h.dev.name() && q.queue == 1).unwrap();
     assert_eq!((txq.counters.irqs_sent, txq.counters.irqs_suppressed), (1, 1));
 }
+
+#[test]
+fn test_tx_poll_window_sends_without_kick() {
+    let Some(mut h) = harness("poll-us=500000", ACKED, &[0, 1]) else { return };
+    h.tx_chain(&test_frame(1));
+    h.kick(1);
+    assert_eq!(h.wait_used(1, 1).len(), 1);
+    // Within the busy-poll window a frame goes out without a kick.
+    h.tx_chain(&test_frame(2));
+    assert_eq!(h.wait_used(1, 1).len(), 1);
+    let r = h.report();
+    let txq = r.queues.iter().find(|q| q.device == h.dev.name() && q.queue == 1).unwrap();
+    assert!(txq.counters.poll_hits >= 1);
+}
