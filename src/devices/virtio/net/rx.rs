@@ -148,14 +148,24 @@ impl RxQueue {
         let (buf, posted) = (slot.buf, slot.posted);
         self.posted -= 1;
         self.in_flight -= 1;
-        if res > 0 && res as u32 > buf.len && !self.drain.stopping {
-            // The read reached the overflow byte: tun truncated the frame.
+        if res > 0 && res as u32 > buf.len {
+            // The read reached the overflow byte: tun truncated the frame. The buffer is
+            // still the guest's to fill.
             self.drops.too_big += 1;
-            self.c.drop_chain(format_args!("RX frame of {res} bytes truncated to the {}-byte buffer (head {head})", buf.len), now);
-            self.post(ctx, head);
+            self.c.drop_chain(format_args!("RX frame larger than the {}-byte buffer (head {head})", buf.len), now);
+            if self.drain.stopping {
+                self.c.add_used(head, 0, now);
+            } else {
+                self.post(ctx, head);
+            }
             return;
         }
-        if res >= VNET_HDR_LEN as i32 && res as u32 <= buf.len {
+        if res >= 0 && res < VNET_HDR_LEN as i32 {
+            self.c.drop_chain(format_args!("RX read of {res} bytes has no room for a header (head {head})"), now);
+            self.c.add_used(head, 0, now);
+            return;
+        }
+        if res >= 0 {
             // tun skips num_buffers (it writes the 10-byte legacy header): one buffer per frame.
             for (i, at) in buf.num_buffers.iter().enumerate() {
                 if self.c.p.mem.write_obj(1u16.to_le_bytes()[i], *at).is_err() {
@@ -293,5 +303,15 @@ impl RxQueue {
     /// Reads posted on the tap right now.
     pub fn posted(&self) -> usize {
         self.posted
+    }
+}
+
+impl Drop for RxQueue {
+    /// The drop reasons behind the `errors` column, once per queue life.
+    fn drop(&mut self) {
+        let d = &self.drops;
+        if *d != RxDrops::default() {
+            log::info!("{}: dropped {} bad RX chains, {} frames larger than their buffer, {} times a packet waited without an RX buffer", self.c.p.name, d.bad_chain, d.too_big, d.no_buffer);
+        }
     }
 }
