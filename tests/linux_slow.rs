@@ -6,7 +6,9 @@
 //!
 //! `RINGVM_LINUX_TIMEOUT_S` (default 3600) bounds each boot; `RINGVM_LINUX_INITRD` picks
 //! another initramfs (e.g. guests/linux/out/initramfs-base.cpio, without fio: the dd
-//! test then boots faster where the kernel is emulated).
+//! test then boots faster where the kernel is emulated); `RINGVM_LINUX_CMDLINE_EXTRA` is
+//! appended to the kernel command line (on this lab's host: the `clearcpuid=…` list in
+//! perf/RESULTS.md, "Linux guests").
 
 mod common;
 
@@ -79,12 +81,16 @@ fn boot(cmdline: &str) -> Boot {
     );
     eprintln!("booting Linux (console in {}, timeout {:?})", console.display(), timeout);
     let disk_arg = format!("path={}", disk.display());
+    let cmdline = match std::env::var("RINGVM_LINUX_CMDLINE_EXTRA") {
+        Ok(extra) if !extra.trim().is_empty() => format!("{cmdline} {}", extra.trim()),
+        _ => cmdline.to_string(),
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_ringvm"))
         .args(["run", "--kernel"])
         .arg(&kernel)
         .arg("--initrd")
         .arg(&initrd)
-        .args(["--disk", &disk_arg, "--memory", "512M", "--cmdline", cmdline, "--stats-json"])
+        .args(["--disk", &disk_arg, "--memory", "512M", "--cmdline", &cmdline, "--stats-json"])
         .arg(&stats)
         .stdin(Stdio::null())
         .stdout(File::create(&console).unwrap())
