@@ -50,8 +50,8 @@ pub struct BenchArgs {
     /// O_DIRECT on the disk: on or off (falls back to buffered where unsupported, e.g. tmpfs).
     #[arg(long, default_value = "on")]
     pub direct: String,
-    /// After activity, busy-poll the avail rings for this many µs before sleeping (0 = off).
-    #[arg(long, default_value_t = 0)]
+    /// After activity, busy-poll the avail rings for this many µs before sleeping (0 = off). The default matches QEMU's IOThread adaptive polling (poll-max-ns 32768).
+    #[arg(long, default_value_t = 32)]
     pub poll_us: u64,
     /// Guest writes stamp every block and reads check them (fails the job on a mismatch).
     #[arg(long, default_value_t = false)]
