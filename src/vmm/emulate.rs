@@ -8,6 +8,7 @@
 //! | `cc`  | `int3`      | injects #BP (KVM_SET_VCPU_EVENTS) with RIP past the int3, as the CPU would |
 //! | `[f0] REX.W 0f c7 /1` | `lock cmpxchg16b m128` (and `cmpxchg8b m64` without REX.W) | translates the operand's address (KVM_TRANSLATE), performs the compare-exchange atomically on guest memory with the host's own `lock cmpxchg16b`, updates RAX/RDX and ZF, advances RIP |
 //! | `0f 01 ca` / `0f 01 cb` | `clac` / `stac` | clears / sets RFLAGS.AC, advances RIP |
+//! | `9b` | `fwait` | steps over it: it only raises pending unmasked x87 exceptions, and the x87 state KVM keeps for the vCPU has none while ring 0 is emulated (Linux runs `fninit; fwait` at FPU init) |
 //! | anything else | — | stops the VM naming RIP, the bytes and the mnemonic |
 
 /// KVM_INTERNAL_ERROR_EMULATION.
@@ -42,6 +43,8 @@ pub fn mnemonic(bytes: &[u8]) -> &'static str {
     match b {
         [0xcc, ..] => "int3",
         [0xcd, ..] => "int imm8",
+        [0x9b, ..] => "fwait",
+        [0x0f, 0xb8, ..] => "popcnt",
         [0x0f, 0xc7, m, ..] if reg(*m) == 1 => "cmpxchg8b/cmpxchg16b",
         [0x0f, 0xae, m, ..] if reg(*m) == 5 && *m < 0xc0 => "xrstor",
         [0x0f, 0xae, m, ..] if reg(*m) == 4 && *m < 0xc0 => "xsave",
@@ -67,6 +70,8 @@ pub enum Fixup {
     CompareExchange(CmpXchg),
     /// `clac` (false) or `stac` (true): set RFLAGS.AC and step over the 3 bytes.
     SetAc(bool),
+    /// An instruction with no architectural effect here (`fwait`): step over `len` bytes.
+    Skip { len: u8 },
 }
 
 /// RFLAGS.AC, the alignment-check / SMAP override flag.
@@ -229,6 +234,7 @@ pub fn fixup(bytes: &[u8]) -> Option<Fixup> {
         [0xcc, ..] => Some(Fixup::InjectBreakpoint),
         [0x0f, 0x01, 0xca, ..] => Some(Fixup::SetAc(false)),
         [0x0f, 0x01, 0xcb, ..] => Some(Fixup::SetAc(true)),
+        [0x9b, ..] => Some(Fixup::Skip { len: 1 }),
         _ => decode_cmpxchg(bytes).map(Fixup::CompareExchange),
     }
 }
@@ -315,6 +321,16 @@ mod tests {
         assert_eq!(mnemonic(&clac), "clac");
         assert_eq!(fixup(&clac), Some(Fixup::SetAc(false)));
         assert_eq!(fixup(&[0x0f, 0x01, 0xcb]), Some(Fixup::SetAc(true)));
+    }
+
+    /// The exit a Debian 6.1 kernel produced here at FPU init (`fninit; fwait`).
+    #[test]
+    fn test_fwait_is_stepped_over() {
+        let fwait = [0x9b, 0x65, 0x48, 0xc7, 0x05, 0x4d, 0x14, 0xfe, 0x7e];
+        assert_eq!(mnemonic(&fwait), "fwait");
+        assert_eq!(fixup(&fwait), Some(Fixup::Skip { len: 1 }));
+        assert_eq!(mnemonic(&[0xf3, 0x48, 0x0f, 0xb8, 0xc7]), "popcnt");
+        assert_eq!(fixup(&[0xf3, 0x48, 0x0f, 0xb8, 0xc7]), None);
     }
 
     #[test]

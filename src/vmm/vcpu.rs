@@ -368,14 +368,17 @@ impl VcpuRunner {
                 Ok(())
             }
             Some(emulate::Fixup::CompareExchange(op)) => self.complete_cmpxchg(op, regs, &bytes),
-            Some(emulate::Fixup::SetAc(set)) => {
+            Some(fix @ (emulate::Fixup::SetAc(_) | emulate::Fixup::Skip { .. })) => {
                 let rip = regs.rip;
-                if set {
-                    regs.rflags |= emulate::RFLAGS_AC;
-                } else {
-                    regs.rflags &= !emulate::RFLAGS_AC;
+                match fix {
+                    emulate::Fixup::SetAc(true) => regs.rflags |= emulate::RFLAGS_AC,
+                    emulate::Fixup::SetAc(false) => regs.rflags &= !emulate::RFLAGS_AC,
+                    _ => {}
                 }
-                regs.rip += 3;
+                regs.rip += match fix {
+                    emulate::Fixup::Skip { len } => len as u64,
+                    _ => 3,
+                };
                 self.fd.set_regs(&regs).map_err(|e| format!("{} at {rip:#x}: setting registers failed: {e}", emulate::mnemonic(&bytes)))?;
                 self.emulated += 1;
                 if self.emulated <= 16 {
