@@ -50,8 +50,34 @@ pub struct BootSpec<'a> {
     pub pvm_quirks: bool,
 }
 
-/// Kernel parameters a Linux guest needs on the PVM host: its emulator cannot run `xrstor`.
-pub const PVM_LINUX_PARAMS: &str = "noxsave";
+/// Kernel parameters a Linux guest gets on the PVM host, each unless the command line
+/// already sets it. The host's ring-0 emulator cannot run `xrstor` (noxsave), and the
+/// guest kernel reads the L1 host's CPUID in ring 0, so ringvm's CPUID masks do not reach it:
+/// `clearcpuid=` hides what the emulator refuses (smap → clac/stac, popcnt) or what costs an
+/// emulated exit per use (see perf/RESULTS.md, Linux guests, for how each was found).
+pub const PVM_LINUX_PARAMS: &[&str] = &[
+    "noxsave",
+    "clearcpuid=smap,popcnt,rdtscp,fsgsbase,rdpid,serialize,invpcid,pcid,ssse3,erms,fsrm,sse4_1,sse4_2,aes,pclmulqdq,114",
+    "mitigations=off",
+    "cryptomgr.notests",
+    "init_on_alloc=0",
+    "nmi_watchdog=0",
+    "tsc=reliable",
+];
+
+/// `cmdline` with each of `params` appended whose key it does not set already.
+fn with_params(cmdline: &str, params: &[&str]) -> String {
+    let key = |w: &str| w.split('=').next().unwrap_or("").to_string();
+    let present: Vec<String> = cmdline.split_whitespace().map(key).collect();
+    let mut out = cmdline.trim().to_string();
+    for p in params.iter().filter(|p| !present.contains(&key(p))) {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(p);
+    }
+    out
+}
 
 /// Where the initrd landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,9 +122,10 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<EntryPoint, BootError>
         Format::BzImage => true,
         Format::Elf => has_linux_note(&mut kernel).unwrap_or(false),
     };
-    let cmdline = if is_linux && spec.pvm_quirks && !spec.cmdline.split_whitespace().any(|w| w == PVM_LINUX_PARAMS) {
-        log::warn!("nested PVM host: adding '{PVM_LINUX_PARAMS}' to the Linux command line and hiding cx16 and smap (see README, Linux guests)");
-        format!("{} {PVM_LINUX_PARAMS}", spec.cmdline).trim().to_string()
+    let cmdline = if is_linux && spec.pvm_quirks {
+        let c = with_params(spec.cmdline, PVM_LINUX_PARAMS);
+        log::warn!("nested PVM host: Linux command line is now '{c}' (see README, Linux guests)");
+        c
     } else {
         spec.cmdline.to_string()
     };
@@ -254,6 +281,13 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(&b).unwrap();
         f
+    }
+
+    #[test]
+    fn test_pvm_params_added_unless_already_set() {
+        let c = with_params("console=ttyS0 mitigations=auto", &["noxsave", "mitigations=off"]);
+        assert_eq!(c, "console=ttyS0 mitigations=auto noxsave");
+        assert_eq!(with_params("", &["noxsave"]), "noxsave");
     }
 
     #[test]
