@@ -181,6 +181,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
     let mut results: Vec<JobResult> = Vec::new();
     let mut failure = None;
     let mut locks = None;
+    let mut placement = (Vec::new(), Vec::new());
     for job in &jobs {
         if !results.is_empty() {
             // Each job's start-up is timed from its own start, not the process's.
@@ -196,6 +197,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
         let mut vm_args = args.vm.clone();
         vm_args.memory.get_or_insert_with(|| ringvm::config::BENCH_MEMORY.to_string());
         let config = VmConfig::build(kernel.clone(), None, job.cmdline(), vec![disk], &vm_args)?;
+        placement = (config.vcpu_cores.clone(), config.io_cores.clone());
         if locks.is_none() {
             let mut cores = config.vcpu_cores.clone();
             cores.extend(&config.io_cores);
@@ -239,7 +241,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
         print!("{}", result::table(&results));
         let first: Vec<String> = results.iter().filter_map(|r| r.first_io_ns()).map(|n| format!("{:.1}", n as f64 / 1e6)).collect();
         println!("start to first guest I/O (ms, per job; VMM start-up + guest init): {}", first.join(", "));
-        println!("disk: {}{}  backend: {}  vCPU cores {:?}  I/O cores {:?}", disk_path.display(), if size.is_some() { " (RAM-backed)" } else { "" }, args.backend, args.vm.vcpu_affinity.clone().unwrap_or_default(), args.vm.io_cores.clone().unwrap_or_default());
+        println!("disk: {}{}  backend: {}  vCPU cores {:?}  I/O cores {:?}", disk_path.display(), if size.is_some() { " (RAM-backed)" } else { "" }, args.backend, placement.0, placement.1);
     }
     if let Some(p) = &args.json {
         std::fs::write(p, result::to_json(&results, &machine())).with_context(|| format!("Cannot write {}", p.display()))?;
