@@ -86,28 +86,15 @@ timeout --foreground "$TIMEOUT" qemu-system-x86_64 \
     ${QEMU_EXTRA:-} </dev/null >"$LOG" 2>&1 &
 qpid=$!
 if [ "${PIN:-1}" != 0 ]; then
-    python3 - "$QMP" "$VCPU_CPU" "$IO_CPU" <<'PY' >>"$OUT/qemu-blkbench.pin.log" 2>&1 &
-import json, socket, subprocess, sys, time
-name, vcpu_cpu, io_cpu = sys.argv[1:4]
-for _ in range(200):
-    try:
-        s = socket.socket(socket.AF_UNIX); s.connect("\0" + name); break
-    except OSError:
-        time.sleep(0.05)
-else:
-    sys.exit("qmp: no socket")
-f = s.makefile("rw")
-f.readline()
-def cmd(c):
-    f.write(json.dumps({"execute": c}) + "\n"); f.flush()
-    while True:
-        r = json.loads(f.readline())
-        if "return" in r or "error" in r:
-            return r.get("return")
-cmd("qmp_capabilities")
-for c in cmd("query-cpus-fast"):
+    python3 - "@$QMP" "$VCPU_CPU" "$IO_CPU" "$ROOT/perf" <<'PY' >>"$OUT/qemu-blkbench.pin.log" 2>&1 &
+import subprocess, sys
+sys.path.insert(0, sys.argv[4])
+from qmp import Qmp
+q = Qmp(sys.argv[1])
+vcpu_cpu, io_cpu = sys.argv[2:4]
+for c in q.cmd("query-cpus-fast"):
     subprocess.run(["taskset", "-pc", vcpu_cpu, str(c["thread-id"])], check=False)
-for t in cmd("query-iothreads"):
+for t in q.cmd("query-iothreads"):
     subprocess.run(["taskset", "-pc", io_cpu, str(t["thread-id"])], check=False)
 PY
 fi

@@ -91,25 +91,13 @@ in_ns timeout --foreground "$TIMEOUT" qemu-system-x86_64 \
     ${QEMU_EXTRA:-} </dev/null >"$LOG" 2>&1 &
 qpid=$!
 if [ "${PIN:-1}" != 0 ]; then
-    python3 - "$QMP" "$VCPU_CPU" "$IO_CPU" <<'PY' >"$OUT/qemu-netbench.pin.log" 2>&1 &
-import json, os, socket, subprocess, sys, time
-path, vcpu_cpu, io_cpu = sys.argv[1:4]
-for _ in range(200):
-    try:
-        s = socket.socket(socket.AF_UNIX); s.connect(path); break
-    except OSError:
-        time.sleep(0.05)
-else:
-    sys.exit("qmp: no socket")
-f = s.makefile("rw")
-f.readline()
-def cmd(c):
-    f.write(json.dumps({"execute": c}) + "\n"); f.flush()
-    while True:
-        r = json.loads(f.readline())
-        if "return" in r or "error" in r:
-            return r.get("return")
-cmd("qmp_capabilities")
+    python3 - "$QMP" "$VCPU_CPU" "$IO_CPU" "$ROOT/perf" <<'PY' >"$OUT/qemu-netbench.pin.log" 2>&1 &
+import os, subprocess, sys, time
+sys.path.insert(0, sys.argv[4])
+from qmp import Qmp
+q = Qmp(sys.argv[1])
+cmd = q.cmd
+vcpu_cpu, io_cpu = sys.argv[2:4]
 cpus = cmd("query-cpus-fast")
 for c in cpus:
     subprocess.run(["taskset", "-pc", vcpu_cpu, str(c["thread-id"])], check=False)
