@@ -172,18 +172,14 @@ fn test_hugepages_2m_back_guest_memory() {
     let mut huge_kb = 0u64;
     let found = wait_for(|| {
         let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-        // Sum the Rss of mappings whose kernel page size is 2 MiB.
+        // Sum the sizes of mappings whose kernel page size is 2 MiB.
         huge_kb = 0;
-        let mut page_2m = false;
         let mut size_kb = 0;
         for l in smaps.lines() {
             if let Some(v) = l.strip_prefix("Size:") {
                 size_kb = v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0);
-            } else if let Some(v) = l.strip_prefix("KernelPageSize:") {
-                page_2m = v.trim() == "2048 kB";
-                if page_2m {
-                    huge_kb += size_kb;
-                }
+            } else if l.strip_prefix("KernelPageSize:").is_some_and(|v| v.trim() == "2048 kB") {
+                huge_kb += size_kb;
             }
         }
         huge_kb >= 128 * 1024
