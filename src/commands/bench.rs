@@ -144,7 +144,7 @@ fn machine() -> serde_json::Value {
 }
 
 fn guest_failure(code: u32, console: &str) -> String {
-    let last = console.lines().filter(|l| !l.starts_with('{')).last().unwrap_or("").trim();
+    let last = console.lines().rev().find(|l| !l.starts_with('{')).unwrap_or("").trim();
     let what = match code {
         GUEST_NO_DEVICE => "found no virtio-blk device",
         GUEST_DEVICE_ERROR => "saw a device error",

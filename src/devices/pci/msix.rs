@@ -32,7 +32,7 @@ pub struct MsixTable {
 
 impl MsixTable {
     pub fn new(vectors: u16) -> Self {
-        assert!(vectors >= 1 && vectors <= 2048);
+        assert!((1..=2048).contains(&vectors));
         MsixTable { entries: vec![Entry::default(); vectors as usize], control: 0 }
     }
 

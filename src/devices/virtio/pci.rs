@@ -458,10 +458,8 @@ impl PciDevice for VirtioPci {
                     let _ = k.write(1);
                 }
             }
-            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
-                if self.msix.write_table(o - MSIX_TABLE_OFFSET, data).is_some() {
-                    self.sync_vectors();
-                }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) && self.msix.write_table(o - MSIX_TABLE_OFFSET, data).is_some() => {
+                self.sync_vectors();
             }
             _ => {}
         }
