@@ -12,7 +12,13 @@ fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     let guests_dir = manifest_dir.join("guests");
-    for p in ["src", "Cargo.toml", "build.rs", "link.ld", ".cargo/config.toml"] {
+    for p in [
+        "src",
+        "Cargo.toml",
+        "build.rs",
+        "link.ld",
+        ".cargo/config.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", guests_dir.join(p).display());
     }
     let target_dir = out_dir.join("guest-target");
@@ -34,7 +40,8 @@ fn main() {
     let shared = shared_guest_dir(&manifest_dir);
     for g in GUESTS {
         let elf = target_dir.join("release").join(g);
-        std::fs::copy(&elf, out_dir.join(g)).unwrap_or_else(|e| panic!("copy {}: {e}", elf.display()));
+        std::fs::copy(&elf, out_dir.join(g))
+            .unwrap_or_else(|e| panic!("copy {}: {e}", elf.display()));
         if let Some(dir) = &shared {
             let _ = std::fs::create_dir_all(dir);
             let _ = std::fs::copy(&elf, dir.join(g));
@@ -44,6 +51,8 @@ fn main() {
 
 /// `<target dir>/guests`, the documented place for the guest ELFs.
 fn shared_guest_dir(manifest_dir: &Path) -> Option<PathBuf> {
-    let target = env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| manifest_dir.join("target"));
+    let target = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest_dir.join("target"));
     Some(target.join("guests"))
 }

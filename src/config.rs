@@ -21,7 +21,11 @@ pub enum ConfigError {
     #[error("--vcpus {asked} is more than KVM allows ({max})")]
     TooManyVcpus { asked: u32, max: usize },
     #[error("{what} names core {core}, but this machine has cores 0-{last}")]
-    NoSuchCore { what: &'static str, core: usize, last: usize },
+    NoSuchCore {
+        what: &'static str,
+        core: usize,
+        last: usize,
+    },
     #[error("--vcpu-affinity lists {given} cores for {vcpus} vCPUs")]
     AffinityCount { given: usize, vcpus: u32 },
     #[error("{0}")]
@@ -89,7 +93,8 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
         _ => (t, 1),
     };
     let n: u64 = num.parse().map_err(|_| ConfigError::Size(s.to_string()))?;
-    n.checked_mul(mult).ok_or_else(|| ConfigError::Size(s.to_string()))
+    n.checked_mul(mult)
+        .ok_or_else(|| ConfigError::Size(s.to_string()))
 }
 
 /// Cores this process may run on (its affinity mask).
@@ -97,7 +102,12 @@ pub fn host_cores() -> Vec<usize> {
     core_affinity::get_core_ids()
         .map(|v| v.into_iter().map(|c| c.id).collect())
         .filter(|v: &Vec<usize>| !v.is_empty())
-        .unwrap_or_else(|| (0..std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).collect())
+        .unwrap_or_else(|| {
+            (0..std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1))
+                .collect()
+        })
 }
 
 /// The default placement: vCPUs from the first core up; reactors on the cores left over, or
@@ -105,8 +115,16 @@ pub fn host_cores() -> Vec<usize> {
 pub fn default_plan(vcpus: u32, cores: &[usize]) -> (Vec<usize>, Vec<usize>) {
     let n = cores.len().max(1);
     let vcpu_cores: Vec<usize> = (0..vcpus as usize).map(|i| cores[i % n]).collect();
-    let free: Vec<usize> = cores.iter().copied().filter(|c| !vcpu_cores.contains(c)).collect();
-    let io = if free.is_empty() { vec![*cores.last().unwrap_or(&0)] } else { vec![free[0]] };
+    let free: Vec<usize> = cores
+        .iter()
+        .copied()
+        .filter(|c| !vcpu_cores.contains(c))
+        .collect();
+    let io = if free.is_empty() {
+        vec![*cores.last().unwrap_or(&0)]
+    } else {
+        vec![free[0]]
+    };
     (vcpu_cores, io)
 }
 
@@ -149,7 +167,12 @@ pub fn cpu_feature(name: &str) -> Option<crate::vmm::cpuid::FeatureBit> {
         "rdtscp" => (0x8000_0001, Reg::Edx, 27),
         _ => return None,
     };
-    Some(FeatureBit { leaf, subleaf: 0, reg, bit })
+    Some(FeatureBit {
+        leaf,
+        subleaf: 0,
+        reg,
+        bit,
+    })
 }
 
 const CPU_FEATURE_NAMES: &str = "cx16, x2apic, xsave, avx, rdrand, tsc-deadline, pcid, avx2, avx512f, rdseed, smap, smep, pdpe1gb, rdtscp";
@@ -160,41 +183,78 @@ impl VmConfig {
         let disks = run
             .disk
             .iter()
-            .map(|d| d.parse::<DiskConfig>().map_err(|e| ConfigError::Disk { spec: d.clone(), reason: e.to_string() }))
+            .map(|d| {
+                d.parse::<DiskConfig>().map_err(|e| ConfigError::Disk {
+                    spec: d.clone(),
+                    reason: e.to_string(),
+                })
+            })
             .collect::<Result<_, _>>()?;
         let nets = run
             .net
             .iter()
-            .map(|n| n.parse::<NetConfig>().map_err(|e| ConfigError::Net { spec: n.clone(), reason: e.to_string() }))
+            .map(|n| {
+                n.parse::<NetConfig>().map_err(|e| ConfigError::Net {
+                    spec: n.clone(),
+                    reason: e.to_string(),
+                })
+            })
             .collect::<Result<_, _>>()?;
-        let mut c = Self::build(run.kernel.clone(), run.initrd.clone(), run.cmdline.clone(), disks, &run.vm)?;
+        let mut c = Self::build(
+            run.kernel.clone(),
+            run.initrd.clone(),
+            run.cmdline.clone(),
+            disks,
+            &run.vm,
+        )?;
         c.nets = nets;
         Ok(c)
     }
 
-    pub fn build(kernel: PathBuf, initrd: Option<PathBuf>, cmdline: String, disks: Vec<DiskConfig>, a: &VmArgs) -> Result<Self, ConfigError> {
-        let memory_arg = a.memory.clone().unwrap_or_else(|| DEFAULT_MEMORY.to_string());
+    pub fn build(
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: String,
+        disks: Vec<DiskConfig>,
+        a: &VmArgs,
+    ) -> Result<Self, ConfigError> {
+        let memory_arg = a
+            .memory
+            .clone()
+            .unwrap_or_else(|| DEFAULT_MEMORY.to_string());
         let memory = parse_size(&memory_arg)?;
         let hugepages: HugePages = a.hugepages.parse().map_err(ConfigError::HugePages)?;
         let page = hugepages.page_size();
         if memory < (16 << 20) {
-            return Err(ConfigError::Memory { size: memory_arg, reason: "at least 16M".into() });
+            return Err(ConfigError::Memory {
+                size: memory_arg,
+                reason: "at least 16M".into(),
+            });
         }
         if memory % page != 0 {
-            return Err(ConfigError::Memory { size: memory_arg, reason: format!("not a multiple of the {} KiB page size", page >> 10) });
+            return Err(ConfigError::Memory {
+                size: memory_arg,
+                reason: format!("not a multiple of the {} KiB page size", page >> 10),
+            });
         }
         if a.vcpus == 0 {
             return Err(ConfigError::NoVcpus(0));
         }
         if a.vcpus > MAX_VCPUS as u32 {
-            return Err(ConfigError::TooManyVcpus { asked: a.vcpus, max: MAX_VCPUS as usize });
+            return Err(ConfigError::TooManyVcpus {
+                asked: a.vcpus,
+                max: MAX_VCPUS as usize,
+            });
         }
         let cores = host_cores();
         let (mut vcpu_cores, mut io_cores) = default_plan(a.vcpus, &cores);
         if let Some(list) = &a.vcpu_affinity {
             check_cores("--vcpu-affinity", list, &cores)?;
             if list.len() != a.vcpus as usize {
-                return Err(ConfigError::AffinityCount { given: list.len(), vcpus: a.vcpus });
+                return Err(ConfigError::AffinityCount {
+                    given: list.len(),
+                    vcpus: a.vcpus,
+                });
             }
             vcpu_cores = list.clone();
             if a.io_cores.is_none() {
@@ -250,16 +310,29 @@ mod tests {
         let mut v = vec!["ringvm", "run", "--kernel", "k"];
         v.extend_from_slice(extra);
         let cli = crate::cli::Cli::try_parse_from(v).unwrap();
-        let crate::cli::Command::Run(r) = cli.command else { panic!("parsed as run") };
+        let crate::cli::Command::Run(r) = cli.command else {
+            panic!("parsed as run")
+        };
         VmConfig::from_args(&r)
     }
 
     #[test]
     fn test_net_option_parsed_and_bad_one_named() {
         let c = args(&["--net", "tap=tap0,queues=2", "--net", "tap=tap1"]).unwrap();
-        assert_eq!(c.nets.iter().map(|n| (n.tap.as_str(), n.queues)).collect::<Vec<_>>(), vec![("tap0", 2), ("tap1", 1)]);
-        let e = args(&["--net", "tap=tap0,queues=0"]).unwrap_err().to_string();
-        assert!(e.starts_with("Invalid --net 'tap=tap0,queues=0': ") && e.contains("`queues`"), "{e}");
+        assert_eq!(
+            c.nets
+                .iter()
+                .map(|n| (n.tap.as_str(), n.queues))
+                .collect::<Vec<_>>(),
+            vec![("tap0", 2), ("tap1", 1)]
+        );
+        let e = args(&["--net", "tap=tap0,queues=0"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("Invalid --net 'tap=tap0,queues=0': ") && e.contains("`queues`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -272,7 +345,10 @@ mod tests {
 
     #[test]
     fn test_parse_size_bad_suffix_named() {
-        assert_eq!(parse_size("512Q").unwrap_err().to_string(), "Invalid size '512Q': expected a number with an optional K, M, G or T suffix");
+        assert_eq!(
+            parse_size("512Q").unwrap_err().to_string(),
+            "Invalid size '512Q': expected a number with an optional K, M, G or T suffix"
+        );
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999999T").is_err());
     }
@@ -280,7 +356,11 @@ mod tests {
     #[test]
     fn test_config_memory_not_page_multiple_rejected() {
         let e = args(&["--memory", "513M", "--hugepages", "2M"]).unwrap_err();
-        assert!(e.to_string().contains("not a multiple of the 2048 KiB page size"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("not a multiple of the 2048 KiB page size"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -304,15 +384,24 @@ mod tests {
 
     #[test]
     fn test_config_serial_modes() {
-        assert_eq!(args(&["--serial", "none"]).unwrap().serial, SerialMode::None);
-        assert_eq!(args(&["--serial", "file:/tmp/x"]).unwrap().serial, SerialMode::File("/tmp/x".into()));
+        assert_eq!(
+            args(&["--serial", "none"]).unwrap().serial,
+            SerialMode::None
+        );
+        assert_eq!(
+            args(&["--serial", "file:/tmp/x"]).unwrap().serial,
+            SerialMode::File("/tmp/x".into())
+        );
         assert!(args(&["--serial", "tty"]).is_err());
     }
 
     #[test]
     fn test_config_cpu_features_parsed() {
         let c = args(&["--cpu-features=-cx16,+x2apic"]).unwrap();
-        assert_eq!(c.cpu_features, vec![(false, "cx16".to_string()), (true, "x2apic".to_string())]);
+        assert_eq!(
+            c.cpu_features,
+            vec![(false, "cx16".to_string()), (true, "x2apic".to_string())]
+        );
         assert!(args(&["--cpu-features=-nosuch"]).is_err());
     }
 }

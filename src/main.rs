@@ -27,7 +27,10 @@ fn main() -> ExitCode {
 
 /// "outer: cause: root cause", each source once.
 fn chain(e: &anyhow::Error) -> String {
-    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 fn init_logging() {
@@ -38,7 +41,11 @@ fn init_logging() {
         }
         fn log(&self, r: &log::Record) {
             if self.enabled(r.metadata()) {
-                eprintln!("ringvm: {}: {}", r.level().as_str().to_lowercase(), r.args());
+                eprintln!(
+                    "ringvm: {}: {}",
+                    r.level().as_str().to_lowercase(),
+                    r.args()
+                );
             }
         }
         fn flush(&self) {}

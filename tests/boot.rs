@@ -17,9 +17,25 @@ fn test_hello_prints_console_and_exits_with_debug_exit_status() {
     if !have_kvm() {
         return;
     }
-    let r = run(&["run", "--kernel", &hello(), "--cmdline", "exit=3 marker=xyz", "--hugepages", "none"]);
-    assert!(r.stdout.contains("ringvm-hello: ring3 ok"), "stdout: {}", r.stdout);
-    assert!(r.stdout.contains("cmdline: exit=3 marker=xyz"), "stdout: {}", r.stdout);
+    let r = run(&[
+        "run",
+        "--kernel",
+        &hello(),
+        "--cmdline",
+        "exit=3 marker=xyz",
+        "--hugepages",
+        "none",
+    ]);
+    assert!(
+        r.stdout.contains("ringvm-hello: ring3 ok"),
+        "stdout: {}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("cmdline: exit=3 marker=xyz"),
+        "stdout: {}",
+        r.stdout
+    );
     assert!(r.stdout.contains("bye"), "stdout: {}", r.stdout);
     assert_eq!(r.status, (3 << 1) | 1);
 }
@@ -32,7 +48,11 @@ fn test_ring0_cmpxchg16b_completed_for_the_host_emulator() {
     // hello runs one `lock cmpxchg16b` in ring 0; on this lab's host the emulator refuses it
     // and ringvm completes it (elsewhere the CPU runs it): either way the swap must be right.
     let r = run(&["run", "--kernel", &hello()]);
-    assert!(r.stdout.contains("ring0 cmpxchg16b: swapped"), "stdout: {}", r.stdout);
+    assert!(
+        r.stdout.contains("ring0 cmpxchg16b: swapped"),
+        "stdout: {}",
+        r.stdout
+    );
     assert_eq!(r.status, 1);
 }
 
@@ -43,7 +63,11 @@ fn test_hello_sees_memory_map_of_requested_size() {
     }
     let r = run(&["run", "--kernel", &hello(), "--memory", "256M"]);
     // 256 MiB less the reserved 384 KiB between the EBDA and 1 MiB.
-    assert!(r.stdout.contains("memmap: 4 entries, 255 MiB"), "stdout: {}", r.stdout);
+    assert!(
+        r.stdout.contains("memmap: 4 entries, 255 MiB"),
+        "stdout: {}",
+        r.stdout
+    );
     assert_eq!(r.status, 1);
 }
 
@@ -56,7 +80,11 @@ fn test_boot_to_exit_is_fast() {
     let r = run(&["run", "--kernel", &hello(), "--serial", "none"]);
     assert_eq!(r.status, 1);
     // Generous bound for a loaded CI machine; the typical time is a few tens of ms.
-    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
 }
 
 #[test]
@@ -65,7 +93,11 @@ fn test_triple_fault_stops_vm_with_message() {
         return;
     }
     let r = run(&["run", "--kernel", &hello(), "--cmdline", "mode=triple"]);
-    assert!(r.stderr.contains("shut down (triple fault)"), "stderr: {}", r.stderr);
+    assert!(
+        r.stderr.contains("shut down (triple fault)"),
+        "stderr: {}",
+        r.stderr
+    );
     assert_eq!(r.status, 2);
 }
 
@@ -85,7 +117,11 @@ fn test_halt_with_interrupts_disabled_stops_vm() {
         return;
     }
     let r = run(&["run", "--kernel", &hello(), "--cmdline", "mode=halt"]);
-    assert!(r.stderr.contains("halted with interrupts disabled"), "stderr: {}", r.stderr);
+    assert!(
+        r.stderr.contains("halted with interrupts disabled"),
+        "stderr: {}",
+        r.stderr
+    );
     assert_eq!(r.status, 2);
 }
 
@@ -105,14 +141,25 @@ fn test_serial_to_file() {
 
 /// Starts a spinning guest and returns the child; the caller kills it.
 fn spawn_spinning(extra: &[&str]) -> std::process::Child {
-    let mut args = vec!["run".to_string(), "--kernel".into(), hello(), "--cmdline".into(), "mode=spin".into(), "--serial".into(), "none".into()];
+    let mut args = vec![
+        "run".to_string(),
+        "--kernel".into(),
+        hello(),
+        "--cmdline".into(),
+        "mode=spin".into(),
+        "--serial".into(),
+        "none".into(),
+    ];
     args.extend(extra.iter().map(|s| s.to_string()));
     common::ringvm().args(&args).spawn().unwrap()
 }
 
 fn threads_named(pid: u32, prefix: &str) -> Vec<u32> {
     let mut v = Vec::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
         let tid: u32 = e.file_name().to_string_lossy().parse().unwrap();
         let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
         if comm.trim().starts_with(prefix) {
@@ -124,7 +171,11 @@ fn threads_named(pid: u32, prefix: &str) -> Vec<u32> {
 
 fn cpus_allowed(pid: u32, tid: u32) -> String {
     let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
-    s.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string()
+    s.lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 fn wait_for<F: FnMut() -> bool>(mut f: F) -> bool {
@@ -151,13 +202,20 @@ fn test_vcpu_threads_named_and_pinned() {
     }
     let child = spawn_spinning(&["--vcpus", "2", "--vcpu-affinity", "1,0"]);
     let pid = child.id();
-    assert!(wait_for(|| threads_named(pid, "vcpu").len() == 2), "two vcpu threads");
+    assert!(
+        wait_for(|| threads_named(pid, "vcpu").len() == 2),
+        "two vcpu threads"
+    );
     for tid in threads_named(pid, "vcpu") {
         let name = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap();
         let expect = if name.trim() == "vcpu0" { "1" } else { "0" };
         assert_eq!(cpus_allowed(pid, tid), expect, "{}", name.trim());
     }
-    assert_eq!(stop(child), 128 + libc::SIGTERM, "SIGTERM ends the VM in order");
+    assert_eq!(
+        stop(child),
+        128 + libc::SIGTERM,
+        "SIGTERM ends the VM in order"
+    );
 }
 
 #[test]
@@ -165,8 +223,16 @@ fn test_hugepages_2m_back_guest_memory() {
     if !have_kvm() {
         return;
     }
-    let free: u64 = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages").unwrap().trim().parse().unwrap();
-    assert!(free >= 64, "this test needs 64 free 2M hugepages: run scripts/setup-hugepages.sh (CI does)");
+    let free: u64 =
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    assert!(
+        free >= 64,
+        "this test needs 64 free 2M hugepages: run scripts/setup-hugepages.sh (CI does)"
+    );
     let child = spawn_spinning(&["--memory", "128M", "--hugepages", "2M", "--prefault"]);
     let pid = child.id();
     let mut huge_kb = 0u64;
@@ -178,7 +244,10 @@ fn test_hugepages_2m_back_guest_memory() {
         for l in smaps.lines() {
             if let Some(v) = l.strip_prefix("Size:") {
                 size_kb = v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0);
-            } else if l.strip_prefix("KernelPageSize:").is_some_and(|v| v.trim() == "2048 kB") {
+            } else if l
+                .strip_prefix("KernelPageSize:")
+                .is_some_and(|v| v.trim() == "2048 kB")
+            {
                 huge_kb += size_kb;
             }
         }
@@ -193,21 +262,46 @@ fn test_hugepages_not_reserved_says_how_to_fix() {
     if !have_kvm() {
         return;
     }
-    let r = run(&["run", "--kernel", &hello(), "--memory", "1024G", "--hugepages", "1G"]);
+    let r = run(&[
+        "run",
+        "--kernel",
+        &hello(),
+        "--memory",
+        "1024G",
+        "--hugepages",
+        "1G",
+    ]);
     assert_ne!(r.status, 0);
-    assert!(r.stderr.contains("hugepages") && (r.stderr.contains("setup-hugepages.sh") || r.stderr.contains("not supported")), "stderr: {}", r.stderr);
+    assert!(
+        r.stderr.contains("hugepages")
+            && (r.stderr.contains("setup-hugepages.sh") || r.stderr.contains("not supported")),
+        "stderr: {}",
+        r.stderr
+    );
 }
 
 fn expect_error(args: &[&str], needle: &str) {
     let r = run(args);
     assert_ne!(r.status, 0, "should fail: {args:?}");
-    assert!(r.stderr.contains(needle), "expected '{needle}' in: {}", r.stderr);
-    assert_eq!(r.stderr.trim().lines().count(), 1, "one-line error, got: {}", r.stderr);
+    assert!(
+        r.stderr.contains(needle),
+        "expected '{needle}' in: {}",
+        r.stderr
+    );
+    assert_eq!(
+        r.stderr.trim().lines().count(),
+        1,
+        "one-line error, got: {}",
+        r.stderr
+    );
 }
 
 #[test]
 fn test_missing_kernel_is_named() {
-    expect_error(&["run", "--kernel", "/nonexistent/kernel"], "Cannot open kernel /nonexistent/kernel");
+    expect_error(
+        &["run", "--kernel", "/nonexistent/kernel"],
+        "Cannot open kernel /nonexistent/kernel",
+    );
 }
 
 #[test]
@@ -217,7 +311,10 @@ fn test_garbage_kernel_is_rejected() {
     }
     let mut f = tempfile::NamedTempFile::new().unwrap();
     f.write_all(&[0x42; 8192]).unwrap();
-    expect_error(&["run", "--kernel", f.path().to_str().unwrap()], "neither a PVH ELF nor a Linux kernel");
+    expect_error(
+        &["run", "--kernel", f.path().to_str().unwrap()],
+        "neither a PVH ELF nor a Linux kernel",
+    );
 }
 
 #[test]
@@ -239,38 +336,84 @@ fn test_initrd_that_does_not_fit_is_rejected() {
     }
     let f = tempfile::NamedTempFile::new().unwrap();
     f.as_file().set_len(64 << 20).unwrap();
-    expect_error(&["run", "--kernel", &hello(), "--memory", "32M", "--initrd", f.path().to_str().unwrap()], "does not fit");
+    expect_error(
+        &[
+            "run",
+            "--kernel",
+            &hello(),
+            "--memory",
+            "32M",
+            "--initrd",
+            f.path().to_str().unwrap(),
+        ],
+        "does not fit",
+    );
 }
 
 #[test]
 fn test_memory_too_small_is_rejected() {
-    expect_error(&["run", "--kernel", &hello(), "--memory", "1M"], "at least 16M");
+    expect_error(
+        &["run", "--kernel", &hello(), "--memory", "1M"],
+        "at least 16M",
+    );
 }
 
 #[test]
 fn test_memory_not_page_multiple_is_rejected() {
-    expect_error(&["run", "--kernel", &hello(), "--memory", "100M", "--hugepages", "1G"], "not a multiple");
+    expect_error(
+        &[
+            "run",
+            "--kernel",
+            &hello(),
+            "--memory",
+            "100M",
+            "--hugepages",
+            "1G",
+        ],
+        "not a multiple",
+    );
 }
 
 #[test]
 fn test_invalid_size_is_rejected() {
-    expect_error(&["run", "--kernel", &hello(), "--memory", "512Q"], "Invalid size '512Q'");
+    expect_error(
+        &["run", "--kernel", &hello(), "--memory", "512Q"],
+        "Invalid size '512Q'",
+    );
 }
 
 #[test]
 fn test_too_many_vcpus_is_rejected() {
-    expect_error(&["run", "--kernel", &hello(), "--vcpus", "5000"], "more than KVM allows");
+    expect_error(
+        &["run", "--kernel", &hello(), "--vcpus", "5000"],
+        "more than KVM allows",
+    );
 }
 
 #[test]
 fn test_affinity_naming_missing_core_is_rejected() {
-    expect_error(&["run", "--kernel", &hello(), "--vcpu-affinity", "999"], "names core 999");
+    expect_error(
+        &["run", "--kernel", &hello(), "--vcpu-affinity", "999"],
+        "names core 999",
+    );
 }
 
 #[test]
 fn test_help_documents_every_option_with_defaults() {
     let r = run(&["run", "--help"]);
-    for opt in ["--kernel", "--initrd", "--cmdline", "--memory", "--vcpus", "--vcpu-affinity", "--hugepages", "--prefault", "--serial", "--disk", "--io-cores"] {
+    for opt in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--memory",
+        "--vcpus",
+        "--vcpu-affinity",
+        "--hugepages",
+        "--prefault",
+        "--serial",
+        "--disk",
+        "--io-cores",
+    ] {
         assert!(r.stdout.contains(opt), "--help lacks {opt}");
     }
     for default in ["512M", "[default: 1]", "[default: thp]", "[default: stdio]"] {

@@ -32,7 +32,11 @@ impl std::str::FromStr for Rw {
             "read" => Rw::Read,
             "write" => Rw::Write,
             "randrw" => Rw::RandRw,
-            _ => return Err(format!("unknown --rw '{s}' (randread, randwrite, read, write, randrw)")),
+            _ => {
+                return Err(format!(
+                    "unknown --rw '{s}' (randread, randwrite, read, write, randrw)"
+                ))
+            }
         })
     }
 }
@@ -52,8 +56,21 @@ pub struct Job {
 impl Job {
     /// The default matrix: the four jobs that characterise a block path.
     pub fn default_matrix(runtime_s: f64) -> Vec<Job> {
-        let j = |rw, bs, qd| Job { rw, bs, qd, queues: 1, runtime_s, ramp_s: 0.5, verify: false };
-        vec![j(Rw::RandRead, 4096, 1), j(Rw::RandRead, 4096, 32), j(Rw::RandWrite, 4096, 32), j(Rw::Read, 128 << 10, 8)]
+        let j = |rw, bs, qd| Job {
+            rw,
+            bs,
+            qd,
+            queues: 1,
+            runtime_s,
+            ramp_s: 0.5,
+            verify: false,
+        };
+        vec![
+            j(Rw::RandRead, 4096, 1),
+            j(Rw::RandRead, 4096, 32),
+            j(Rw::RandWrite, 4096, 32),
+            j(Rw::Read, 128 << 10, 8),
+        ]
     }
 
     /// blkbench's kernel command line for this job.
@@ -75,8 +92,16 @@ impl Job {
 
     /// Short label, e.g. "4k randread qd32".
     pub fn label(&self) -> String {
-        let bs = if self.bs % 1024 == 0 { format!("{}k", self.bs / 1024) } else { format!("{}", self.bs) };
-        let q = if self.queues > 1 { format!(" x{}q", self.queues) } else { String::new() };
+        let bs = if self.bs % 1024 == 0 {
+            format!("{}k", self.bs / 1024)
+        } else {
+            format!("{}", self.bs)
+        };
+        let q = if self.queues > 1 {
+            format!(" x{}q", self.queues)
+        } else {
+            String::new()
+        };
         format!("{bs} {} qd{}{q}", self.rw.as_str(), self.qd)
     }
 }
@@ -94,12 +119,31 @@ mod tests {
     #[test]
     fn test_default_matrix_is_the_documented_four_jobs() {
         let m: Vec<String> = Job::default_matrix(3.0).iter().map(|j| j.label()).collect();
-        assert_eq!(m, ["4k randread qd1", "4k randread qd32", "4k randwrite qd32", "128k read qd8"]);
+        assert_eq!(
+            m,
+            [
+                "4k randread qd1",
+                "4k randread qd32",
+                "4k randwrite qd32",
+                "128k read qd8"
+            ]
+        );
     }
 
     #[test]
     fn test_cmdline_carries_every_parameter() {
-        let j = Job { rw: Rw::RandWrite, bs: 8192, qd: 4, queues: 2, runtime_s: 1.5, ramp_s: 0.0, verify: true };
-        assert_eq!(j.cmdline(), "rw=randwrite bs=8192 qd=4 queues=2 runtime=1.5 ramp=0 verify=1");
+        let j = Job {
+            rw: Rw::RandWrite,
+            bs: 8192,
+            qd: 4,
+            queues: 2,
+            runtime_s: 1.5,
+            ramp_s: 0.0,
+            verify: true,
+        };
+        assert_eq!(
+            j.cmdline(),
+            "rw=randwrite bs=8192 qd=4 queues=2 runtime=1.5 ramp=0 verify=1"
+        );
     }
 }

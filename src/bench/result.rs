@@ -38,21 +38,48 @@ pub struct GuestResult {
 
 /// Finds and parses the `{"blkbench":1,...}` line in the guest's console output.
 pub fn parse_guest(console: &str) -> Result<GuestResult, ResultError> {
-    let Some(line) = console.lines().rev().find(|l| l.starts_with("{\"blkbench\":")) else {
-        let tail: Vec<&str> = console.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect();
-        return Err(ResultError::Missing(if tail.is_empty() { "(nothing)".into() } else { tail.join(" | ") }));
+    let Some(line) = console
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("{\"blkbench\":"))
+    else {
+        let tail: Vec<&str> = console
+            .lines()
+            .rev()
+            .take(3)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        return Err(ResultError::Missing(if tail.is_empty() {
+            "(nothing)".into()
+        } else {
+            tail.join(" | ")
+        }));
     };
     let v: Value = serde_json::from_str(line).map_err(ResultError::Json)?;
-    let num = |k: &'static str| v.get(k).and_then(Value::as_f64).ok_or(ResultError::Field(k));
+    let num = |k: &'static str| {
+        v.get(k)
+            .and_then(Value::as_f64)
+            .ok_or(ResultError::Field(k))
+    };
     let lat = v.get("lat_ns").ok_or(ResultError::Field("lat_ns"))?;
-    let l = |k: &'static str| lat.get(k).and_then(Value::as_u64).ok_or(ResultError::Field("lat_ns"));
+    let l = |k: &'static str| {
+        lat.get(k)
+            .and_then(Value::as_u64)
+            .ok_or(ResultError::Field("lat_ns"))
+    };
     Ok(GuestResult {
         ios: num("ios")? as u64,
         iops: num("iops")?,
         mib_s: num("mib_s")?,
         seconds: num("seconds")?,
         errors: num("errors")? as u64,
-        verify: v.get("verify").and_then(Value::as_str).unwrap_or("off").to_string(),
+        verify: v
+            .get("verify")
+            .and_then(Value::as_str)
+            .unwrap_or("off")
+            .to_string(),
         lat_ns: [l("p50")?, l("p90")?, l("p99")?, l("p99_9")?, l("max")?],
         raw: v,
     })
@@ -71,7 +98,12 @@ impl JobResult {
     /// Start to the guest's first I/O: the VMM's start-up plus the guest's own (blkbench's
     /// `platform.first_io_ns`, TSC-timed from its entry point).
     pub fn first_io_ns(&self) -> Option<u64> {
-        let guest = self.guest.raw.get("platform")?.get("first_io_ns")?.as_u64()?;
+        let guest = self
+            .guest
+            .raw
+            .get("platform")?
+            .get("first_io_ns")?
+            .as_u64()?;
         Some(self.vmm_startup_ns + guest)
     }
 }
@@ -91,9 +123,13 @@ pub fn table(results: &[JobResult]) -> String {
         "{:<22} {:>9} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>7}\n",
         "job", "IOPS", "MiB/s", "p50", "p90", "p99", "p99.9", "max", "k2c p50", "k2c p99", "k2c p99.9", "svc p50", "svc p99", "ns/req"
     );
-    s.push_str(&format!("{:<22} {:>9} {:>8} | {:^44} | {:^26} | {:^17} | {:>7}\n", "", "", "", "guest latency (µs)", "host kick→complete (µs)", "host service (µs)", "VMM CPU"));
+    s.push_str(&format!(
+        "{:<22} {:>9} {:>8} | {:^44} | {:^26} | {:^17} | {:>7}\n",
+        "", "", "", "guest latency (µs)", "host kick→complete (µs)", "host service (µs)", "VMM CPU"
+    ));
     for r in results {
-        let mut k2c = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid bounds");
+        let mut k2c = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)
+            .expect("valid bounds");
         let mut svc = k2c.clone();
         for q in &r.host.queues {
             let _ = k2c.add(&q.kick_to_complete);

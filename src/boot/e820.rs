@@ -17,13 +17,33 @@ pub struct MemoryRange {
 pub fn memory_map(mem_size: u64) -> Vec<MemoryRange> {
     let low_end = mem_size.min(MMIO_HOLE_START);
     let mut map = vec![
-        MemoryRange { addr: 0, size: EBDA_START, kind: E820_RAM },
-        MemoryRange { addr: EBDA_START, size: HIGH_MEMORY_START - EBDA_START, kind: E820_RESERVED },
-        MemoryRange { addr: HIGH_MEMORY_START, size: low_end - HIGH_MEMORY_START, kind: E820_RAM },
-        MemoryRange { addr: PCI_ECAM_START, size: PCI_ECAM_SIZE, kind: E820_RESERVED },
+        MemoryRange {
+            addr: 0,
+            size: EBDA_START,
+            kind: E820_RAM,
+        },
+        MemoryRange {
+            addr: EBDA_START,
+            size: HIGH_MEMORY_START - EBDA_START,
+            kind: E820_RESERVED,
+        },
+        MemoryRange {
+            addr: HIGH_MEMORY_START,
+            size: low_end - HIGH_MEMORY_START,
+            kind: E820_RAM,
+        },
+        MemoryRange {
+            addr: PCI_ECAM_START,
+            size: PCI_ECAM_SIZE,
+            kind: E820_RESERVED,
+        },
     ];
     if mem_size > low_end {
-        map.push(MemoryRange { addr: HIGH_RAM_START, size: mem_size - low_end, kind: E820_RAM });
+        map.push(MemoryRange {
+            addr: HIGH_RAM_START,
+            size: mem_size - low_end,
+            kind: E820_RAM,
+        });
     }
     map
 }
@@ -36,7 +56,11 @@ mod tests {
     fn test_memory_map_ram_adds_up_to_memory_size() {
         for size in [64u64 << 20, 3 << 30, 6 << 30] {
             let map = memory_map(size);
-            let ram: u64 = map.iter().filter(|r| r.kind == E820_RAM).map(|r| r.size).sum();
+            let ram: u64 = map
+                .iter()
+                .filter(|r| r.kind == E820_RAM)
+                .map(|r| r.size)
+                .sum();
             // The 384 KiB between the EBDA and 1 MiB are reserved, not RAM.
             assert_eq!(ram, size - (HIGH_MEMORY_START - EBDA_START), "size {size}");
         }
@@ -45,7 +69,10 @@ mod tests {
     #[test]
     fn test_memory_map_never_overlaps_mmio_hole() {
         for r in memory_map(8 << 30).iter().filter(|r| r.kind == E820_RAM) {
-            assert!(r.addr + r.size <= MMIO_HOLE_START || r.addr >= HIGH_RAM_START, "{r:?}");
+            assert!(
+                r.addr + r.size <= MMIO_HOLE_START || r.addr >= HIGH_RAM_START,
+                "{r:?}"
+            );
         }
     }
 }

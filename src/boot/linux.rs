@@ -18,7 +18,11 @@ const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
 
 /// Builds `boot_params` for the kernel (with the bzImage's own setup header when there is
 /// one); returns the zero page's guest address (RSI at entry).
-pub fn build_boot_params(header: Option<setup_header>, spec: &BootSpec, initrd: Option<Initrd>) -> Result<boot_params, BootError> {
+pub fn build_boot_params(
+    header: Option<setup_header>,
+    spec: &BootSpec,
+    initrd: Option<Initrd>,
+) -> Result<boot_params, BootError> {
     let mut params = boot_params::default();
     if let Some(h) = header {
         params.hdr = h;
@@ -37,20 +41,33 @@ pub fn build_boot_params(header: Option<setup_header>, spec: &BootSpec, initrd: 
     }
     let map = memory_map(spec.mem_size);
     if map.len() > params.e820_table.len() {
-        return Err(BootError::Params(format!("{} e820 entries do not fit the zero page", map.len())));
+        return Err(BootError::Params(format!(
+            "{} e820 entries do not fit the zero page",
+            map.len()
+        )));
     }
     for (slot, r) in params.e820_table.iter_mut().zip(&map) {
-        *slot = boot_e820_entry { addr: r.addr, size: r.size, r#type: r.kind };
+        *slot = boot_e820_entry {
+            addr: r.addr,
+            size: r.size,
+            r#type: r.kind,
+        };
     }
     params.e820_entries = map.len() as u8;
     Ok(params)
 }
 
 /// Writes `boot_params` into guest memory at [`ZERO_PAGE_ADDR`].
-pub fn write_boot_params(mem: &GuestMemory, header: Option<setup_header>, spec: &BootSpec, initrd: Option<Initrd>) -> Result<u64, BootError> {
+pub fn write_boot_params(
+    mem: &GuestMemory,
+    header: Option<setup_header>,
+    spec: &BootSpec,
+    initrd: Option<Initrd>,
+) -> Result<u64, BootError> {
     let params = build_boot_params(header, spec, initrd)?;
     let bp = BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR));
-    LinuxBootConfigurator::write_bootparams::<GuestMemory>(&bp, mem).map_err(|e| BootError::Params(e.to_string()))?;
+    LinuxBootConfigurator::write_bootparams::<GuestMemory>(&bp, mem)
+        .map_err(|e| BootError::Params(e.to_string()))?;
     Ok(ZERO_PAGE_ADDR)
 }
 
@@ -62,8 +79,18 @@ mod tests {
 
     #[test]
     fn test_boot_params_carry_cmdline_initrd_and_e820() {
-        let spec = BootSpec { kernel: Path::new("k"), initrd: None, cmdline: "console=ttyS0", mem_size: 256 << 20, vcpus: 2, pvm_quirks: false };
-        let initrd = Initrd { addr: GuestAddress(0x0f00_0000), size: 0x10_0000 };
+        let spec = BootSpec {
+            kernel: Path::new("k"),
+            initrd: None,
+            cmdline: "console=ttyS0",
+            mem_size: 256 << 20,
+            vcpus: 2,
+            pvm_quirks: false,
+        };
+        let initrd = Initrd {
+            addr: GuestAddress(0x0f00_0000),
+            size: 0x10_0000,
+        };
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 256 << 20)]).unwrap();
         let at = write_boot_params(&mem, None, &spec, Some(initrd)).unwrap();
         let p: boot_params = mem.read_obj(GuestAddress(at)).unwrap();
@@ -71,10 +98,18 @@ mod tests {
         assert_eq!({ p.hdr.header }, KERNEL_HDR_MAGIC);
         assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
         assert_eq!({ p.hdr.cmdline_size }, 14);
-        assert_eq!(({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size }), (0x0f00_0000, 0x10_0000));
+        assert_eq!(
+            ({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size }),
+            (0x0f00_0000, 0x10_0000)
+        );
         let n = p.e820_entries as usize;
         assert_eq!(n, memory_map(256 << 20).len());
-        let last_ram = p.e820_table[..n].iter().filter(|e| e.r#type == 1).map(|e| e.addr + e.size).max().unwrap();
+        let last_ram = p.e820_table[..n]
+            .iter()
+            .filter(|e| e.r#type == 1)
+            .map(|e| e.addr + e.size)
+            .max()
+            .unwrap();
         assert_eq!(last_ram, 256 << 20);
     }
 }

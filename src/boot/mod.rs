@@ -22,19 +22,35 @@ use crate::vmm::vcpu::EntryPoint;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("Cannot open kernel {path}")]
-    OpenKernel { path: PathBuf, #[source] source: std::io::Error },
+    OpenKernel {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("Cannot open initrd {path}")]
-    OpenInitrd { path: PathBuf, #[source] source: std::io::Error },
+    OpenInitrd {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("Kernel {path} is neither a PVH ELF nor a Linux kernel (bzImage or vmlinux)")]
     UnknownFormat { path: PathBuf },
     #[error("Kernel {path} is a corrupt or unsupported image: {reason}")]
     Load { path: PathBuf, reason: String },
     #[error("Initrd {path} ({size} bytes) does not fit in guest memory below {limit:#x} after the kernel")]
-    InitrdTooBig { path: PathBuf, size: u64, limit: u64 },
+    InitrdTooBig {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     #[error("Kernel command line is {len} bytes, the limit is {max}")]
     CmdlineTooLong { len: usize, max: usize },
     #[error("Failed to write {what} into guest memory")]
-    Memory { what: &'static str, #[source] source: vm_memory::GuestMemoryError },
+    Memory {
+        what: &'static str,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
     #[error("Failed to build boot parameters: {0}")]
     Params(String),
 }
@@ -107,16 +123,27 @@ fn detect(file: &mut File) -> std::io::Result<Option<Format>> {
 /// Loads the kernel, initrd and command line into `mem` and writes the boot structures.
 pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<EntryPoint, BootError> {
     let kpath = spec.kernel.to_path_buf();
-    let mut kernel = File::open(spec.kernel).map_err(|source| BootError::OpenKernel { path: kpath.clone(), source })?;
+    let mut kernel = File::open(spec.kernel).map_err(|source| BootError::OpenKernel {
+        path: kpath.clone(),
+        source,
+    })?;
     let format = detect(&mut kernel)
-        .map_err(|source| BootError::OpenKernel { path: kpath.clone(), source })?
-        .ok_or_else(|| BootError::UnknownFormat { path: kpath.clone() })?;
+        .map_err(|source| BootError::OpenKernel {
+            path: kpath.clone(),
+            source,
+        })?
+        .ok_or_else(|| BootError::UnknownFormat {
+            path: kpath.clone(),
+        })?;
     let highmem = Some(GuestAddress(HIGH_MEMORY_START));
     let result: KernelLoaderResult = match format {
         Format::Elf => Elf::load(mem, None, &mut kernel, highmem),
         Format::BzImage => BzImage::load(mem, None, &mut kernel, highmem),
     }
-    .map_err(|e| BootError::Load { path: kpath.clone(), reason: e.to_string() })?;
+    .map_err(|e| BootError::Load {
+        path: kpath.clone(),
+        reason: e.to_string(),
+    })?;
 
     let is_linux = match format {
         Format::BzImage => true,
@@ -129,7 +156,10 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<EntryPoint, BootError>
     } else {
         spec.cmdline.to_string()
     };
-    let spec = &BootSpec { cmdline: &cmdline, ..*spec };
+    let spec = &BootSpec {
+        cmdline: &cmdline,
+        ..*spec
+    };
     write_cmdline(mem, spec.cmdline)?;
     let initrd = match spec.initrd {
         Some(path) => Some(load_initrd(mem, path, result.kernel_end, spec.mem_size)?),
@@ -138,12 +168,21 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<EntryPoint, BootError>
     match (format, result.pvh_boot_cap) {
         (Format::Elf, PvhBootCapability::PvhEntryPresent(entry)) => {
             let start_info = pvh::write_start_info(mem, spec.mem_size, spec.cmdline, initrd)?;
-            Ok(EntryPoint::Pvh { entry: entry.raw_value(), start_info })
+            Ok(EntryPoint::Pvh {
+                entry: entry.raw_value(),
+                start_info,
+            })
         }
         (Format::Elf, _) => {
             // A vmlinux without a PVH note: enter startup_64 with boot_params.
             let mut elf_head = [0u8; 32];
-            kernel.seek(SeekFrom::Start(0)).and_then(|_| kernel.read_exact(&mut elf_head)).map_err(|source| BootError::OpenKernel { path: kpath.clone(), source })?;
+            kernel
+                .seek(SeekFrom::Start(0))
+                .and_then(|_| kernel.read_exact(&mut elf_head))
+                .map_err(|source| BootError::OpenKernel {
+                    path: kpath.clone(),
+                    source,
+                })?;
             let entry = u64::from_le_bytes(elf_head[24..32].try_into().expect("8 bytes"));
             let zero_page = linux::write_boot_params(mem, None, spec, initrd)?;
             mptable::write(mem, spec.vcpus)?;
@@ -153,7 +192,10 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<EntryPoint, BootError>
             let zero_page = linux::write_boot_params(mem, result.setup_header, spec, initrd)?;
             mptable::write(mem, spec.vcpus)?;
             // The 64-bit entry point of a bzImage is 0x200 past its protected-mode start.
-            Ok(EntryPoint::Linux64 { entry: result.kernel_load.raw_value() + 0x200, zero_page })
+            Ok(EntryPoint::Linux64 {
+                entry: result.kernel_load.raw_value() + 0x200,
+                zero_page,
+            })
         }
     }
 }
@@ -187,7 +229,8 @@ fn has_linux_note(f: &mut File) -> std::io::Result<bool> {
         let mut p = 0usize;
         while p + 12 <= notes.len() {
             let namesz = u32::from_le_bytes(notes[p..p + 4].try_into().expect("4 bytes")) as usize;
-            let descsz = u32::from_le_bytes(notes[p + 4..p + 8].try_into().expect("4 bytes")) as usize;
+            let descsz =
+                u32::from_le_bytes(notes[p + 4..p + 8].try_into().expect("4 bytes")) as usize;
             let name = notes.get(p + 12..p + 12 + namesz).unwrap_or(&[]);
             if name.starts_with(b"Linux") {
                 return Ok(true);
@@ -200,28 +243,67 @@ fn has_linux_note(f: &mut File) -> std::io::Result<bool> {
 
 fn write_cmdline(mem: &GuestMemory, cmdline: &str) -> Result<(), BootError> {
     if cmdline.len() + 1 > CMDLINE_MAX_SIZE {
-        return Err(BootError::CmdlineTooLong { len: cmdline.len(), max: CMDLINE_MAX_SIZE - 1 });
+        return Err(BootError::CmdlineTooLong {
+            len: cmdline.len(),
+            max: CMDLINE_MAX_SIZE - 1,
+        });
     }
     let mut bytes = cmdline.as_bytes().to_vec();
     bytes.push(0);
-    mem.write_slice(&bytes, GuestAddress(CMDLINE_ADDR)).map_err(|source| BootError::Memory { what: "command line", source })
+    mem.write_slice(&bytes, GuestAddress(CMDLINE_ADDR))
+        .map_err(|source| BootError::Memory {
+            what: "command line",
+            source,
+        })
 }
 
 /// Puts the initrd at the top of low RAM, page aligned, above the kernel.
-fn load_initrd(mem: &GuestMemory, path: &Path, kernel_end: u64, mem_size: u64) -> Result<Initrd, BootError> {
+fn load_initrd(
+    mem: &GuestMemory,
+    path: &Path,
+    kernel_end: u64,
+    mem_size: u64,
+) -> Result<Initrd, BootError> {
     let pb = path.to_path_buf();
-    let mut f = File::open(path).map_err(|source| BootError::OpenInitrd { path: pb.clone(), source })?;
-    let size = f.metadata().map_err(|source| BootError::OpenInitrd { path: pb.clone(), source })?.len();
+    let mut f = File::open(path).map_err(|source| BootError::OpenInitrd {
+        path: pb.clone(),
+        source,
+    })?;
+    let size = f
+        .metadata()
+        .map_err(|source| BootError::OpenInitrd {
+            path: pb.clone(),
+            source,
+        })?
+        .len();
     let limit = mem_size.min(MMIO_HOLE_START);
     let floor = kernel_end.max(HIGH_MEMORY_START);
-    let addr = limit.checked_sub(size).map(|a| a & !0xfff).filter(|&a| a >= floor);
+    let addr = limit
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|&a| a >= floor);
     let Some(addr) = addr else {
-        return Err(BootError::InitrdTooBig { path: pb, size, limit });
+        return Err(BootError::InitrdTooBig {
+            path: pb,
+            size,
+            limit,
+        });
     };
     let mut data = Vec::with_capacity(size as usize);
-    f.read_to_end(&mut data).map_err(|source| BootError::OpenInitrd { path: pb.clone(), source })?;
-    mem.write_slice(&data, GuestAddress(addr)).map_err(|source| BootError::Memory { what: "initrd", source })?;
-    Ok(Initrd { addr: GuestAddress(addr), size })
+    f.read_to_end(&mut data)
+        .map_err(|source| BootError::OpenInitrd {
+            path: pb.clone(),
+            source,
+        })?;
+    mem.write_slice(&data, GuestAddress(addr))
+        .map_err(|source| BootError::Memory {
+            what: "initrd",
+            source,
+        })?;
+    Ok(Initrd {
+        addr: GuestAddress(addr),
+        size,
+    })
 }
 
 #[cfg(test)]
@@ -237,23 +319,48 @@ mod tests {
     fn test_load_garbage_file_unknown_format() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(&[0x55; 4096]).unwrap();
-        let spec = BootSpec { kernel: f.path(), initrd: None, cmdline: "", mem_size: 32 << 20, vcpus: 1, pvm_quirks: false };
+        let spec = BootSpec {
+            kernel: f.path(),
+            initrd: None,
+            cmdline: "",
+            mem_size: 32 << 20,
+            vcpus: 1,
+            pvm_quirks: false,
+        };
         let err = load(&mem(), &spec).unwrap_err();
-        assert!(err.to_string().contains("neither a PVH ELF nor a Linux kernel"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("neither a PVH ELF nor a Linux kernel"),
+            "{err}"
+        );
     }
 
     #[test]
     fn test_load_truncated_elf_is_corrupt() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(b"\x7fELF\x02\x01\x01\0").unwrap();
-        let spec = BootSpec { kernel: f.path(), initrd: None, cmdline: "", mem_size: 32 << 20, vcpus: 1, pvm_quirks: false };
+        let spec = BootSpec {
+            kernel: f.path(),
+            initrd: None,
+            cmdline: "",
+            mem_size: 32 << 20,
+            vcpus: 1,
+            pvm_quirks: false,
+        };
         let err = load(&mem(), &spec).unwrap_err();
         assert!(err.to_string().contains("corrupt"), "{err}");
     }
 
     #[test]
     fn test_load_missing_kernel_names_path() {
-        let spec = BootSpec { kernel: Path::new("/nonexistent/vmlinuz"), initrd: None, cmdline: "", mem_size: 32 << 20, vcpus: 1, pvm_quirks: false };
+        let spec = BootSpec {
+            kernel: Path::new("/nonexistent/vmlinuz"),
+            initrd: None,
+            cmdline: "",
+            mem_size: 32 << 20,
+            vcpus: 1,
+            pvm_quirks: false,
+        };
         let err = load(&mem(), &spec).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vmlinuz"), "{err}");
     }
@@ -285,7 +392,10 @@ mod tests {
 
     #[test]
     fn test_pvm_params_added_unless_already_set() {
-        let c = with_params("console=ttyS0 mitigations=auto", &["noxsave", "mitigations=off"]);
+        let c = with_params(
+            "console=ttyS0 mitigations=auto",
+            &["noxsave", "mitigations=off"],
+        );
         assert_eq!(c, "console=ttyS0 mitigations=auto noxsave");
         assert_eq!(with_params("", &["noxsave"]), "noxsave");
     }

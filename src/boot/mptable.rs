@@ -27,7 +27,10 @@ const ISA_IRQS: u8 = 16;
 pub const MAX_VCPUS: u8 = 254;
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// Builds the floating pointer structure followed by the configuration table.
@@ -91,7 +94,11 @@ pub fn build(vcpus: u8) -> Vec<u8> {
 
 /// Writes the MP table at [`MPTABLE_ADDR`] (in the EBDA, where Linux scans for it).
 pub fn write(mem: &GuestMemory, vcpus: u8) -> Result<(), BootError> {
-    mem.write_slice(&build(vcpus), GuestAddress(MPTABLE_ADDR)).map_err(|source| BootError::Memory { what: "MP table", source })
+    mem.write_slice(&build(vcpus), GuestAddress(MPTABLE_ADDR))
+        .map_err(|source| BootError::Memory {
+            what: "MP table",
+            source,
+        })
 }
 
 #[cfg(test)]
@@ -112,7 +119,10 @@ mod tests {
         let len = u16::from_le_bytes([mpc[4], mpc[5]]) as usize;
         assert_eq!(len, mpc.len());
         assert_eq!(sum(mpc), 0, "config table checksum");
-        let cpus = mpc[44..].chunks(20).take_while(|e| e[0] == MP_PROCESSOR).count();
+        let cpus = mpc[44..]
+            .chunks(20)
+            .take_while(|e| e[0] == MP_PROCESSOR)
+            .count();
         assert_eq!(cpus, 4);
         assert_eq!(mpc[44 + 3] & CPU_BOOTPROCESSOR, CPU_BOOTPROCESSOR);
         let entry_count = u16::from_le_bytes([mpc[34], mpc[35]]);

@@ -3,7 +3,9 @@
 
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use vm_memory::{Address, GuestAddress};
 
 use super::e820::memory_map;
@@ -14,10 +16,20 @@ use crate::vmm::layout::{CMDLINE_ADDR, PVH_MEMMAP_ADDR, PVH_MODLIST_ADDR, PVH_ST
 pub const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 
 /// Writes `hvm_start_info` and its tables; returns its guest address (EBX at entry).
-pub fn write_start_info(mem: &GuestMemory, mem_size: u64, _cmdline: &str, initrd: Option<Initrd>) -> Result<u64, BootError> {
+pub fn write_start_info(
+    mem: &GuestMemory,
+    mem_size: u64,
+    _cmdline: &str,
+    initrd: Option<Initrd>,
+) -> Result<u64, BootError> {
     let map: Vec<hvm_memmap_table_entry> = memory_map(mem_size)
         .iter()
-        .map(|r| hvm_memmap_table_entry { addr: r.addr, size: r.size, type_: r.kind, reserved: 0 })
+        .map(|r| hvm_memmap_table_entry {
+            addr: r.addr,
+            size: r.size,
+            type_: r.kind,
+            reserved: 0,
+        })
         .collect();
     let mut info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
@@ -28,7 +40,11 @@ pub fn write_start_info(mem: &GuestMemory, mem_size: u64, _cmdline: &str, initrd
         ..Default::default()
     };
     let modules: Vec<hvm_modlist_entry> = initrd
-        .map(|i| hvm_modlist_entry { paddr: i.addr.raw_value(), size: i.size, ..Default::default() })
+        .map(|i| hvm_modlist_entry {
+            paddr: i.addr.raw_value(),
+            size: i.size,
+            ..Default::default()
+        })
         .into_iter()
         .collect();
     if !modules.is_empty() {
@@ -40,7 +56,8 @@ pub fn write_start_info(mem: &GuestMemory, mem_size: u64, _cmdline: &str, initrd
     if !modules.is_empty() {
         params.set_modules(&modules, GuestAddress(PVH_MODLIST_ADDR));
     }
-    PvhBootConfigurator::write_bootparams::<GuestMemory>(&params, mem).map_err(|e| BootError::Params(e.to_string()))?;
+    PvhBootConfigurator::write_bootparams::<GuestMemory>(&params, mem)
+        .map_err(|e| BootError::Params(e.to_string()))?;
     Ok(PVH_START_INFO_ADDR)
 }
 
@@ -52,7 +69,10 @@ mod tests {
     #[test]
     fn test_start_info_has_magic_memmap_and_module() {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
-        let initrd = Initrd { addr: GuestAddress(0x200_0000), size: 1234 };
+        let initrd = Initrd {
+            addr: GuestAddress(0x200_0000),
+            size: 1234,
+        };
         let at = write_start_info(&mem, 64 << 20, "x", Some(initrd)).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(at)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC);

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use ringvm::bench::result::{self, JobResult, GUEST_BAD_PARAM, GUEST_DEVICE_ERROR, GUEST_NO_DEVICE, GUEST_OK, GUEST_VERIFY};
+use ringvm::bench::result::{
+    self, JobResult, GUEST_BAD_PARAM, GUEST_DEVICE_ERROR, GUEST_NO_DEVICE, GUEST_OK, GUEST_VERIFY,
+};
 use ringvm::bench::{Job, Rw};
 use ringvm::cli::BenchArgs;
 use ringvm::config::{parse_size, VmConfig};
@@ -31,7 +33,10 @@ impl Drop for TempDisk {
 struct Console(Arc<Mutex<Vec<u8>>>);
 impl Write for Console {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(b);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(b);
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -63,13 +68,32 @@ impl VmExtension for BenchVm {
         if !self.progress || self.ticks % (1000 / TICK_MS).max(1) != 0 {
             return;
         }
-        let Some(Ok(r)) = self.devices.pool().map(|p| p.snapshot()) else { return };
+        let Some(Ok(r)) = self.devices.pool().map(|p| p.snapshot()) else {
+            return;
+        };
         let now = Instant::now();
         let reqs = r.total_requests();
-        let iops = (reqs - self.last.1.min(reqs)) as f64 / now.duration_since(self.last.0).as_secs_f64();
+        let iops =
+            (reqs - self.last.1.min(reqs)) as f64 / now.duration_since(self.last.0).as_secs_f64();
         self.last = (now, reqs);
-        let p99 = r.queues.iter().map(|q| if q.kick_to_complete.is_empty() { 0 } else { q.kick_to_complete.value_at_quantile(0.99) }).max().unwrap_or(0);
-        eprint!("\r{:<22} {:>10.0} IOPS   host k2c p99 {:>8.1} µs   ", self.label, iops, p99 as f64 / 1000.0);
+        let p99 = r
+            .queues
+            .iter()
+            .map(|q| {
+                if q.kick_to_complete.is_empty() {
+                    0
+                } else {
+                    q.kick_to_complete.value_at_quantile(0.99)
+                }
+            })
+            .max()
+            .unwrap_or(0);
+        eprint!(
+            "\r{:<22} {:>10.0} IOPS   host k2c p99 {:>8.1} µs   ",
+            self.label,
+            iops,
+            p99 as f64 / 1000.0
+        );
     }
     fn on_stop(&mut self) {
         if self.progress {
@@ -91,7 +115,13 @@ fn lock_cores(cores: &[usize]) -> anyhow::Result<CoreLocks> {
     sorted.dedup();
     for c in sorted {
         let path = dir.join(format!("core{c}.lock"));
-        let f = File::options().create(true).truncate(false).read(true).write(true).open(&path).with_context(|| format!("Cannot open {}", path.display()))?;
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("Cannot open {}", path.display()))?;
         // SAFETY: flock on a file descriptor we own; LOCK_NB never blocks.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let owner = std::fs::read_to_string(&path).unwrap_or_default();
@@ -105,12 +135,21 @@ fn lock_cores(cores: &[usize]) -> anyhow::Result<CoreLocks> {
 }
 
 fn jobs(args: &BenchArgs) -> anyhow::Result<Vec<Job>> {
-    let single = args.rw.is_some() || args.bs.is_some() || args.qd.is_some() || args.queues.is_some();
+    let single =
+        args.rw.is_some() || args.bs.is_some() || args.qd.is_some() || args.queues.is_some();
     if args.runtime <= 0.0 || !args.runtime.is_finite() {
-        bail!("Invalid --runtime {}: must be a positive number of seconds", args.runtime);
+        bail!(
+            "Invalid --runtime {}: must be a positive number of seconds",
+            args.runtime
+        );
     }
     let mut list = if single {
-        let rw: Rw = args.rw.as_deref().unwrap_or("randread").parse().map_err(anyhow::Error::msg)?;
+        let rw: Rw = args
+            .rw
+            .as_deref()
+            .unwrap_or("randread")
+            .parse()
+            .map_err(anyhow::Error::msg)?;
         let bs = parse_size(args.bs.as_deref().unwrap_or("4k"))?;
         if bs == 0 || bs % 512 != 0 {
             bail!("Invalid --bs {bs}: must be a non-zero multiple of 512");
@@ -123,7 +162,15 @@ fn jobs(args: &BenchArgs) -> anyhow::Result<Vec<Job>> {
         if queues == 0 {
             bail!("Invalid --queues 0: at least 1");
         }
-        vec![Job { rw, bs, qd, queues, runtime_s: args.runtime, ramp_s: 0.5, verify: false }]
+        vec![Job {
+            rw,
+            bs,
+            qd,
+            queues,
+            runtime_s: args.runtime,
+            ramp_s: 0.5,
+            verify: false,
+        }]
     } else {
         Job::default_matrix(args.runtime)
     };
@@ -134,7 +181,11 @@ fn jobs(args: &BenchArgs) -> anyhow::Result<Vec<Job>> {
 }
 
 fn machine() -> serde_json::Value {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()));
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("model name"))
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+    });
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     serde_json::json!({
         "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -144,7 +195,12 @@ fn machine() -> serde_json::Value {
 }
 
 fn guest_failure(code: u32, console: &str) -> String {
-    let last = console.lines().rev().find(|l| !l.starts_with('{')).unwrap_or("").trim();
+    let last = console
+        .lines()
+        .rev()
+        .find(|l| !l.starts_with('{'))
+        .unwrap_or("")
+        .trim();
     let what = match code {
         GUEST_NO_DEVICE => "found no virtio-blk device",
         GUEST_DEVICE_ERROR => "saw a device error",
@@ -164,15 +220,18 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
         None => {
             let size = parse_size(&args.disk_size)?;
             let p = PathBuf::from(format!("/dev/shm/ringvm-bench-{}.img", std::process::id()));
-            let f = File::create(&p).with_context(|| format!("Cannot create the default disk {}", p.display()))?;
-            f.set_len(size).with_context(|| format!("Cannot size the default disk {}", p.display()))?;
+            let f = File::create(&p)
+                .with_context(|| format!("Cannot create the default disk {}", p.display()))?;
+            f.set_len(size)
+                .with_context(|| format!("Cannot size the default disk {}", p.display()))?;
             _temp = TempDisk(p.clone());
             (p, Some(size))
         }
     };
     let kernel = match &args.guest {
         Some(p) => p.clone(),
-        None => ringvm::guests::materialize("blkbench", ringvm::guests::BLKBENCH).context("Cannot write the embedded blkbench guest")?,
+        None => ringvm::guests::materialize("blkbench", ringvm::guests::BLKBENCH)
+            .context("Cannot write the embedded blkbench guest")?,
     };
     let progress = std::env::var_os("RINGVM_NO_PROGRESS").is_none() && {
         // SAFETY: isatty only inspects the descriptor.
@@ -189,13 +248,21 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
         }
         let backend = match args.backend.as_str() {
             "null" => format!("backend=null,size={}", size.unwrap_or(1 << 30)),
-            "uring" => format!("path={},backend=uring,direct={}", disk_path.display(), args.direct),
+            "uring" => format!(
+                "path={},backend=uring,direct={}",
+                disk_path.display(),
+                args.direct
+            ),
             other => bail!("Invalid --backend '{other}': expected uring or null"),
         };
         let spec = format!("{backend},queues={},poll-us={}", job.queues, args.poll_us);
-        let disk: DiskConfig = spec.parse().map_err(|e| anyhow::anyhow!("Invalid disk '{spec}': {e}"))?;
+        let disk: DiskConfig = spec
+            .parse()
+            .map_err(|e| anyhow::anyhow!("Invalid disk '{spec}': {e}"))?;
         let mut vm_args = args.vm.clone();
-        vm_args.memory.get_or_insert_with(|| ringvm::config::BENCH_MEMORY.to_string());
+        vm_args
+            .memory
+            .get_or_insert_with(|| ringvm::config::BENCH_MEMORY.to_string());
         let config = VmConfig::build(kernel.clone(), None, job.cmdline(), vec![disk], &vm_args)?;
         placement = (config.vcpu_cores.clone(), config.io_cores.clone());
         if locks.is_none() {
@@ -203,23 +270,41 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
             cores.extend(&config.io_cores);
             locks = Some(lock_cores(&cores)?);
         }
-        let mut ext = BenchVm { devices: StandardDevices::default(), console: Console::default(), label: job.label(), progress, ticks: 0, last: (Instant::now(), 0) };
+        let mut ext = BenchVm {
+            devices: StandardDevices::default(),
+            console: Console::default(),
+            label: job.label(),
+            progress,
+            ticks: 0,
+            last: (Instant::now(), 0),
+        };
         let outcome = match vm::run(&config, &mut ext) {
             Ok(o) => o,
             Err(e) => {
-                failure = Some(anyhow::Error::new(e).context(format!("Job {} failed", job.label())));
+                failure =
+                    Some(anyhow::Error::new(e).context(format!("Job {} failed", job.label())));
                 break;
             }
         };
-        let console = String::from_utf8_lossy(&ext.console.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+        let console =
+            String::from_utf8_lossy(&ext.console.0.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_owned();
         match outcome.reason {
             ExitReason::DebugExit { code: GUEST_OK } => {}
             ExitReason::DebugExit { code } => {
-                failure = Some(anyhow::anyhow!("Job {}: {}", job.label(), guest_failure(code, &console)));
+                failure = Some(anyhow::anyhow!(
+                    "Job {}: {}",
+                    job.label(),
+                    guest_failure(code, &console)
+                ));
                 break;
             }
             other => {
-                failure = Some(anyhow::anyhow!("Job {}: VM stopped: {}", job.label(), other.describe()));
+                failure = Some(anyhow::anyhow!(
+                    "Job {}: VM stopped: {}",
+                    job.label(),
+                    other.describe()
+                ));
                 break;
             }
         }
@@ -232,19 +317,43 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
         };
         let host = ext.devices.report.take().unwrap_or_default();
         if let Some(hlog) = &args.vm.hlog {
-            let path = if jobs.len() == 1 { hlog.clone() } else { hlog.with_extension(format!("{}.hlog", results.len() + 1)) };
+            let path = if jobs.len() == 1 {
+                hlog.clone()
+            } else {
+                hlog.with_extension(format!("{}.hlog", results.len() + 1))
+            };
             host.write_hlog(&path)?;
         }
-        results.push(JobResult { job: job.clone(), guest, host, vmm_startup_ns: outcome.startup.as_nanos() as u64 });
+        results.push(JobResult {
+            job: job.clone(),
+            guest,
+            host,
+            vmm_startup_ns: outcome.startup.as_nanos() as u64,
+        });
     }
     if !results.is_empty() {
         print!("{}", result::table(&results));
-        let first: Vec<String> = results.iter().filter_map(|r| r.first_io_ns()).map(|n| format!("{:.1}", n as f64 / 1e6)).collect();
-        println!("start to first guest I/O (ms, per job; VMM start-up + guest init): {}", first.join(", "));
-        println!("disk: {}{}  backend: {}  vCPU cores {:?}  I/O cores {:?}", disk_path.display(), if size.is_some() { " (RAM-backed)" } else { "" }, args.backend, placement.0, placement.1);
+        let first: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.first_io_ns())
+            .map(|n| format!("{:.1}", n as f64 / 1e6))
+            .collect();
+        println!(
+            "start to first guest I/O (ms, per job; VMM start-up + guest init): {}",
+            first.join(", ")
+        );
+        println!(
+            "disk: {}{}  backend: {}  vCPU cores {:?}  I/O cores {:?}",
+            disk_path.display(),
+            if size.is_some() { " (RAM-backed)" } else { "" },
+            args.backend,
+            placement.0,
+            placement.1
+        );
     }
     if let Some(p) = &args.json {
-        std::fs::write(p, result::to_json(&results, &machine())).with_context(|| format!("Cannot write {}", p.display()))?;
+        std::fs::write(p, result::to_json(&results, &machine()))
+            .with_context(|| format!("Cannot write {}", p.display()))?;
     }
     match failure {
         Some(e) => Err(e),

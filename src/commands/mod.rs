@@ -16,13 +16,20 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     let config = VmConfig::from_args(args)?;
     let mut devices = StandardDevices::default();
     let outcome = vm::run(&config, &mut devices).context("VM failed")?;
-    if !matches!(outcome.reason, ExitReason::DebugExit { .. }) || std::env::var_os("RINGVM_VERBOSE").is_some() {
-        eprintln!("ringvm: {} after {:.3} s", outcome.reason.describe(), outcome.guest_time.as_secs_f64());
+    if !matches!(outcome.reason, ExitReason::DebugExit { .. })
+        || std::env::var_os("RINGVM_VERBOSE").is_some()
+    {
+        eprintln!(
+            "ringvm: {} after {:.3} s",
+            outcome.reason.describe(),
+            outcome.guest_time.as_secs_f64()
+        );
     }
     if let Some(report) = &devices.report {
         eprint!("{}", report.table());
         if let Some(p) = &config.stats_json {
-            std::fs::write(p, report.to_json()).with_context(|| format!("Cannot write {}", p.display()))?;
+            std::fs::write(p, report.to_json())
+                .with_context(|| format!("Cannot write {}", p.display()))?;
         }
         if let Some(p) = &config.hlog {
             report.write_hlog(p)?;

@@ -57,7 +57,12 @@ fn json_hist(h: &Histogram<u64>) -> String {
         if i > 0 {
             buckets.push(',');
         }
-        let _ = write!(buckets, "[{},{}]", h.highest_equivalent(v.value_iterated_to()), v.count_at_value());
+        let _ = write!(
+            buckets,
+            "[{},{}]",
+            h.highest_equivalent(v.value_iterated_to()),
+            v.count_at_value()
+        );
     }
     buckets.push(']');
     format!(

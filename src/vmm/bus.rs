@@ -38,12 +38,20 @@ impl Bus {
     }
 
     /// Registers `dev` for `[base, base + len)`.
-    pub fn insert(&self, dev: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<(), BusError> {
+    pub fn insert(
+        &self,
+        dev: Arc<Mutex<dyn BusDevice>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), BusError> {
         if len == 0 || base.checked_add(len).is_none() {
             return Err(BusError::BadRange { base, len });
         }
         let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
-        let overlaps_before = ranges.range(..=base).next_back().is_some_and(|(b, (l, _))| b + l > base);
+        let overlaps_before = ranges
+            .range(..=base)
+            .next_back()
+            .is_some_and(|(b, (l, _))| b + l > base);
         let overlaps_after = ranges.range(base..base + len).next().is_some();
         if overlaps_before || overlaps_after {
             return Err(BusError::Overlap { base, len });
@@ -55,7 +63,10 @@ impl Bus {
     /// Removes the range starting at `base` (a BAR being moved by the guest).
     pub fn remove(&self, base: u64) -> Result<(), BusError> {
         let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
-        ranges.remove(&base).map(|_| ()).ok_or(BusError::NotFound(base))
+        ranges
+            .remove(&base)
+            .map(|_| ())
+            .ok_or(BusError::NotFound(base))
     }
 
     fn find(&self, addr: u64) -> Option<(u64, Arc<Mutex<dyn BusDevice>>)> {
@@ -68,7 +79,9 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
             Some((base, dev)) => {
-                dev.lock().unwrap_or_else(|e| e.into_inner()).read(addr - base, data);
+                dev.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read(addr - base, data);
                 true
             }
             None => {
@@ -82,7 +95,9 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((base, dev)) => {
-                dev.lock().unwrap_or_else(|e| e.into_inner()).write(addr - base, data);
+                dev.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write(addr - base, data);
                 true
             }
             None => false,
@@ -127,10 +142,17 @@ mod tests {
     #[test]
     fn test_bus_overlap_rejected() {
         let bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Echo(vec![]))), 0x100, 0x10).unwrap();
-        assert!(bus.insert(Arc::new(Mutex::new(Echo(vec![]))), 0x108, 0x10).is_err());
-        assert!(bus.insert(Arc::new(Mutex::new(Echo(vec![]))), 0xf8, 0x10).is_err());
-        assert!(bus.insert(Arc::new(Mutex::new(Echo(vec![]))), 0x110, 0x10).is_ok());
+        bus.insert(Arc::new(Mutex::new(Echo(vec![]))), 0x100, 0x10)
+            .unwrap();
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Echo(vec![]))), 0x108, 0x10)
+            .is_err());
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Echo(vec![]))), 0xf8, 0x10)
+            .is_err());
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Echo(vec![]))), 0x110, 0x10)
+            .is_ok());
         bus.remove(0x100).unwrap();
         assert!(!bus.write(0x100, &[1]));
     }

@@ -34,10 +34,20 @@ pub enum Reg {
 }
 
 /// `cx16` (CMPXCHG16B), which this host's ring-0 emulator cannot execute.
-pub const FEATURE_CX16: FeatureBit = FeatureBit { leaf: 1, subleaf: 0, reg: Reg::Ecx, bit: 13 };
+pub const FEATURE_CX16: FeatureBit = FeatureBit {
+    leaf: 1,
+    subleaf: 0,
+    reg: Reg::Ecx,
+    bit: 13,
+};
 /// `smap`: with it Linux patches `clac`/`stac` into every entry path, which this host's
 /// emulator cannot execute (ringvm can, but each one costs an exit to userspace).
-pub const FEATURE_SMAP: FeatureBit = FeatureBit { leaf: 7, subleaf: 0, reg: Reg::Ebx, bit: 20 };
+pub const FEATURE_SMAP: FeatureBit = FeatureBit {
+    leaf: 7,
+    subleaf: 0,
+    reg: Reg::Ebx,
+    bit: 20,
+};
 
 fn bits_for(count: u32) -> u32 {
     if count <= 1 {
@@ -49,7 +59,10 @@ fn bits_for(count: u32) -> u32 {
 
 fn set_entry(cpuid: &mut CpuId, entry: kvm_cpuid_entry2) {
     let entries = cpuid.as_mut_slice();
-    if let Some(e) = entries.iter_mut().find(|e| e.function == entry.function && e.index == entry.index) {
+    if let Some(e) = entries
+        .iter_mut()
+        .find(|e| e.function == entry.function && e.index == entry.index)
+    {
         *e = entry;
         return;
     }
@@ -60,7 +73,13 @@ fn set_entry(cpuid: &mut CpuId, entry: kvm_cpuid_entry2) {
 }
 
 /// Patches `base` (KVM's supported CPUID) for vCPU `id` of `count`.
-pub fn for_vcpu(base: &CpuId, id: u32, count: u32, tsc_khz: Option<u32>, masked: &[FeatureBit]) -> CpuId {
+pub fn for_vcpu(
+    base: &CpuId,
+    id: u32,
+    count: u32,
+    tsc_khz: Option<u32>,
+    masked: &[FeatureBit],
+) -> CpuId {
     let mut cpuid = base.clone();
     let core_bits = bits_for(count);
     for e in cpuid.as_mut_slice().iter_mut() {
@@ -104,7 +123,12 @@ pub fn for_vcpu(base: &CpuId, id: u32, count: u32, tsc_khz: Option<u32>, masked:
     if let Some(khz) = tsc_khz {
         set_entry(
             &mut cpuid,
-            kvm_cpuid_entry2 { function: LEAF_TIMING, eax: khz, ebx: APIC_BUS_KHZ, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: LEAF_TIMING,
+                eax: khz,
+                ebx: APIC_BUS_KHZ,
+                ..Default::default()
+            },
         );
     }
     for m in masked {
@@ -148,16 +172,38 @@ mod tests {
 
     fn base() -> CpuId {
         CpuId::from_entries(&[
-            kvm_cpuid_entry2 { function: 1, ecx: 1 << 13, ebx: 0xffff_ffff, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xb, index: 0, flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xb, index: 1, flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX, ..Default::default() },
-            kvm_cpuid_entry2 { function: LEAF_HYPERVISOR, eax: 0x4000_0001, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 1,
+                ecx: 1 << 13,
+                ebx: 0xffff_ffff,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 0,
+                flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 1,
+                flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: LEAF_HYPERVISOR,
+                eax: 0x4000_0001,
+                ..Default::default()
+            },
         ])
         .unwrap()
     }
 
     fn leaf(c: &CpuId, f: u32, i: u32) -> kvm_cpuid_entry2 {
-        *c.as_slice().iter().find(|e| e.function == f && e.index == i).unwrap()
+        *c.as_slice()
+            .iter()
+            .find(|e| e.function == f && e.index == i)
+            .unwrap()
     }
 
     #[test]
@@ -180,7 +226,15 @@ mod tests {
     #[test]
     fn test_cpuid_add_sets_bit() {
         let mut c = base();
-        add(&mut c, FeatureBit { leaf: 1, subleaf: 0, reg: Reg::Ecx, bit: 21 });
+        add(
+            &mut c,
+            FeatureBit {
+                leaf: 1,
+                subleaf: 0,
+                reg: Reg::Ecx,
+                bit: 21,
+            },
+        );
         assert_ne!(leaf(&c, 1, 0).ecx & (1 << 21), 0);
     }
 

@@ -27,10 +27,16 @@ impl VmExtension for StandardDevices {
         if config.disks.is_empty() && config.nets.is_empty() {
             return Ok(());
         }
-        let opts = ReactorOptions { cores: config.io_cores.clone(), sqpoll: config.sqpoll, ..Default::default() };
-        let pool = ReactorPool::start(opts, ctx.exit.clone()).map_err(|e| VmError::Devices(error_chain(&e)))?;
+        let opts = ReactorOptions {
+            cores: config.io_cores.clone(),
+            sqpoll: config.sqpoll,
+            ..Default::default()
+        };
+        let pool = ReactorPool::start(opts, ctx.exit.clone())
+            .map_err(|e| VmError::Devices(error_chain(&e)))?;
         for disk in &config.disks {
-            let dev = BlockDevice::new(disk, &pool).map_err(|e| VmError::Devices(error_chain(&e)))?;
+            let dev =
+                BlockDevice::new(disk, &pool).map_err(|e| VmError::Devices(error_chain(&e)))?;
             ctx.add_virtio(Box::new(dev))?;
         }
         attach_nets(ctx, &pool)?;
@@ -72,7 +78,8 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// cannot be opened or created stops start-up with its name and the reason.
 fn attach_nets(ctx: &mut DeviceContext, pool: &ReactorPool) -> Result<(), VmError> {
     for net in &ctx.config.nets {
-        let dev = crate::devices::virtio::net::NetDevice::new(net, pool).map_err(|e| VmError::Devices(error_chain(&e)))?;
+        let dev = crate::devices::virtio::net::NetDevice::new(net, pool)
+            .map_err(|e| VmError::Devices(error_chain(&e)))?;
         ctx.add_virtio(Box::new(dev))?;
     }
     Ok(())

@@ -35,7 +35,13 @@ pub fn failing_instruction(suberror: u32, data: &[u64]) -> Option<Vec<u8>> {
 pub fn mnemonic(bytes: &[u8]) -> &'static str {
     let mut i = 0;
     // Skip legacy prefixes and REX.
-    while i < bytes.len() && matches!(bytes[i], 0xf0 | 0xf2 | 0xf3 | 0x66 | 0x67 | 0x2e | 0x3e | 0x26 | 0x36 | 0x64 | 0x65 | 0x40..=0x4f) {
+    while i < bytes.len()
+        && matches!(
+            bytes[i],
+            0xf0 | 0xf2 | 0xf3 | 0x66 | 0x67 | 0x2e | 0x3e | 0x26 | 0x36 | 0x64 | 0x65 | 0x40
+                ..=0x4f
+        )
+    {
         i += 1;
     }
     let b = &bytes[i.min(bytes.len())..];
@@ -161,14 +167,22 @@ pub fn decode_cmpxchg(bytes: &[u8]) -> Option<CmpXchg> {
     };
     i += disp_len;
     let width = if rex & 0x08 != 0 { 16 } else { 8 };
-    Some(CmpXchg { width, len: i as u8, base, index, disp, rip_relative, segment })
+    Some(CmpXchg {
+        width,
+        len: i as u8,
+        base,
+        index,
+        disp,
+        rip_relative,
+        segment,
+    })
 }
 
 /// General-purpose register `n` (0 = RAX … 15 = R15).
 pub fn gpr(regs: &kvm_bindings::kvm_regs, n: u8) -> u64 {
     [
-        regs.rax, regs.rcx, regs.rdx, regs.rbx, regs.rsp, regs.rbp, regs.rsi, regs.rdi, regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13,
-        regs.r14, regs.r15,
+        regs.rax, regs.rcx, regs.rdx, regs.rbx, regs.rsp, regs.rbp, regs.rsi, regs.rdi, regs.r8,
+        regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
     ][n as usize & 15]
 }
 
@@ -202,7 +216,12 @@ pub unsafe fn compare_exchange(ptr: *mut u8, width: u8, expected: u128, new: u12
     if width == 8 {
         // SAFETY: the caller guarantees an aligned, valid 8-byte location.
         let atomic = unsafe { &*(ptr as *const std::sync::atomic::AtomicU64) };
-        return match atomic.compare_exchange(expected as u64, new as u64, std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst) {
+        return match atomic.compare_exchange(
+            expected as u64,
+            new as u64,
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+        ) {
             Ok(v) => (true, v as u128),
             Err(v) => (false, v as u128),
         };
@@ -244,7 +263,16 @@ mod tests {
     use super::*;
 
     /// The exit a Debian 6.1 kernel produced here at its int3 self-test.
-    const OBSERVED: [u64; 8] = [1, 0x7c83_9090_9090_cc0f, 0x480b_0f02_7401_0424, 0x1000, 0, 0, 0, 0];
+    const OBSERVED: [u64; 8] = [
+        1,
+        0x7c83_9090_9090_cc0f,
+        0x480b_0f02_7401_0424,
+        0x1000,
+        0,
+        0,
+        0,
+        0,
+    ];
 
     #[test]
     fn test_failing_instruction_decodes_observed_int3() {
@@ -265,18 +293,37 @@ mod tests {
     fn test_decode_lock_cmpxchg16b_with_base_and_disp8() {
         // lock cmpxchg16b 0x10(%rsi)
         let c = decode_cmpxchg(&[0xf0, 0x48, 0x0f, 0xc7, 0x4e, 0x10, 0x90]).unwrap();
-        assert_eq!((c.width, c.len, c.base, c.index, c.disp), (16, 6, Some(6), None, 0x10));
-        let regs = kvm_bindings::kvm_regs { rsi: 0x1000, ..Default::default() };
+        assert_eq!(
+            (c.width, c.len, c.base, c.index, c.disp),
+            (16, 6, Some(6), None, 0x10)
+        );
+        let regs = kvm_bindings::kvm_regs {
+            rsi: 0x1000,
+            ..Default::default()
+        };
         assert_eq!(c.address(&regs, 0, 0), 0x1010);
     }
 
     #[test]
     fn test_decode_cmpxchg16b_sib_gs_and_rex_extensions() {
         // lock cmpxchg16b %gs:0x100(%r8,%r9,8): 65 f0 4b 0f c7 8c c8 00 01 00 00
-        let c = decode_cmpxchg(&[0x65, 0xf0, 0x4b, 0x0f, 0xc7, 0x8c, 0xc8, 0x00, 0x01, 0x00, 0x00]).unwrap();
-        assert_eq!((c.base, c.index, c.disp, c.segment, c.len), (Some(8), Some((9, 8)), 0x100, Segment::Gs, 11));
-        let regs = kvm_bindings::kvm_regs { r8: 0x2000, r9: 2, ..Default::default() };
-        assert_eq!(c.address(&regs, 0, 0x10_0000), 0x10_0000 + 0x2000 + 16 + 0x100);
+        let c = decode_cmpxchg(&[
+            0x65, 0xf0, 0x4b, 0x0f, 0xc7, 0x8c, 0xc8, 0x00, 0x01, 0x00, 0x00,
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.base, c.index, c.disp, c.segment, c.len),
+            (Some(8), Some((9, 8)), 0x100, Segment::Gs, 11)
+        );
+        let regs = kvm_bindings::kvm_regs {
+            r8: 0x2000,
+            r9: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            c.address(&regs, 0, 0x10_0000),
+            0x10_0000 + 0x2000 + 16 + 0x100
+        );
     }
 
     #[test]
@@ -284,14 +331,21 @@ mod tests {
         // cmpxchg8b 0x20(%rip): 0f c7 0d 20 00 00 00
         let c = decode_cmpxchg(&[0x0f, 0xc7, 0x0d, 0x20, 0, 0, 0]).unwrap();
         assert_eq!((c.width, c.len, c.rip_relative), (8, 7, true));
-        let regs = kvm_bindings::kvm_regs { rip: 0x5000, ..Default::default() };
+        let regs = kvm_bindings::kvm_regs {
+            rip: 0x5000,
+            ..Default::default()
+        };
         assert_eq!(c.address(&regs, 0, 0), 0x5000 + 7 + 0x20);
     }
 
     #[test]
     fn test_decode_rejects_register_operand_and_other_groups() {
         assert_eq!(decode_cmpxchg(&[0x48, 0x0f, 0xc7, 0xc8]), None, "mod=3");
-        assert_eq!(decode_cmpxchg(&[0x48, 0x0f, 0xc7, 0x36]), None, "/6 is rdrand/vmptrld");
+        assert_eq!(
+            decode_cmpxchg(&[0x48, 0x0f, 0xc7, 0x36]),
+            None,
+            "/6 is rdrand/vmptrld"
+        );
         assert_eq!(decode_cmpxchg(&[0x48, 0x0f, 0xc7]), None, "truncated");
     }
 
@@ -335,11 +389,17 @@ mod tests {
 
     #[test]
     fn test_mnemonics_for_known_blockers() {
-        assert_eq!(mnemonic(&[0xf0, 0x48, 0x0f, 0xc7, 0x0e]), "cmpxchg8b/cmpxchg16b");
+        assert_eq!(
+            mnemonic(&[0xf0, 0x48, 0x0f, 0xc7, 0x0e]),
+            "cmpxchg8b/cmpxchg16b"
+        );
         assert_eq!(mnemonic(&[0x48, 0x0f, 0xae, 0x2f]), "xrstor");
         assert_eq!(mnemonic(&[0x0f, 0x01, 0xd1]), "xsetbv");
         assert_eq!(mnemonic(&[0x90]), "unknown");
         assert_eq!(fixup(&[0x0f, 0xae, 0x2f]), None);
-        assert!(matches!(fixup(&[0xf0, 0x48, 0x0f, 0xc7, 0x0e]), Some(Fixup::CompareExchange(_))));
+        assert!(matches!(
+            fixup(&[0xf0, 0x48, 0x0f, 0xc7, 0x0e]),
+            Some(Fixup::CompareExchange(_))
+        ));
     }
 }

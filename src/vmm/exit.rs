@@ -40,13 +40,17 @@ impl ExitReason {
     /// A one-line description for the user.
     pub fn describe(&self) -> String {
         match self {
-            ExitReason::DebugExit { code } => format!("guest exited through the debug-exit port with code {code}"),
+            ExitReason::DebugExit { code } => {
+                format!("guest exited through the debug-exit port with code {code}")
+            }
             ExitReason::Reset => "guest requested a reset (i8042)".to_string(),
             ExitReason::Shutdown { vcpu } => format!("vCPU {vcpu} shut down (triple fault)"),
             ExitReason::AllHalted => "all vCPUs halted with interrupts disabled".to_string(),
             ExitReason::VcpuError { vcpu, message } => format!("vCPU {vcpu} stopped: {message}"),
             ExitReason::DeviceError { message } => format!("device error: {message}"),
-            ExitReason::ThreadPanic { thread, message } => format!("thread {thread} panicked: {message}"),
+            ExitReason::ThreadPanic { thread, message } => {
+                format!("thread {thread} panicked: {message}")
+            }
             ExitReason::Signal { signal } => format!("interrupted by signal {signal}"),
         }
     }
@@ -63,7 +67,10 @@ pub struct ExitHandle(Arc<Inner>);
 
 impl ExitHandle {
     pub fn new() -> std::io::Result<Self> {
-        Ok(ExitHandle(Arc::new(Inner { reason: Mutex::new(None), wake: EventFd::new(EFD_NONBLOCK)? })))
+        Ok(ExitHandle(Arc::new(Inner {
+            reason: Mutex::new(None),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+        })))
     }
 
     /// Records `reason` (if none was recorded before) and wakes the waiter.
@@ -78,7 +85,11 @@ impl ExitHandle {
 
     /// The recorded reason, if any.
     pub fn reason(&self) -> Option<ExitReason> {
-        self.0.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0
+            .reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn is_requested(&self) -> bool {
@@ -104,9 +115,19 @@ impl ExitHandle {
         if let Some(r) = self.reason() {
             return Some(r);
         }
-        let mut pfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&self.0.wake), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.0.wake),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: `pfd` is a valid pollfd for the duration of the call and nfds is 1.
-        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        unsafe {
+            libc::poll(
+                &mut pfd,
+                1,
+                timeout.as_millis().min(i32::MAX as u128) as i32,
+            )
+        };
         let _ = self.0.wake.read();
         self.reason()
     }

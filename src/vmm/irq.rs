@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI};
+use kvm_bindings::{
+    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+};
 use kvm_ioctls::VmFd;
 
 use super::layout::MSI_GSI_START;
@@ -42,7 +45,11 @@ pub struct IrqRouter {
 }
 
 fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
-    let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_IRQCHIP, ..Default::default() };
+    let mut e = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        ..Default::default()
+    };
     e.u.irqchip.irqchip = chip;
     e.u.irqchip.pin = pin;
     e
@@ -50,7 +57,13 @@ fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
 
 impl IrqRouter {
     pub fn new(vm: Arc<VmFd>) -> Self {
-        IrqRouter { vm, state: Arc::new(Mutex::new(State { msi: BTreeMap::new(), next_gsi: MSI_GSI_START })) }
+        IrqRouter {
+            vm,
+            state: Arc::new(Mutex::new(State {
+                msi: BTreeMap::new(),
+                next_gsi: MSI_GSI_START,
+            })),
+        }
     }
 
     pub fn vm(&self) -> &Arc<VmFd> {
@@ -92,7 +105,11 @@ impl IrqRouter {
             if pin == 2 {
                 continue; // the PIC cascade
             }
-            let chip = if pin < 8 { KVM_IRQCHIP_PIC_MASTER } else { KVM_IRQCHIP_PIC_SLAVE };
+            let chip = if pin < 8 {
+                KVM_IRQCHIP_PIC_MASTER
+            } else {
+                KVM_IRQCHIP_PIC_SLAVE
+            };
             entries.push(irqchip_entry(pin, chip, pin % 8));
         }
         for pin in 0..IOAPIC_PINS {
@@ -101,13 +118,19 @@ impl IrqRouter {
             entries.push(irqchip_entry(pin, KVM_IRQCHIP_IOAPIC, target));
         }
         for (gsi, m) in &s.msi {
-            let mut e = kvm_irq_routing_entry { gsi: *gsi, type_: KVM_IRQ_ROUTING_MSI, ..Default::default() };
+            let mut e = kvm_irq_routing_entry {
+                gsi: *gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
             e.u.msi.address_lo = m.addr_lo;
             e.u.msi.address_hi = m.addr_hi;
             e.u.msi.data = m.data;
             entries.push(e);
         }
         let routing = KvmIrqRouting::from_entries(&entries).map_err(|_| IrqError::Exhausted)?;
-        self.vm.set_gsi_routing(&routing).map_err(IrqError::SetRouting)
+        self.vm
+            .set_gsi_routing(&routing)
+            .map_err(IrqError::SetRouting)
     }
 }

@@ -59,7 +59,9 @@ impl std::str::FromStr for HugePages {
             "thp" => Ok(HugePages::Thp),
             "2m" => Ok(HugePages::Huge2M),
             "1g" => Ok(HugePages::Huge1G),
-            _ => Err(format!("unknown hugepage mode '{s}' (expected none, thp, 2M or 1G)")),
+            _ => Err(format!(
+                "unknown hugepage mode '{s}' (expected none, thp, 2M or 1G)"
+            )),
         }
     }
 }
@@ -75,9 +77,18 @@ pub enum MemoryError {
         "{mode} hugepages requested for {needed} pages but only {free} are free; reserve them with \
          `scripts/setup-hugepages.sh {needed_total}` (or echo N > {dir}/nr_hugepages)"
     )]
-    NotEnoughHugePages { mode: &'static str, needed: u64, free: u64, needed_total: u64, dir: &'static str },
+    NotEnoughHugePages {
+        mode: &'static str,
+        needed: u64,
+        free: u64,
+        needed_total: u64,
+        dir: &'static str,
+    },
     #[error("{mode} hugepages are not supported by this kernel ({dir} is missing)")]
-    HugePagesUnsupported { mode: &'static str, dir: &'static str },
+    HugePagesUnsupported {
+        mode: &'static str,
+        dir: &'static str,
+    },
     #[error("Failed to map {size} bytes of guest memory")]
     Mmap {
         size: u64,
@@ -105,9 +116,15 @@ fn read_sysfs_u64(path: &str) -> Option<u64> {
 }
 
 fn check_hugepages(mode: HugePages, size: u64) -> Result<(), MemoryError> {
-    let Some(dir) = mode.sysfs_dir() else { return Ok(()) };
-    let free = read_sysfs_u64(&format!("{dir}/free_hugepages"))
-        .ok_or(MemoryError::HugePagesUnsupported { mode: mode.label(), dir })?;
+    let Some(dir) = mode.sysfs_dir() else {
+        return Ok(());
+    };
+    let free = read_sysfs_u64(&format!("{dir}/free_hugepages")).ok_or(
+        MemoryError::HugePagesUnsupported {
+            mode: mode.label(),
+            dir,
+        },
+    )?;
     let needed = size / mode.page_size();
     if free < needed {
         let total = read_sysfs_u64(&format!("{dir}/nr_hugepages")).unwrap_or(0);
@@ -149,7 +166,8 @@ pub fn create(size: u64, mode: HugePages, prefault: bool) -> Result<GuestMemory,
             .map_err(|source| MemoryError::Mmap { size: len, source })?;
         let ptr = mapping.as_ptr();
         advise(ptr, len as usize, mode, prefault)?;
-        let region = GuestRegionMmap::new(mapping, base).expect("RAM ranges never overflow the address space");
+        let region = GuestRegionMmap::new(mapping, base)
+            .expect("RAM ranges never overflow the address space");
         regions.push(region);
     }
     GuestMemory::from_regions(regions).map_err(MemoryError::Regions)
@@ -160,7 +178,10 @@ fn advise(ptr: *mut u8, len: usize, mode: HugePages, prefault: bool) -> Result<(
         // SAFETY: ptr/len describe a mapping this process just created and owns.
         let rc = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_HUGEPAGE) };
         if rc != 0 {
-            log::warn!("madvise(MADV_HUGEPAGE) failed: {}", std::io::Error::last_os_error());
+            log::warn!(
+                "madvise(MADV_HUGEPAGE) failed: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
     if prefault {
@@ -200,7 +221,13 @@ mod tests {
     #[test]
     fn test_ram_ranges_large_guest_splits_around_hole() {
         let r = ram_ranges(4 << 30);
-        assert_eq!(r, vec![(GuestAddress(0), MMIO_HOLE_START), (GuestAddress(HIGH_RAM_START), 1 << 30)]);
+        assert_eq!(
+            r,
+            vec![
+                (GuestAddress(0), MMIO_HOLE_START),
+                (GuestAddress(HIGH_RAM_START), 1 << 30)
+            ]
+        );
     }
 
     #[test]

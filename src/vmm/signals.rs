@@ -35,7 +35,9 @@ impl Signals {
             return None;
         }
         // SAFETY: signalfd returned a fresh fd that nothing else owns.
-        Some(Signals { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Some(Signals {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
     /// The next pending signal, if any.
@@ -44,7 +46,13 @@ impl Signals {
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
         // SAFETY: reading at most `size` bytes into `info`, which is that big.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
         if n as usize != size {
             return None;
         }

@@ -51,10 +51,16 @@ where
                         .map(|s| s.to_string())
                         .or_else(|| payload.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "unknown panic".to_string());
-                    exit.request(ExitReason::ThreadPanic { thread: thread_name, message: msg });
+                    exit.request(ExitReason::ThreadPanic {
+                        thread: thread_name,
+                        message: msg,
+                    });
                     None
                 }
             }
         })
-        .map_err(|source| ThreadError::Spawn { name: name.to_string(), source })
+        .map_err(|source| ThreadError::Spawn {
+            name: name.to_string(),
+            source,
+        })
 }

@@ -4,7 +4,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, Msrs, kvm_msr_entry, KVM_MP_STATE_HALTED};
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs, KVM_MP_STATE_HALTED,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -27,11 +29,24 @@ pub enum EntryPoint {
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("Failed to create vCPU {id}")]
-    Create { id: u64, #[source] source: kvm_ioctls::Error },
+    Create {
+        id: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     #[error("Failed to set {what} on vCPU {id}")]
-    Setup { id: u64, what: &'static str, #[source] source: kvm_ioctls::Error },
+    Setup {
+        id: u64,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     #[error("Failed to write the boot {what} into guest memory")]
-    Memory { what: &'static str, #[source] source: vm_memory::GuestMemoryError },
+    Memory {
+        what: &'static str,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
 }
 
 const X86_CR0_PE: u64 = 0x1;
@@ -70,7 +85,11 @@ fn segment(entry: u64, selector: u16) -> kvm_segment {
     kvm_segment {
         base: ((entry >> 16) & 0xff_ffff) | (((entry >> 56) & 0xff) << 24),
         // KVM wants the limit in bytes: scale 4 KiB granularity here.
-        limit: if granular { (raw_limit << 12) | 0xfff } else { raw_limit },
+        limit: if granular {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
         selector,
         type_: ((entry >> 40) & 0xf) as u8,
         present: ((entry >> 47) & 1) as u8,
@@ -86,8 +105,16 @@ fn segment(entry: u64, selector: u16) -> kvm_segment {
 }
 
 /// Writes the boot GDT and returns sregs with flat segments loaded from it.
-fn boot_segments(mem: &GuestMemory, sregs: &mut kvm_sregs, long_mode: bool) -> Result<(), VcpuError> {
-    let code = if long_mode { gdt_entry(0xa09b, 0, 0xfffff) } else { gdt_entry(0xc09b, 0, 0xfffff) };
+fn boot_segments(
+    mem: &GuestMemory,
+    sregs: &mut kvm_sregs,
+    long_mode: bool,
+) -> Result<(), VcpuError> {
+    let code = if long_mode {
+        gdt_entry(0xa09b, 0, 0xfffff)
+    } else {
+        gdt_entry(0xc09b, 0, 0xfffff)
+    };
     let gdt = [
         gdt_entry(0, 0, 0),
         code,
@@ -96,9 +123,16 @@ fn boot_segments(mem: &GuestMemory, sregs: &mut kvm_sregs, long_mode: bool) -> R
     ];
     for (i, e) in gdt.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(BOOT_GDT_ADDR + 8 * i as u64))
-            .map_err(|source| VcpuError::Memory { what: "GDT", source })?;
+            .map_err(|source| VcpuError::Memory {
+                what: "GDT",
+                source,
+            })?;
     }
-    mem.write_obj(0u64, GuestAddress(BOOT_IDT_ADDR)).map_err(|source| VcpuError::Memory { what: "IDT", source })?;
+    mem.write_obj(0u64, GuestAddress(BOOT_IDT_ADDR))
+        .map_err(|source| VcpuError::Memory {
+            what: "IDT",
+            source,
+        })?;
     sregs.gdt.base = BOOT_GDT_ADDR;
     sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
     sregs.idt.base = BOOT_IDT_ADDR;
@@ -116,7 +150,13 @@ fn boot_segments(mem: &GuestMemory, sregs: &mut kvm_sregs, long_mode: bool) -> R
 
 /// Identity-maps the first 1 GiB with 2 MiB pages for the Linux 64-bit entry.
 fn boot_page_tables(mem: &GuestMemory) -> Result<(), VcpuError> {
-    let w = |v: u64, a: u64| mem.write_obj(v, GuestAddress(a)).map_err(|source| VcpuError::Memory { what: "page tables", source });
+    let w = |v: u64, a: u64| {
+        mem.write_obj(v, GuestAddress(a))
+            .map_err(|source| VcpuError::Memory {
+                what: "page tables",
+                source,
+            })
+    };
     w(PDPTE_ADDR | 0x03, PML4_ADDR)?;
     w(PDE_ADDR | 0x03, PDPTE_ADDR)?;
     for i in 0..512u64 {
@@ -126,10 +166,18 @@ fn boot_page_tables(mem: &GuestMemory) -> Result<(), VcpuError> {
 }
 
 /// Sets the register state the boot protocol promises at entry.
-pub fn setup_boot_state(vcpu: &VcpuFd, id: u64, mem: &GuestMemory, entry: EntryPoint) -> Result<(), VcpuError> {
+pub fn setup_boot_state(
+    vcpu: &VcpuFd,
+    id: u64,
+    mem: &GuestMemory,
+    entry: EntryPoint,
+) -> Result<(), VcpuError> {
     let err = |what| move |source| VcpuError::Setup { id, what, source };
     let mut sregs = vcpu.get_sregs().map_err(err("sregs"))?;
-    let mut regs = kvm_regs { rflags: 0x2, ..Default::default() };
+    let mut regs = kvm_regs {
+        rflags: 0x2,
+        ..Default::default()
+    };
     match entry {
         EntryPoint::Pvh { entry, start_info } => {
             boot_segments(mem, &mut sregs, false)?;
@@ -161,7 +209,11 @@ pub fn setup_boot_state(vcpu: &VcpuFd, id: u64, mem: &GuestMemory, entry: EntryP
 /// processors get only this and wait (in KVM) for INIT/SIPI from the boot CPU.
 pub fn setup_ap_state(vcpu: &VcpuFd, id: u64) -> Result<(), VcpuError> {
     let err = |what| move |source| VcpuError::Setup { id, what, source };
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).map_err(err("fpu"))?;
     let entries: Vec<kvm_msr_entry> = [
         (MSR_IA32_SYSENTER_CS, 0),
@@ -176,7 +228,11 @@ pub fn setup_ap_state(vcpu: &VcpuFd, id: u64) -> Result<(), VcpuError> {
         (MSR_MTRR_DEF_TYPE, MTRR_DEF_TYPE_WB_ENABLED),
     ]
     .iter()
-    .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+    .map(|&(index, data)| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    })
     .collect();
     let msrs = Msrs::from_entries(&entries).expect("fewer MSRs than KVM_MAX_MSR_ENTRIES");
     vcpu.set_msrs(&msrs).map_err(err("msrs"))?;
@@ -268,18 +324,28 @@ impl VcpuRunner {
                 }
                 Ok(VcpuExit::InternalError) => {
                     if let Err(message) = self.internal_error() {
-                        self.exit.request(ExitReason::VcpuError { vcpu: self.id, message });
+                        self.exit.request(ExitReason::VcpuError {
+                            vcpu: self.id,
+                            message,
+                        });
                         return;
                     }
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                    let message = format!("VM entry failed (hardware reason {reason:#x}) on host cpu {cpu}");
-                    self.exit.request(ExitReason::VcpuError { vcpu: self.id, message });
+                    let message =
+                        format!("VM entry failed (hardware reason {reason:#x}) on host cpu {cpu}");
+                    self.exit.request(ExitReason::VcpuError {
+                        vcpu: self.id,
+                        message,
+                    });
                     return;
                 }
                 Ok(other) => {
                     let message = format!("unexpected exit {other:?}");
-                    self.exit.request(ExitReason::VcpuError { vcpu: self.id, message });
+                    self.exit.request(ExitReason::VcpuError {
+                        vcpu: self.id,
+                        message,
+                    });
                     return;
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -287,7 +353,10 @@ impl VcpuRunner {
                     self.check_halted();
                 }
                 Err(e) => {
-                    self.exit.request(ExitReason::VcpuError { vcpu: self.id, message: format!("KVM_RUN failed: {e}") });
+                    self.exit.request(ExitReason::VcpuError {
+                        vcpu: self.id,
+                        message: format!("KVM_RUN failed: {e}"),
+                    });
                     return;
                 }
             }
@@ -295,24 +364,51 @@ impl VcpuRunner {
     }
 
     /// Completes `cmpxchg8b/16b` on guest memory, atomically, as the CPU would.
-    fn complete_cmpxchg(&mut self, op: emulate::CmpXchg, mut regs: kvm_regs, bytes: &[u8]) -> Result<(), String> {
+    fn complete_cmpxchg(
+        &mut self,
+        op: emulate::CmpXchg,
+        mut regs: kvm_regs,
+        bytes: &[u8],
+    ) -> Result<(), String> {
         let rip = regs.rip;
         let what = || format!("`{}` at rip {rip:#x}", emulate::mnemonic(bytes));
-        let sregs = self.fd.get_sregs().map_err(|e| format!("{}: reading sregs failed: {e}", what()))?;
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(|e| format!("{}: reading sregs failed: {e}", what()))?;
         let gva = op.address(&regs, sregs.fs.base, sregs.gs.base);
         if gva % op.width as u64 != 0 {
-            return Err(format!("{}: operand {gva:#x} is misaligned (the CPU would raise #GP)", what()));
+            return Err(format!(
+                "{}: operand {gva:#x} is misaligned (the CPU would raise #GP)",
+                what()
+            ));
         }
-        let t = self.fd.translate_gva(gva).map_err(|e| format!("{}: translating {gva:#x} failed: {e}", what()))?;
+        let t = self
+            .fd
+            .translate_gva(gva)
+            .map_err(|e| format!("{}: translating {gva:#x} failed: {e}", what()))?;
         if t.valid == 0 || t.writeable == 0 {
-            return Err(format!("{}: operand {gva:#x} is not mapped writable (the guest would take #PF)", what()));
+            return Err(format!(
+                "{}: operand {gva:#x} is not mapped writable (the guest would take #PF)",
+                what()
+            ));
         }
         let ptr = self
             .mem
             .get_host_address(GuestAddress(t.physical_address))
-            .map_err(|e| format!("{}: operand {gva:#x} -> {:#x} is not RAM: {e}", what(), t.physical_address))?;
+            .map_err(|e| {
+                format!(
+                    "{}: operand {gva:#x} -> {:#x} is not RAM: {e}",
+                    what(),
+                    t.physical_address
+                )
+            })?;
         let half = if op.width == 16 { 64 } else { 32 };
-        let mask = if op.width == 16 { u64::MAX } else { u32::MAX as u64 };
+        let mask = if op.width == 16 {
+            u64::MAX
+        } else {
+            u32::MAX as u64
+        };
         let expected = ((regs.rdx & mask) as u128) << half | (regs.rax & mask) as u128;
         let new = ((regs.rcx & mask) as u128) << half | (regs.rbx & mask) as u128;
         // SAFETY: ptr is the host address of guest RAM at an address aligned to the operand
@@ -327,40 +423,68 @@ impl VcpuRunner {
             regs.rdx = ((found >> half) as u64) & mask;
         }
         regs.rip += op.len as u64;
-        self.fd.set_regs(&regs).map_err(|e| format!("{}: setting registers failed: {e}", what()))?;
+        self.fd
+            .set_regs(&regs)
+            .map_err(|e| format!("{}: setting registers failed: {e}", what()))?;
         self.emulated += 1;
         if self.emulated <= 16 {
-            log::info!("vcpu{}: completed {} for the host's emulator (#{})", self.id, what(), self.emulated);
+            log::info!(
+                "vcpu{}: completed {} for the host's emulator (#{})",
+                self.id,
+                what(),
+                self.emulated
+            );
         }
         Ok(())
     }
 
     fn check_halted(&self) {
-        let halted = self.fd.get_mp_state().is_ok_and(|s| s.mp_state == KVM_MP_STATE_HALTED);
+        let halted = self
+            .fd
+            .get_mp_state()
+            .is_ok_and(|s| s.mp_state == KVM_MP_STATE_HALTED);
         let if_clear = self.fd.get_regs().is_ok_and(|r| r.rflags & (1 << 9) == 0);
-        self.shared.dead_halted.store(halted && if_clear, Ordering::Release);
+        self.shared
+            .dead_halted
+            .store(halted && if_clear, Ordering::Release);
     }
 
     /// Completes an instruction the kernel's emulator gave up on, or explains the stop.
     fn internal_error(&mut self) -> Result<(), String> {
-        let mut regs = self.fd.get_regs().map_err(|e| format!("KVM internal error; reading registers failed: {e}"))?;
+        let mut regs = self
+            .fd
+            .get_regs()
+            .map_err(|e| format!("KVM internal error; reading registers failed: {e}"))?;
         let run = self.fd.get_kvm_run();
         // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
         let internal = unsafe { run.__bindgen_anon_1.internal };
         let n = (internal.ndata as usize).min(internal.data.len());
-        let Some(bytes) = emulate::failing_instruction(internal.suberror, &internal.data[..n]) else {
-            return Err(format!("KVM internal error, suberror {} at rip {:#x}, data {:x?}", internal.suberror, regs.rip, &internal.data[..n]));
+        let Some(bytes) = emulate::failing_instruction(internal.suberror, &internal.data[..n])
+        else {
+            return Err(format!(
+                "KVM internal error, suberror {} at rip {:#x}, data {:x?}",
+                internal.suberror,
+                regs.rip,
+                &internal.data[..n]
+            ));
         };
         match emulate::fixup(&bytes) {
             Some(emulate::Fixup::InjectBreakpoint) => {
                 // int3 is a trap: the handler sees the address after it.
                 regs.rip += 1;
-                self.fd.set_regs(&regs).map_err(|e| format!("int3 at {:#x}: setting RIP failed: {e}", regs.rip - 1))?;
-                let mut events = self.fd.get_vcpu_events().map_err(|e| format!("int3: reading vCPU events failed: {e}"))?;
+                self.fd
+                    .set_regs(&regs)
+                    .map_err(|e| format!("int3 at {:#x}: setting RIP failed: {e}", regs.rip - 1))?;
+                let mut events = self
+                    .fd
+                    .get_vcpu_events()
+                    .map_err(|e| format!("int3: reading vCPU events failed: {e}"))?;
                 events.exception.injected = 1;
                 events.exception.nr = 3;
                 events.exception.has_error_code = 0;
-                self.fd.set_vcpu_events(&events).map_err(|e| format!("int3: injecting #BP failed: {e}"))?;
+                self.fd
+                    .set_vcpu_events(&events)
+                    .map_err(|e| format!("int3: injecting #BP failed: {e}"))?;
                 self.emulated += 1;
                 if self.emulated <= 16 {
                     log::info!("vcpu{}: injected #BP for int3 at {:#x} (the host's emulator refused it; #{})", self.id, regs.rip - 1, self.emulated);
@@ -379,10 +503,20 @@ impl VcpuRunner {
                     emulate::Fixup::Skip { len } => len as u64,
                     _ => 3,
                 };
-                self.fd.set_regs(&regs).map_err(|e| format!("{} at {rip:#x}: setting registers failed: {e}", emulate::mnemonic(&bytes)))?;
+                self.fd.set_regs(&regs).map_err(|e| {
+                    format!(
+                        "{} at {rip:#x}: setting registers failed: {e}",
+                        emulate::mnemonic(&bytes)
+                    )
+                })?;
                 self.emulated += 1;
                 if self.emulated <= 16 {
-                    log::info!("vcpu{}: completed {} at {rip:#x} for the host's emulator (#{})", self.id, emulate::mnemonic(&bytes), self.emulated);
+                    log::info!(
+                        "vcpu{}: completed {} at {rip:#x} for the host's emulator (#{})",
+                        self.id,
+                        emulate::mnemonic(&bytes),
+                        self.emulated
+                    );
                 }
                 Ok(())
             }
@@ -390,7 +524,11 @@ impl VcpuRunner {
                 "the host's instruction emulator cannot run `{}` at rip {:#x} (bytes {})",
                 emulate::mnemonic(&bytes),
                 regs.rip,
-                bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+                bytes
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             )),
         }
     }

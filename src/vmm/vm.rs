@@ -7,7 +7,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -15,7 +17,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::bus::{Bus, BusDevice};
 use super::exit::{ExitHandle, ExitReason};
 use super::irq::IrqRouter;
-use super::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PCI_ECAM_BUS0_SIZE, PCI_ECAM_START, SERIAL_IRQ};
+use super::layout::{
+    KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PCI_ECAM_BUS0_SIZE, PCI_ECAM_START, SERIAL_IRQ,
+};
 use super::vcpu::{self, EntryPoint, VcpuRunner, VcpuShared};
 use super::{cpuid, kvm, memory, thread};
 use crate::boot::{self, BootSpec};
@@ -43,7 +47,11 @@ pub enum VmError {
     #[error("Failed to create the VM")]
     CreateVm(#[source] kvm_ioctls::Error),
     #[error("Failed to set up the VM: {what}")]
-    Setup { what: &'static str, #[source] source: kvm_ioctls::Error },
+    Setup {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
     #[error(transparent)]
@@ -55,7 +63,11 @@ pub enum VmError {
     #[error(transparent)]
     Thread(#[from] thread::ThreadError),
     #[error("Cannot open serial output file {path}")]
-    SerialFile { path: std::path::PathBuf, #[source] source: std::io::Error },
+    SerialFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("Failed to set up devices: {0}")]
     Devices(String),
     #[error("I/O error setting up the VM")]
@@ -127,23 +139,40 @@ impl DeviceContext<'_> {
     /// Plugs `device` into bus 0 behind a virtio-pci function; returns its slot.
     pub fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<usize, VmError> {
         let mut root = self.pci.lock().unwrap_or_else(|e| e.into_inner());
-        let t = VirtioPci::new(device, &mut root, self.irq.clone(), self.mem.clone()).map_err(|e| VmError::Devices(e.to_string()))?;
-        root.add(Arc::new(Mutex::new(t))).map_err(|e| VmError::Devices(e.to_string()))
+        let t = VirtioPci::new(device, &mut root, self.irq.clone(), self.mem.clone())
+            .map_err(|e| VmError::Devices(e.to_string()))?;
+        root.add(Arc::new(Mutex::new(t)))
+            .map_err(|e| VmError::Devices(e.to_string()))
     }
 }
 
 fn attach_pci(pio: &Arc<Bus>, mmio: &Arc<Bus>) -> Result<Arc<Mutex<PciRoot>>, VmError> {
     let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone())));
-    pio.insert(Arc::new(Mutex::new(PciConfigIo(root.clone()))), root::CONFIG_IO_BASE, root::CONFIG_IO_SIZE)
-        .and_then(|_| mmio.insert(Arc::new(Mutex::new(PciConfigMmio(root.clone()))), PCI_ECAM_START, PCI_ECAM_BUS0_SIZE))
-        .map_err(|e| VmError::Devices(e.to_string()))?;
+    pio.insert(
+        Arc::new(Mutex::new(PciConfigIo(root.clone()))),
+        root::CONFIG_IO_BASE,
+        root::CONFIG_IO_SIZE,
+    )
+    .and_then(|_| {
+        mmio.insert(
+            Arc::new(Mutex::new(PciConfigMmio(root.clone()))),
+            PCI_ECAM_START,
+            PCI_ECAM_BUS0_SIZE,
+        )
+    })
+    .map_err(|e| VmError::Devices(e.to_string()))?;
     Ok(root)
 }
 
 fn serial_out(mode: &SerialMode) -> Result<Option<serial::SerialOut>, VmError> {
     Ok(match mode {
         SerialMode::Stdio => Some(Box::new(std::io::stdout())),
-        SerialMode::File(p) => Some(Box::new(File::create(p).map_err(|source| VmError::SerialFile { path: p.clone(), source })?)),
+        SerialMode::File(p) => Some(Box::new(File::create(p).map_err(|source| {
+            VmError::SerialFile {
+                path: p.clone(),
+                source,
+            }
+        })?)),
         SerialMode::None => None,
     })
 }
@@ -159,7 +188,10 @@ fn register_memory(vm: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
         };
         // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM (the VM
         // is dropped before the memory in `run`), and slots never overlap.
-        unsafe { vm.set_user_memory_region(r) }.map_err(|source| VmError::Setup { what: "guest memory slot", source })?;
+        unsafe { vm.set_user_memory_region(r) }.map_err(|source| VmError::Setup {
+            what: "guest memory slot",
+            source,
+        })?;
     }
     Ok(())
 }
@@ -179,17 +211,37 @@ pub fn run(config: &VmConfig, ext: &mut dyn VmExtension) -> Result<RunOutcome, V
     let kvm = kvm::open()?;
     let max = kvm::max_vcpus(&kvm);
     if config.vcpus as usize > max {
-        return Err(VmError::TooManyVcpus { asked: config.vcpus, max });
+        return Err(VmError::TooManyVcpus {
+            asked: config.vcpus,
+            max,
+        });
     }
     let exit = ExitHandle::new()?;
     let mem = memory::create(config.memory, config.hugepages, config.prefault)?;
     let vm = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
     register_memory(&vm, &mem)?;
-    vm.set_tss_address(KVM_TSS_ADDR as usize).map_err(|source| VmError::Setup { what: "TSS address", source })?;
-    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR).map_err(|source| VmError::Setup { what: "identity map", source })?;
-    vm.create_irq_chip().map_err(|source| VmError::Setup { what: "in-kernel irqchip", source })?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-    vm.create_pit2(pit).map_err(|source| VmError::Setup { what: "PIT", source })?;
+    vm.set_tss_address(KVM_TSS_ADDR as usize)
+        .map_err(|source| VmError::Setup {
+            what: "TSS address",
+            source,
+        })?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+        .map_err(|source| VmError::Setup {
+            what: "identity map",
+            source,
+        })?;
+    vm.create_irq_chip().map_err(|source| VmError::Setup {
+        what: "in-kernel irqchip",
+        source,
+    })?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(|source| VmError::Setup {
+        what: "PIT",
+        source,
+    })?;
     let irq = IrqRouter::new(vm.clone());
     irq.init()?;
 
@@ -211,10 +263,30 @@ pub fn run(config: &VmConfig, ext: &mut dyn VmExtension) -> Result<RunOutcome, V
         },
     )?;
 
-    let mut ctx = DeviceContext { vm: &vm, mem: &mem, pio: &pio, mmio: &mmio, irq: &irq, exit: &exit, config, pci: &pci };
+    let mut ctx = DeviceContext {
+        vm: &vm,
+        mem: &mem,
+        pio: &pio,
+        mmio: &mmio,
+        irq: &irq,
+        exit: &exit,
+        config,
+        pci: &pci,
+    };
     ext.attach(&mut ctx)?;
 
-    let outcome = run_vcpus(&kvm, &vm, &mem, config, entry, &pio, &mmio, &exit, ext, sigs.as_ref());
+    let outcome = run_vcpus(
+        &kvm,
+        &vm,
+        &mem,
+        config,
+        entry,
+        &pio,
+        &mmio,
+        &exit,
+        ext,
+        sigs.as_ref(),
+    );
     if let Some(s) = serial {
         s.lock().unwrap_or_else(|e| e.into_inner()).flush();
     }
@@ -222,11 +294,32 @@ pub fn run(config: &VmConfig, ext: &mut dyn VmExtension) -> Result<RunOutcome, V
     outcome
 }
 
-fn attach_legacy(vm: &VmFd, pio: &Arc<Bus>, exit: &ExitHandle, mode: &SerialMode, out: Option<serial::SerialOut>) -> Result<Option<Arc<Mutex<Serial>>>, VmError> {
-    let add = |dev: Arc<Mutex<dyn BusDevice>>, base, len| pio.insert(dev, base, len).map_err(|e| VmError::Devices(e.to_string()));
-    add(Arc::new(Mutex::new(DebugExit::new(exit.clone()))), debug_exit::DEBUG_EXIT_PORT, debug_exit::DEBUG_EXIT_SIZE)?;
-    add(Arc::new(Mutex::new(I8042::new(exit.clone()))), i8042::I8042_BASE, i8042::I8042_SIZE)?;
-    add(Arc::new(Mutex::new(Cmos::default())), cmos::CMOS_BASE, cmos::CMOS_SIZE)?;
+fn attach_legacy(
+    vm: &VmFd,
+    pio: &Arc<Bus>,
+    exit: &ExitHandle,
+    mode: &SerialMode,
+    out: Option<serial::SerialOut>,
+) -> Result<Option<Arc<Mutex<Serial>>>, VmError> {
+    let add = |dev: Arc<Mutex<dyn BusDevice>>, base, len| {
+        pio.insert(dev, base, len)
+            .map_err(|e| VmError::Devices(e.to_string()))
+    };
+    add(
+        Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
+        debug_exit::DEBUG_EXIT_PORT,
+        debug_exit::DEBUG_EXIT_SIZE,
+    )?;
+    add(
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        i8042::I8042_BASE,
+        i8042::I8042_SIZE,
+    )?;
+    add(
+        Arc::new(Mutex::new(Cmos::default())),
+        cmos::CMOS_BASE,
+        cmos::CMOS_SIZE,
+    )?;
     let out = match out {
         Some(o) => o,
         None => match serial_out(mode)? {
@@ -235,7 +328,11 @@ fn attach_legacy(vm: &VmFd, pio: &Arc<Bus>, exit: &ExitHandle, mode: &SerialMode
         },
     };
     let irqfd = EventFd::new(libc::EFD_NONBLOCK)?;
-    vm.register_irqfd(&irqfd, SERIAL_IRQ).map_err(|source| VmError::Setup { what: "serial irqfd", source })?;
+    vm.register_irqfd(&irqfd, SERIAL_IRQ)
+        .map_err(|source| VmError::Setup {
+            what: "serial irqfd",
+            source,
+        })?;
     let serial = Arc::new(Mutex::new(Serial::new(irqfd, out)));
     add(serial.clone(), serial::SERIAL_PORT, serial::SERIAL_SIZE)?;
     Ok(Some(serial))
@@ -258,8 +355,16 @@ fn run_vcpus(
         .map_err(|e| VmError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
     let base_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| VmError::Setup { what: "supported CPUID", source })?;
-    let mut masked: Vec<cpuid::FeatureBit> = config.cpu_features.iter().filter(|(add, _)| !add).filter_map(|(_, n)| cpu_feature(n)).collect();
+        .map_err(|source| VmError::Setup {
+            what: "supported CPUID",
+            source,
+        })?;
+    let mut masked: Vec<cpuid::FeatureBit> = config
+        .cpu_features
+        .iter()
+        .filter(|(add, _)| !add)
+        .filter_map(|(_, n)| cpu_feature(n))
+        .collect();
     if kvm::is_pvm_host() {
         // Features whose instructions this host's ring-0 emulator refuses; `+name` keeps one.
         for (name, bit) in [("cx16", cpuid::FEATURE_CX16), ("smap", cpuid::FEATURE_SMAP)] {
@@ -271,13 +376,24 @@ fn run_vcpus(
 
     let mut runners = Vec::new();
     for id in 0..config.vcpus as u64 {
-        let fd = vm.create_vcpu(id).map_err(|source| vcpu::VcpuError::Create { id, source })?;
+        let fd = vm
+            .create_vcpu(id)
+            .map_err(|source| vcpu::VcpuError::Create { id, source })?;
         let tsc_khz = fd.get_tsc_khz().ok();
         let mut c = cpuid::for_vcpu(&base_cpuid, id as u32, config.vcpus, tsc_khz, &masked);
-        for bit in config.cpu_features.iter().filter(|(add, _)| *add).filter_map(|(_, n)| cpu_feature(n)) {
+        for bit in config
+            .cpu_features
+            .iter()
+            .filter(|(add, _)| *add)
+            .filter_map(|(_, n)| cpu_feature(n))
+        {
             cpuid::add(&mut c, bit);
         }
-        fd.set_cpuid2(&c).map_err(|source| vcpu::VcpuError::Setup { id, what: "cpuid", source })?;
+        fd.set_cpuid2(&c).map_err(|source| vcpu::VcpuError::Setup {
+            id,
+            what: "cpuid",
+            source,
+        })?;
         if id == 0 {
             vcpu::setup_boot_state(&fd, id, mem, entry)?;
         } else {
@@ -301,7 +417,9 @@ fn run_vcpus(
     for r in runners {
         let shared = r.shared.clone();
         let core = config.vcpu_cores.get(r.id).copied();
-        let h = thread::spawn(&format!("vcpu{}", r.id), core, exit.clone(), move || r.run())?;
+        let h = thread::spawn(&format!("vcpu{}", r.id), core, exit.clone(), move || {
+            r.run()
+        })?;
         threads.push((h, shared));
     }
 
@@ -314,7 +432,11 @@ fn run_vcpus(
             let _ = h.join();
         }
     }
-    Ok(RunOutcome { reason, guest_time, startup })
+    Ok(RunOutcome {
+        reason,
+        guest_time,
+        startup,
+    })
 }
 
 type VcpuThread = (std::thread::JoinHandle<Option<()>>, Arc<VcpuShared>);
@@ -329,18 +451,28 @@ fn kick(threads: &[VcpuThread]) {
     }
 }
 
-fn wait_for_exit(exit: &ExitHandle, threads: &[VcpuThread], ext: &mut dyn VmExtension, sigs: Option<&super::signals::Signals>) -> ExitReason {
+fn wait_for_exit(
+    exit: &ExitHandle,
+    threads: &[VcpuThread],
+    ext: &mut dyn VmExtension,
+    sigs: Option<&super::signals::Signals>,
+) -> ExitReason {
     loop {
         if let Some(r) = exit.wait_timeout(Duration::from_millis(HALT_CHECK_MS)) {
             return r;
         }
         match sigs.and_then(|s| s.poll()) {
-            Some(super::signals::Event::Stop(signal)) => exit.request(ExitReason::Signal { signal }),
+            Some(super::signals::Event::Stop(signal)) => {
+                exit.request(ExitReason::Signal { signal })
+            }
             Some(super::signals::Event::Report) => ext.on_report_signal(),
             None => {}
         }
         ext.on_tick();
-        if threads.iter().all(|(_, s)| s.dead_halted.load(Ordering::Acquire)) {
+        if threads
+            .iter()
+            .all(|(_, s)| s.dead_halted.load(Ordering::Acquire))
+        {
             exit.request(ExitReason::AllHalted);
         }
         // Make every vCPU re-check whether it is halted with interrupts disabled.

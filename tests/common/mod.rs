@@ -12,7 +12,11 @@ pub fn ringvm() -> Command {
 /// True when /dev/kvm can be opened; tests that need it print why they are skipped
 /// otherwise (CI on this machine always has it).
 pub fn have_kvm() -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => true,
         Err(e) => {
             eprintln!("SKIP: this test needs /dev/kvm ({e})");
@@ -53,6 +57,10 @@ pub fn run(args: &[&str]) -> Run {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     };
-    assert!(!r.stderr.contains("panicked"), "ringvm panicked: {}", r.stderr);
+    assert!(
+        !r.stderr.contains("panicked"),
+        "ringvm panicked: {}",
+        r.stderr
+    );
     r
 }

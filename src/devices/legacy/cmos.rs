@@ -66,7 +66,10 @@ pub fn register(reg: u8, secs: u64) -> u8 {
 impl BusDevice for Cmos {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let v = if offset == 1 {
-            let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let secs = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
             register(self.index, secs)
         } else {
             self.index

@@ -26,7 +26,9 @@ impl BusDevice for DebugExit {
         let mut v = [0u8; 4];
         let n = data.len().min(4);
         v[..n].copy_from_slice(&data[..n]);
-        self.exit.request(ExitReason::DebugExit { code: u32::from_le_bytes(v) });
+        self.exit.request(ExitReason::DebugExit {
+            code: u32::from_le_bytes(v),
+        });
     }
 }
 

@@ -29,7 +29,9 @@ pub struct Serial {
 
 impl Serial {
     pub fn new(irq: EventFd, out: SerialOut) -> Self {
-        Serial { uart: vm_superio::Serial::new(IrqTrigger(irq), out) }
+        Serial {
+            uart: vm_superio::Serial::new(IrqTrigger(irq), out),
+        }
     }
 
     /// Flushes what the guest wrote so far.

@@ -52,25 +52,41 @@ impl PciConfig {
         let mut regs = vec![0u32; NUM_REGS];
         let mut wmask = vec![0u32; NUM_REGS];
         regs[0] = (ids.device as u32) << 16 | ids.vendor as u32;
-        regs[2] = (ids.class as u32) << 24 | (ids.subclass as u32) << 16 | (ids.prog_if as u32) << 8 | ids.revision as u32;
+        regs[2] = (ids.class as u32) << 24
+            | (ids.subclass as u32) << 16
+            | (ids.prog_if as u32) << 8
+            | ids.revision as u32;
         regs[11] = (ids.subsystem as u32) << 16 | ids.subsystem_vendor as u32;
         // Command: I/O, memory, bus master, interrupt disable are writable.
         wmask[COMMAND_REG] = 0x0000_0407;
         // Interrupt line is scratch space for the OS.
         wmask[15] = 0xff;
-        PciConfig { regs, wmask, bars: [None; NUM_BARS], next_cap: FIRST_CAP_OFFSET, last_cap: None }
+        PciConfig {
+            regs,
+            wmask,
+            bars: [None; NUM_BARS],
+            next_cap: FIRST_CAP_OFFSET,
+            last_cap: None,
+        }
     }
 
     /// Declares BAR `idx` as a memory BAR of `size` bytes (a power of two) at `addr`.
     pub fn add_mem_bar(&mut self, idx: usize, addr: u64, size: u64, is64: bool) {
-        assert!(size.is_power_of_two() && size >= 16, "BAR size must be a power of two");
+        assert!(
+            size.is_power_of_two() && size >= 16,
+            "BAR size must be a power of two"
+        );
         self.bars[idx] = Some(Bar { addr, size, is64 });
         let flags = if is64 { BAR_MEM_64 } else { 0 };
         self.regs[BAR0_REG + idx] = (addr as u32 & !(size as u32 - 1)) | flags;
         self.wmask[BAR0_REG + idx] = !(size as u32 - 1) & !0xf;
         if is64 {
             self.regs[BAR0_REG + idx + 1] = (addr >> 32) as u32;
-            self.wmask[BAR0_REG + idx + 1] = if size > 1 << 32 { !((size >> 32) as u32 - 1) } else { 0xffff_ffff };
+            self.wmask[BAR0_REG + idx + 1] = if size > 1 << 32 {
+                !((size >> 32) as u32 - 1)
+            } else {
+                0xffff_ffff
+            };
         }
     }
 
@@ -142,12 +158,18 @@ impl PciConfig {
         }
         let (idx, hi) = match self.bars[reg - BAR0_REG] {
             Some(_) => (reg - BAR0_REG, false),
-            None if reg > BAR0_REG && self.bars[reg - BAR0_REG - 1].is_some_and(|b| b.is64) => (reg - BAR0_REG - 1, true),
+            None if reg > BAR0_REG && self.bars[reg - BAR0_REG - 1].is_some_and(|b| b.is64) => {
+                (reg - BAR0_REG - 1, true)
+            }
             None => return None,
         };
         let bar = self.bars[idx]?;
         let lo = (self.regs[BAR0_REG + idx] & !0xf) as u64;
-        let hi_val = if bar.is64 { self.regs[BAR0_REG + idx + 1] as u64 } else { 0 };
+        let hi_val = if bar.is64 {
+            self.regs[BAR0_REG + idx + 1] as u64
+        } else {
+            0
+        };
         let new = hi_val << 32 | lo;
         let probing = (self.regs[BAR0_REG + idx] | 0xf) == (self.wmask[BAR0_REG + idx] | 0xf);
         // Sizing writes all-ones; the upper half of a 64-bit BAR is written separately, so
@@ -156,12 +178,21 @@ impl PciConfig {
             return None;
         }
         self.bars[idx] = Some(Bar { addr: new, ..bar });
-        Some(BarMove { bar: idx, old: bar.addr, new, len: bar.size })
+        Some(BarMove {
+            bar: idx,
+            old: bar.addr,
+            new,
+            len: bar.size,
+        })
     }
 
     /// (index, address, size) of each BAR.
     pub fn bars(&self) -> Vec<(usize, u64, u64)> {
-        self.bars.iter().enumerate().filter_map(|(i, b)| b.map(|b| (i, b.addr, b.size))).collect()
+        self.bars
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| b.map(|b| (i, b.addr, b.size)))
+            .collect()
     }
 
     /// Whether the guest enabled memory decoding.
@@ -175,7 +206,16 @@ mod tests {
     use super::*;
 
     fn cfg() -> PciConfig {
-        PciConfig::new(PciIds { vendor: 0x1af4, device: 0x1042, class: 1, subclass: 0, prog_if: 0, revision: 1, subsystem_vendor: 0x1af4, subsystem: 0x40 })
+        PciConfig::new(PciIds {
+            vendor: 0x1af4,
+            device: 0x1042,
+            class: 1,
+            subclass: 0,
+            prog_if: 0,
+            revision: 1,
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x40,
+        })
     }
 
     #[test]
@@ -184,7 +224,11 @@ mod tests {
         c.add_mem_bar(0, 0xc000_0000, 0x8000, false);
         assert_eq!(c.write(4, 0, &0xffff_ffffu32.to_le_bytes()), None);
         assert_eq!(c.read(4), 0xffff_8000);
-        assert_eq!(c.write(4, 0, &0xc000_0000u32.to_le_bytes()), None, "restoring the old address is no move");
+        assert_eq!(
+            c.write(4, 0, &0xc000_0000u32.to_le_bytes()),
+            None,
+            "restoring the old address is no move"
+        );
         assert_eq!(c.read(4), 0xc000_0000);
     }
 
@@ -193,7 +237,15 @@ mod tests {
         let mut c = cfg();
         c.add_mem_bar(0, 0xc000_0000, 0x8000, false);
         let m = c.write(4, 0, &0xd000_0000u32.to_le_bytes()).unwrap();
-        assert_eq!(m, BarMove { bar: 0, old: 0xc000_0000, new: 0xd000_0000, len: 0x8000 });
+        assert_eq!(
+            m,
+            BarMove {
+                bar: 0,
+                old: 0xc000_0000,
+                new: 0xd000_0000,
+                len: 0x8000
+            }
+        );
         assert_eq!(c.bars(), vec![(0, 0xd000_0000, 0x8000)]);
     }
 

@@ -20,7 +20,12 @@ struct Entry {
 impl Default for Entry {
     fn default() -> Self {
         // Every vector starts masked (PCI 3.0, 6.8.2.9).
-        Entry { addr_lo: 0, addr_hi: 0, data: 0, ctrl: ENTRY_MASKED }
+        Entry {
+            addr_lo: 0,
+            addr_hi: 0,
+            data: 0,
+            ctrl: ENTRY_MASKED,
+        }
     }
 }
 
@@ -33,7 +38,10 @@ pub struct MsixTable {
 impl MsixTable {
     pub fn new(vectors: u16) -> Self {
         assert!((1..=2048).contains(&vectors));
-        MsixTable { entries: vec![Entry::default(); vectors as usize], control: 0 }
+        MsixTable {
+            entries: vec![Entry::default(); vectors as usize],
+            control: 0,
+        }
     }
 
     pub fn num_vectors(&self) -> usize {
@@ -68,8 +76,13 @@ impl MsixTable {
     /// vector is masked, or `v` is out of range (e.g. VIRTIO_MSI_NO_VECTOR).
     pub fn active(&self, v: u16) -> Option<MsiMessage> {
         let e = self.entries.get(v as usize)?;
-        let live = self.enabled() && self.control & CTRL_FUNCTION_MASK == 0 && e.ctrl & ENTRY_MASKED == 0;
-        live.then_some(MsiMessage { addr_lo: e.addr_lo, addr_hi: e.addr_hi, data: e.data })
+        let live =
+            self.enabled() && self.control & CTRL_FUNCTION_MASK == 0 && e.ctrl & ENTRY_MASKED == 0;
+        live.then_some(MsiMessage {
+            addr_lo: e.addr_lo,
+            addr_hi: e.addr_hi,
+            data: e.data,
+        })
     }
 
     pub fn read_table(&self, offset: u64, data: &mut [u8]) {
@@ -91,7 +104,10 @@ impl MsixTable {
 
     /// A guest write to the table; returns the vector it touched.
     pub fn write_table(&mut self, offset: u64, data: &[u8]) -> Option<u16> {
-        let (idx, field) = ((offset / ENTRY_SIZE) as usize, (offset % ENTRY_SIZE) as usize);
+        let (idx, field) = (
+            (offset / ENTRY_SIZE) as usize,
+            (offset % ENTRY_SIZE) as usize,
+        );
         let e = self.entries.get_mut(idx)?;
         let mut raw = [0u8; 16];
         raw[0..4].copy_from_slice(&e.addr_lo.to_le_bytes());
@@ -101,7 +117,12 @@ impl MsixTable {
         let end = (field + data.len()).min(16);
         raw[field..end].copy_from_slice(&data[..end - field]);
         let word = |i: usize| u32::from_le_bytes(raw[i..i + 4].try_into().expect("4 bytes"));
-        *e = Entry { addr_lo: word(0), addr_hi: word(4), data: word(8), ctrl: word(12) & ENTRY_MASKED };
+        *e = Entry {
+            addr_lo: word(0),
+            addr_hi: word(4),
+            data: word(8),
+            ctrl: word(12) & ENTRY_MASKED,
+        };
         Some(idx as u16)
     }
 
@@ -125,7 +146,14 @@ mod tests {
         t.write_table(28, &0u32.to_le_bytes());
         assert_eq!(t.active(1), None, "MSI-X not enabled");
         t.set_control(CTRL_ENABLE);
-        assert_eq!(t.active(1), Some(MsiMessage { addr_lo: 0xfee0_0000, addr_hi: 0, data: 0x41 }));
+        assert_eq!(
+            t.active(1),
+            Some(MsiMessage {
+                addr_lo: 0xfee0_0000,
+                addr_hi: 0,
+                data: 0x41
+            })
+        );
         t.set_control(CTRL_ENABLE | CTRL_FUNCTION_MASK);
         assert_eq!(t.active(1), None, "function mask");
         assert_eq!(t.active(0xffff), None, "NO_VECTOR");

@@ -71,7 +71,12 @@ impl PciRoot {
             subsystem_vendor: 0x1b36,
             subsystem: 0,
         });
-        PciRoot { slots: vec![Arc::new(Mutex::new(HostBridge(bridge)))], mmio, next_bar: PCI_MMIO_START, address: Mutex::new(0) }
+        PciRoot {
+            slots: vec![Arc::new(Mutex::new(HostBridge(bridge)))],
+            mmio,
+            next_bar: PCI_MMIO_START,
+            address: Mutex::new(0),
+        }
     }
 
     /// Reserves a naturally aligned window of `size` bytes for a BAR.
@@ -90,7 +95,14 @@ impl PciRoot {
             return Err(PciError::NoSlot);
         }
         for (bar, addr, size) in lock(&dev).bars() {
-            self.mmio.insert(Arc::new(Mutex::new(BarRegion { dev: dev.clone(), bar })), addr, size)?;
+            self.mmio.insert(
+                Arc::new(Mutex::new(BarRegion {
+                    dev: dev.clone(),
+                    bar,
+                })),
+                addr,
+                size,
+            )?;
         }
         self.slots.push(dev);
         Ok(self.slots.len() - 1)
@@ -104,11 +116,22 @@ impl PciRoot {
     }
 
     fn config_read(&self, bus: u32, slot: u32, function: u32, reg: usize) -> u32 {
-        self.device(bus, slot, function).map_or(0xffff_ffff, |d| lock(d).read_config(reg))
+        self.device(bus, slot, function)
+            .map_or(0xffff_ffff, |d| lock(d).read_config(reg))
     }
 
-    fn config_write(&self, bus: u32, slot: u32, function: u32, reg: usize, offset: u64, data: &[u8]) {
-        let Some(dev) = self.device(bus, slot, function) else { return };
+    fn config_write(
+        &self,
+        bus: u32,
+        slot: u32,
+        function: u32,
+        reg: usize,
+        offset: u64,
+        data: &[u8],
+    ) {
+        let Some(dev) = self.device(bus, slot, function) else {
+            return;
+        };
         let moved = lock(dev).write_config(reg, offset, data);
         if let Some(m) = moved {
             self.move_bar(dev, m);
@@ -117,10 +140,17 @@ impl PciRoot {
 
     fn move_bar(&self, dev: &Dev, m: BarMove) {
         let _ = self.mmio.remove(m.old);
-        let region = Arc::new(Mutex::new(BarRegion { dev: dev.clone(), bar: m.bar }));
+        let region = Arc::new(Mutex::new(BarRegion {
+            dev: dev.clone(),
+            bar: m.bar,
+        }));
         match self.mmio.insert(region, m.new, m.len) {
             Ok(()) => lock(dev).bar_moved(m.bar, m.old, m.new),
-            Err(e) => log::warn!("pci: guest moved BAR{} to {:#x}, which is unusable: {e}", m.bar, m.new),
+            Err(e) => log::warn!(
+                "pci: guest moved BAR{} to {:#x}, which is unusable: {e}",
+                m.bar,
+                m.new
+            ),
         }
     }
 
@@ -158,7 +188,12 @@ impl BusDevice for PciConfigIo {
             data.fill(0xff);
             return;
         }
-        let (bus, slot, func, reg) = ((addr >> 16) & 0xff, (addr >> 11) & 0x1f, (addr >> 8) & 7, ((addr >> 2) & 0x3f) as usize);
+        let (bus, slot, func, reg) = (
+            (addr >> 16) & 0xff,
+            (addr >> 11) & 0x1f,
+            (addr >> 8) & 7,
+            ((addr >> 2) & 0x3f) as usize,
+        );
         extract(r.config_read(bus, slot, func, reg), offset - 4, data);
     }
 
@@ -172,14 +207,23 @@ impl BusDevice for PciConfigIo {
         if offset < 4 || addr & 0x8000_0000 == 0 || (offset - 4) as usize + data.len() > 4 {
             return;
         }
-        let (bus, slot, func, reg) = ((addr >> 16) & 0xff, (addr >> 11) & 0x1f, (addr >> 8) & 7, ((addr >> 2) & 0x3f) as usize);
+        let (bus, slot, func, reg) = (
+            (addr >> 16) & 0xff,
+            (addr >> 11) & 0x1f,
+            (addr >> 8) & 7,
+            ((addr >> 2) & 0x3f) as usize,
+        );
         r.config_write(bus, slot, func, reg, offset - 4, data);
     }
 }
 
 impl BusDevice for PciConfigMmio {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let (bus, slot, func) = ((offset >> 20) as u32, ((offset >> 15) & 0x1f) as u32, ((offset >> 12) & 7) as u32);
+        let (bus, slot, func) = (
+            (offset >> 20) as u32,
+            ((offset >> 15) & 0x1f) as u32,
+            ((offset >> 12) & 7) as u32,
+        );
         let reg = ((offset & 0xfff) >> 2) as usize;
         let v = root(&self.0).config_read(bus, slot, func, reg);
         extract(v, offset & 3, data);
@@ -189,7 +233,11 @@ impl BusDevice for PciConfigMmio {
         if (offset & 3) as usize + data.len() > 4 {
             return;
         }
-        let (bus, slot, func) = ((offset >> 20) as u32, ((offset >> 15) & 0x1f) as u32, ((offset >> 12) & 7) as u32);
+        let (bus, slot, func) = (
+            (offset >> 20) as u32,
+            ((offset >> 15) & 0x1f) as u32,
+            ((offset >> 12) & 7) as u32,
+        );
         let reg = ((offset & 0xfff) >> 2) as usize;
         root(&self.0).config_write(bus, slot, func, reg, offset & 3, data);
     }

@@ -63,7 +63,12 @@ pub trait VirtioDevice: Send {
     /// Writes the device-specific configuration space; writes to read-only fields are ignored.
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// Starts serving `queues` with the features the driver acknowledged.
-    fn activate(&mut self, mem: GuestMemory, acked_features: u64, queues: Vec<ActiveQueue>) -> Result<(), ActivateError>;
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        acked_features: u64,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError>;
     /// Stops serving all queues. Returns once no thread touches guest memory for this
     /// device any more, so the driver may reuse the rings.
     fn reset(&mut self);

@@ -121,7 +121,12 @@ fn vendor_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec
 
 impl VirtioPci {
     /// Wraps `device` in a virtio-pci function with its BAR allocated from `root`.
-    pub fn new(device: Box<dyn VirtioDevice>, root: &mut PciRoot, irq: IrqRouter, mem: GuestMemory) -> Result<Self, VirtioPciError> {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        root: &mut PciRoot,
+        irq: IrqRouter,
+        mem: GuestMemory,
+    ) -> Result<Self, VirtioPciError> {
         let nq = device.num_queues();
         if nq == 0 || nq > MAX_QUEUES {
             return Err(VirtioPciError::TooManyQueues(nq));
@@ -145,28 +150,59 @@ impl VirtioPci {
         });
         config.add_mem_bar(0, bar, BAR_SIZE, false);
         config.add_capability(&vendor_cap(CFG_COMMON, COMMON_OFFSET, COMMON_SIZE, None));
-        config.add_capability(&vendor_cap(CFG_NOTIFY, NOTIFY_OFFSET, nq as u64 * NOTIFY_MULTIPLIER as u64, Some(NOTIFY_MULTIPLIER)));
+        config.add_capability(&vendor_cap(
+            CFG_NOTIFY,
+            NOTIFY_OFFSET,
+            nq as u64 * NOTIFY_MULTIPLIER as u64,
+            Some(NOTIFY_MULTIPLIER),
+        ));
         config.add_capability(&vendor_cap(CFG_ISR, ISR_OFFSET, 1, None));
-        config.add_capability(&vendor_cap(CFG_DEVICE, DEVICE_CFG_OFFSET, DEVICE_CFG_SIZE, None));
+        config.add_capability(&vendor_cap(
+            CFG_DEVICE,
+            DEVICE_CFG_OFFSET,
+            DEVICE_CFG_SIZE,
+            None,
+        ));
         let msix = MsixTable::new(nq as u16 + 1);
-        let msix_cap = config.add_capability(&msix.capability(0, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32));
+        let msix_cap = config.add_capability(&msix.capability(
+            0,
+            MSIX_TABLE_OFFSET as u32,
+            MSIX_PBA_OFFSET as u32,
+        ));
         // Message control (upper half of the capability's first dword) is guest-writable.
         config.set_writable(msix_cap / 4, 0xc000_0000);
 
         let mut vectors = Vec::with_capacity(nq + 1);
         for _ in 0..=nq {
-            vectors.push(Vector { gsi: irq.allocate_gsi()?, fd: EventFd::new(EFD_NONBLOCK).map_err(VirtioPciError::EventFd)?, registered: false });
+            vectors.push(Vector {
+                gsi: irq.allocate_gsi()?,
+                fd: EventFd::new(EFD_NONBLOCK).map_err(VirtioPciError::EventFd)?,
+                registered: false,
+            });
         }
         let mut kicks = Vec::with_capacity(nq);
         for q in 0..nq {
             let fd = EventFd::new(EFD_NONBLOCK).map_err(VirtioPciError::EventFd)?;
             irq.vm()
-                .register_ioevent(&fd, &IoEventAddress::Mmio(bar + NOTIFY_OFFSET + q as u64 * NOTIFY_MULTIPLIER as u64), NoDatamatch)
+                .register_ioevent(
+                    &fd,
+                    &IoEventAddress::Mmio(
+                        bar + NOTIFY_OFFSET + q as u64 * NOTIFY_MULTIPLIER as u64,
+                    ),
+                    NoDatamatch,
+                )
                 .map_err(VirtioPciError::Ioeventfd)?;
             kicks.push(fd);
         }
         let max_size = device.queue_max_size();
-        let regs = QueueRegs { size: max_size, vector: NO_VECTOR, enabled: false, desc: 0, driver: 0, device: 0 };
+        let regs = QueueRegs {
+            size: max_size,
+            vector: NO_VECTOR,
+            enabled: false,
+            desc: 0,
+            driver: 0,
+            device: 0,
+        };
         Ok(VirtioPci {
             config,
             device,
@@ -193,12 +229,23 @@ impl VirtioPci {
     fn warn(&mut self, msg: std::fmt::Arguments) {
         self.warnings += 1;
         if self.warnings <= MAX_WARNINGS {
-            log::warn!("virtio-pci: {msg}{}", if self.warnings == MAX_WARNINGS { " (further warnings suppressed)" } else { "" });
+            log::warn!(
+                "virtio-pci: {msg}{}",
+                if self.warnings == MAX_WARNINGS {
+                    " (further warnings suppressed)"
+                } else {
+                    ""
+                }
+            );
         }
     }
 
     fn status(&self) -> u8 {
-        let needs_reset = if self.active && self.device.needs_reset() { STATUS_NEEDS_RESET } else { 0 };
+        let needs_reset = if self.active && self.device.needs_reset() {
+            STATUS_NEEDS_RESET
+        } else {
+            0
+        };
         self.status | needs_reset
     }
 
@@ -287,7 +334,9 @@ impl VirtioPci {
                     self.queues[qs].enabled = true;
                 }
             }
-            (0x20..=0x37, 4) | (0x20 | 0x28 | 0x30, 8) if qs < self.queues.len() && !queue_locked => {
+            (0x20..=0x37, 4) | (0x20 | 0x28 | 0x30, 8)
+                if qs < self.queues.len() && !queue_locked =>
+            {
                 let q = &mut self.queues[qs];
                 let field = match offset & !7 {
                     0x20 => &mut q.desc,
@@ -300,7 +349,10 @@ impl VirtioPci {
                     _ => (*field & 0xffff_ffff) | (v << 32),
                 };
             }
-            _ => self.warn(format_args!("ignored common config write at {offset:#x} ({} bytes, value {v:#x})", data.len())),
+            _ => self.warn(format_args!(
+                "ignored common config write at {offset:#x} ({} bytes, value {v:#x})",
+                data.len()
+            )),
         }
     }
 
@@ -346,26 +398,40 @@ impl VirtioPci {
         let mut active = Vec::new();
         for (i, r) in self.queues.iter().enumerate().filter(|(_, r)| r.enabled) {
             let mut q = Queue::new(self.max_size).map_err(|e| format!("queue {i}: {e:?}"))?;
-            q.try_set_size(r.size).map_err(|e| format!("queue {i}: size {}: {e:?}", r.size))?;
-            q.try_set_desc_table_address(GuestAddress(r.desc)).map_err(|e| format!("queue {i}: descriptor table {:#x}: {e:?}", r.desc))?;
-            q.try_set_avail_ring_address(GuestAddress(r.driver)).map_err(|e| format!("queue {i}: driver area {:#x}: {e:?}", r.driver))?;
-            q.try_set_used_ring_address(GuestAddress(r.device)).map_err(|e| format!("queue {i}: device area {:#x}: {e:?}", r.device))?;
+            q.try_set_size(r.size)
+                .map_err(|e| format!("queue {i}: size {}: {e:?}", r.size))?;
+            q.try_set_desc_table_address(GuestAddress(r.desc))
+                .map_err(|e| format!("queue {i}: descriptor table {:#x}: {e:?}", r.desc))?;
+            q.try_set_avail_ring_address(GuestAddress(r.driver))
+                .map_err(|e| format!("queue {i}: driver area {:#x}: {e:?}", r.driver))?;
+            q.try_set_used_ring_address(GuestAddress(r.device))
+                .map_err(|e| format!("queue {i}: device area {:#x}: {e:?}", r.device))?;
             q.set_event_idx(event_idx);
             q.set_ready(true);
             if !q.is_valid(&self.mem) {
-                return Err(format!("queue {i}: rings at {:#x}/{:#x}/{:#x} are not inside guest memory", r.desc, r.driver, r.device));
+                return Err(format!(
+                    "queue {i}: rings at {:#x}/{:#x}/{:#x} are not inside guest memory",
+                    r.desc, r.driver, r.device
+                ));
             }
             let irq = match self.vectors.get(r.vector as usize) {
                 Some(v) => Some(v.fd.try_clone().map_err(|e| e.to_string())?),
                 None => None,
             };
             let kick = self.kicks[i].try_clone().map_err(|e| e.to_string())?;
-            active.push(ActiveQueue { index: i as u16, queue: q, kick, irq });
+            active.push(ActiveQueue {
+                index: i as u16,
+                queue: q,
+                kick,
+                irq,
+            });
         }
         if active.is_empty() {
             return Err("DRIVER_OK with no queue enabled".into());
         }
-        self.device.activate(self.mem.clone(), self.driver_features, active).map_err(|e| e.to_string())?;
+        self.device
+            .activate(self.mem.clone(), self.driver_features, active)
+            .map_err(|e| e.to_string())?;
         self.active = true;
         Ok(())
     }
@@ -375,7 +441,14 @@ impl VirtioPci {
             self.device.reset();
             self.active = false;
         }
-        let regs = QueueRegs { size: self.max_size, vector: NO_VECTOR, enabled: false, desc: 0, driver: 0, device: 0 };
+        let regs = QueueRegs {
+            size: self.max_size,
+            vector: NO_VECTOR,
+            enabled: false,
+            desc: 0,
+            driver: 0,
+            device: 0,
+        };
         self.queues.iter_mut().for_each(|q| *q = regs);
         self.driver_features = 0;
         self.device_features_select = 0;
@@ -440,9 +513,15 @@ impl PciDevice for VirtioPci {
         match offset {
             o if o < COMMON_OFFSET + COMMON_SIZE => self.read_common(o, data),
             ISR_OFFSET => data.fill(0),
-            o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE).contains(&o) => self.device.read_config(o - DEVICE_CFG_OFFSET, data),
-            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => self.msix.read_table(o - MSIX_TABLE_OFFSET, data),
-            o if (MSIX_PBA_OFFSET..BAR_SIZE).contains(&o) => self.msix.read_pba(o - MSIX_PBA_OFFSET, data),
+            o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE).contains(&o) => {
+                self.device.read_config(o - DEVICE_CFG_OFFSET, data)
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
+                self.msix.read_table(o - MSIX_TABLE_OFFSET, data)
+            }
+            o if (MSIX_PBA_OFFSET..BAR_SIZE).contains(&o) => {
+                self.msix.read_pba(o - MSIX_PBA_OFFSET, data)
+            }
             _ => data.fill(0),
         }
     }
@@ -450,7 +529,9 @@ impl PciDevice for VirtioPci {
     fn write_bar(&mut self, _bar: usize, offset: u64, data: &[u8]) {
         match offset {
             o if o < COMMON_OFFSET + COMMON_SIZE => self.write_common(o, data),
-            o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE).contains(&o) => self.device.write_config(o - DEVICE_CFG_OFFSET, data),
+            o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE).contains(&o) => {
+                self.device.write_config(o - DEVICE_CFG_OFFSET, data)
+            }
             o if (NOTIFY_OFFSET..MSIX_TABLE_OFFSET).contains(&o) => {
                 // Normally caught by the ioeventfd; a notify that exits anyway still kicks.
                 let q = ((o - NOTIFY_OFFSET) / NOTIFY_MULTIPLIER as u64) as usize;
@@ -458,7 +539,9 @@ impl PciDevice for VirtioPci {
                     let _ = k.write(1);
                 }
             }
-            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) && self.msix.write_table(o - MSIX_TABLE_OFFSET, data).is_some() => {
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o)
+                && self.msix.write_table(o - MSIX_TABLE_OFFSET, data).is_some() =>
+            {
                 self.sync_vectors();
             }
             _ => {}
@@ -471,7 +554,10 @@ impl PciDevice for VirtioPci {
             let vm = self.irq.vm();
             let _ = vm.unregister_ioevent(fd, &IoEventAddress::Mmio(old + off), NoDatamatch);
             if let Err(e) = vm.register_ioevent(fd, &IoEventAddress::Mmio(new + off), NoDatamatch) {
-                log::error!("virtio-pci: notify ioeventfd for queue {q} at {:#x}: {e}", new + off);
+                log::error!(
+                    "virtio-pci: notify ioeventfd for queue {q} at {:#x}: {e}",
+                    new + off
+                );
             }
         }
         self.bar = new;
@@ -535,8 +621,16 @@ mod tests {
             data.fill(offset as u8);
         }
         fn write_config(&mut self, _: u64, _: &[u8]) {}
-        fn activate(&mut self, _mem: GuestMemory, features: u64, queues: Vec<ActiveQueue>) -> Result<(), ActivateError> {
-            self.0.lock().unwrap().activated.push((features, queues.iter().map(|q| (q.index, q.irq.is_some())).collect()));
+        fn activate(
+            &mut self,
+            _mem: GuestMemory,
+            features: u64,
+            queues: Vec<ActiveQueue>,
+        ) -> Result<(), ActivateError> {
+            self.0.lock().unwrap().activated.push((
+                features,
+                queues.iter().map(|q| (q.index, q.irq.is_some())).collect(),
+            ));
             Ok(())
         }
         fn reset(&mut self) {
@@ -586,7 +680,9 @@ mod tests {
 
     #[test]
     fn test_transport_init_sequence_activates_enabled_queues() {
-        let Some((mut t, log)) = transport() else { return };
+        let Some((mut t, log)) = transport() else {
+            return;
+        };
         assert_eq!(r(&mut t, 0x12, 2), 2, "num_queues");
         w(&mut t, 0x14, 1 | 2, 1);
         w(&mut t, 0x00, 1, 4);
@@ -604,12 +700,17 @@ mod tests {
         assert_eq!(r(&mut t, 0x20, 8), 0x10_0000);
         w(&mut t, 0x14, 1 | 2 | 8 | 4, 1);
         let l = log.lock().unwrap();
-        assert_eq!(l.activated, vec![(F_VERSION_1 | (1 << 29), vec![(0, true), (1, false)])]);
+        assert_eq!(
+            l.activated,
+            vec![(F_VERSION_1 | (1 << 29), vec![(0, true), (1, false)])]
+        );
     }
 
     #[test]
     fn test_transport_unoffered_feature_refuses_features_ok() {
-        let Some((mut t, _)) = transport() else { return };
+        let Some((mut t, _)) = transport() else {
+            return;
+        };
         w(&mut t, 0x08, 0, 4);
         w(&mut t, 0x0c, 1 << 5, 4);
         w(&mut t, 0x14, 1 | 2 | 8, 1);
@@ -618,14 +719,20 @@ mod tests {
 
     #[test]
     fn test_transport_bad_queue_size_and_vector_ignored() {
-        let Some((mut t, _)) = transport() else { return };
+        let Some((mut t, _)) = transport() else {
+            return;
+        };
         w(&mut t, 0x16, 0, 2);
         w(&mut t, 0x18, 100, 2);
         assert_eq!(r(&mut t, 0x18, 2), 256, "non power of two ignored");
         w(&mut t, 0x18, 512, 2);
         assert_eq!(r(&mut t, 0x18, 2), 256, "above max ignored");
         w(&mut t, 0x1a, 77, 2);
-        assert_eq!(r(&mut t, 0x1a, 2), NO_VECTOR as u64, "unknown vector reads back NO_VECTOR");
+        assert_eq!(
+            r(&mut t, 0x1a, 2),
+            NO_VECTOR as u64,
+            "unknown vector reads back NO_VECTOR"
+        );
         w(&mut t, 0x16, 9, 2);
         assert_eq!(r(&mut t, 0x18, 2), 0, "queue beyond num_queues has size 0");
         w(&mut t, 0x3f, 0xff, 1);
@@ -633,7 +740,9 @@ mod tests {
 
     #[test]
     fn test_transport_rings_outside_memory_need_reset() {
-        let Some((mut t, log)) = transport() else { return };
+        let Some((mut t, log)) = transport() else {
+            return;
+        };
         w(&mut t, 0x08, 1, 4);
         w(&mut t, 0x0c, 1, 4);
         w(&mut t, 0x14, 1 | 2 | 8, 1);
@@ -647,7 +756,9 @@ mod tests {
 
     #[test]
     fn test_transport_reset_after_activation_resets_device() {
-        let Some((mut t, log)) = transport() else { return };
+        let Some((mut t, log)) = transport() else {
+            return;
+        };
         w(&mut t, 0x08, 1, 4);
         w(&mut t, 0x0c, 1, 4);
         w(&mut t, 0x14, 1 | 2 | 8, 1);
@@ -661,7 +772,9 @@ mod tests {
 
     #[test]
     fn test_transport_msix_unmask_registers_irqfd() {
-        let Some((mut t, _)) = transport() else { return };
+        let Some((mut t, _)) = transport() else {
+            return;
+        };
         let cap = t.msix_control_reg().unwrap();
         t.write_bar(0, MSIX_TABLE_OFFSET, &0xfee0_0000u32.to_le_bytes());
         t.write_bar(0, MSIX_TABLE_OFFSET + 8, &0x30u32.to_le_bytes());

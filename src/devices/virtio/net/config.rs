@@ -53,17 +53,31 @@ pub struct NetConfig {
 
 impl Default for NetConfig {
     fn default() -> Self {
-        NetConfig { tap: String::new(), mac: None, queues: 1, queue_size: 256, reactors: None, poll_us: 0, mtu: None }
+        NetConfig {
+            tap: String::new(),
+            mac: None,
+            queues: 1,
+            queue_size: 256,
+            reactors: None,
+            poll_us: 0,
+            mtu: None,
+        }
     }
 }
 
 /// Errors in a net option string.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NetConfigError {
-    #[error("Unknown net option `{0}` (expected tap, mac, queues, queue-size, reactors, poll-us, mtu)")]
+    #[error(
+        "Unknown net option `{0}` (expected tap, mac, queues, queue-size, reactors, poll-us, mtu)"
+    )]
     UnknownKey(String),
     #[error("Invalid value `{value}` for net option `{key}`: {reason}")]
-    BadValue { key: String, value: String, reason: String },
+    BadValue {
+        key: String,
+        value: String,
+        reason: String,
+    },
     #[error("Net option `{0}` given twice")]
     Duplicate(String),
     #[error("A net device needs `tap=`")]
@@ -71,7 +85,11 @@ pub enum NetConfigError {
 }
 
 fn bad(key: &str, value: &str, reason: &str) -> NetConfigError {
-    NetConfigError::BadValue { key: key.into(), value: value.into(), reason: reason.into() }
+    NetConfigError::BadValue {
+        key: key.into(),
+        value: value.into(),
+        reason: reason.into(),
+    }
 }
 
 /// Parses `52:54:00:12:34:56`; rejects multicast addresses, which a NIC cannot own.
@@ -79,18 +97,42 @@ pub fn parse_mac(value: &str) -> Result<[u8; 6], NetConfigError> {
     let mut mac = [0u8; 6];
     let mut n = 0;
     for part in value.split(':') {
-        let b = mac.get_mut(n).ok_or_else(|| bad("mac", value, "expected six hex bytes such as 52:54:00:12:34:56"))?;
+        let b = mac.get_mut(n).ok_or_else(|| {
+            bad(
+                "mac",
+                value,
+                "expected six hex bytes such as 52:54:00:12:34:56",
+            )
+        })?;
         if part.len() != 2 {
-            return Err(bad("mac", value, "expected six hex bytes such as 52:54:00:12:34:56"));
+            return Err(bad(
+                "mac",
+                value,
+                "expected six hex bytes such as 52:54:00:12:34:56",
+            ));
         }
-        *b = u8::from_str_radix(part, 16).map_err(|_| bad("mac", value, "expected six hex bytes such as 52:54:00:12:34:56"))?;
+        *b = u8::from_str_radix(part, 16).map_err(|_| {
+            bad(
+                "mac",
+                value,
+                "expected six hex bytes such as 52:54:00:12:34:56",
+            )
+        })?;
         n += 1;
     }
     if n != 6 {
-        return Err(bad("mac", value, "expected six hex bytes such as 52:54:00:12:34:56"));
+        return Err(bad(
+            "mac",
+            value,
+            "expected six hex bytes such as 52:54:00:12:34:56",
+        ));
     }
     if mac[0] & 1 != 0 {
-        return Err(bad("mac", value, "multicast address (lowest bit of the first byte set)"));
+        return Err(bad(
+            "mac",
+            value,
+            "multicast address (lowest bit of the first byte set)",
+        ));
     }
     Ok(mac)
 }
@@ -108,7 +150,9 @@ impl FromStr for NetConfig {
             let (key, value) = match tok.split_once('=') {
                 Some((k, v)) => (k.trim(), v.trim()),
                 None if in_reactors && tok.chars().all(|ch| ch.is_ascii_digit()) => {
-                    let n = tok.parse().map_err(|_| bad("reactors", tok, "expected a reactor index"))?;
+                    let n = tok
+                        .parse()
+                        .map_err(|_| bad("reactors", tok, "expected a reactor index"))?;
                     c.reactors.get_or_insert_with(Vec::new).push(n);
                     continue;
                 }
@@ -121,34 +165,57 @@ impl FromStr for NetConfig {
             match key {
                 "tap" => {
                     if value.is_empty() || value.len() > 15 || value.contains(['/', ' ', '\0']) {
-                        return Err(bad(key, value, "expected an interface name of 1 to 15 characters"));
+                        return Err(bad(
+                            key,
+                            value,
+                            "expected an interface name of 1 to 15 characters",
+                        ));
                     }
                     c.tap = value.into();
                 }
                 "mac" => c.mac = Some(parse_mac(value)?),
                 "queues" => {
-                    c.queues = value.parse().map_err(|_| bad(key, value, "expected a number of queue pairs"))?;
+                    c.queues = value
+                        .parse()
+                        .map_err(|_| bad(key, value, "expected a number of queue pairs"))?;
                     if c.queues == 0 || c.queues > PAIRS_MAX {
                         return Err(bad(key, value, &format!("must be 1 to {PAIRS_MAX}")));
                     }
                 }
                 "queue-size" => {
-                    c.queue_size = value.parse().map_err(|_| bad(key, value, "expected a power of two"))?;
-                    if !c.queue_size.is_power_of_two() || c.queue_size < 2 || c.queue_size > QUEUE_SIZE_MAX {
-                        return Err(bad(key, value, &format!("must be a power of two from 2 to {QUEUE_SIZE_MAX}")));
+                    c.queue_size = value
+                        .parse()
+                        .map_err(|_| bad(key, value, "expected a power of two"))?;
+                    if !c.queue_size.is_power_of_two()
+                        || c.queue_size < 2
+                        || c.queue_size > QUEUE_SIZE_MAX
+                    {
+                        return Err(bad(
+                            key,
+                            value,
+                            &format!("must be a power of two from 2 to {QUEUE_SIZE_MAX}"),
+                        ));
                     }
                 }
                 "reactors" => {
                     let mut list = Vec::new();
                     for r in value.split(':') {
-                        list.push(r.parse().map_err(|_| bad(key, value, "expected reactor indexes such as 0,1"))?);
+                        list.push(r.parse().map_err(|_| {
+                            bad(key, value, "expected reactor indexes such as 0,1")
+                        })?);
                     }
                     c.reactors = Some(list);
                     in_reactors = true;
                 }
-                "poll-us" => c.poll_us = value.parse().map_err(|_| bad(key, value, "expected microseconds"))?,
+                "poll-us" => {
+                    c.poll_us = value
+                        .parse()
+                        .map_err(|_| bad(key, value, "expected microseconds"))?
+                }
                 "mtu" => {
-                    let m: u16 = value.parse().map_err(|_| bad(key, value, "expected 68 to 65535"))?;
+                    let m: u16 = value
+                        .parse()
+                        .map_err(|_| bad(key, value, "expected 68 to 65535"))?;
                     if m < 68 {
                         return Err(bad(key, value, "expected 68 to 65535"));
                     }
@@ -194,7 +261,10 @@ mod tests {
     #[test]
     fn test_parse_defaults_one_pair() {
         let c: NetConfig = "tap=t0".parse().unwrap();
-        assert_eq!((c.queues, c.queue_size, c.mac, c.reactors), (1, 256, None, None));
+        assert_eq!(
+            (c.queues, c.queue_size, c.mac, c.reactors),
+            (1, 256, None, None)
+        );
     }
 
     #[test]

@@ -38,7 +38,10 @@ pub struct CtrlCmd {
 
 /// Parses a control chain: device-readable command, then a device-writable ack byte last.
 /// Returns `None` when there is no place for an ack (the chain can only be returned empty).
-pub fn parse_ctrl<I>(chain: I, mem: &crate::devices::virtio::GuestMemory) -> Option<Result<CtrlCmd, GuestAddress>>
+pub fn parse_ctrl<I>(
+    chain: I,
+    mem: &crate::devices::virtio::GuestMemory,
+) -> Option<Result<CtrlCmd, GuestAddress>>
 where
     I: Iterator<Item = Descriptor>,
 {
@@ -53,7 +56,11 @@ where
                 bad = true;
             }
             let take = (CMD_PEEK - got).min(d.len() as usize);
-            if take > 0 && mem.read_slice(&mut peek[got..got + take], d.addr()).is_err() {
+            if take > 0
+                && mem
+                    .read_slice(&mut peek[got..got + take], d.addr())
+                    .is_err()
+            {
                 bad = true;
             }
             got += take;
@@ -74,7 +81,13 @@ where
     }
     let mut data = [0u8; CMD_PEEK - 2];
     data.copy_from_slice(&peek[2..]);
-    Some(Ok(CtrlCmd { class: peek[0], cmd: peek[1], data, data_len: (total - 2).min(usize::MAX as u64) as usize, ack }))
+    Some(Ok(CtrlCmd {
+        class: peek[0],
+        cmd: peek[1],
+        data,
+        data_len: (total - 2).min(usize::MAX as u64) as usize,
+        ack,
+    }))
 }
 
 /// The answer to a command; `pairs` is updated on a valid VQ_PAIRS_SET.
@@ -103,7 +116,11 @@ pub struct CtrlQueue {
 
 impl CtrlQueue {
     pub fn new(p: NetQueueParts, max_pairs: u16, pairs: Arc<AtomicU16>) -> Self {
-        CtrlQueue { c: Core::new(p), max_pairs, pairs }
+        CtrlQueue {
+            c: Core::new(p),
+            max_pairs,
+            pairs,
+        }
     }
 }
 
@@ -137,7 +154,9 @@ impl QueueHandler for CtrlQueue {
         let mq = self.c.p.acked & super::config::features::MQ != 0;
         let mut n = 0;
         while n < budget {
-            let Some(chain) = self.c.p.queue.pop_descriptor_chain(&self.c.p.mem) else { break };
+            let Some(chain) = self.c.p.queue.pop_descriptor_chain(&self.c.p.mem) else {
+                break;
+            };
             n += 1;
             let head = chain.head_index();
             match parse_ctrl(chain, &self.c.p.mem) {
@@ -148,7 +167,12 @@ impl QueueHandler for CtrlQueue {
                     } else {
                         self.c.p.metrics.counters.unsupported += 1;
                         if self.c.log.allow(now, &self.c.p.name) {
-                            log::info!("{}: answered class {} command {} with VIRTIO_NET_ERR", self.c.p.name, cmd.class, cmd.cmd);
+                            log::info!(
+                                "{}: answered class {} command {} with VIRTIO_NET_ERR",
+                                self.c.p.name,
+                                cmd.class,
+                                cmd.cmd
+                            );
                         }
                     }
                     if self.c.p.mem.write_obj(ack, cmd.ack).is_err() {
@@ -156,14 +180,21 @@ impl QueueHandler for CtrlQueue {
                         return n;
                     }
                     self.c.add_used(head, 1, now);
-                    self.c.p.metrics.record_k2c(now.saturating_duration_since(kick));
+                    self.c
+                        .p
+                        .metrics
+                        .record_k2c(now.saturating_duration_since(kick));
                 }
                 Some(Err(_)) => {
-                    self.c.drop_chain(format_args!("malformed control command (head {head})"), now);
+                    self.c
+                        .drop_chain(format_args!("malformed control command (head {head})"), now);
                     self.c.add_used(head, 1, now);
                 }
                 None => {
-                    self.c.drop_chain(format_args!("control chain without an ack byte (head {head})"), now);
+                    self.c.drop_chain(
+                        format_args!("control chain without an ack byte (head {head})"),
+                        now,
+                    );
                     self.c.add_used(head, 0, now);
                 }
             }

@@ -38,14 +38,31 @@ pub struct VnetHdr {
 impl VnetHdr {
     pub fn from_bytes(b: &[u8; VNET_HDR_LEN]) -> Self {
         let le = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-        VnetHdr { flags: b[0], gso_type: b[1], hdr_len: le(2), gso_size: le(4), csum_start: le(6), csum_offset: le(8), num_buffers: le(10) }
+        VnetHdr {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: le(2),
+            gso_size: le(4),
+            csum_start: le(6),
+            csum_offset: le(8),
+            num_buffers: le(10),
+        }
     }
 
     pub fn to_bytes(&self) -> [u8; VNET_HDR_LEN] {
         let mut b = [0u8; VNET_HDR_LEN];
         b[0] = self.flags;
         b[1] = self.gso_type;
-        for (i, v) in [self.hdr_len, self.gso_size, self.csum_start, self.csum_offset, self.num_buffers].into_iter().enumerate() {
+        for (i, v) in [
+            self.hdr_len,
+            self.gso_size,
+            self.csum_start,
+            self.csum_offset,
+            self.num_buffers,
+        ]
+        .into_iter()
+        .enumerate()
+        {
             b[2 + 2 * i..4 + 2 * i].copy_from_slice(&v.to_le_bytes());
         }
         b
@@ -61,7 +78,9 @@ impl VnetHdr {
             return Err(FrameError::NotNegotiated(self.gso_type, "CSUM"));
         }
         let need = match self.gso_type & !GSO_ECN {
-            GSO_NONE if self.gso_type & GSO_ECN != 0 => return Err(FrameError::BadGsoType(self.gso_type)),
+            GSO_NONE if self.gso_type & GSO_ECN != 0 => {
+                return Err(FrameError::BadGsoType(self.gso_type))
+            }
             GSO_NONE => return Ok(()),
             GSO_TCPV4 => (f::HOST_TSO4, "HOST_TSO4"),
             GSO_TCPV6 => (f::HOST_TSO6, "HOST_TSO6"),
@@ -109,7 +128,10 @@ pub enum FrameError {
 }
 
 /// An empty iovec, to preallocate arrays.
-pub const IOVEC_EMPTY: libc::iovec = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
+pub const IOVEC_EMPTY: libc::iovec = libc::iovec {
+    iov_base: std::ptr::null_mut(),
+    iov_len: 0,
+};
 
 /// A checked TX chain: header and frame in `iov[..niov]`, `len` bytes in all.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -130,13 +152,23 @@ pub struct RxBuf {
 
 impl Default for RxBuf {
     fn default() -> Self {
-        RxBuf { len: 0, niov: 0, num_buffers: [GuestAddress(0); 2] }
+        RxBuf {
+            len: 0,
+            niov: 0,
+            num_buffers: [GuestAddress(0); 2],
+        }
     }
 }
 
 /// Walks `chain`, requiring every descriptor to be device-writable (`write`) or readable,
 /// and maps it into `iov`. Calls `each(offset, addr, len)` for every descriptor in order.
-fn map_chain<I>(chain: I, mem: &GuestMemory, write: bool, iov: &mut [libc::iovec], mut each: impl FnMut(u64, u64, u32)) -> Result<(u64, usize), FrameError>
+fn map_chain<I>(
+    chain: I,
+    mem: &GuestMemory,
+    write: bool,
+    iov: &mut [libc::iovec],
+    mut each: impl FnMut(u64, u64, u32),
+) -> Result<(u64, usize), FrameError>
 where
     I: Iterator<Item = Descriptor>,
 {
@@ -146,7 +178,11 @@ where
     let mut last: Option<Descriptor> = None;
     for d in chain {
         if d.is_write_only() != write {
-            return Err(if write { FrameError::RxReadable } else { FrameError::TxWritable });
+            return Err(if write {
+                FrameError::RxReadable
+            } else {
+                FrameError::TxWritable
+            });
         }
         let (addr, len) = (d.addr().0, d.len());
         last = Some(d);
@@ -161,7 +197,10 @@ where
         for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(addr), len as usize) {
             let slice = slice.map_err(|_| oob)?;
             let v = iov.get_mut(k).ok_or(FrameError::TooManySegments(cap))?;
-            *v = libc::iovec { iov_base: slice.ptr_guard_mut().as_ptr().cast(), iov_len: slice.len() };
+            *v = libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            };
             k += 1;
         }
         total += u64::from(len);
@@ -177,7 +216,12 @@ where
 
 /// Parses a TX chain: header then frame, all device-readable, inside guest memory, with a
 /// header that uses only negotiated offloads.
-pub fn parse_tx<I>(chain: I, mem: &GuestMemory, acked: u64, iov: &mut [libc::iovec]) -> Result<TxFrame, FrameError>
+pub fn parse_tx<I>(
+    chain: I,
+    mem: &GuestMemory,
+    acked: u64,
+    iov: &mut [libc::iovec],
+) -> Result<TxFrame, FrameError>
 where
     I: Iterator<Item = Descriptor>,
 {
@@ -188,7 +232,13 @@ where
             return;
         }
         let take = (VNET_HDR_LEN - off as usize).min(len as usize);
-        if mem.read_slice(&mut raw[off as usize..off as usize + take], GuestAddress(addr)).is_err() {
+        if mem
+            .read_slice(
+                &mut raw[off as usize..off as usize + take],
+                GuestAddress(addr),
+            )
+            .is_err()
+        {
             bad_read = Some(FrameError::AddressOutOfRange { addr, len });
         }
     })?;
@@ -203,12 +253,20 @@ where
     }
     let hdr = VnetHdr::from_bytes(&raw);
     hdr.check_tx(acked)?;
-    Ok(TxFrame { hdr, len: total as u32, niov })
+    Ok(TxFrame {
+        hdr,
+        len: total as u32,
+        niov,
+    })
 }
 
 /// Parses an RX chain: device-writable buffers inside guest memory with room for at least
 /// the header.
-pub fn parse_rx<I>(chain: I, mem: &GuestMemory, iov: &mut [libc::iovec]) -> Result<RxBuf, FrameError>
+pub fn parse_rx<I>(
+    chain: I,
+    mem: &GuestMemory,
+    iov: &mut [libc::iovec],
+) -> Result<RxBuf, FrameError>
 where
     I: Iterator<Item = Descriptor>,
 {
@@ -226,7 +284,11 @@ where
         return Err(FrameError::HeaderTooShort(total));
     }
     // A chain longer than 4 GiB cannot be read into at once; it only needs to hold one frame.
-    Ok(RxBuf { len: total.min(u64::from(u32::MAX)) as u32, niov, num_buffers: nb })
+    Ok(RxBuf {
+        len: total.min(u64::from(u32::MAX)) as u32,
+        niov,
+        num_buffers: nb,
+    })
 }
 
 #[cfg(test)]

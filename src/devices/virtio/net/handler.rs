@@ -62,14 +62,23 @@ pub struct Core {
 
 impl Core {
     pub fn new(p: NetQueueParts) -> Self {
-        Core { p, dirty: false, broken: false, log: LogLimiter::new(), last_kick: None }
+        Core {
+            p,
+            dirty: false,
+            broken: false,
+            log: LogLimiter::new(),
+            last_kick: None,
+        }
     }
 
     /// Stops serving a queue whose rings cannot be used any more. Unlike virtio-blk there is
     /// no status byte to fail; the queue goes quiet until the driver resets the device.
     pub fn fail_queue(&mut self, what: &str, now: Instant) {
         if self.log.allow(now, &self.p.name) {
-            log::error!("{}: {what}; the queue stops until the device is reset", self.p.name);
+            log::error!(
+                "{}: {what}; the queue stops until the device is reset",
+                self.p.name
+            );
         }
         self.broken = true;
     }
@@ -95,7 +104,14 @@ impl Core {
         match self.p.queue.avail_idx(&self.p.mem, Ordering::Acquire) {
             Ok(idx) if (idx - Wrapping(self.p.queue.next_avail())).0 <= self.p.queue.size() => true,
             Ok(idx) => {
-                self.fail_queue(&format!("avail index {} is more than the queue size ahead of {}", idx.0, self.p.queue.next_avail()), now);
+                self.fail_queue(
+                    &format!(
+                        "avail index {} is more than the queue size ahead of {}",
+                        idx.0,
+                        self.p.queue.next_avail()
+                    ),
+                    now,
+                );
                 false
             }
             Err(e) => {
@@ -109,9 +125,19 @@ impl Core {
         if self.broken {
             return false;
         }
-        let r = if enable { self.p.queue.enable_notification(&self.p.mem) } else { self.p.queue.disable_notification(&self.p.mem).map(|_| false) };
+        let r = if enable {
+            self.p.queue.enable_notification(&self.p.mem)
+        } else {
+            self.p
+                .queue
+                .disable_notification(&self.p.mem)
+                .map(|_| false)
+        };
         r.unwrap_or_else(|e| {
-            self.fail_queue(&format!("cannot update the notification state: {e}"), Instant::now());
+            self.fail_queue(
+                &format!("cannot update the notification state: {e}"),
+                Instant::now(),
+            );
             false
         })
     }
@@ -188,7 +214,8 @@ impl Drain {
     pub fn stopped(&mut self, ctx: &mut RingCtx<'_, '_>, fixed: u32, name: &str) -> bool {
         self.armed = false;
         self.stopping = true;
-        let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fixed(fixed)).all()).build();
+        let e =
+            opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fixed(fixed)).all()).build();
         // SAFETY: a cancel SQE references no memory.
         match unsafe { ctx.push(e, TAG_CANCEL) } {
             Ok(()) => {

@@ -36,7 +36,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use config::{features as f, CONFIG_LEN};
 use handler::NetQueueParts;
 
-use super::{ActivateError, ActiveQueue, GuestMemory, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET};
+use super::{
+    ActivateError, ActiveQueue, GuestMemory, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC,
+    F_VERSION_1, TYPE_NET,
+};
 use crate::metrics::QueueMetrics;
 use crate::reactor::{PoolHandle, ReactorError, ReactorPool};
 
@@ -80,7 +83,12 @@ pub fn tap_offloads(acked: u64) -> u32 {
     }
     let mut t = TUN_F_CSUM;
     if acked & f::MRG_RXBUF == 0 {
-        for (feat, flag) in [(f::GUEST_TSO4, TUN_F_TSO4), (f::GUEST_TSO6, TUN_F_TSO6), (f::GUEST_ECN, TUN_F_TSO_ECN), (f::GUEST_UFO, TUN_F_UFO)] {
+        for (feat, flag) in [
+            (f::GUEST_TSO4, TUN_F_TSO4),
+            (f::GUEST_TSO6, TUN_F_TSO6),
+            (f::GUEST_ECN, TUN_F_TSO_ECN),
+            (f::GUEST_UFO, TUN_F_UFO),
+        ] {
             if acked & feat != 0 {
                 t |= flag;
             }
@@ -97,15 +105,29 @@ impl NetDevice {
 
     /// Like [`new`](Self::new), with a pool handle.
     pub fn with_handle(cfg: &NetConfig, pool: PoolHandle) -> Result<NetDevice, NetError> {
-        let list: Vec<usize> = cfg.reactors.clone().unwrap_or_else(|| (0..pool.len()).collect());
+        let list: Vec<usize> = cfg
+            .reactors
+            .clone()
+            .unwrap_or_else(|| (0..pool.len()).collect());
         if let Some(&bad) = list.iter().find(|&&r| r >= pool.len()) {
-            return Err(NetError::NoSuchReactor { index: bad, len: pool.len() });
+            return Err(NetError::NoSuchReactor {
+                index: bad,
+                len: pool.len(),
+            });
         }
         let tap = Tap::open(&cfg.tap, cfg.queues)?;
         let n = NEXT_DEVICE.fetch_add(1, Ordering::Relaxed);
-        let offset = if cfg.reactors.is_none() { n as usize } else { 0 };
-        let placement = (0..usize::from(cfg.queues)).map(|p| list[(p + offset) % list.len()]).collect();
-        let mac = cfg.mac.unwrap_or([0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(n as u8)]);
+        let offset = if cfg.reactors.is_none() {
+            n as usize
+        } else {
+            0
+        };
+        let placement = (0..usize::from(cfg.queues))
+            .map(|p| list[(p + offset) % list.len()])
+            .collect();
+        let mac = cfg
+            .mac
+            .unwrap_or([0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(n as u8)]);
         let sup = tap.supported_offloads();
         let mut features = F_VERSION_1
             | F_RING_EVENT_IDX
@@ -124,7 +146,12 @@ impl NetDevice {
         }
         if sup & tap::TUN_F_CSUM != 0 {
             features |= f::GUEST_CSUM;
-            for (flag, feat) in [(tap::TUN_F_TSO4, f::GUEST_TSO4), (tap::TUN_F_TSO6, f::GUEST_TSO6), (tap::TUN_F_TSO_ECN, f::GUEST_ECN), (tap::TUN_F_UFO, f::GUEST_UFO)] {
+            for (flag, feat) in [
+                (tap::TUN_F_TSO4, f::GUEST_TSO4),
+                (tap::TUN_F_TSO6, f::GUEST_TSO6),
+                (tap::TUN_F_TSO_ECN, f::GUEST_ECN),
+                (tap::TUN_F_UFO, f::GUEST_UFO),
+            ] {
                 if sup & flag != 0 {
                     features |= feat;
                 }
@@ -171,11 +198,20 @@ impl NetDevice {
         self.pairs.load(Ordering::Acquire)
     }
 
-    fn attach_queue(&mut self, mem: &GuestMemory, acked: u64, q: ActiveQueue, ctrl: Option<u16>) -> Result<(), ActivateError> {
+    fn attach_queue(
+        &mut self,
+        mem: &GuestMemory,
+        acked: u64,
+        q: ActiveQueue,
+        ctrl: Option<u16>,
+    ) -> Result<(), ActivateError> {
         let is_ctrl = ctrl == Some(q.index);
         let pair = if is_ctrl { 0 } else { usize::from(q.index / 2) };
         if pair >= self.tap.pairs() {
-            return Err(ActivateError::QueueCount { expected: self.num_queues(), got: usize::from(q.index) + 1 });
+            return Err(ActivateError::QueueCount {
+                expected: self.num_queues(),
+                got: usize::from(q.index) + 1,
+            });
         }
         let reactor = self.placement[pair];
         let stop = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Io)?;
@@ -194,7 +230,8 @@ impl NetDevice {
             kick: q.kick,
             irq: q.irq,
             acked,
-            poll: (self.cfg.poll_us > 0 && !is_ctrl).then(|| Duration::from_micros(u64::from(self.cfg.poll_us))),
+            poll: (self.cfg.poll_us > 0 && !is_ctrl)
+                .then(|| Duration::from_micros(u64::from(self.cfg.poll_us))),
             metrics: QueueMetrics::new(&self.name, q.index, reactor),
             tap_fd: (!is_ctrl).then(|| self.tap.fd(pair)),
             fixed: 0,
@@ -245,31 +282,57 @@ impl VirtioDevice for NetDevice {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
-            *b = offset.checked_add(i as u64).and_then(|o| self.config.get(o as usize)).copied().unwrap_or(0);
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| self.config.get(o as usize))
+                .copied()
+                .unwrap_or(0);
         }
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // The MAC is writable only in legacy devices; everything is read-only here.
-        log::debug!("{}: ignored config write of {} bytes at {offset}", self.name, data.len());
+        log::debug!(
+            "{}: ignored config write of {} bytes at {offset}",
+            self.name,
+            data.len()
+        );
     }
 
     /// Sets the tap's offloads from the acknowledged features and hands each enabled queue to
     /// its pair's reactor.
-    fn activate(&mut self, mem: GuestMemory, acked: u64, queues: Vec<ActiveQueue>) -> Result<(), ActivateError> {
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        acked: u64,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
         let expected = self.num_queues();
-        let ctrl = (acked & f::CTRL_VQ != 0).then(|| if acked & f::MQ != 0 { 2 * self.cfg.queues } else { 2 });
+        let ctrl = (acked & f::CTRL_VQ != 0).then(|| {
+            if acked & f::MQ != 0 {
+                2 * self.cfg.queues
+            } else {
+                2
+            }
+        });
         let mut seen = vec![false; expected];
         for q in &queues {
             match seen.get_mut(usize::from(q.index)) {
                 Some(s) if !*s => *s = true,
-                _ => return Err(ActivateError::QueueCount { expected, got: queues.len() }),
+                _ => {
+                    return Err(ActivateError::QueueCount {
+                        expected,
+                        got: queues.len(),
+                    })
+                }
             }
         }
         if queues.is_empty() {
             return Err(ActivateError::QueueCount { expected, got: 0 });
         }
-        self.tap.set_offloads(tap_offloads(acked)).map_err(|e| ActivateError::Reactor(crate::vmm::devices::error_chain(&e)))?;
+        self.tap
+            .set_offloads(tap_offloads(acked))
+            .map_err(|e| ActivateError::Reactor(crate::vmm::devices::error_chain(&e)))?;
         self.pairs.store(1, Ordering::Release);
         for q in queues {
             if let Err(e) = self.attach_queue(&mem, acked, q, ctrl) {

@@ -67,8 +67,25 @@ impl RxQueue {
     pub fn new(p: NetQueueParts) -> Self {
         let size = usize::from(p.queue.size().max(1));
         let now = Instant::now();
-        let slots = (0..size).map(|_| Slot { busy: false, buf: RxBuf::default(), iov: vec![IOVEC_EMPTY; RX_IOV_MAX].into_boxed_slice(), posted: now }).collect();
-        RxQueue { c: Core::new(p), slots, posted: 0, in_flight: 0, drain: Drain::default(), poll_armed: false, want_notify: false, drops: RxDrops::default(), overflow: vec![0u8; 1].into_boxed_slice() }
+        let slots = (0..size)
+            .map(|_| Slot {
+                busy: false,
+                buf: RxBuf::default(),
+                iov: vec![IOVEC_EMPTY; RX_IOV_MAX].into_boxed_slice(),
+                posted: now,
+            })
+            .collect();
+        RxQueue {
+            c: Core::new(p),
+            slots,
+            posted: 0,
+            in_flight: 0,
+            drain: Drain::default(),
+            poll_armed: false,
+            want_notify: false,
+            drops: RxDrops::default(),
+            overflow: vec![0u8; 1].into_boxed_slice(),
+        }
     }
 
     fn fd(&self) -> types::Fixed {
@@ -80,8 +97,16 @@ impl RxQueue {
         let h = usize::from(head);
         let slot = &mut self.slots[h];
         // parse_rx leaves the last iovec free for this.
-        slot.iov[slot.buf.niov] = libc::iovec { iov_base: self.overflow.as_mut_ptr().cast(), iov_len: self.overflow.len() };
-        let e = opcode::Readv::new(types::Fixed(self.c.p.fixed), slot.iov.as_ptr(), slot.buf.niov as u32 + 1).build();
+        slot.iov[slot.buf.niov] = libc::iovec {
+            iov_base: self.overflow.as_mut_ptr().cast(),
+            iov_len: self.overflow.len(),
+        };
+        let e = opcode::Readv::new(
+            types::Fixed(self.c.p.fixed),
+            slot.iov.as_ptr(),
+            slot.buf.niov as u32 + 1,
+        )
+        .build();
         slot.busy = true;
         slot.posted = ctx.now;
         // SAFETY: the iovec array belongs to the slot, which is not reused until this
@@ -95,7 +120,8 @@ impl RxQueue {
             }
             Err(e) => {
                 slot.busy = false;
-                self.c.drop_chain(format_args!("cannot submit a read: {e}"), ctx.now);
+                self.c
+                    .drop_chain(format_args!("cannot submit a read: {e}"), ctx.now);
                 self.c.add_used(head, 0, ctx.now);
             }
         }
@@ -105,22 +131,32 @@ impl RxQueue {
     fn refill(&mut self, ctx: &mut RingCtx<'_, '_>, budget: usize) -> usize {
         let mut n = 0;
         while n < budget && self.posted < RX_POSTED_MAX && !self.drain.stopping && !self.c.broken {
-            let Some(chain) = self.c.p.queue.pop_descriptor_chain(&self.c.p.mem) else { break };
+            let Some(chain) = self.c.p.queue.pop_descriptor_chain(&self.c.p.mem) else {
+                break;
+            };
             n += 1;
             let head = chain.head_index();
             let h = usize::from(head);
             if self.slots.get(h).is_none_or(|s| s.busy) {
-                self.c.fail_queue(&format!("descriptor head {head} made available while in use"), ctx.now);
+                self.c.fail_queue(
+                    &format!("descriptor head {head} made available while in use"),
+                    ctx.now,
+                );
                 break;
             }
-            match frame::parse_rx(chain, &self.c.p.mem, &mut self.slots[h].iov[..RX_IOV_MAX - 1]) {
+            match frame::parse_rx(
+                chain,
+                &self.c.p.mem,
+                &mut self.slots[h].iov[..RX_IOV_MAX - 1],
+            ) {
                 Ok(buf) => {
                     self.slots[h].buf = buf;
                     self.post(ctx, head);
                 }
                 Err(e) => {
                     self.drops.bad_chain += 1;
-                    self.c.drop_chain(format_args!("RX chain (head {head}): {e}"), ctx.now);
+                    self.c
+                        .drop_chain(format_args!("RX chain (head {head}): {e}"), ctx.now);
                     self.c.add_used(head, 0, ctx.now);
                 }
             }
@@ -152,7 +188,13 @@ impl RxQueue {
             // The read reached the overflow byte: tun truncated the frame. The buffer is
             // still the guest's to fill.
             self.drops.too_big += 1;
-            self.c.drop_chain(format_args!("RX frame larger than the {}-byte buffer (head {head})", buf.len), now);
+            self.c.drop_chain(
+                format_args!(
+                    "RX frame larger than the {}-byte buffer (head {head})",
+                    buf.len
+                ),
+                now,
+            );
             if self.drain.stopping {
                 self.c.add_used(head, 0, now);
             } else {
@@ -161,7 +203,10 @@ impl RxQueue {
             return;
         }
         if res >= 0 && res < VNET_HDR_LEN as i32 {
-            self.c.drop_chain(format_args!("RX read of {res} bytes has no room for a header (head {head})"), now);
+            self.c.drop_chain(
+                format_args!("RX read of {res} bytes has no room for a header (head {head})"),
+                now,
+            );
             self.c.add_used(head, 0, now);
             return;
         }
@@ -185,12 +230,24 @@ impl RxQueue {
             // tun consumed a frame that did not fit (EFAULT/EINVAL): the buffer is still free.
             libc::EFAULT | libc::EINVAL | libc::EMSGSIZE if !self.drain.stopping => {
                 self.drops.too_big += 1;
-                self.c.drop_chain(format_args!("RX frame larger than the {}-byte buffer (head {head})", buf.len), now);
+                self.c.drop_chain(
+                    format_args!(
+                        "RX frame larger than the {}-byte buffer (head {head})",
+                        buf.len
+                    ),
+                    now,
+                );
                 self.post(ctx, head);
             }
             libc::EAGAIN if !self.drain.stopping => self.post(ctx, head),
             _ => {
-                self.c.drop_chain(format_args!("RX read failed (head {head}): {}", std::io::Error::from_raw_os_error(-res)), now);
+                self.c.drop_chain(
+                    format_args!(
+                        "RX read failed (head {head}): {}",
+                        std::io::Error::from_raw_os_error(-res)
+                    ),
+                    now,
+                );
                 self.c.add_used(head, 0, now);
             }
         }
@@ -264,7 +321,10 @@ impl QueueHandler for RxQueue {
                 self.poll_armed = false;
                 if res > 0 && self.posted == 0 {
                     self.drops.no_buffer += 1;
-                    self.c.drop_chain(format_args!("a packet is waiting and the guest posted no RX buffer"), ctx.now);
+                    self.c.drop_chain(
+                        format_args!("a packet is waiting and the guest posted no RX buffer"),
+                        ctx.now,
+                    );
                 }
                 // Re-armed only after a read was posted again: the poll is level-triggered.
             }
@@ -278,7 +338,8 @@ impl QueueHandler for RxQueue {
     }
 
     fn publish(&mut self) {
-        if self.want_notify && self.posted < RX_POSTED_MAX && !self.c.broken && !self.drain.stopping {
+        if self.want_notify && self.posted < RX_POSTED_MAX && !self.c.broken && !self.drain.stopping
+        {
             self.want_notify = false;
             if self.c.set_notify(true) {
                 // Buffers arrived after the last pop and the driver will not kick for them:

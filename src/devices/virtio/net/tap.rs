@@ -97,7 +97,9 @@ impl Tap {
         // A single-queue open of a tap created multi_queue (as scripts/net/ and libvirt do)
         // fails with EINVAL: open that tap the way it was made.
         let first = match open_one(name, flags) {
-            Err(TapError::SetIff { source, .. }) if queues <= 1 && source.raw_os_error() == Some(libc::EINVAL) => {
+            Err(TapError::SetIff { source, .. })
+                if queues <= 1 && source.raw_os_error() == Some(libc::EINVAL) =>
+            {
                 flags |= IFF_MULTI_QUEUE;
                 open_one(name, flags)?
             }
@@ -107,7 +109,11 @@ impl Tap {
         for _ in 1..queues.max(1) {
             fds.push(open_one(name, flags)?);
         }
-        let mut tap = Tap { name: name.into(), fds, supported: 0 };
+        let mut tap = Tap {
+            name: name.into(),
+            fds,
+            supported: 0,
+        };
         tap.supported = tap.probe_offloads();
         Ok(tap)
     }
@@ -136,9 +142,19 @@ impl Tap {
     /// so one file is enough).
     pub fn set_offloads(&self, flags: u32) -> Result<(), TapError> {
         // SAFETY: TUNSETOFFLOAD takes its argument by value; the fd is ours and open.
-        let r = unsafe { libc::ioctl(self.fds[0].as_raw_fd(), TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+        let r = unsafe {
+            libc::ioctl(
+                self.fds[0].as_raw_fd(),
+                TUNSETOFFLOAD,
+                libc::c_ulong::from(flags),
+            )
+        };
         if r < 0 {
-            return Err(TapError::Offload { name: self.name.clone(), flags, source: io::Error::last_os_error() });
+            return Err(TapError::Offload {
+                name: self.name.clone(),
+                flags,
+                source: io::Error::last_os_error(),
+            });
         }
         Ok(())
     }
@@ -161,29 +177,52 @@ impl Tap {
 fn open_one(name: &str, flags: libc::c_short) -> Result<OwnedFd, TapError> {
     let path = CString::new(TUN_PATH).expect("constant path has no NUL");
     // SAFETY: `path` is a valid C string; the returned fd is checked below.
-    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
     if fd < 0 {
-        return Err(TapError::OpenTun { name: name.into(), source: io::Error::last_os_error() });
+        return Err(TapError::OpenTun {
+            name: name.into(),
+            source: io::Error::last_os_error(),
+        });
     }
     // SAFETY: `fd` was just opened and is owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut req = IfReq { name: [0; IFNAMSIZ], flags, _pad: [0; 22] };
+    let mut req = IfReq {
+        name: [0; IFNAMSIZ],
+        flags,
+        _pad: [0; 22],
+    };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `IfReq` lays out (40 bytes).
     if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) } < 0 {
         let source = io::Error::last_os_error();
         let hint = match source.raw_os_error() {
             Some(libc::EPERM) => " (creating or attaching a tap needs CAP_NET_ADMIN)",
-            Some(libc::EBUSY) => " (it is in use, or exists with other flags, e.g. without multi_queue)",
-            Some(libc::EINVAL) => " (it exists with other flags, e.g. not a tap or without vnet_hdr)",
+            Some(libc::EBUSY) => {
+                " (it is in use, or exists with other flags, e.g. without multi_queue)"
+            }
+            Some(libc::EINVAL) => {
+                " (it exists with other flags, e.g. not a tap or without vnet_hdr)"
+            }
             _ => "",
         };
-        return Err(TapError::SetIff { name: name.into(), hint, source });
+        return Err(TapError::SetIff {
+            name: name.into(),
+            hint,
+            source,
+        });
     }
     let hdr = VNET_HDR_LEN as libc::c_int;
     // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which is valid.
     if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ, &hdr as *const libc::c_int) } < 0 {
-        return Err(TapError::VnetHdr { name: name.into(), source: io::Error::last_os_error() });
+        return Err(TapError::VnetHdr {
+            name: name.into(),
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(fd)
 }

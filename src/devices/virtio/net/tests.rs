@@ -24,7 +24,8 @@ const QUEUE_SPAN: u64 = 4 << 20;
 const QSIZE: u16 = 128;
 const WAIT: Duration = Duration::from_secs(5);
 const ETHERTYPE_TEST: u16 = 0x88b5;
-const ACKED: u64 = F_VERSION_1 | f::MAC | f::STATUS | f::MRG_RXBUF | f::CTRL_VQ | f::CSUM | f::HOST_TSO4;
+const ACKED: u64 =
+    F_VERSION_1 | f::MAC | f::STATUS | f::MRG_RXBUF | f::CTRL_VQ | f::CSUM | f::HOST_TSO4;
 
 static NEXT_TAP: AtomicU32 = AtomicU32::new(0);
 
@@ -44,28 +45,53 @@ struct Harness {
 fn tap_name() -> (String, u8) {
     let n = NEXT_TAP.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();
-    (format!("rvt{}{n}", pid % 10000), ((pid * 7 + n * 13) % 250) as u8 + 1)
+    (
+        format!("rvt{}{n}", pid % 10000),
+        ((pid * 7 + n * 13) % 250) as u8 + 1,
+    )
 }
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Creates the device on a fresh tap (None: SKIP printed) and activates `enabled` queues.
 fn harness(opts: &str, acked: u64, enabled: &[u16]) -> Option<Harness> {
     let (name, subnet) = tap_name();
-    let cfg: NetConfig = format!("tap={name},queue-size={QSIZE},{opts}").parse().unwrap();
-    let pool = ReactorPool::start(ReactorOptions { cores: vec![0], ..Default::default() }, ExitHandle::new().unwrap()).unwrap();
+    let cfg: NetConfig = format!("tap={name},queue-size={QSIZE},{opts}")
+        .parse()
+        .unwrap();
+    let pool = ReactorPool::start(
+        ReactorOptions {
+            cores: vec![0],
+            ..Default::default()
+        },
+        ExitHandle::new().unwrap(),
+    )
+    .unwrap();
     let mut dev = match NetDevice::new(&cfg, &pool) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("SKIP: cannot create tap {name}: {}", crate::vmm::devices::error_chain(&e));
+            eprintln!(
+                "SKIP: cannot create tap {name}: {}",
+                crate::vmm::devices::error_chain(&e)
+            );
             return None;
         }
     };
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-    ip(&["addr", "add", &format!("10.213.{subnet}.1/30"), "dev", &name]);
+    ip(&[
+        "addr",
+        "add",
+        &format!("10.213.{subnet}.1/30"),
+        "dev",
+        &name,
+    ]);
     ip(&["link", "set", &name, "up"]);
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     let mut qs = Vec::new();
@@ -79,11 +105,21 @@ fn harness(opts: &str, acked: u64, enabled: &[u16]) -> Option<Harness> {
         let drv = TestDriver::new(&mem, GuestAddress(base), QSIZE, base - 0x1000 + QUEUE_SPAN);
         let kick = EventFd::new(EFD_NONBLOCK).unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        active.push(ActiveQueue { index: i, queue: drv.queue(acked & F_RING_EVENT_IDX != 0), kick: kick.try_clone().unwrap(), irq: Some(irq.try_clone().unwrap()) });
+        active.push(ActiveQueue {
+            index: i,
+            queue: drv.queue(acked & F_RING_EVENT_IDX != 0),
+            kick: kick.try_clone().unwrap(),
+            irq: Some(irq.try_clone().unwrap()),
+        });
         qs.push(Some(Q { drv, kick, irq }));
     }
     dev.activate(mem, acked, active).unwrap();
-    Some(Harness { pool: Some(pool), dev, qs, subnet })
+    Some(Harness {
+        pool: Some(pool),
+        dev,
+        qs,
+        subnet,
+    })
 }
 
 impl Harness {
@@ -113,7 +149,9 @@ impl Harness {
     fn tx_chain(&mut self, frame: &[u8]) -> u16 {
         let d = &mut self.q(1).drv;
         let h = d.alloc(12);
-        d.mem.write_slice(&VnetHdr::default().to_bytes(), h).unwrap();
+        d.mem
+            .write_slice(&VnetHdr::default().to_bytes(), h)
+            .unwrap();
         let a = d.alloc(frame.len() as u64);
         d.mem.write_slice(frame, a).unwrap();
         let head = d.write_chain(&[Buf::r(h, 12), Buf::r(a, frame.len() as u32)]);
@@ -150,7 +188,11 @@ fn capture(tap: &str) -> OwnedFd {
     let proto = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: plain socket call; the fd is checked and owned below.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: fd was just created and is owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let cname = std::ffi::CString::new(tap).unwrap();
@@ -163,11 +205,28 @@ fn capture(tap: &str) -> OwnedFd {
     sll.sll_protocol = proto;
     sll.sll_ifindex = ifindex as i32;
     // SAFETY: the address is a valid sockaddr_ll of the given size.
-    let r = unsafe { libc::bind(fd.as_raw_fd(), (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32) };
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
     assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
-    let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
     // SAFETY: SO_RCVTIMEO takes a timeval, which `tv` is.
-    unsafe { libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32) };
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
     fd
 }
 
@@ -179,7 +238,10 @@ fn captured_tags(fd: &OwnedFd, want: usize) -> Vec<u8> {
     while tags.len() < want && t.elapsed() < WAIT {
         // SAFETY: `buf` is a valid writable buffer of its length.
         let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n >= 31 && buf[12..14] == ETHERTYPE_TEST.to_be_bytes() && &buf[14..29] == b"ringvm-net-test" {
+        if n >= 31
+            && buf[12..14] == ETHERTYPE_TEST.to_be_bytes()
+            && &buf[14..29] == b"ringvm-net-test"
+        {
             tags.push(buf[29]);
         }
     }
@@ -188,13 +250,17 @@ fn captured_tags(fd: &OwnedFd, want: usize) -> Vec<u8> {
 
 #[test]
 fn test_tx_frames_appear_on_tap_in_order() {
-    let Some(mut h) = harness("", ACKED, &[0, 1]) else { return };
+    let Some(mut h) = harness("", ACKED, &[0, 1]) else {
+        return;
+    };
     let cap = capture(h.dev.tap().name());
     let mut heads: Vec<u16> = (0..3).map(|i| h.tx_chain(&test_frame(i))).collect();
     // The fourth through an indirect table (RING_INDIRECT_DESC).
     let d = &mut h.q(1).drv;
     let hd = d.alloc(12);
-    d.mem.write_slice(&VnetHdr::default().to_bytes(), hd).unwrap();
+    d.mem
+        .write_slice(&VnetHdr::default().to_bytes(), hd)
+        .unwrap();
     let fr = test_frame(3);
     let a = d.alloc(fr.len() as u64);
     d.mem.write_slice(&fr, a).unwrap();
@@ -204,10 +270,17 @@ fn test_tx_frames_appear_on_tap_in_order() {
     h.kick(1);
     let used = h.wait_used(1, 4);
     assert_eq!(used.iter().map(|u| u.0 as u16).collect::<Vec<_>>(), heads);
-    assert!(used.iter().all(|u| u.1 == 0), "TX used length must be 0: {used:?}");
+    assert!(
+        used.iter().all(|u| u.1 == 0),
+        "TX used length must be 0: {used:?}"
+    );
     assert_eq!(captured_tags(&cap, 4), vec![0, 1, 2, 3]);
     let r = h.report();
-    let txq = r.queues.iter().find(|q| q.device == h.dev.name() && q.queue == 1).unwrap();
+    let txq = r
+        .queues
+        .iter()
+        .find(|q| q.device == h.dev.name() && q.queue == 1)
+        .unwrap();
     assert_eq!(txq.counters.writes, 4);
     assert_eq!(txq.counters.bytes_written, 4 * 60);
     assert_eq!(txq.kick_to_complete.len(), 4);
@@ -216,7 +289,9 @@ fn test_tx_frames_appear_on_tap_in_order() {
 
 #[test]
 fn test_tx_bad_chains_dropped_and_device_keeps_serving() {
-    let Some(mut h) = harness("", ACKED, &[0, 1]) else { return };
+    let Some(mut h) = harness("", ACKED, &[0, 1]) else {
+        return;
+    };
     let cap = capture(h.dev.tap().name());
     let d = &mut h.q(1).drv;
     let a = d.alloc(64);
@@ -227,22 +302,41 @@ fn test_tx_bad_chains_dropped_and_device_keeps_serving() {
     let oob = d.write_chain(&[Buf::r(a, 12), Buf::r(GuestAddress(MEM as u64 + 4096), 60)]);
     d.publish(oob);
     let gso = d.alloc(12);
-    d.mem.write_slice(&VnetHdr { gso_type: frame::GSO_UDP, gso_size: 100, ..Default::default() }.to_bytes(), gso).unwrap();
+    d.mem
+        .write_slice(
+            &VnetHdr {
+                gso_type: frame::GSO_UDP,
+                gso_size: 100,
+                ..Default::default()
+            }
+            .to_bytes(),
+            gso,
+        )
+        .unwrap();
     let unneg = d.write_chain(&[Buf::r(gso, 12), Buf::r(a, 60)]);
     d.publish(unneg);
     let good = h.tx_chain(&test_frame(7));
     h.kick(1);
     let used = h.wait_used(1, 5);
-    assert_eq!(used.iter().map(|u| u.0 as u16).collect::<Vec<_>>(), vec![short, writable, oob, unneg, good]);
+    assert_eq!(
+        used.iter().map(|u| u.0 as u16).collect::<Vec<_>>(),
+        vec![short, writable, oob, unneg, good]
+    );
     assert_eq!(captured_tags(&cap, 1), vec![7]);
     let r = h.report();
-    let txq = r.queues.iter().find(|q| q.device == h.dev.name() && q.queue == 1).unwrap();
+    let txq = r
+        .queues
+        .iter()
+        .find(|q| q.device == h.dev.name() && q.queue == 1)
+        .unwrap();
     assert_eq!((txq.counters.errors, txq.counters.writes), (4, 1));
 }
 
 #[test]
 fn test_rx_host_arp_lands_in_guest_buffer_with_header() {
-    let Some(mut h) = harness("", ACKED, &[0, 1]) else { return };
+    let Some(mut h) = harness("", ACKED, &[0, 1]) else {
+        return;
+    };
     let bufs = h.rx_bufs(4, 2048);
     h.kick(0);
     // The host resolves the peer on the tap: an ARP request (or the UDP frame itself) comes out.
@@ -254,23 +348,36 @@ fn test_rx_host_arp_lands_in_guest_buffer_with_header() {
         used = h.wait_used(0, 1);
     }
     let (head, len) = *used.first().expect("no frame reached the RX queue");
-    let (_, addr) = bufs.iter().find(|b| u32::from(b.0) == head).copied().unwrap();
+    let (_, addr) = bufs
+        .iter()
+        .find(|b| u32::from(b.0) == head)
+        .copied()
+        .unwrap();
     let mut got = vec![0u8; len as usize];
     h.q(0).drv.mem.read_slice(&mut got, addr).unwrap();
     let hdr = VnetHdr::from_bytes(got[..12].try_into().unwrap());
     assert_eq!(hdr.num_buffers, 1);
     let ethertype = u16::from_be_bytes([got[24], got[25]]);
-    assert!(ethertype == 0x0806 || ethertype == 0x0800, "ethertype {ethertype:#x}");
+    assert!(
+        ethertype == 0x0806 || ethertype == 0x0800,
+        "ethertype {ethertype:#x}"
+    );
     assert!(len >= 12 + 42, "frame of {len} bytes");
     let r = h.report();
-    let rxq = r.queues.iter().find(|q| q.device == h.dev.name() && q.queue == 0).unwrap();
+    let rxq = r
+        .queues
+        .iter()
+        .find(|q| q.device == h.dev.name() && q.queue == 0)
+        .unwrap();
     assert!(rxq.counters.reads >= 1);
     assert!(rxq.counters.bytes_read >= u64::from(len - 12));
 }
 
 #[test]
 fn test_rx_empty_ring_with_waiting_packet_counts_drop() {
-    let Some(mut h) = harness("", ACKED, &[0, 1]) else { return };
+    let Some(mut h) = harness("", ACKED, &[0, 1]) else {
+        return;
+    };
     h.kick(0);
     let sock = std::net::UdpSocket::bind(format!("10.213.{}.1:0", h.subnet)).unwrap();
     let t = Instant::now();
@@ -279,7 +386,13 @@ fn test_rx_empty_ring_with_waiting_packet_counts_drop() {
         let _ = sock.send_to(b"ping", format!("10.213.{}.2:9", h.subnet));
         std::thread::sleep(Duration::from_millis(20));
         let r = h.report();
-        errors = r.queues.iter().find(|q| q.device == h.dev.name() && q.queue == 0).unwrap().counters.errors;
+        errors = r
+            .queues
+            .iter()
+            .find(|q| q.device == h.dev.name() && q.queue == 0)
+            .unwrap()
+            .counters
+            .errors;
     }
     assert!(errors >= 1, "a packet without RX buffer was not counted");
     // Buffers posted afterwards still receive the waiting frame.
@@ -290,7 +403,9 @@ fn test_rx_empty_ring_with_waiting_packet_counts_drop() {
 
 #[test]
 fn test_rx_bad_chains_returned_empty_and_counted() {
-    let Some(mut h) = harness("", ACKED, &[0, 1]) else { return };
+    let Some(mut h) = harness("", ACKED, &[0, 1]) else {
+        return;
+    };
     let d = &mut h.q(0).drv;
     let a = d.alloc(2048);
     let readable = d.write_chain(&[Buf::r(a, 2048)]);
@@ -301,7 +416,14 @@ fn test_rx_bad_chains_returned_empty_and_counted() {
     d.publish(oob);
     h.kick(0);
     let used = h.wait_used(0, 3);
-    assert_eq!(used, vec![(u32::from(readable), 0), (u32::from(short), 0), (u32::from(oob), 0)]);
+    assert_eq!(
+        used,
+        vec![
+            (u32::from(readable), 0),
+            (u32::from(short), 0),
+            (u32::from(oob), 0)
+        ]
+    );
 }
 
 fn ctrl_cmd(h: &mut Harness, q: usize, class: u8, cmd: u8, data: &[u8]) -> (u16, GuestAddress) {
@@ -311,7 +433,11 @@ fn ctrl_cmd(h: &mut Harness, q: usize, class: u8, cmd: u8, data: &[u8]) -> (u16,
     d.mem.write_slice(data, GuestAddress(c.0 + 2)).unwrap();
     let ack = d.alloc(1);
     d.mem.write_obj(0xeeu8, ack).unwrap();
-    let head = d.write_chain(&[Buf::r(c, 2), Buf::r(GuestAddress(c.0 + 2), data.len() as u32), Buf::w(ack, 1)]);
+    let head = d.write_chain(&[
+        Buf::r(c, 2),
+        Buf::r(GuestAddress(c.0 + 2), data.len() as u32),
+        Buf::w(ack, 1),
+    ]);
     d.publish(head);
     (head, ack)
 }
@@ -319,15 +445,35 @@ fn ctrl_cmd(h: &mut Harness, q: usize, class: u8, cmd: u8, data: &[u8]) -> (u16,
 #[test]
 fn test_ctrl_mq_pairs_set_checked_and_others_answered() {
     let acked = ACKED | f::MQ | f::CTRL_RX;
-    let Some(mut h) = harness("queues=2", acked, &[0, 1, 2, 3, 4]) else { return };
+    let Some(mut h) = harness("queues=2", acked, &[0, 1, 2, 3, 4]) else {
+        return;
+    };
     let cmds = [
-        (CLASS_MQ, MQ_VQ_PAIRS_SET, 2u16.to_le_bytes().to_vec(), ACK_OK),
-        (CLASS_MQ, MQ_VQ_PAIRS_SET, 3u16.to_le_bytes().to_vec(), ACK_ERR),
-        (CLASS_MQ, MQ_VQ_PAIRS_SET, 0u16.to_le_bytes().to_vec(), ACK_ERR),
+        (
+            CLASS_MQ,
+            MQ_VQ_PAIRS_SET,
+            2u16.to_le_bytes().to_vec(),
+            ACK_OK,
+        ),
+        (
+            CLASS_MQ,
+            MQ_VQ_PAIRS_SET,
+            3u16.to_le_bytes().to_vec(),
+            ACK_ERR,
+        ),
+        (
+            CLASS_MQ,
+            MQ_VQ_PAIRS_SET,
+            0u16.to_le_bytes().to_vec(),
+            ACK_ERR,
+        ),
         (CLASS_RX, 0, vec![1], ACK_OK),
         (9, 0, vec![0], ACK_ERR),
     ];
-    let sent: Vec<_> = cmds.iter().map(|(c, k, d, want)| (ctrl_cmd(&mut h, 4, *c, *k, d), *want)).collect();
+    let sent: Vec<_> = cmds
+        .iter()
+        .map(|(c, k, d, want)| (ctrl_cmd(&mut h, 4, *c, *k, d), *want))
+        .collect();
     h.kick(4);
     let used = h.wait_used(4, cmds.len());
     assert_eq!(used.len(), cmds.len());
@@ -342,9 +488,22 @@ fn test_ctrl_mq_pairs_set_checked_and_others_answered() {
 
 #[test]
 fn test_features_and_config_space_advertise_tap() {
-    let Some(h) = harness("queues=2,mac=52:54:00:ab:cd:ef", ACKED, &[0, 1]) else { return };
+    let Some(h) = harness("queues=2,mac=52:54:00:ab:cd:ef", ACKED, &[0, 1]) else {
+        return;
+    };
     let feats = h.dev.features();
-    for bit in [F_VERSION_1, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, f::MAC, f::STATUS, f::MRG_RXBUF, f::CTRL_VQ, f::MQ, f::CSUM, f::HOST_TSO4] {
+    for bit in [
+        F_VERSION_1,
+        F_RING_EVENT_IDX,
+        F_RING_INDIRECT_DESC,
+        f::MAC,
+        f::STATUS,
+        f::MRG_RXBUF,
+        f::CTRL_VQ,
+        f::MQ,
+        f::CSUM,
+        f::HOST_TSO4,
+    ] {
         assert_ne!(feats & bit, 0, "feature {bit:#x} missing");
     }
     let mut c = [0u8; 10];
@@ -355,48 +514,89 @@ fn test_features_and_config_space_advertise_tap() {
 
 #[test]
 fn test_reset_with_posted_reads_returns_each_chain_once() {
-    let Some(mut h) = harness("", ACKED | F_RING_EVENT_IDX, &[0, 1]) else { return };
+    let Some(mut h) = harness("", ACKED | F_RING_EVENT_IDX, &[0, 1]) else {
+        return;
+    };
     let bufs = h.rx_bufs(8, 2048);
     h.kick(0);
     std::thread::sleep(Duration::from_millis(100));
-    assert!(h.q(0).drv.take_used().is_empty(), "no traffic expected before the reset");
+    assert!(
+        h.q(0).drv.take_used().is_empty(),
+        "no traffic expected before the reset"
+    );
     // Posted reads wait in the kernel on the tap's poll: no worker thread each, no spinning.
     let passes = h.report().reactors[0].passes;
     std::thread::sleep(Duration::from_millis(100));
-    assert!(h.report().reactors[0].passes - passes < 20, "the reactor spins while reads are posted");
+    assert!(
+        h.report().reactors[0].passes - passes < 20,
+        "the reactor spins while reads are posted"
+    );
     let workers = std::fs::read_dir("/proc/self/task")
         .unwrap()
-        .filter(|t| std::fs::read_to_string(t.as_ref().unwrap().path().join("comm")).is_ok_and(|c| c.starts_with("iou-wrk")))
+        .filter(|t| {
+            std::fs::read_to_string(t.as_ref().unwrap().path().join("comm"))
+                .is_ok_and(|c| c.starts_with("iou-wrk"))
+        })
         .count();
-    assert!(workers < 8, "{workers} io_uring workers: the reads block in io-wq");
+    assert!(
+        workers < 8,
+        "{workers} io_uring workers: the reads block in io-wq"
+    );
     let t = Instant::now();
     h.dev.reset();
-    assert!(t.elapsed() < Duration::from_secs(2), "reset took {:?}: posted reads were not cancelled", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "reset took {:?}: posted reads were not cancelled",
+        t.elapsed()
+    );
     let mut used = h.q(0).drv.take_used();
     used.sort();
     let mut want: Vec<(u32, u32)> = bufs.iter().map(|b| (u32::from(b.0), 0)).collect();
     want.sort();
     assert_eq!(used, want);
     // The device comes back after a reset.
-    assert_eq!(h.report().queues.iter().filter(|q| q.device == h.dev.name()).count(), 2);
+    assert_eq!(
+        h.report()
+            .queues
+            .iter()
+            .filter(|q| q.device == h.dev.name())
+            .count(),
+        2
+    );
 }
 
 #[test]
 fn test_pool_stop_with_posted_reads_drains_promptly() {
-    let Some(mut h) = harness("", ACKED, &[0, 1]) else { return };
+    let Some(mut h) = harness("", ACKED, &[0, 1]) else {
+        return;
+    };
     h.rx_bufs(4, 2048);
     h.kick(0);
     std::thread::sleep(Duration::from_millis(100));
     let t = Instant::now();
     let r = h.pool.take().unwrap().stop().unwrap();
-    assert!(t.elapsed() < Duration::from_secs(2), "stop took {:?}", t.elapsed());
-    assert!(r.queues.iter().any(|q| q.device == h.dev.name() && q.queue == 0));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "stop took {:?}",
+        t.elapsed()
+    );
+    assert!(r
+        .queues
+        .iter()
+        .any(|q| q.device == h.dev.name() && q.queue == 0));
     assert_eq!(h.q(0).drv.take_used().len(), 4);
 }
 
 #[test]
 fn test_missing_reactor_is_an_error() {
-    let pool = ReactorPool::start(ReactorOptions { cores: vec![0], ..Default::default() }, ExitHandle::new().unwrap()).unwrap();
+    let pool = ReactorPool::start(
+        ReactorOptions {
+            cores: vec![0],
+            ..Default::default()
+        },
+        ExitHandle::new().unwrap(),
+    )
+    .unwrap();
     let cfg: NetConfig = "tap=rvtnone,reactors=3".parse().unwrap();
     let e = NetDevice::new(&cfg, &pool).err().unwrap();
     assert!(e.to_string().contains("reactor 3"), "{e}");
@@ -406,13 +606,21 @@ fn test_missing_reactor_is_an_error() {
 fn test_tap_offloads_follow_acked_features() {
     use super::tap::*;
     assert_eq!(tap_offloads(f::GUEST_TSO4), 0);
-    assert_eq!(tap_offloads(f::GUEST_CSUM | f::GUEST_TSO4 | f::GUEST_TSO6), TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6);
-    assert_eq!(tap_offloads(f::GUEST_CSUM | f::GUEST_TSO4 | f::MRG_RXBUF), TUN_F_CSUM);
+    assert_eq!(
+        tap_offloads(f::GUEST_CSUM | f::GUEST_TSO4 | f::GUEST_TSO6),
+        TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+    );
+    assert_eq!(
+        tap_offloads(f::GUEST_CSUM | f::GUEST_TSO4 | f::MRG_RXBUF),
+        TUN_F_CSUM
+    );
 }
 
 #[test]
 fn test_rx_frame_larger_than_buffer_dropped_and_buffer_reused() {
-    let Some(mut h) = harness("", ACKED, &[0, 1]) else { return };
+    let Some(mut h) = harness("", ACKED, &[0, 1]) else {
+        return;
+    };
     h.rx_bufs(1, 30);
     h.kick(0);
     let sock = std::net::UdpSocket::bind(format!("10.213.{}.1:0", h.subnet)).unwrap();
@@ -421,18 +629,38 @@ fn test_rx_frame_larger_than_buffer_dropped_and_buffer_reused() {
     while errors == 0 && t.elapsed() < WAIT {
         let _ = sock.send_to(b"ping", format!("10.213.{}.2:9", h.subnet));
         std::thread::sleep(Duration::from_millis(20));
-        errors = h.report().queues.iter().find(|q| q.device == h.dev.name() && q.queue == 0).unwrap().counters.errors;
+        errors = h
+            .report()
+            .queues
+            .iter()
+            .find(|q| q.device == h.dev.name() && q.queue == 0)
+            .unwrap()
+            .counters
+            .errors;
     }
-    assert!(errors >= 1, "a frame larger than the buffer was not counted as dropped");
+    assert!(
+        errors >= 1,
+        "a frame larger than the buffer was not counted as dropped"
+    );
     let used = h.q(0).drv.take_used();
-    assert!(used.is_empty(), "the short buffer must stay posted, not be returned truncated: {used:?}");
+    assert!(
+        used.is_empty(),
+        "the short buffer must stay posted, not be returned truncated: {used:?}"
+    );
 }
 
 #[test]
 fn test_rx_reads_capped_and_reset_returns_only_posted_chains() {
     let (name, _) = tap_name();
     let cfg: NetConfig = format!("tap={name},queue-size=128").parse().unwrap();
-    let pool = ReactorPool::start(ReactorOptions { cores: vec![0], ..Default::default() }, ExitHandle::new().unwrap()).unwrap();
+    let pool = ReactorPool::start(
+        ReactorOptions {
+            cores: vec![0],
+            ..Default::default()
+        },
+        ExitHandle::new().unwrap(),
+    )
+    .unwrap();
     let mut dev = match NetDevice::new(&cfg, &pool) {
         Ok(d) => d,
         Err(e) => return eprintln!("SKIP: cannot create tap {name}: {e}"),
@@ -440,8 +668,14 @@ fn test_rx_reads_capped_and_reset_returns_only_posted_chains() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     let mut drv = TestDriver::new(&mem, GuestAddress(0x1000), 128, QUEUE_SPAN);
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-    let q = ActiveQueue { index: 0, queue: drv.queue(true), kick: kick.try_clone().unwrap(), irq: None };
-    dev.activate(mem, ACKED | F_RING_EVENT_IDX, vec![q]).unwrap();
+    let q = ActiveQueue {
+        index: 0,
+        queue: drv.queue(true),
+        kick: kick.try_clone().unwrap(),
+        irq: None,
+    };
+    dev.activate(mem, ACKED | F_RING_EVENT_IDX, vec![q])
+        .unwrap();
     for _ in 0..100 {
         let a = drv.alloc(2048);
         let head = drv.write_chain(&[Buf::w(a, 2048)]);
@@ -459,11 +693,15 @@ fn test_rx_reads_capped_and_reset_returns_only_posted_chains() {
 
 #[test]
 fn test_tx_on_second_pair_reaches_multiqueue_tap() {
-    let Some(mut h) = harness("queues=2", ACKED | f::MQ, &[0, 1, 2, 3, 4]) else { return };
+    let Some(mut h) = harness("queues=2", ACKED | f::MQ, &[0, 1, 2, 3, 4]) else {
+        return;
+    };
     let cap = capture(h.dev.tap().name());
     let d = &mut h.q(3).drv;
     let hd = d.alloc(12);
-    d.mem.write_slice(&VnetHdr::default().to_bytes(), hd).unwrap();
+    d.mem
+        .write_slice(&VnetHdr::default().to_bytes(), hd)
+        .unwrap();
     let fr = test_frame(42);
     let a = d.alloc(fr.len() as u64);
     d.mem.write_slice(&fr, a).unwrap();
@@ -479,9 +717,19 @@ fn test_tx_on_second_pair_reaches_multiqueue_tap() {
 #[test]
 #[ignore]
 fn rx_flood() {
-    let Some(mut h) = harness("", ACKED, &[0, 1]) else { return };
+    let Some(mut h) = harness("", ACKED, &[0, 1]) else {
+        return;
+    };
     let name = h.dev.tap().name().to_string();
-    ip(&["neigh", "replace", &format!("10.213.{}.2", h.subnet), "lladdr", "52:54:00:12:34:77", "dev", &name]);
+    ip(&[
+        "neigh",
+        "replace",
+        &format!("10.213.{}.2", h.subnet),
+        "lladdr",
+        "52:54:00:12:34:77",
+        "dev",
+        &name,
+    ]);
     let bufs = h.rx_bufs(usize::from(QSIZE), 2048);
     h.kick(0);
     let sock = std::net::UdpSocket::bind(format!("10.213.{}.1:0", h.subnet)).unwrap();
@@ -504,14 +752,26 @@ fn rx_flood() {
     }
     let r1 = h.report();
     let busy = r1.reactors[0].busy_ns - r0.reactors[0].busy_ns;
-    let rxq = r1.queues.iter().find(|q| q.device == h.dev.name() && q.queue == 0).unwrap();
-    eprintln!("RX_POSTED_MAX {} sent {sent} received {got} (counter {}) drops {} busy ns/frame {}", rx::RX_POSTED_MAX, rxq.counters.reads, rxq.counters.errors, busy / rxq.counters.reads.max(1));
+    let rxq = r1
+        .queues
+        .iter()
+        .find(|q| q.device == h.dev.name() && q.queue == 0)
+        .unwrap();
+    eprintln!(
+        "RX_POSTED_MAX {} sent {sent} received {got} (counter {}) drops {} busy ns/frame {}",
+        rx::RX_POSTED_MAX,
+        rxq.counters.reads,
+        rxq.counters.errors,
+        busy / rxq.counters.reads.max(1)
+    );
     let _ = bufs;
 }
 
 #[test]
 fn test_tx_interrupts_follow_event_idx() {
-    let Some(mut h) = harness("", ACKED | F_RING_EVENT_IDX, &[0, 1]) else { return };
+    let Some(mut h) = harness("", ACKED | F_RING_EVENT_IDX, &[0, 1]) else {
+        return;
+    };
     // used_event 0: the driver wants an interrupt once the first entry is used.
     h.q(1).drv.set_used_event(0);
     h.tx_chain(&test_frame(1));
@@ -524,15 +784,27 @@ fn test_tx_interrupts_follow_event_idx() {
     h.kick(1);
     assert_eq!(h.wait_used(1, 1).len(), 1);
     std::thread::sleep(Duration::from_millis(20));
-    assert!(h.q(1).irq.read().is_err(), "interrupt sent although used_event says no");
+    assert!(
+        h.q(1).irq.read().is_err(),
+        "interrupt sent although used_event says no"
+    );
     let r = h.report();
-    let txq = r.queues.iter().find(|q| q.device == h.dev.name() && q.queue == 1).unwrap();
-    assert_eq!((txq.counters.irqs_sent, txq.counters.irqs_suppressed), (1, 1));
+    let txq = r
+        .queues
+        .iter()
+        .find(|q| q.device == h.dev.name() && q.queue == 1)
+        .unwrap();
+    assert_eq!(
+        (txq.counters.irqs_sent, txq.counters.irqs_suppressed),
+        (1, 1)
+    );
 }
 
 #[test]
 fn test_tx_poll_window_sends_without_kick() {
-    let Some(mut h) = harness("poll-us=500000", ACKED, &[0, 1]) else { return };
+    let Some(mut h) = harness("poll-us=500000", ACKED, &[0, 1]) else {
+        return;
+    };
     h.tx_chain(&test_frame(1));
     h.kick(1);
     assert_eq!(h.wait_used(1, 1).len(), 1);
@@ -540,6 +812,10 @@ fn test_tx_poll_window_sends_without_kick() {
     h.tx_chain(&test_frame(2));
     assert_eq!(h.wait_used(1, 1).len(), 1);
     let r = h.report();
-    let txq = r.queues.iter().find(|q| q.device == h.dev.name() && q.queue == 1).unwrap();
+    let txq = r
+        .queues
+        .iter()
+        .find(|q| q.device == h.dev.name() && q.queue == 1)
+        .unwrap();
     assert!(txq.counters.poll_hits >= 1);
 }

@@ -37,8 +37,20 @@ impl TxQueue {
     pub fn new(p: NetQueueParts) -> Self {
         let size = usize::from(p.queue.size().max(1));
         let now = Instant::now();
-        let slots = (0..size).map(|_| Slot { busy: false, frame: TxFrame::default(), iov: vec![IOVEC_EMPTY; TX_IOV_MAX].into_boxed_slice(), popped: now, kick: now }).collect();
-        TxQueue { c: Core::new(p), slots, in_flight: 0 }
+        let slots = (0..size)
+            .map(|_| Slot {
+                busy: false,
+                frame: TxFrame::default(),
+                iov: vec![IOVEC_EMPTY; TX_IOV_MAX].into_boxed_slice(),
+                popped: now,
+                kick: now,
+            })
+            .collect();
+        TxQueue {
+            c: Core::new(p),
+            slots,
+            in_flight: 0,
+        }
     }
 
     fn finish(&mut self, head: u16, ok: Option<(u32, Instant, Instant)>, now: Instant) {
@@ -85,28 +97,41 @@ impl QueueHandler for TxQueue {
         let now = ctx.now;
         let mut n = 0;
         while n < budget {
-            let Some(chain) = self.c.p.queue.pop_descriptor_chain(&self.c.p.mem) else { break };
+            let Some(chain) = self.c.p.queue.pop_descriptor_chain(&self.c.p.mem) else {
+                break;
+            };
             n += 1;
             let head = chain.head_index();
             let h = usize::from(head);
             if self.slots.get(h).is_none_or(|s| s.busy) {
-                self.c.fail_queue(&format!("descriptor head {head} made available while in flight"), now);
+                self.c.fail_queue(
+                    &format!("descriptor head {head} made available while in flight"),
+                    now,
+                );
                 break;
             }
-            let fr = match frame::parse_tx(chain, &self.c.p.mem, self.c.p.acked, &mut self.slots[h].iov) {
-                Ok(fr) => fr,
-                Err(e) => {
-                    self.c.drop_chain(format_args!("TX chain (head {head}): {e}"), now);
-                    self.finish(head, None, now);
-                    continue;
-                }
-            };
+            let fr =
+                match frame::parse_tx(chain, &self.c.p.mem, self.c.p.acked, &mut self.slots[h].iov)
+                {
+                    Ok(fr) => fr,
+                    Err(e) => {
+                        self.c
+                            .drop_chain(format_args!("TX chain (head {head}): {e}"), now);
+                        self.finish(head, None, now);
+                        continue;
+                    }
+                };
             let slot = &mut self.slots[h];
             slot.frame = fr;
             slot.popped = now;
             slot.kick = kick;
             slot.busy = true;
-            let e = opcode::Writev::new(types::Fixed(self.c.p.fixed), slot.iov.as_ptr(), fr.niov as u32).build();
+            let e = opcode::Writev::new(
+                types::Fixed(self.c.p.fixed),
+                slot.iov.as_ptr(),
+                fr.niov as u32,
+            )
+            .build();
             // SAFETY: the iovec array belongs to the slot, which is not reused until this
             // completion is reaped (`busy`); the guest buffers stay mapped while `mem` lives,
             // and the reactor keeps the handler until `in_flight` is 0.
@@ -114,7 +139,8 @@ impl QueueHandler for TxQueue {
                 Ok(()) => self.in_flight += 1,
                 Err(e) => {
                     slot.busy = false;
-                    self.c.drop_chain(format_args!("cannot submit a write: {e}"), now);
+                    self.c
+                        .drop_chain(format_args!("cannot submit a write: {e}"), now);
                     self.finish(head, None, now);
                 }
             }
@@ -140,8 +166,15 @@ impl QueueHandler for TxQueue {
         if res >= 0 && res as u32 == fr.len {
             self.finish(tag as u16, Some((fr.len, popped, kick)), now);
         } else {
-            let why = if res < 0 { std::io::Error::from_raw_os_error(-res).to_string() } else { format!("short write of {res} of {} bytes", fr.len) };
-            self.c.drop_chain(format_args!("TX frame of {} bytes (head {h}): {why}", fr.len), now);
+            let why = if res < 0 {
+                std::io::Error::from_raw_os_error(-res).to_string()
+            } else {
+                format!("short write of {res} of {} bytes", fr.len)
+            };
+            self.c.drop_chain(
+                format_args!("TX frame of {} bytes (head {h}): {why}", fr.len),
+                now,
+            );
             self.finish(tag as u16, None, now);
         }
     }
