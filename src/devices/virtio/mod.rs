@@ -77,3 +77,115 @@ pub trait VirtioDevice: Send {
         false
     }
 }
+
+/// Copies `config[offset..]` into `data`; bytes past the end of `config` read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = offset
+            .checked_add(i as u64)
+            .and_then(|o| config.get(o as usize))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
+/// Checks that `queues` is a non-empty set of distinct indices below `expected` (a driver may
+/// enable fewer queues than offered, e.g. one per vCPU).
+pub fn check_queue_indices(queues: &[ActiveQueue], expected: usize) -> Result<(), ActivateError> {
+    let mut seen = vec![false; expected];
+    for q in queues {
+        match seen.get_mut(usize::from(q.index)) {
+            Some(s) if !*s => *s = true,
+            _ => {
+                return Err(ActivateError::QueueCount {
+                    expected,
+                    got: queues.len(),
+                })
+            }
+        }
+    }
+    if queues.is_empty() {
+        return Err(ActivateError::QueueCount { expected, got: 0 });
+    }
+    Ok(())
+}
+
+/// Splits a device option string `key=value,key,...` into pairs. Bare numbers after
+/// `list_key=` continue its comma-separated list (`reactors=0,1,queues=2` gives
+/// `("reactors", "0,1")`); a key given twice is an error naming it.
+pub fn split_options<'a>(s: &'a str, list_key: &str) -> Result<Vec<(&'a str, String)>, String> {
+    let mut out: Vec<(&'a str, String)> = Vec::new();
+    let mut in_list = false;
+    for tok in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let (key, value) = match tok.split_once('=') {
+            Some((k, v)) => (k.trim(), v.trim()),
+            None if in_list && tok.chars().all(|c| c.is_ascii_digit()) => {
+                if let Some((_, v)) = out.last_mut() {
+                    v.push(',');
+                    v.push_str(tok);
+                }
+                continue;
+            }
+            None => (tok, ""),
+        };
+        if out.iter().any(|(k, _)| *k == key) {
+            return Err(key.to_string());
+        }
+        in_list = key == list_key;
+        out.push((key, value.to_string()));
+    }
+    Ok(out)
+}
+
+/// Parses a list of indices separated by `,` or `:` (`0,1` or `0:1`); `None` if empty or
+/// not all numbers.
+pub fn parse_index_list(value: &str) -> Option<Vec<usize>> {
+    let list: Option<Vec<usize>> = value
+        .split([',', ':'])
+        .map(|i| i.trim().parse().ok())
+        .collect();
+    list.filter(|l| !l.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_split_options_list_continuation_and_flags() {
+        let o = split_options("path=a,reactors=0,1,readonly,queues=2", "reactors").unwrap();
+        assert_eq!(
+            o,
+            vec![
+                ("path", "a".to_string()),
+                ("reactors", "0,1".to_string()),
+                ("readonly", String::new()),
+                ("queues", "2".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn test_parse_index_list_separators() {
+        assert_eq!(parse_index_list("0,1:2"), Some(vec![0, 1, 2]));
+        assert_eq!(parse_index_list(""), None);
+        assert_eq!(parse_index_list("0,x"), None);
+    }
+
+    #[test]
+    fn test_split_options_duplicate_key_named() {
+        assert_eq!(
+            split_options("queues=1,queues=2", "reactors").unwrap_err(),
+            "queues"
+        );
+    }
+
+    #[test]
+    fn test_read_config_bytes_past_end_is_zero() {
+        let mut d = [0xffu8; 4];
+        read_config_bytes(&[1, 2, 3], 1, &mut d);
+        assert_eq!(d, [2, 3, 0, 0]);
+        read_config_bytes(&[1, 2, 3], u64::MAX, &mut d);
+        assert_eq!(d, [0; 4]);
+    }
+}

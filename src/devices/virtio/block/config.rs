@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use crate::devices::virtio::{parse_index_list, split_options};
+
 /// Which back end serves the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackendKind {
@@ -128,24 +130,9 @@ impl FromStr for DiskConfig {
     /// `reactors=` continues its list (`reactors=0,1,queues=2`); `:` also separates its items.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut c = DiskConfig::default();
-        let mut seen: Vec<&str> = Vec::new();
-        let mut in_reactors = false;
-        for tok in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-            let (key, value) = match tok.split_once('=') {
-                Some((k, v)) => (k.trim(), v.trim()),
-                None if in_reactors && tok.chars().all(|ch| ch.is_ascii_digit()) => {
-                    let n = tok
-                        .parse()
-                        .map_err(|_| bad("reactors", tok, "expected a reactor index"))?;
-                    c.reactors.get_or_insert_with(Vec::new).push(n);
-                    continue;
-                }
-                None => (tok, ""),
-            };
-            in_reactors = false;
-            if seen.contains(&key) {
-                return Err(DiskConfigError::Duplicate(key.into()));
-            }
+        let options = split_options(s, "reactors").map_err(DiskConfigError::Duplicate)?;
+        for (key, value) in &options {
+            let (key, value) = (*key, value.as_str());
             match key {
                 "path" => {
                     if value.is_empty() {
@@ -176,17 +163,9 @@ impl FromStr for DiskConfig {
                     c.queue_size = n;
                 }
                 "reactors" => {
-                    let mut list = Vec::new();
-                    for item in value.split(':').filter(|i| !i.is_empty()) {
-                        list.push(item.parse().map_err(|_| {
-                            bad(key, value, "expected reactor indices such as 0,1")
-                        })?);
-                    }
-                    if list.is_empty() {
-                        return Err(bad(key, value, "expected reactor indices such as 0,1"));
-                    }
+                    let list = parse_index_list(value)
+                        .ok_or_else(|| bad(key, value, "expected reactor indices such as 0,1"))?;
                     c.reactors = Some(list);
-                    in_reactors = true;
                 }
                 "readonly" | "ro" => {
                     c.readonly = if value.is_empty() {
@@ -221,7 +200,6 @@ impl FromStr for DiskConfig {
                 "size" => c.size = Some(parse_size(key, value)?),
                 _ => return Err(DiskConfigError::UnknownKey(key.into())),
             }
-            seen.push(key);
         }
         match (c.backend, &c.path, c.size) {
             (BackendKind::Uring, None, _) => return Err(DiskConfigError::MissingPath),

@@ -205,13 +205,7 @@ impl VirtioDevice for BlockDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| self.config.get(o as usize))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -232,21 +226,7 @@ impl VirtioDevice for BlockDevice {
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
         let expected = self.num_queues();
-        let mut seen = vec![false; expected];
-        for q in &queues {
-            match seen.get_mut(usize::from(q.index)) {
-                Some(s) if !*s => *s = true,
-                _ => {
-                    return Err(ActivateError::QueueCount {
-                        expected,
-                        got: queues.len(),
-                    })
-                }
-            }
-        }
-        if queues.is_empty() {
-            return Err(ActivateError::QueueCount { expected, got: 0 });
-        }
+        super::check_queue_indices(&queues, expected)?;
         if !self.active.is_empty() {
             // Activated again without a reset: drop the old queues first.
             self.reset();

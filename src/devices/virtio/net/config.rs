@@ -3,6 +3,8 @@
 
 use std::str::FromStr;
 
+use crate::devices::virtio::{parse_index_list, split_options};
+
 /// virtio-net feature bits (virtio 1.2, 5.1.3).
 pub mod features {
     pub const CSUM: u64 = 1 << 0;
@@ -144,24 +146,9 @@ impl FromStr for NetConfig {
     /// `[,poll-us=N][,mtu=N]`. A bare number after `reactors=` continues its list.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut c = NetConfig::default();
-        let mut seen: Vec<&str> = Vec::new();
-        let mut in_reactors = false;
-        for tok in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-            let (key, value) = match tok.split_once('=') {
-                Some((k, v)) => (k.trim(), v.trim()),
-                None if in_reactors && tok.chars().all(|ch| ch.is_ascii_digit()) => {
-                    let n = tok
-                        .parse()
-                        .map_err(|_| bad("reactors", tok, "expected a reactor index"))?;
-                    c.reactors.get_or_insert_with(Vec::new).push(n);
-                    continue;
-                }
-                None => (tok, ""),
-            };
-            in_reactors = false;
-            if seen.contains(&key) {
-                return Err(NetConfigError::Duplicate(key.into()));
-            }
+        let options = split_options(s, "reactors").map_err(NetConfigError::Duplicate)?;
+        for (key, value) in &options {
+            let (key, value) = (*key, value.as_str());
             match key {
                 "tap" => {
                     if value.is_empty() || value.len() > 15 || value.contains(['/', ' ', '\0']) {
@@ -198,14 +185,9 @@ impl FromStr for NetConfig {
                     }
                 }
                 "reactors" => {
-                    let mut list = Vec::new();
-                    for r in value.split(':') {
-                        list.push(r.parse().map_err(|_| {
-                            bad(key, value, "expected reactor indexes such as 0,1")
-                        })?);
-                    }
+                    let list = parse_index_list(value)
+                        .ok_or_else(|| bad(key, value, "expected reactor indexes such as 0,1"))?;
                     c.reactors = Some(list);
-                    in_reactors = true;
                 }
                 "poll-us" => {
                     c.poll_us = value
@@ -223,7 +205,6 @@ impl FromStr for NetConfig {
                 }
                 _ => return Err(NetConfigError::UnknownKey(key.into())),
             }
-            seen.push(key);
         }
         if c.tap.is_empty() {
             return Err(NetConfigError::MissingTap);

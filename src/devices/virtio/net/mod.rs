@@ -281,13 +281,7 @@ impl VirtioDevice for NetDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| self.config.get(o as usize))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -315,21 +309,7 @@ impl VirtioDevice for NetDevice {
                 2
             }
         });
-        let mut seen = vec![false; expected];
-        for q in &queues {
-            match seen.get_mut(usize::from(q.index)) {
-                Some(s) if !*s => *s = true,
-                _ => {
-                    return Err(ActivateError::QueueCount {
-                        expected,
-                        got: queues.len(),
-                    })
-                }
-            }
-        }
-        if queues.is_empty() {
-            return Err(ActivateError::QueueCount { expected, got: 0 });
-        }
+        super::check_queue_indices(&queues, expected)?;
         self.tap
             .set_offloads(tap_offloads(acked))
             .map_err(|e| ActivateError::Reactor(crate::vmm::devices::error_chain(&e)))?;
