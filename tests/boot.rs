@@ -297,6 +297,33 @@ fn expect_error(args: &[&str], needle: &str) {
 }
 
 #[test]
+fn test_missing_kvm_device_says_what_to_do() {
+    let out = common::ringvm()
+        .args(["run", "--kernel", &hello()])
+        .env("RINGVM_KVM_DEVICE", "/nonexistent/kvm")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(err.contains("/nonexistent/kvm does not exist: load the kvm module"), "stderr: {err}");
+    assert!(!err.contains("panicked"));
+}
+
+#[test]
+fn test_not_a_kvm_device_is_a_clear_error() {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    let out = common::ringvm()
+        .args(["run", "--kernel", &hello()])
+        .env("RINGVM_KVM_DEVICE", f.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(err.contains("Cannot open") || err.contains("API version"), "stderr: {err}");
+    assert!(!err.contains("panicked"));
+}
+
+#[test]
 fn test_missing_kernel_is_named() {
     expect_error(
         &["run", "--kernel", "/nonexistent/kernel"],

@@ -5,12 +5,12 @@ use kvm_ioctls::{Cap, Kvm};
 /// Errors from opening KVM.
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
-    #[error("/dev/kvm does not exist: load the kvm module (modprobe kvm_intel or kvm_amd) or enable virtualization")]
-    Missing,
-    #[error("/dev/kvm is not accessible: run as root or add the user to the kvm group")]
-    Permission,
-    #[error("Cannot open /dev/kvm")]
-    Open(#[source] kvm_ioctls::Error),
+    #[error("{0} does not exist: load the kvm module (modprobe kvm_intel or kvm_amd) or enable virtualization")]
+    Missing(String),
+    #[error("{0} is not accessible: run as root or add the user to the kvm group")]
+    Permission(String),
+    #[error("Cannot open {0} as a KVM device")]
+    Open(String, #[source] kvm_ioctls::Error),
     #[error("KVM API version {0} is not the supported version 12")]
     ApiVersion(i32),
     #[error("KVM lacks a required capability: {0}")]
@@ -30,12 +30,19 @@ const REQUIRED: &[(Cap, &str)] = &[
     (Cap::Pit2, "KVM_CAP_PIT2"),
 ];
 
+/// The KVM device: /dev/kvm, or `RINGVM_KVM_DEVICE` (for tests of the start-up checks).
+fn device_path() -> String {
+    std::env::var("RINGVM_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".to_string())
+}
+
 /// Opens /dev/kvm and checks the API version and the capabilities ringvm needs.
 pub fn open() -> Result<Kvm, KvmError> {
-    let kvm = Kvm::new().map_err(|e| match e.errno() {
-        libc::ENOENT => KvmError::Missing,
-        libc::EACCES | libc::EPERM => KvmError::Permission,
-        _ => KvmError::Open(e),
+    let path = device_path();
+    let cpath = std::ffi::CString::new(path.clone()).map_err(|_| KvmError::Missing(path.clone()))?;
+    let kvm = Kvm::new_with_path(&cpath).map_err(|e| match e.errno() {
+        libc::ENOENT => KvmError::Missing(path.clone()),
+        libc::EACCES | libc::EPERM => KvmError::Permission(path.clone()),
+        _ => KvmError::Open(path.clone(), e),
     })?;
     let v = kvm.get_api_version();
     if v != 12 {
