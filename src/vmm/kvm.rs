@@ -13,6 +13,8 @@ pub enum KvmError {
     Open(String, #[source] kvm_ioctls::Error),
     #[error("KVM API version {0} is not the supported version 12")]
     ApiVersion(i32),
+    #[error("{0} is not a KVM device (KVM_GET_API_VERSION failed)")]
+    NotKvm(String),
     #[error("KVM lacks a required capability: {0}")]
     MissingCap(&'static str),
 }
@@ -45,6 +47,9 @@ pub fn open() -> Result<Kvm, KvmError> {
         _ => KvmError::Open(path.clone(), e),
     })?;
     let v = kvm.get_api_version();
+    if v < 0 {
+        return Err(KvmError::NotKvm(path));
+    }
     if v != 12 {
         return Err(KvmError::ApiVersion(v));
     }
