@@ -98,11 +98,16 @@ fn boot(cmdline: &str) -> Boot {
         .spawn()
         .expect("spawn ringvm");
     let start = Instant::now();
+    let mut polls = 0u32;
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
             break st.code();
         }
-        if start.elapsed() > timeout {
+        // A panicked kernel never ends the VM: stop waiting once its last line is out.
+        polls += 1;
+        let panicked = polls % 10 == 0
+            && std::fs::read(&console).is_ok_and(|b| String::from_utf8_lossy(&b).contains("---[ end Kernel panic"));
+        if panicked || start.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
             break None;
