@@ -79,6 +79,9 @@ pub const PVM_LINUX_PARAMS: &[&str] = &[
     "init_on_alloc=0",
     "nmi_watchdog=0",
     "tsc=reliable",
+    // The watchdog reports every 28 s during the minutes-long ftrace check; each report
+    // costs about a second of emulated serial output.
+    "nosoftlockup",
 ];
 
 /// `cmdline` with each of `params` appended whose key it does not set already.
