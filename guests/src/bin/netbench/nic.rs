@@ -47,10 +47,9 @@ pub struct RxFrame {
 impl RxFrame {
     /// The Ethernet frame (virtio header stripped).
     pub fn data(&self) -> &[u8] {
-        // SAFETY: `addr..addr+len` lies inside a receive buffer this driver
-        // allocated (len was checked against BUF_SIZE); the device wrote it
-        // before publishing the used entry and does not touch it again until
-        // the descriptor is made available by `recycle`, which takes `self`.
+        // The device wrote the buffer before publishing the used entry and leaves it alone
+        // until `recycle` (which takes `self`) makes the descriptor available again.
+        // SAFETY: `addr..addr+len` lies in a receive buffer this driver allocated (len <= BUF_SIZE).
         unsafe { core::slice::from_raw_parts(self.addr as *const u8, self.len) }
     }
 }
@@ -64,9 +63,8 @@ pub struct TxSlot {
 impl TxSlot {
     /// Room for the frame (after the zeroed virtio header).
     pub fn frame_mut(&mut self) -> &mut [u8] {
-        // SAFETY: the slot's buffer is driver memory the device does not read
-        // while the descriptor is off the ring; the slot is unique (popped from
-        // a free list), so no other reference to it exists.
+        // SAFETY: driver memory the device does not read while the descriptor is off the ring;
+        // the slot came off a free list, so no other reference to it exists.
         unsafe { core::slice::from_raw_parts_mut((self.addr + HDR_SIZE as u64) as *mut u8, BUF_SIZE as usize - HDR_SIZE) }
     }
 }

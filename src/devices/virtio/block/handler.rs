@@ -296,9 +296,9 @@ impl BlockQueue {
         slot.buffered = buffered;
         slot.popped = now;
         slot.kick = kick;
-        // SAFETY: the iovec array belongs to the slot, which is neither freed nor reused
-        // until this completion is reaped (`busy`), and the guest buffers it points to stay
-        // mapped while `self.p.mem` lives; the reactor keeps the queue until in_flight is 0.
+        // The reactor keeps the queue (and `self.p.mem`, which maps the guest buffers) until
+        // in_flight is 0, and the slot is not reused before its completion is reaped (`busy`).
+        // SAFETY: the iovecs and the guest buffers they point to outlive the request.
         match unsafe { ctx.push(entry, u32::from(head)) } {
             Ok(()) => self.in_flight += 1,
             Err(e) => {

@@ -54,9 +54,9 @@ impl Rings {
     /// `base + off` as an atomic u16. `off` must be even and inside the ring (callers pass
     /// offsets derived from `size`, as checked in `new`).
     fn at(base: *mut u8, off: usize) -> &'static AtomicU16 {
-        // SAFETY: `base` is a 2-aligned ring inside mapped guest memory checked in `new`,
-        // `off` is even and inside it, and the guest mapping outlives the queue (the handler
-        // holds the memory). The reference is used immediately and never stored.
+        // The handler holds the memory, so the mapping outlives the queue; the reference is
+        // used immediately and never stored.
+        // SAFETY: `base` is a 2-aligned ring in mapped guest memory (`new`), `off` even and inside.
         unsafe { AtomicU16::from_ptr(base.add(off).cast()) }
     }
 

@@ -109,10 +109,9 @@ impl RxQueue {
         .build();
         slot.busy = true;
         slot.posted = ctx.now;
-        // SAFETY: the iovec array belongs to the slot, which is not reused until this
-        // completion is reaped (`busy`); the guest buffers stay mapped while `mem` lives, and
-        // the reactor keeps the handler (and `overflow`, a boxed slice that never moves) until
-        // `in_flight` is 0. Reads may write `overflow` concurrently; nobody reads it.
+        // `overflow` is a boxed slice that never moves and is written only by reads.
+        // SAFETY: the slot is not reused before its completion (`busy`), and the reactor keeps
+        // the handler, `mem` and `overflow` until `in_flight` is 0: every buffer outlives the read.
         match unsafe { ctx.push(e, u32::from(head)) } {
             Ok(()) => {
                 self.posted += 1;

@@ -132,9 +132,8 @@ impl QueueHandler for TxQueue {
                 fr.niov as u32,
             )
             .build();
-            // SAFETY: the iovec array belongs to the slot, which is not reused until this
-            // completion is reaped (`busy`); the guest buffers stay mapped while `mem` lives,
-            // and the reactor keeps the handler until `in_flight` is 0.
+            // SAFETY: the slot is not reused before its completion (`busy`), and the reactor keeps
+            // the handler and `mem` until `in_flight` is 0: iovecs and buffers outlive the write.
             match unsafe { ctx.push(e, u32::from(head)) } {
                 Ok(()) => self.in_flight += 1,
                 Err(e) => {

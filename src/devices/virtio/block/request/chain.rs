@@ -55,9 +55,8 @@ impl<'a> Chain<'a> {
             let at = self.gpa.checked_add(u64::from(index) * DESC_SIZE)?;
             return self.mem.read_obj::<Descriptor>(GuestAddress(at)).ok();
         }
-        // SAFETY: `table` points to `size` descriptors inside one mapped guest region (checked
-        // by `host_range` when the table was set) and `index < size`. Volatile because the
-        // guest may write the table concurrently; the values are validated after the read.
+        // Volatile: the guest may write the table concurrently; values are validated after.
+        // SAFETY: `table` holds `size` descriptors in one mapped region (`host_range`), index < size.
         let (lo, hi) = unsafe {
             let p = self.table.add(usize::from(index) * DESC_SIZE as usize);
             if p as usize % 8 == 0 {

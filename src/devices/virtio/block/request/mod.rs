@@ -263,9 +263,8 @@ fn read_bytes(
                     }
                 } else {
                     for (i, b) in dst.iter_mut().enumerate() {
-                        // SAFETY: `host_range` checked that `p..p+take` lies in one mapped
-                        // guest region, which `mem` keeps mapped. Volatile because the guest
-                        // may write it concurrently.
+                        // Volatile: the guest may write it concurrently.
+                        // SAFETY: `host_range` checked `p..p+take` lies in one region `mem` keeps mapped.
                         *b = unsafe { std::ptr::read_volatile(p.add(i)) };
                     }
                 }
