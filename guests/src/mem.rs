@@ -105,3 +105,34 @@ impl Bump {
         self.end.saturating_sub(self.next)
     }
 }
+
+/// Arena used when the VMM passes no memory map (start-info version 0).
+const FALLBACK_ARENA: u64 = 16 << 20;
+
+/// A bump allocator over the largest RAM range above the image (and above the start-info
+/// data), below 4 GiB; 16 MiB after the image when the VMM passed no memory map.
+#[cfg(not(test))]
+pub fn arena(si: &crate::start_info::StartInfo) -> Bump {
+    extern "C" {
+        static __image_end: u8;
+    }
+    let image_end = &raw const __image_end as u64;
+    let mut best = (0, 0);
+    for r in si.ram() {
+        let mut lo = r.addr.max(image_end);
+        if si.max_addr > lo && si.max_addr <= r.addr + r.size {
+            lo = si.max_addr;
+        }
+        lo = (lo + 4095) & !4095;
+        let hi = (r.addr + r.size).min(1 << 32);
+        if hi > lo && hi - lo > best.1 - best.0 {
+            best = (lo, hi);
+        }
+    }
+    if best.1 == 0 {
+        let lo = (image_end + 4095) & !4095;
+        best = (lo, lo + FALLBACK_ARENA);
+    }
+    Bump::new(best.0, best.1)
+}
+

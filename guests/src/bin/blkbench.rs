@@ -15,8 +15,6 @@ mod report;
 use engine::{Engine, Layout, RunError};
 use ringvm_guests::bench::params::Params;
 use ringvm_guests::hist::Histogram;
-use ringvm_guests::mem::Bump;
-use ringvm_guests::pci::{self, Function};
 use ringvm_guests::start_info::{StartInfo, MEMMAP_MAX};
 use ringvm_guests::tsc::{self, Clock, TscSource};
 use ringvm_guests::virtio::blk::{self, BlkConfig, SECTOR_SIZE};
@@ -36,12 +34,9 @@ pub const EXIT_VERIFY: u32 = 4;
 /// A parameter is malformed or impossible on this device/VM.
 pub const EXIT_BAD_PARAM: u32 = 5;
 
-const VIRTIO_VENDOR: u16 = 0x1af4;
 const VIRTIO_BLK_MODERN: u16 = 0x1042;
 const VIRTIO_BLK_TRANSITIONAL: u16 = 0x1001;
 
-/// Arena used when the VMM passes no memory map (start-info version 0).
-const FALLBACK_ARENA: u64 = 16 << 20;
 
 entry!(main);
 
@@ -55,38 +50,6 @@ fn bad_param(key: &str, value: &str, reason: &str) -> ! {
 fn device_error(what: &str) -> ! {
     println!("device error: {}", what);
     exit::exit(EXIT_DEVICE_ERROR)
-}
-
-/// Guest RAM above the image (and above the start-info data), below 4 GiB.
-fn arena(si: &StartInfo) -> Bump {
-    extern "C" {
-        static __image_end: u8;
-    }
-    let image_end = &raw const __image_end as u64;
-    let mut best = (0, 0);
-    for r in si.ram() {
-        let mut lo = r.addr.max(image_end);
-        if si.max_addr > lo && si.max_addr <= r.addr + r.size {
-            lo = si.max_addr;
-        }
-        lo = (lo + 4095) & !4095;
-        let hi = (r.addr + r.size).min(1 << 32);
-        if hi > lo && hi - lo > best.1 - best.0 {
-            best = (lo, hi);
-        }
-    }
-    if best.1 == 0 {
-        let lo = (image_end + 4095) & !4095;
-        best = (lo, lo + FALLBACK_ARENA);
-    }
-    Bump::new(best.0, best.1)
-}
-
-fn find_device() -> Option<Function> {
-    pci::bus0_functions().find(|f| {
-        let (v, d) = f.vendor_device();
-        v == VIRTIO_VENDOR && (d == VIRTIO_BLK_MODERN || d == VIRTIO_BLK_TRANSITIONAL)
-    })
 }
 
 fn transport_error(e: TransportError) -> ! {
@@ -123,7 +86,7 @@ fn main(si: &StartInfo) -> ! {
         ringvm_guests::RING3_ENTRY_TSC.load(core::sync::atomic::Ordering::Relaxed).wrapping_sub(ringvm_guests::boot::entry_tsc()),
     );
 
-    let Some(func) = find_device() else {
+    let Some(func) = virtio::pci::find_device(VIRTIO_BLK_MODERN, VIRTIO_BLK_TRANSITIONAL) else {
         println!("no device: no virtio-blk PCI function on bus 0");
         exit::exit(EXIT_NO_DEVICE)
     };
@@ -186,7 +149,7 @@ fn main(si: &StartInfo) -> ! {
         fail("qd", "more requests than the queue holds (3 descriptors each without INDIRECT_DESC)");
     }
 
-    let mut bump = arena(si);
+    let mut bump = ringvm_guests::mem::arena(si);
     let need = u64::from(p.queues) * (u64::from(p.qd) * (p.bs.next_multiple_of(4096) + 96) + 3 * 4096 + 16 * u64::from(qsize));
     if need > bump.remaining() {
         fail("qd", "buffers (queues*qd*bs) do not fit in guest memory");

@@ -18,9 +18,7 @@ use nic::{Nic, MAX_QSIZE};
 use ringvm_guests::arch::rdtsc;
 use ringvm_guests::bench::netparams::{Mode, NetParams};
 use ringvm_guests::hist::Histogram;
-use ringvm_guests::mem::Bump;
 use ringvm_guests::netproto::{self, IpFmt, Mac, MacFmt};
-use ringvm_guests::pci::{self, Function};
 use ringvm_guests::start_info::{StartInfo, MEMMAP_MAX};
 use ringvm_guests::tsc::{self, Clock, TscSource};
 use ringvm_guests::virtio::net::{self, NetConfig, RX_QUEUE, TX_QUEUE};
@@ -42,12 +40,9 @@ pub const EXIT_BAD_PARAM: u32 = 5;
 /// ping: every echo request went unanswered.
 pub const EXIT_ALL_LOST: u32 = 7;
 
-const VIRTIO_VENDOR: u16 = 0x1af4;
 const VIRTIO_NET_MODERN: u16 = 0x1041;
 const VIRTIO_NET_TRANSITIONAL: u16 = 0x1000;
 
-/// Arena used when the VMM passes no memory map (start-info version 0).
-const FALLBACK_ARENA: u64 = 16 << 20;
 
 entry!(main);
 
@@ -61,38 +56,6 @@ fn bad_param(key: &str, value: &str, reason: &str) -> ! {
 fn device_error(what: &str) -> ! {
     println!("device error: {}", what);
     exit::exit(EXIT_DEVICE_ERROR)
-}
-
-/// Guest RAM above the image (and above the start-info data), below 4 GiB.
-fn arena(si: &StartInfo) -> Bump {
-    extern "C" {
-        static __image_end: u8;
-    }
-    let image_end = &raw const __image_end as u64;
-    let mut best = (0, 0);
-    for r in si.ram() {
-        let mut lo = r.addr.max(image_end);
-        if si.max_addr > lo && si.max_addr <= r.addr + r.size {
-            lo = si.max_addr;
-        }
-        lo = (lo + 4095) & !4095;
-        let hi = (r.addr + r.size).min(1 << 32);
-        if hi > lo && hi - lo > best.1 - best.0 {
-            best = (lo, hi);
-        }
-    }
-    if best.1 == 0 {
-        let lo = (image_end + 4095) & !4095;
-        best = (lo, lo + FALLBACK_ARENA);
-    }
-    Bump::new(best.0, best.1)
-}
-
-fn find_device() -> Option<Function> {
-    pci::bus0_functions().find(|f| {
-        let (v, d) = f.vendor_device();
-        v == VIRTIO_VENDOR && (d == VIRTIO_NET_MODERN || d == VIRTIO_NET_TRANSITIONAL)
-    })
 }
 
 fn transport_error(e: TransportError) -> ! {
@@ -135,7 +98,7 @@ fn main(si: &StartInfo) -> ! {
         ringvm_guests::RING3_ENTRY_TSC.load(core::sync::atomic::Ordering::Relaxed).wrapping_sub(ringvm_guests::boot::entry_tsc()),
     );
 
-    let Some(func) = find_device() else {
+    let Some(func) = virtio::pci::find_device(VIRTIO_NET_MODERN, VIRTIO_NET_TRANSITIONAL) else {
         println!("no device: no virtio-net PCI function on bus 0");
         exit::exit(EXIT_NO_DEVICE)
     };
@@ -195,7 +158,7 @@ fn main(si: &StartInfo) -> ! {
         fail("qsize", "larger than 1024");
     }
 
-    let mut bump = arena(si);
+    let mut bump = ringvm_guests::mem::arena(si);
     let event_idx = features & virtio::F_EVENT_IDX != 0;
     let mut queue = |index: u16, size: u16| -> SplitQueue {
         let Some(mut q) = SplitQueue::alloc(&mut bump, index, size, event_idx) else {

@@ -5,6 +5,18 @@ use super::status;
 use crate::arch::mmio;
 use crate::pci::{self, Bar, Function};
 
+/// PCI vendor id of virtio devices.
+pub const VIRTIO_VENDOR: u16 = 0x1af4;
+
+/// The first function on bus 0 that is a virtio device with the given modern (0x1040 + type)
+/// or transitional device id.
+pub fn find_device(modern: u16, transitional: u16) -> Option<Function> {
+    pci::bus0_functions().find(|f| {
+        let (v, d) = f.vendor_device();
+        v == VIRTIO_VENDOR && (d == modern || d == transitional)
+    })
+}
+
 /// Vendor-specific capability id used by virtio.
 const CAP_VENDOR: u8 = 0x09;
 const CFG_COMMON: u8 = 1;
