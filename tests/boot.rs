@@ -57,6 +57,41 @@ fn test_ring0_cmpxchg16b_completed_for_the_host_emulator() {
 }
 
 #[test]
+fn test_user_mode_syscall_reaches_ring0_and_returns() {
+    if !have_kvm() {
+        return;
+    }
+    // hello's ring 3 runs `syscall` into a supervisor-only entry that reads CR3 and
+    // `sysretq`s. This lab's host leaves the syscall at CPL 3 and the fetch faults; ringvm
+    // finishes it at the #PF (vmm::syscall_trap). Elsewhere the CPU does it all.
+    let r = run(&[
+        "run",
+        "--kernel",
+        &hello(),
+        "--cmdline",
+        "mode=syscall exit=5",
+    ]);
+    assert!(
+        r.stdout.contains("syscall: ring 0 (cs 0x10, cr3 0x"),
+        "stdout: {}\nstderr: {}",
+        r.stdout,
+        r.stderr
+    );
+    // FMASK (Linux's 0x47700) cleared IF, IOPL, TF, DF, AC, NT in the handler.
+    assert!(r.stdout.contains("rflags 0x"), "stdout: {}", r.stdout);
+    let flags = r
+        .stdout
+        .split("rflags ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap();
+    let flags = u64::from_str_radix(flags.trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(flags & 0x47700, 0, "RFLAGS in the handler: {flags:#x}");
+    assert!(r.stdout.contains("sysret ok"), "stdout: {}", r.stdout);
+    assert_eq!(r.status, (5 << 1) | 1, "stdout: {}", r.stdout);
+}
+
+#[test]
 fn test_hello_sees_memory_map_of_requested_size() {
     if !have_kvm() {
         return;
@@ -305,7 +340,10 @@ fn test_missing_kvm_device_says_what_to_do() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0));
-    assert!(err.contains("/nonexistent/kvm does not exist: load the kvm module"), "stderr: {err}");
+    assert!(
+        err.contains("/nonexistent/kvm does not exist: load the kvm module"),
+        "stderr: {err}"
+    );
     assert!(!err.contains("panicked"));
 }
 

@@ -28,7 +28,9 @@ static BOOT: Mutex<()> = Mutex::new(());
 
 fn enabled() -> bool {
     if std::env::var("RINGVM_SLOW_TESTS").as_deref() != Ok("1") {
-        eprintln!("SKIP: Linux guest boot; set RINGVM_SLOW_TESTS=1 to run it (minutes on a nested KVM)");
+        eprintln!(
+            "SKIP: Linux guest boot; set RINGVM_SLOW_TESTS=1 to run it (minutes on a nested KVM)"
+        );
         return false;
     }
     have_kvm()
@@ -49,11 +51,24 @@ fn image() -> (PathBuf, PathBuf) {
     if !kernel.exists() || !initrd.exists() {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/linux/build.sh");
         eprintln!("building the Linux guest: {}", script.display());
-        let st = Command::new(&script).status().expect("run guests/linux/build.sh");
-        assert!(st.success(), "guests/linux/build.sh failed ({st}); it needs root and apt");
+        let st = Command::new(&script)
+            .status()
+            .expect("run guests/linux/build.sh");
+        assert!(
+            st.success(),
+            "guests/linux/build.sh failed ({st}); it needs root and apt"
+        );
     }
-    assert!(kernel.exists(), "{} missing after build.sh", kernel.display());
-    assert!(initrd.exists(), "{} missing after build.sh", initrd.display());
+    assert!(
+        kernel.exists(),
+        "{} missing after build.sh",
+        kernel.display()
+    );
+    assert!(
+        initrd.exists(),
+        "{} missing after build.sh",
+        initrd.display()
+    );
     (kernel, initrd)
 }
 
@@ -77,9 +92,16 @@ fn boot(cmdline: &str) -> Boot {
     let stderr = dir.path().join("stderr.log");
     let stats = dir.path().join("stats.json");
     let timeout = Duration::from_secs(
-        std::env::var("RINGVM_LINUX_TIMEOUT_S").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_TIMEOUT_S),
+        std::env::var("RINGVM_LINUX_TIMEOUT_S")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(DEFAULT_TIMEOUT_S),
     );
-    eprintln!("booting Linux (console in {}, timeout {:?})", console.display(), timeout);
+    eprintln!(
+        "booting Linux (console in {}, timeout {:?})",
+        console.display(),
+        timeout
+    );
     let disk_arg = format!("path={}", disk.display());
     let cmdline = match std::env::var("RINGVM_LINUX_CMDLINE_EXTRA") {
         Ok(extra) if !extra.trim().is_empty() => format!("{cmdline} {}", extra.trim()),
@@ -90,7 +112,15 @@ fn boot(cmdline: &str) -> Boot {
         .arg(&kernel)
         .arg("--initrd")
         .arg(&initrd)
-        .args(["--disk", &disk_arg, "--memory", "512M", "--cmdline", &cmdline, "--stats-json"])
+        .args([
+            "--disk",
+            &disk_arg,
+            "--memory",
+            "512M",
+            "--cmdline",
+            &cmdline,
+            "--stats-json",
+        ])
         .arg(&stats)
         .stdin(Stdio::null())
         .stdout(File::create(&console).unwrap())
@@ -106,7 +136,8 @@ fn boot(cmdline: &str) -> Boot {
         // A panicked kernel never ends the VM: stop waiting once its last line is out.
         polls += 1;
         let panicked = polls % 10 == 0
-            && std::fs::read(&console).is_ok_and(|b| String::from_utf8_lossy(&b).contains("---[ end Kernel panic"));
+            && std::fs::read(&console)
+                .is_ok_and(|b| String::from_utf8_lossy(&b).contains("---[ end Kernel panic"));
         if panicked || start.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
@@ -118,7 +149,9 @@ fn boot(cmdline: &str) -> Boot {
         status,
         console: String::from_utf8_lossy(&std::fs::read(&console).unwrap()).into_owned(),
         stderr: String::from_utf8_lossy(&std::fs::read(&stderr).unwrap()).into_owned(),
-        stats: std::fs::read(&stats).ok().and_then(|b| serde_json::from_slice(&b).ok()),
+        stats: std::fs::read(&stats)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok()),
         elapsed: start.elapsed(),
     }
 }
@@ -143,8 +176,14 @@ impl Boot {
     /// A counter summed over every queue of the host's statistics.
     fn host_sum(&self, counter: &str) -> u64 {
         self.check("no --stats-json from ringvm", self.stats.is_some());
-        let queues = self.stats.as_ref().unwrap()["queues"].as_array().cloned().unwrap_or_default();
-        queues.iter().map(|q| q[counter].as_u64().unwrap_or(0)).sum()
+        let queues = self.stats.as_ref().unwrap()["queues"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        queues
+            .iter()
+            .map(|q| q[counter].as_u64().unwrap_or(0))
+            .sum()
     }
 }
 
@@ -155,13 +194,30 @@ fn test_linux_dd_on_virtio_blk_reads_back_what_it_wrote() {
     }
     let b = boot("console=ttyS0 reboot=k ringvm.test=dd");
     eprintln!("Linux dd test: {:?}, status {:?}", b.elapsed, b.status);
-    b.check("the guest did not see the 64 MiB disk", b.console.contains("RINGVM-VDA-SECTORS=131072"));
-    b.check("dd read back something else", !b.console.contains("RINGVM-DD-FAIL"));
+    b.check(
+        "the guest did not see the 64 MiB disk",
+        b.console.contains("RINGVM-VDA-SECTORS=131072"),
+    );
+    b.check(
+        "dd read back something else",
+        !b.console.contains("RINGVM-DD-FAIL"),
+    );
     b.check("no RINGVM-DD-OK", b.console.contains("RINGVM-DD-OK"));
-    b.check("the guest did not end with an i8042 reset", b.status == Some(0));
-    assert!(!b.stderr.contains("panicked"), "ringvm panicked: {}", b.stderr);
+    b.check(
+        "the guest did not end with an i8042 reset",
+        b.status == Some(0),
+    );
+    assert!(
+        !b.stderr.contains("panicked"),
+        "ringvm panicked: {}",
+        b.stderr
+    );
     // two 1 MiB O_DIRECT writes, each followed by fsync (a virtio-blk flush)
-    assert!(b.host_sum("bytes_written") >= 2 << 20, "host stats: {:?}", b.stats);
+    assert!(
+        b.host_sum("bytes_written") >= 2 << 20,
+        "host stats: {:?}",
+        b.stats
+    );
     assert!(b.host_sum("flushes") >= 2, "host stats: {:?}", b.stats);
     assert_eq!(b.host_sum("errors"), 0, "host stats: {:?}", b.stats);
 }
@@ -171,7 +227,9 @@ fn test_linux_fio_json_agrees_with_host_stats() {
     if !enabled() {
         return;
     }
-    let b = boot("console=ttyS0 reboot=k fio=--rw=randread --bs=4k --iodepth=8 --runtime=2 --time_based");
+    let b = boot(
+        "console=ttyS0 reboot=k fio=--rw=randread --bs=4k --iodepth=8 --runtime=2 --time_based",
+    );
     eprintln!("Linux fio test: {:?}, status {:?}", b.elapsed, b.status);
     let json = b
         .console
@@ -183,8 +241,20 @@ fn test_linux_fio_json_agrees_with_host_stats() {
     let read = &v["jobs"][0]["read"];
     let guest_bytes = read["io_bytes"].as_u64().unwrap_or(0);
     assert!(guest_bytes > 0, "fio read nothing: {read}");
-    assert_eq!(v["jobs"][0]["error"].as_u64(), Some(0), "fio job error: {}", v["jobs"][0]);
-    b.check("the guest did not end with an i8042 reset", b.status == Some(0));
+    assert_eq!(
+        v["jobs"][0]["error"].as_u64(),
+        Some(0),
+        "fio job error: {}",
+        v["jobs"][0]
+    );
+    b.check(
+        "the guest did not end with an i8042 reset",
+        b.status == Some(0),
+    );
     // the host served at least what fio counted (plus the partition scan)
-    assert!(b.host_sum("bytes_read") >= guest_bytes, "host stats: {:?}", b.stats);
+    assert!(
+        b.host_sum("bytes_read") >= guest_bytes,
+        "host stats: {:?}",
+        b.stats
+    );
 }

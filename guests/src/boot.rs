@@ -10,21 +10,24 @@
 //! 0–4 GiB in 2 MiB pages, User + Writable, MMIO hole (≥ 3 GiB) uncached.
 
 
-/// Kernel code selector (64-bit, DPL 0).
-pub const KERNEL_CS: u16 = 0x08;
+/// Kernel code selector (64-bit, DPL 0). The GDT follows Linux's layout, which the lab
+/// host's PVM requires of MSR_STAR (SYSRET's user CS must be 0x33).
+pub const KERNEL_CS: u16 = 0x10;
 /// User data selector (DPL 3), used with RPL 3.
-pub const USER_DS: u16 = 0x18;
+pub const USER_DS: u16 = 0x28;
 /// User code selector (64-bit, DPL 3), used with RPL 3.
-pub const USER_CS: u16 = 0x20;
+pub const USER_CS: u16 = 0x30;
 
 #[cfg(not(test))]
 core::arch::global_asm!(
     r#"
-    .set KERNEL_CS, 0x08
-    .set KERNEL_DS, 0x10
-    .set USER_DS,   0x18
-    .set USER_CS,   0x20
-    .set TSS_SEL,   0x28
+    .set KERNEL_CS, 0x10
+    .set KERNEL_DS, 0x18
+    .set USER32_CS, 0x20            /* SYSRET: user SS = this + 8, user CS = this + 16 */
+    .set USER_DS,   0x28
+    .set USER_CS,   0x30
+    .set TSS_SEL,   0x40
+    .set KERNEL_ALIAS, 0xffffffff80000000   /* supervisor-only alias of 0-1 GiB */
     .set TSS_LIMIT, 104 + 8192      /* header + I/O bitmap; the 0xff byte is at the limit */
     .set RING0_STACK_SIZE, 4096
     .set RING3_STACK_SIZE, 256 * 1024
@@ -132,6 +135,39 @@ long_mode:
     lock cmpxchg16b (%rsi)
     setz 16(%rsi)
 7:
+    /* A guest that defines guest_syscall_opt_in lets ring 3 `syscall` into ring 0:
+       EFER.SCE, STAR, LSTAR = syscall_entry and a #PF gate, both through the
+       supervisor-only alias, so on this lab host the VMM must finish the syscall
+       (ringvm does, see src/vmm/syscall_trap.rs). */
+    movabsq $guest_syscall_opt_in, %rax
+    testq %rax, %rax
+    jz 8f
+    movabsq $(pf_entry + KERNEL_ALIAS), %rax
+    movabsq $idt_pf_gate, %rdi
+    movw %ax, (%rdi)
+    shrq $16, %rax
+    movw %ax, 6(%rdi)
+    shrq $16, %rax
+    movl %eax, 8(%rdi)
+    lidt idt_ptr
+    movl $0xc0000080, %ecx          /* EFER.SCE */
+    rdmsr
+    orl $1, %eax
+    wrmsr
+    movl $0xc0000081, %ecx          /* STAR */
+    xorl %eax, %eax
+    movl $((USER32_CS << 16) | KERNEL_CS), %edx
+    wrmsr
+    movl $0xc0000082, %ecx          /* LSTAR */
+    movabsq $(syscall_entry + KERNEL_ALIAS), %rax
+    movq %rax, %rdx
+    shrq $32, %rdx
+    wrmsr
+    movl $0xc0000084, %ecx          /* FMASK: TF DF IF IOPL AC NT, as Linux */
+    movl $0x47700, %eax
+    xorl %edx, %edx
+    wrmsr
+8:
     pushq $(USER_DS | 3)
     movabsq $ring3_stack_top, %rax
     pushq %rax
@@ -140,6 +176,40 @@ long_mode:
     movabsq $ring3_start, %rax
     pushq %rax
     iretq
+
+    /* Reached through KERNEL_ALIAS only. SYSCALL entry: ring 0 on the user stack, RCX =
+       return RIP, R11 = RFLAGS. Records CS and CR3 (a privileged read: #GP outside
+       ring 0) and the RFLAGS it runs with in syscall_cell, then returns. */
+syscall_entry:
+    movabsq $syscall_cell, %rdi
+    movw %cs, %ax
+    movzwq %ax, %rax
+    movq %rax, (%rdi)
+    movq %cr3, %rax
+    movq %rax, 8(%rdi)
+    pushfq
+    popq %rax
+    movq %rax, 16(%rdi)
+    movq %r11, 24(%rdi)
+    sysretq
+
+    /* #PF: the first instruction is a NOP form the VMM may plant its trap over. Any
+       page fault that gets past it is reported and ends the VM (exit code 0x50). */
+pf_entry:
+    .byte 0x0f, 0x1f, 0x00
+    movabsq $pf_msg, %rsi
+    movw $0x3f8, %dx
+9:  lodsb
+    testb %al, %al
+    jz 10f
+    outb %al, %dx
+    jmp 9b
+10: movl $0x50, %eax
+    outl %eax, $0xf4
+    lidt idt_null
+    ud2
+pf_msg:
+    .asciz "ringvm-guest: page fault in ring 0 (an unfinished syscall?)\n"
 
     .code32
 ring0_halt:
@@ -163,6 +233,9 @@ ring0_cx16_cell:
     .quad 0x0123456789abcdef, 0xfedcba9876543210
     .byte 0                 /* ZF after the cmpxchg16b */
     .balign 16
+    .global syscall_cell
+syscall_cell:
+    .quad 0, 0, 0, 0        /* CS, CR3, RFLAGS in the handler; R11 (user RFLAGS) */
     .text
 
     .code64
@@ -184,7 +257,12 @@ ring3_start:
     .balign 4096
 boot_pml4:
     .quad boot_pdpt + 0x7
-    .fill 511, 8, 0
+    .fill 510, 8, 0
+    .quad boot_pdpt_hi + 0x3    /* KERNEL_ALIAS: no User bit, so supervisor-only */
+boot_pdpt_hi:
+    .fill 510, 8, 0
+    .quad boot_pd + 0x3         /* 0xffffffff80000000 -> 0-1 GiB */
+    .quad 0
 boot_pdpt:
     .quad boot_pd + 0x7
     .quad boot_pd + 0x1000 + 0x7
@@ -205,13 +283,15 @@ boot_pd:
 
     .balign 16
 guest_gdt:
+    .quad 0, 0
+    .quad 0x00af9a000000ffff    /* 0x10 kernel code, 64-bit */
+    .quad 0x00cf92000000ffff    /* 0x18 kernel data */
+    .quad 0x00cffa000000ffff    /* 0x20 user code, 32-bit, DPL 3 (unused; STAR base) */
+    .quad 0x00cff2000000ffff    /* 0x28 user data, DPL 3 */
+    .quad 0x00affa000000ffff    /* 0x30 user code, 64-bit, DPL 3 */
     .quad 0
-    .quad 0x00af9a000000ffff    /* 0x08 kernel code, 64-bit */
-    .quad 0x00cf92000000ffff    /* 0x10 kernel data */
-    .quad 0x00cff2000000ffff    /* 0x18 user data, DPL 3 */
-    .quad 0x00affa000000ffff    /* 0x20 user code, 64-bit, DPL 3 */
 gdt_tss:
-    .quad 0, 0                  /* 0x28 TSS, filled at entry */
+    .quad 0, 0                  /* 0x40 TSS, filled at entry */
 gdt_end:
 
     .balign 8
@@ -221,6 +301,19 @@ gdt_ptr:
 idt_null:
     .word 0
     .quad 0
+idt_ptr:
+    .word 15 * 16 - 1
+    .quad guest_idt
+
+    /* Only #PF (vector 14) is present, for guest_syscall_opt_in. */
+    .balign 16
+guest_idt:
+    .fill 14 * 16, 1, 0
+idt_pf_gate:
+    .word 0, KERNEL_CS          /* offset 0..15 filled at entry */
+    .byte 0, 0x8e               /* present, DPL 0, interrupt gate */
+    .word 0                     /* offset 16..31 */
+    .long 0, 0                  /* offset 32..63, reserved */
 
     .global guest_start_info
     .global guest_entry_tsc

@@ -40,7 +40,8 @@ fn device_path() -> String {
 /// Opens /dev/kvm and checks the API version and the capabilities ringvm needs.
 pub fn open() -> Result<Kvm, KvmError> {
     let path = device_path();
-    let cpath = std::ffi::CString::new(path.clone()).map_err(|_| KvmError::Missing(path.clone()))?;
+    let cpath =
+        std::ffi::CString::new(path.clone()).map_err(|_| KvmError::Missing(path.clone()))?;
     let kvm = Kvm::new_with_path(&cpath).map_err(|e| match e.errno() {
         libc::ENOENT => KvmError::Missing(path.clone()),
         libc::EACCES | libc::EPERM => KvmError::Permission(path.clone()),

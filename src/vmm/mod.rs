@@ -10,6 +10,7 @@ pub mod kvm;
 pub mod layout;
 pub mod memory;
 pub mod signals;
+pub mod syscall_trap;
 pub mod thread;
 pub mod vcpu;
 pub mod vm;

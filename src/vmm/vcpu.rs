@@ -14,6 +14,7 @@ use super::bus::Bus;
 use super::emulate;
 use super::exit::{ExitHandle, ExitReason};
 use super::layout::*;
+use super::syscall_trap::{Completed, SyscallTrap};
 use crate::devices::virtio::GuestMemory;
 
 /// Where and how the guest is entered.
@@ -278,6 +279,8 @@ pub struct VcpuRunner {
     pub emulated: u64,
     /// Guest memory, for instructions ringvm completes itself.
     pub mem: GuestMemory,
+    /// Finishes guest user-mode `syscall` on the nested PVM host (see `syscall_trap`).
+    pub syscall_trap: Option<Arc<SyscallTrap>>,
 }
 
 impl VcpuRunner {
@@ -292,19 +295,23 @@ impl VcpuRunner {
                     if !self.pio.write(port as u64, data) {
                         log::debug!("vcpu{}: unhandled out {port:#x}", self.id);
                     }
+                    self.maintain_syscall_trap();
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
                     self.pio.read(port as u64, data);
+                    self.maintain_syscall_trap();
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     if !self.mmio.read(addr, data) {
                         log::debug!("vcpu{}: unhandled MMIO read {addr:#x}", self.id);
                     }
+                    self.maintain_syscall_trap();
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     if !self.mmio.write(addr, data) {
                         log::debug!("vcpu{}: unhandled MMIO write {addr:#x}", self.id);
                     }
+                    self.maintain_syscall_trap();
                 }
                 Ok(VcpuExit::Shutdown) => {
                     self.exit.request(ExitReason::Shutdown { vcpu: self.id });
@@ -438,6 +445,33 @@ impl VcpuRunner {
         Ok(())
     }
 
+    fn maintain_syscall_trap(&self) {
+        if let Some(trap) = &self.syscall_trap {
+            trap.maintain(&self.fd, &self.mem);
+        }
+    }
+
+    /// An `int3` at the syscall trap: finishes a `syscall` or steps into the #PF handler.
+    fn syscall_trap_int3(
+        &mut self,
+        regs: &mut kvm_bindings::kvm_regs,
+    ) -> Option<Result<(), String>> {
+        let trap = self.syscall_trap.as_ref()?;
+        let rip = regs.rip;
+        let done = trap.on_int3(&self.fd, &self.mem, regs)?;
+        Some(done.map(|c| {
+            if let Completed::Syscall(n) = c {
+                if n <= 4 || n.is_power_of_two() {
+                    log::info!(
+                        "vcpu{}: finished guest syscall #{n} (RAX {:#x}) at the #PF trap {rip:#x}",
+                        self.id,
+                        regs.rax
+                    );
+                }
+            }
+        }))
+    }
+
     fn check_halted(&self) {
         let halted = self
             .fd
@@ -468,6 +502,11 @@ impl VcpuRunner {
                 &internal.data[..n]
             ));
         };
+        if bytes.first() == Some(&0xcc) {
+            if let Some(done) = self.syscall_trap_int3(&mut regs) {
+                return done;
+            }
+        }
         match emulate::fixup(&bytes) {
             Some(emulate::Fixup::InjectBreakpoint) => {
                 // int3 is a trap: the handler sees the address after it.

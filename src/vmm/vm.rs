@@ -20,6 +20,7 @@ use super::irq::IrqRouter;
 use super::layout::{
     KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PCI_ECAM_BUS0_SIZE, PCI_ECAM_START, SERIAL_IRQ,
 };
+use super::syscall_trap::SyscallTrap;
 use super::vcpu::{self, EntryPoint, VcpuRunner, VcpuShared};
 use super::{cpuid, kvm, memory, thread};
 use crate::boot::{self, BootSpec};
@@ -374,6 +375,8 @@ fn run_vcpus(
         }
     }
 
+    // Only this host leaves user-mode `syscall` unfinished (see vmm::syscall_trap).
+    let syscall_trap = kvm::is_pvm_host().then(|| Arc::new(SyscallTrap::new()));
     let mut runners = Vec::new();
     for id in 0..config.vcpus as u64 {
         let fd = vm
@@ -408,6 +411,7 @@ fn run_vcpus(
             shared: Arc::new(VcpuShared::default()),
             emulated: 0,
             mem: mem.clone(),
+            syscall_trap: syscall_trap.clone(),
         });
     }
 

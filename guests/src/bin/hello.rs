@@ -19,8 +19,24 @@ static guest_ring0_halt_opt_in: u8 = 1;
 #[used]
 static guest_ring0_cx16_opt_in: u8 = 1;
 
+/// Asks the boot stub to set up `syscall` into ring 0 (see guests/src/boot.rs).
+#[no_mangle]
+#[used]
+static guest_syscall_opt_in: u8 = 1;
+
 extern "C" {
     static ring0_cx16_cell: [u64; 3];
+    static syscall_cell: [u64; 4];
+}
+
+/// One `syscall` into the boot stub's ring-0 entry, which records what it saw and
+/// `sysretq`s; returns (CS, CR3, RFLAGS in the handler, R11 as SYSCALL saved it).
+fn syscall_round_trip() -> [u64; 4] {
+    // SAFETY: the boot stub's syscall entry touches only syscall_cell and returns with
+    // sysretq to the next instruction; SYSCALL clobbers RCX and R11.
+    unsafe { core::arch::asm!("syscall", out("rcx") _, out("r11") _, out("rax") _, out("rdi") _) };
+    // SAFETY: written by the ring-0 entry just now; plain memory.
+    unsafe { core::ptr::read_volatile(&raw const syscall_cell) }
 }
 
 fn main(si: &StartInfo) -> ! {
@@ -38,6 +54,15 @@ fn main(si: &StartInfo) -> ! {
         println!("mode: {}", mode);
     }
     match mode {
+        "syscall" => {
+            let [cs, cr3, rflags, r11] = syscall_round_trip();
+            println!(
+                "syscall: ring {} (cs {cs:#x}, cr3 {cr3:#x}, rflags {rflags:#x}, user rflags {r11:#x}), sysret ok",
+                cs & 3
+            );
+            println!("bye");
+            exit::exit(code)
+        }
         "triple" => exit::triple_fault(),
         // The boot stub halts in ring 0 before we get here; ring 3 cannot `hlt`.
         "halt" => exit::triple_fault(),
