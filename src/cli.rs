@@ -62,6 +62,12 @@ pub struct BenchArgs {
     /// Guest kernel to use instead of the embedded blkbench (a blkbench ELF built elsewhere).
     #[arg(long)]
     pub guest: Option<PathBuf>,
+    /// Run each job with fio inside the Linux guest of guests/linux (kernel + initramfs from guests/linux/build.sh) instead of blkbench; one boot per job.
+    #[arg(long, default_value_t = false)]
+    pub linux: bool,
+    /// Where guests/linux/build.sh wrote vmlinux and initramfs.cpio (for --linux).
+    #[arg(long, default_value = "guests/linux/out")]
+    pub linux_dir: PathBuf,
     #[command(flatten)]
     pub vm: VmArgs,
 }

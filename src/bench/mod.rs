@@ -1,6 +1,7 @@
-//! `ringvm bench`: jobs for the embedded blkbench guest, its JSON result, and the table a
+//! `ringvm bench`: jobs for the embedded blkbench guest (or fio in the Linux guest, `fio`), its JSON result, and the table a
 //! storage engineer reads (guest-side latency next to the host-side reactor histograms).
 
+pub mod fio;
 pub mod job;
 pub mod result;
 

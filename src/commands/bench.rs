@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use ringvm::bench::result::{
     self, JobResult, GUEST_BAD_PARAM, GUEST_DEVICE_ERROR, GUEST_NO_DEVICE, GUEST_OK, GUEST_VERIFY,
 };
-use ringvm::bench::{Job, Rw};
+use ringvm::bench::{fio, GuestResult, Job, Rw};
 use ringvm::cli::BenchArgs;
 use ringvm::config::{parse_size, VmConfig};
 use ringvm::devices::legacy::serial::SerialOut;
@@ -211,6 +211,96 @@ fn guest_failure(code: u32, console: &str) -> String {
     format!("blkbench {what} (exit code {code}): {last}")
 }
 
+/// The guest that runs the jobs.
+enum Guest {
+    /// blkbench (embedded, or `--guest`).
+    Blkbench(PathBuf),
+    /// fio in the Linux guest (`--linux`).
+    Linux { kernel: PathBuf, initrd: PathBuf },
+}
+
+impl Guest {
+    fn choose(args: &BenchArgs) -> anyhow::Result<Guest> {
+        if !args.linux {
+            let kernel = match &args.guest {
+                Some(p) => p.clone(),
+                None => ringvm::guests::materialize("blkbench", ringvm::guests::BLKBENCH)
+                    .context("Cannot write the embedded blkbench guest")?,
+            };
+            return Ok(Guest::Blkbench(kernel));
+        }
+        if args.verify {
+            bail!(
+                "--verify is blkbench's (stamped blocks); fio in the Linux guest does not run it"
+            );
+        }
+        let dir = &args.linux_dir;
+        let kernel = args.guest.clone().unwrap_or_else(|| dir.join("vmlinux"));
+        let initrd = dir.join("initramfs.cpio");
+        for f in [&kernel, &initrd] {
+            if !f.is_file() {
+                bail!(
+                    "No Linux guest file {}: build it with guests/linux/build.sh, or point --linux-dir at its output",
+                    f.display()
+                );
+            }
+        }
+        if ringvm::vmm::kvm::is_pvm_host() {
+            eprintln!("ringvm: nested PVM host: guest ring 0 is emulated here, so each Linux boot takes about half an hour (see README, Linux guests)");
+        }
+        Ok(Guest::Linux { kernel, initrd })
+    }
+
+    fn kernel(&self) -> &Path {
+        match self {
+            Guest::Blkbench(k) | Guest::Linux { kernel: k, .. } => k,
+        }
+    }
+
+    fn initrd(&self) -> Option<PathBuf> {
+        match self {
+            Guest::Blkbench(_) => None,
+            Guest::Linux { initrd, .. } => Some(initrd.clone()),
+        }
+    }
+
+    fn cmdline(&self, job: &Job) -> String {
+        match self {
+            Guest::Blkbench(_) => job.cmdline(),
+            Guest::Linux { .. } => fio::cmdline(job),
+        }
+    }
+
+    fn memory(&self) -> &'static str {
+        match self {
+            Guest::Blkbench(_) => ringvm::config::BENCH_MEMORY,
+            Guest::Linux { .. } => "512M",
+        }
+    }
+
+    /// The guest's result, or why there is none.
+    fn result(&self, reason: &ExitReason, console: &str) -> anyhow::Result<GuestResult> {
+        match (self, reason) {
+            (Guest::Blkbench(_), ExitReason::DebugExit { code: GUEST_OK })
+            // The Linux guest's /init reboots (reboot=k: an i8042 reset) when fio succeeded.
+            | (Guest::Linux { .. }, ExitReason::Reset) => {}
+            (Guest::Blkbench(_), ExitReason::DebugExit { code }) => {
+                bail!("{}", guest_failure(*code, console))
+            }
+            (Guest::Linux { .. }, other) => {
+                let tail: Vec<&str> = console.lines().rev().take(5).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                bail!("Linux guest stopped: {}; console ends: {}", other.describe(), tail.join(" | "))
+            }
+            (_, other) => bail!("VM stopped: {}", other.describe()),
+        }
+        Ok(match self {
+            Guest::Blkbench(_) => result::parse_guest(console)?,
+            Guest::Linux { .. } => fio::parse(console)?,
+        })
+    }
+}
+
 /// `ringvm bench`.
 pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
     let jobs = jobs(args)?;
@@ -228,11 +318,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
             (p, Some(size))
         }
     };
-    let kernel = match &args.guest {
-        Some(p) => p.clone(),
-        None => ringvm::guests::materialize("blkbench", ringvm::guests::BLKBENCH)
-            .context("Cannot write the embedded blkbench guest")?,
-    };
+    let target = Guest::choose(args)?;
     let progress = std::env::var_os("RINGVM_NO_PROGRESS").is_none() && {
         // SAFETY: isatty only inspects the descriptor.
         unsafe { libc::isatty(2) == 1 }
@@ -262,8 +348,14 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
         let mut vm_args = args.vm.clone();
         vm_args
             .memory
-            .get_or_insert_with(|| ringvm::config::BENCH_MEMORY.to_string());
-        let config = VmConfig::build(kernel.clone(), None, job.cmdline(), vec![disk], &vm_args)?;
+            .get_or_insert_with(|| target.memory().to_string());
+        let config = VmConfig::build(
+            target.kernel().to_path_buf(),
+            target.initrd(),
+            target.cmdline(job),
+            vec![disk],
+            &vm_args,
+        )?;
         placement = (config.vcpu_cores.clone(), config.io_cores.clone());
         if locks.is_none() {
             let mut cores = config.vcpu_cores.clone();
@@ -289,29 +381,10 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
         let console =
             String::from_utf8_lossy(&ext.console.0.lock().unwrap_or_else(|e| e.into_inner()))
                 .into_owned();
-        match outcome.reason {
-            ExitReason::DebugExit { code: GUEST_OK } => {}
-            ExitReason::DebugExit { code } => {
-                failure = Some(anyhow::anyhow!(
-                    "Job {}: {}",
-                    job.label(),
-                    guest_failure(code, &console)
-                ));
-                break;
-            }
-            other => {
-                failure = Some(anyhow::anyhow!(
-                    "Job {}: VM stopped: {}",
-                    job.label(),
-                    other.describe()
-                ));
-                break;
-            }
-        }
-        let guest = match result::parse_guest(&console) {
+        let guest = match target.result(&outcome.reason, &console) {
             Ok(g) => g,
             Err(e) => {
-                failure = Some(anyhow::Error::new(e).context(format!("Job {}", job.label())));
+                failure = Some(e.context(format!("Job {}", job.label())));
                 break;
             }
         };
@@ -338,10 +411,15 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
             .filter_map(|r| r.first_io_ns())
             .map(|n| format!("{:.1}", n as f64 / 1e6))
             .collect();
-        println!(
-            "start to first guest I/O (ms, per job; VMM start-up + guest init): {}",
-            first.join(", ")
-        );
+        if !first.is_empty() {
+            println!(
+                "start to first guest I/O (ms, per job; VMM start-up + guest init): {}",
+                first.join(", ")
+            );
+        }
+        if args.linux {
+            println!("guest latency: fio's lat_ns (submit to complete) in the Linux guest");
+        }
         println!(
             "disk: {}{}  backend: {}  vCPU cores {:?}  I/O cores {:?}",
             disk_path.display(),
