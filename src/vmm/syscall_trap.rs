@@ -76,7 +76,7 @@ impl Displaced {
     }
 
     /// Its length in bytes.
-    pub fn len(self) -> u64 {
+    pub fn length(self) -> u64 {
         match self {
             Displaced::Nop(n) => n as u64,
             Displaced::Clac => 3,
@@ -99,7 +99,7 @@ impl Displaced {
         if self == Displaced::Clac {
             regs.rflags &= !RFLAGS_AC;
         }
-        regs.rip = regs.rip.wrapping_add(self.len());
+        regs.rip = regs.rip.wrapping_add(self.length());
     }
 
     fn encode(self) -> u64 {
