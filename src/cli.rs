@@ -68,6 +68,9 @@ pub struct BenchArgs {
     /// Where guests/linux/build.sh wrote vmlinux and initramfs.cpio (for --linux).
     #[arg(long, default_value = "guests/linux/out")]
     pub linux_dir: PathBuf,
+    /// Also append the guest's console to this file as it arrives (to follow a long Linux boot).
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
     #[command(flatten)]
     pub vm: VmArgs,
 }

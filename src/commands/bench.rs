@@ -29,14 +29,18 @@ impl Drop for TempDisk {
     }
 }
 
+/// The guest's console: kept for the result, and appended to `--console-log` if given.
 #[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
+struct Console(Arc<Mutex<Vec<u8>>>, Option<Arc<File>>);
 impl Write for Console {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend_from_slice(b);
+        if let Some(mut f) = self.1.as_deref() {
+            let _ = f.write_all(b);
+        }
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -319,6 +323,16 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
         }
     };
     let target = Guest::choose(args)?;
+    let console_log = match &args.console_log {
+        Some(p) => Some(Arc::new(
+            File::options()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("Cannot open --console-log {}", p.display()))?,
+        )),
+        None => None,
+    };
     let progress = std::env::var_os("RINGVM_NO_PROGRESS").is_none() && {
         // SAFETY: isatty only inspects the descriptor.
         unsafe { libc::isatty(2) == 1 }
@@ -364,7 +378,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
         }
         let mut ext = BenchVm {
             devices: StandardDevices::default(),
-            console: Console::default(),
+            console: Console(Arc::default(), console_log.clone()),
             label: job.label(),
             progress,
             ticks: 0,
