@@ -76,6 +76,19 @@ pub fn parse(console: &str) -> Result<GuestResult, ResultError> {
     } else {
         read
     };
+    if ios == 0.0 {
+        // On the nested PVM host every request is emulated kernel work: a short runtime can
+        // end before the first completion (fio then reports no percentiles at all).
+        let slat_max = |s: &Value| {
+            s.pointer("/slat_ns/max")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
+        return Err(ResultError::NoIo {
+            runtime_ms: job.get("job_runtime").and_then(Value::as_u64).unwrap_or(0),
+            slat_ms: slat_max(read).max(slat_max(write)) / 1_000_000,
+        });
+    }
     let lat = main.get("lat_ns").ok_or(ResultError::Field("lat_ns"))?;
     let pct = |k: &str| {
         lat.get("percentile")
@@ -226,6 +239,29 @@ mod tests {
             l[0] > 0 && l[0] <= l[1] && l[1] <= l[2] && l[2] <= l[3] && l[3] <= l[4],
             "{l:?}"
         );
+    }
+
+    #[test]
+    fn test_parse_no_io_says_so() {
+        // fio 3.33 in the Linux guest on the PVM host, --runtime=2000ms: the first submit
+        // took 2.2 s, so the measured window held no completion (trimmed)
+        let c = console(
+            r#"{"total_ios":0,"iops":0.0,"bw_bytes":196,"slat_ns":{"min":2155532917,"max":2155532917,"N":1},"lat_ns":{"min":0,"max":0,"mean":0.0,"N":0}}"#,
+            r#"{"total_ios":0,"iops":0.0,"bw_bytes":0,"lat_ns":{"min":0,"max":0,"mean":0.0,"N":0}}"#,
+        )
+        .replace(r#""job_runtime":3000"#, r#""job_runtime":20881"#);
+        let e = parse(&c).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ResultError::NoIo {
+                    runtime_ms: 20881,
+                    slat_ms: 2155
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("lengthen --runtime"), "{e}");
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub enum ResultError {
     Json(#[source] serde_json::Error),
     #[error("The guest's result lacks field {0}")]
     Field(&'static str),
+    #[error("fio completed no I/O in its {runtime_ms} ms measured window (its slowest submit took {slat_ms} ms): the guest is too slow for this runtime; lengthen --runtime")]
+    NoIo { runtime_ms: u64, slat_ms: u64 },
 }
 
 /// What the guest measured.

@@ -63,8 +63,10 @@ pub fn write_boot_params(
     header: Option<setup_header>,
     spec: &BootSpec,
     initrd: Option<Initrd>,
+    rsdp: u64,
 ) -> Result<u64, BootError> {
-    let params = build_boot_params(header, spec, initrd)?;
+    let mut params = build_boot_params(header, spec, initrd)?;
+    params.acpi_rsdp_addr = rsdp;
     let bp = BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR));
     LinuxBootConfigurator::write_bootparams::<GuestMemory>(&bp, mem)
         .map_err(|e| BootError::Params(e.to_string()))?;
@@ -86,18 +88,20 @@ mod tests {
             mem_size: 256 << 20,
             vcpus: 2,
             pvm_quirks: false,
+            tsc_khz: None,
         };
         let initrd = Initrd {
             addr: GuestAddress(0x0f00_0000),
             size: 0x10_0000,
         };
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 256 << 20)]).unwrap();
-        let at = write_boot_params(&mem, None, &spec, Some(initrd)).unwrap();
+        let at = write_boot_params(&mem, None, &spec, Some(initrd), 0xe_0000).unwrap();
         let p: boot_params = mem.read_obj(GuestAddress(at)).unwrap();
         assert_eq!({ p.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
         assert_eq!({ p.hdr.header }, KERNEL_HDR_MAGIC);
         assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
         assert_eq!({ p.hdr.cmdline_size }, 14);
+        assert_eq!({ p.acpi_rsdp_addr }, 0xe_0000);
         assert_eq!(
             ({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size }),
             (0x0f00_0000, 0x10_0000)

@@ -2,6 +2,7 @@
 //! guest and kernels with a PVH note) and Linux bzImage/vmlinux through the 64-bit boot
 //! protocol.
 
+pub mod acpi;
 pub mod e820;
 pub mod linux;
 pub mod mptable;
@@ -64,6 +65,10 @@ pub struct BootSpec<'a> {
     pub vcpus: u8,
     /// Running on the nested PVM host: Linux kernels get the parameters its emulator needs.
     pub pvm_quirks: bool,
+    /// The vCPUs' TSC rate. On the PVM host the guest's CPUID comes from the L1 host, not
+    /// ringvm's table (which carries the rate in leaf 0x40000010), so a PVH guest that is
+    /// not Linux (ringvm's bare-metal guests) gets it as `tsc_khz=` on its command line.
+    pub tsc_khz: Option<u32>,
 }
 
 /// Kernel parameters a Linux guest gets on the PVM host, each unless the command line
@@ -156,6 +161,9 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<EntryPoint, BootError>
         let c = with_params(spec.cmdline, PVM_LINUX_PARAMS);
         log::warn!("nested PVM host: Linux command line is now '{c}' (see README, Linux guests)");
         c
+    } else if !is_linux && spec.pvm_quirks && spec.tsc_khz.is_some() {
+        let khz = format!("tsc_khz={}", spec.tsc_khz.unwrap_or_default());
+        with_params(spec.cmdline, &[&khz])
     } else {
         spec.cmdline.to_string()
     };
@@ -164,13 +172,15 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<EntryPoint, BootError>
         ..*spec
     };
     write_cmdline(mem, spec.cmdline)?;
+    // Every guest gets ACPI tables (Linux finds its CPUs there); bare-metal guests ignore them.
+    let rsdp = acpi::write(mem, spec.vcpus)?;
     let initrd = match spec.initrd {
         Some(path) => Some(load_initrd(mem, path, result.kernel_end, spec.mem_size)?),
         None => None,
     };
     match (format, result.pvh_boot_cap) {
         (Format::Elf, PvhBootCapability::PvhEntryPresent(entry)) => {
-            let start_info = pvh::write_start_info(mem, spec.mem_size, spec.cmdline, initrd)?;
+            let start_info = pvh::write_start_info(mem, spec.mem_size, rsdp, initrd)?;
             Ok(EntryPoint::Pvh {
                 entry: entry.raw_value(),
                 start_info,
@@ -187,12 +197,12 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<EntryPoint, BootError>
                     source,
                 })?;
             let entry = u64::from_le_bytes(elf_head[24..32].try_into().expect("8 bytes"));
-            let zero_page = linux::write_boot_params(mem, None, spec, initrd)?;
+            let zero_page = linux::write_boot_params(mem, None, spec, initrd, rsdp)?;
             mptable::write(mem, spec.vcpus)?;
             Ok(EntryPoint::Linux64 { entry, zero_page })
         }
         (Format::BzImage, _) => {
-            let zero_page = linux::write_boot_params(mem, result.setup_header, spec, initrd)?;
+            let zero_page = linux::write_boot_params(mem, result.setup_header, spec, initrd, rsdp)?;
             mptable::write(mem, spec.vcpus)?;
             // The 64-bit entry point of a bzImage is 0x200 past its protected-mode start.
             Ok(EntryPoint::Linux64 {
@@ -329,6 +339,7 @@ mod tests {
             mem_size: 32 << 20,
             vcpus: 1,
             pvm_quirks: false,
+            tsc_khz: None,
         };
         let err = load(&mem(), &spec).unwrap_err();
         assert!(
@@ -349,6 +360,7 @@ mod tests {
             mem_size: 32 << 20,
             vcpus: 1,
             pvm_quirks: false,
+            tsc_khz: None,
         };
         let err = load(&mem(), &spec).unwrap_err();
         assert!(err.to_string().contains("corrupt"), "{err}");
@@ -363,6 +375,7 @@ mod tests {
             mem_size: 32 << 20,
             vcpus: 1,
             pvm_quirks: false,
+            tsc_khz: None,
         };
         let err = load(&mem(), &spec).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vmlinuz"), "{err}");

@@ -19,7 +19,7 @@ pub const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 pub fn write_start_info(
     mem: &GuestMemory,
     mem_size: u64,
-    _cmdline: &str,
+    rsdp: u64,
     initrd: Option<Initrd>,
 ) -> Result<u64, BootError> {
     let map: Vec<hvm_memmap_table_entry> = memory_map(mem_size)
@@ -37,6 +37,7 @@ pub fn write_start_info(
         cmdline_paddr: CMDLINE_ADDR,
         memmap_paddr: PVH_MEMMAP_ADDR,
         memmap_entries: map.len() as u32,
+        rsdp_paddr: rsdp,
         ..Default::default()
     };
     let modules: Vec<hvm_modlist_entry> = initrd
@@ -73,10 +74,11 @@ mod tests {
             addr: GuestAddress(0x200_0000),
             size: 1234,
         };
-        let at = write_start_info(&mem, 64 << 20, "x", Some(initrd)).unwrap();
+        let at = write_start_info(&mem, 64 << 20, 0xe_0000, Some(initrd)).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(at)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC);
         assert_eq!(info.cmdline_paddr, CMDLINE_ADDR);
+        assert_eq!(info.rsdp_paddr, 0xe_0000);
         assert_eq!(info.memmap_entries as usize, memory_map(64 << 20).len());
         let first: hvm_memmap_table_entry = mem.read_obj(GuestAddress(info.memmap_paddr)).unwrap();
         assert_eq!((first.addr, first.type_), (0, 1));

@@ -72,3 +72,13 @@ pub fn max_vcpus(kvm: &Kvm) -> usize {
 pub fn is_pvm_host() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
+
+vmm_sys_util::ioctl_io_nr!(KVM_GET_TSC_KHZ, kvm_bindings::KVMIO, 0xa3);
+
+/// The TSC rate new vCPUs of `vm` get (KVM_GET_TSC_KHZ on the VM, Linux 6.0+), if known.
+pub fn vm_tsc_khz(vm: &kvm_ioctls::VmFd) -> Option<u32> {
+    // SAFETY: KVM_GET_TSC_KHZ takes no argument and returns the rate (or -1 with errno);
+    // `vm` is an open VM file descriptor for the duration of the call.
+    let khz = unsafe { vmm_sys_util::ioctl::ioctl(vm, KVM_GET_TSC_KHZ()) };
+    u32::try_from(khz).ok().filter(|k| *k > 0)
+}

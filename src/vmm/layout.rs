@@ -43,6 +43,8 @@ pub const PML4_ADDR: u64 = 0x9000;
 pub const PDPTE_ADDR: u64 = 0xa000;
 pub const PDE_ADDR: u64 = 0xb000;
 pub const MPTABLE_ADDR: u64 = 0x9_FC00;
+/// ACPI tables (RSDP first, where Linux also scans for it) in the reserved BIOS area.
+pub const ACPI_START: u64 = 0xE_0000;
 pub const CMDLINE_ADDR: u64 = 0x2_0000;
 pub const CMDLINE_MAX_SIZE: usize = 0x1_0000;
 

@@ -261,6 +261,7 @@ pub fn run(config: &VmConfig, ext: &mut dyn VmExtension) -> Result<RunOutcome, V
             mem_size: config.memory,
             vcpus: config.vcpus as u8,
             pvm_quirks: kvm::is_pvm_host(),
+            tsc_khz: kvm::vm_tsc_khz(&vm),
         },
     )?;
 
