@@ -3,8 +3,8 @@
 //!
 //! Hardware-reduced ACPI (no PM1 blocks, SCI or PM timer to emulate), as Firecracker and
 //! Cloud Hypervisor do: RSDP → XSDT → FADT (→ DSDT), MADT, MCFG. The DSDT describes the PCI
-//! host bridge (bus 0, the 32-bit BAR window) and COM1, whose IRQ the guest must map itself
-//! because a hardware-reduced platform has no legacy PIC. Power-off and reset stay the
+//! host bridge (bus 0, the 32-bit BAR window), COM1 and the CMOS RTC, whose IRQs the guest
+//! maps from there because a hardware-reduced platform has no legacy PIC. Power-off and reset stay the
 //! i8042 route (`reboot=k`), so the FADT advertises the 8042.
 
 use acpi_tables::aml::{
@@ -20,6 +20,7 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::BootError;
+use crate::devices::legacy::cmos::CMOS_BASE;
 use crate::devices::virtio::GuestMemory;
 use crate::vmm::layout::{
     ACPI_START, HIGH_MEMORY_START, IOAPIC_START, LAPIC_START, PCI_ECAM_START, PCI_MMIO_SIZE,
@@ -40,6 +41,8 @@ const MADT_LOCAL_APIC_NMI: u8 = 4;
 const IOAPIC_ID_OFFSET: u8 = 1;
 /// The COM1 port range.
 const COM1_BASE: u16 = 0x3f8;
+/// The RTC's ISA interrupt line.
+const RTC_IRQ: u32 = 8;
 
 /// The tables, each with the guest address it is written to.
 pub struct Tables {
@@ -105,7 +108,17 @@ fn dsdt() -> Vec<u8> {
     let com_crs_name = Name::new(Path::new("_CRS"), &com_crs);
     let com1 = Device::new(Path::new("COM1"), vec![&com_hid_name, &uid, &com_crs_name]);
 
-    let sb = Scope::new(Path::new("\\_SB_"), vec![&pci0, &com1]);
+    // The CMOS RTC (src/devices/legacy/cmos.rs): without it here Linux's rtc_cmos falls
+    // back to a platform device on IRQ 8, which a platform without a PIC never maps.
+    let rtc_hid = EISAName::new("PNP0B00");
+    let rtc_io = IO::new(CMOS_BASE as u16, CMOS_BASE as u16, 1, 2);
+    let rtc_irq = Interrupt::new(true, true, false, false, RTC_IRQ);
+    let rtc_crs = ResourceTemplate::new(vec![&rtc_io, &rtc_irq]);
+    let rtc_hid_name = Name::new(Path::new("_HID"), &rtc_hid);
+    let rtc_crs_name = Name::new(Path::new("_CRS"), &rtc_crs);
+    let rtc = Device::new(Path::new("RTC_"), vec![&rtc_hid_name, &rtc_crs_name]);
+
+    let sb = Scope::new(Path::new("\\_SB_"), vec![&pci0, &com1, &rtc]);
     let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"RINGDSDT", OEM_REVISION);
     t.append_slice(&bytes(&sb));
     t.as_slice().to_vec()
@@ -296,7 +309,7 @@ mod tests {
         let dsdt = &t.blobs.iter().find(|(a, _)| *a == dsdt_at).unwrap().1;
         assert_eq!(&dsdt[..4], b"DSDT");
         let has = |s: &[u8]| dsdt.windows(s.len()).any(|w| w == s);
-        assert!(has(b"PCI0") && has(b"COM1") && has(b"_CRS"));
+        assert!(has(b"PCI0") && has(b"COM1") && has(b"RTC_") && has(b"_CRS"));
         // EisaId("PNP0A08"), the PCIe host bridge
         assert!(has(&[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
     }
