@@ -87,6 +87,13 @@ pub const PVM_LINUX_PARAMS: &[&str] = &[
     // The watchdog reports every 28 s during the minutes-long ftrace check; each report
     // costs about a second of emulated serial output.
     "nosoftlockup",
+    // SMP guests: the host's emulator answers a KVM hypercall from ring 0 by rewriting the
+    // instruction in place (KVM's hypercall fix-up), which faults once kernel text is
+    // read-only and panics the guest. PV spinlock kicks are one such hypercall (PV IPIs and
+    // PV sched-yield are others, with no parameter but `nopv` to stop them; see
+    // perf/RESULTS.md); and emulated CPUs look stalled to RCU, whose stall dump kicked.
+    "nopvspin",
+    "rcupdate.rcu_cpu_stall_suppress=1",
 ];
 
 /// `cmdline` with each of `params` appended whose key it does not set already.
