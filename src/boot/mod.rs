@@ -87,14 +87,28 @@ pub const PVM_LINUX_PARAMS: &[&str] = &[
     // The watchdog reports every 28 s during the minutes-long ftrace check; each report
     // costs about a second of emulated serial output.
     "nosoftlockup",
-    // SMP guests: the host's emulator answers a KVM hypercall from ring 0 by rewriting the
-    // instruction in place (KVM's hypercall fix-up), which faults once kernel text is
-    // read-only and panics the guest. PV spinlock kicks are one such hypercall (PV IPIs and
-    // PV sched-yield are others, with no parameter but `nopv` to stop them; see
-    // perf/RESULTS.md); and emulated CPUs look stalled to RCU, whose stall dump kicked.
+    // SMP guests (see pvm_smp_params, which adds `nopv` for them): PV spinlock kicks are
+    // KVM hypercalls, which panic the guest here; and emulated CPUs look stalled to RCU,
+    // whose stall dump kicked (perf/RESULTS.md, run H).
     "nopvspin",
     "rcupdate.rcu_cpu_stall_suppress=1",
 ];
+
+/// What a Linux guest with more than one vCPU also needs on the PVM host: `nopv`, because
+/// its paravirtual IPIs, spinlock kicks and sched-yields are KVM hypercalls, which this
+/// host's emulator answers by rewriting the instruction in read-only kernel text (the guest
+/// panics); and, since `nopv` also drops kvm-clock and this host's CPUID has no TSC-rate
+/// leaf, `tsc_early_khz=` with the vCPUs' TSC rate (perf/RESULTS.md, runs H and K).
+fn pvm_smp_params(vcpus: u8, tsc_khz: Option<u32>) -> Vec<String> {
+    if vcpus < 2 {
+        return Vec::new();
+    }
+    let mut p = vec!["nopv".to_string()];
+    if let Some(khz) = tsc_khz {
+        p.push(format!("tsc_early_khz={khz}"));
+    }
+    p
+}
 
 /// `cmdline` with each of `params` appended whose key it does not set already.
 fn with_params(cmdline: &str, params: &[&str]) -> String {
@@ -165,7 +179,13 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<EntryPoint, BootError>
         Format::Elf => has_linux_note(&mut kernel).unwrap_or(false),
     };
     let cmdline = if is_linux && spec.pvm_quirks {
-        let c = with_params(spec.cmdline, PVM_LINUX_PARAMS);
+        let smp = pvm_smp_params(spec.vcpus, spec.tsc_khz);
+        let params: Vec<&str> = PVM_LINUX_PARAMS
+            .iter()
+            .copied()
+            .chain(smp.iter().map(String::as_str))
+            .collect();
+        let c = with_params(spec.cmdline, &params);
         log::warn!("nested PVM host: Linux command line is now '{c}' (see README, Linux guests)");
         c
     } else if !is_linux && spec.pvm_quirks && spec.tsc_khz.is_some() {
@@ -421,6 +441,16 @@ mod tests {
         );
         assert_eq!(c, "console=ttyS0 mitigations=auto noxsave");
         assert_eq!(with_params("", &["noxsave"]), "noxsave");
+    }
+
+    #[test]
+    fn test_pvm_smp_params_only_for_several_vcpus() {
+        assert!(pvm_smp_params(1, Some(2_596_096)).is_empty());
+        assert_eq!(
+            pvm_smp_params(2, Some(2_596_096)),
+            vec!["nopv", "tsc_early_khz=2596096"]
+        );
+        assert_eq!(pvm_smp_params(4, None), vec!["nopv"]);
     }
 
     #[test]
