@@ -36,13 +36,6 @@ KERNEL=${KERNEL:-$ROOT/guests/target/release/blkbench}
 TIMEOUT=${TIMEOUT:-300}
 LOG=${LOG:-$OUT/qemu-blkbench.log}
 PARAMS="$*"
-# On the nested PVM host the guest's CPUID comes from the L1 host, which may not publish
-# the TSC rate (leaf 0x40000010, what +invtsc asks QEMU for): pass it on the command line,
-# as ringvm does there (the L1 kernel's "cpu MHz" is its TSC rate).
-if [ -d /sys/module/kvm_pvm ] && [[ " $PARAMS" != *" tsc_khz="* ]]; then
-    khz=$(awk -F: '/^cpu MHz/ {printf "%d", $2 * 1000; exit}' /proc/cpuinfo)
-    if [ -n "$khz" ]; then PARAMS="$PARAMS tsc_khz=$khz"; fi
-fi
 
 install_qemu() {
     # QEMU 10 from bookworm-backports, next to the existing Debian source.
@@ -80,9 +73,8 @@ QMP="ringvm-blkbench-qmp-$$"
 # +invtsc: QEMU then publishes the TSC frequency in CPUID 0x40000010 (plain
 # "-cpu host" is migratable and drops invtsc, and with it that leaf).
 CPU=${CPU:-host,+invtsc}
-# The nested PVM host's KVM refuses writes to IA32_ARCH_CAPABILITIES (MSR 0x10a), which
-# "-cpu host" sets on AMD hosts there; QEMU then aborts at vCPU setup.
-if [ -d /sys/module/kvm_pvm ] && [[ $CPU != *arch-capabilities* ]]; then CPU="$CPU,-arch-capabilities"; fi
+# tsc_khz= and -arch-capabilities on the nested PVM host
+. "$ROOT/perf/pvm-host.sh"
 
 set +e
 timeout --foreground "$TIMEOUT" qemu-system-x86_64 \

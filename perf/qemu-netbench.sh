@@ -44,13 +44,6 @@ KERNEL=${KERNEL:-$ROOT/guests/target/release/netbench}
 TIMEOUT=${TIMEOUT:-300}
 LOG=${LOG:-$OUT/qemu-netbench.log}
 PARAMS="$*"
-# On the nested PVM host the guest's CPUID comes from the L1 host, which may not publish
-# the TSC rate (leaf 0x40000010, what +invtsc asks QEMU for): pass it on the command line,
-# as ringvm does there (the L1 kernel's "cpu MHz" is its TSC rate).
-if [ -d /sys/module/kvm_pvm ] && [[ " $PARAMS" != *" tsc_khz="* ]]; then
-    khz=$(awk -F: '/^cpu MHz/ {printf "%d", $2 * 1000; exit}' /proc/cpuinfo)
-    if [ -n "$khz" ]; then PARAMS="$PARAMS tsc_khz=$khz"; fi
-fi
 
 command -v qemu-system-x86_64 >/dev/null || { echo "qemu-netbench: qemu-system-x86_64 not found (perf/qemu-blkbench.sh shows how to install QEMU 10)" >&2; exit 125; }
 [ -r /dev/kvm ] || { echo "qemu-netbench: /dev/kvm is not accessible; KVM is required" >&2; exit 125; }
@@ -83,9 +76,8 @@ QMP_DIR=$(mktemp -d /tmp/ringvm-netbench-qmp.XXXXXX)
 QMP="$QMP_DIR/qmp.sock"
 trap 'rm -rf "$QMP_DIR"' EXIT
 CPU=${CPU:-host,+invtsc}
-# The nested PVM host's KVM refuses writes to IA32_ARCH_CAPABILITIES (MSR 0x10a), which
-# "-cpu host" sets on AMD hosts there; QEMU then aborts at vCPU setup.
-if [ -d /sys/module/kvm_pvm ] && [[ $CPU != *arch-capabilities* ]]; then CPU="$CPU,-arch-capabilities"; fi
+# tsc_khz= and -arch-capabilities on the nested PVM host
+. "$ROOT/perf/pvm-host.sh"
 mac_opt=${MAC:+,mac=$MAC}
 
 set +e

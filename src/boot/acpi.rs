@@ -21,6 +21,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::BootError;
 use crate::devices::legacy::cmos::CMOS_BASE;
+use crate::devices::legacy::serial::SERIAL_PORT;
 use crate::devices::virtio::GuestMemory;
 use crate::vmm::layout::{
     ACPI_START, HIGH_MEMORY_START, IOAPIC_START, LAPIC_START, PCI_ECAM_START, PCI_MMIO_SIZE,
@@ -37,10 +38,6 @@ const MADT_LOCAL_APIC: u8 = 0;
 const MADT_IOAPIC: u8 = 1;
 const MADT_INT_SRC_OVERRIDE: u8 = 2;
 const MADT_LOCAL_APIC_NMI: u8 = 4;
-/// The IOAPIC takes the APIC ID after the last CPU, as in the MP table.
-const IOAPIC_ID_OFFSET: u8 = 1;
-/// The COM1 port range.
-const COM1_BASE: u16 = 0x3f8;
 /// The RTC's ISA interrupt line.
 const RTC_IRQ: u32 = 8;
 
@@ -51,14 +48,6 @@ pub struct Tables {
 }
 
 impl Tables {
-    /// The table with `signature` (`b"RSD "` for the RSDP), if built.
-    pub fn get(&self, signature: &[u8; 4]) -> Option<&[u8]> {
-        self.blobs
-            .iter()
-            .find(|(_, b)| b.starts_with(signature))
-            .map(|(_, b)| b.as_slice())
-    }
-
     /// Bytes from [`ACPI_START`] to the end of the last table.
     pub fn span(&self) -> u64 {
         self.blobs
@@ -100,7 +89,7 @@ fn dsdt() -> Vec<u8> {
     let pci0 = Device::new(Path::new("PCI0"), vec![&hid, &cid, &seg, &bbn, &uid, &crs]);
 
     let com_hid = EISAName::new("PNP0501");
-    let com_io = IO::new(COM1_BASE, COM1_BASE, 1, 8);
+    let com_io = IO::new(SERIAL_PORT as u16, SERIAL_PORT as u16, 1, 8);
     // consumer, edge triggered, active high, exclusive
     let com_irq = Interrupt::new(true, true, false, false, SERIAL_IRQ);
     let com_crs = ResourceTemplate::new(vec![&com_io, &com_irq]);
@@ -133,7 +122,7 @@ fn fadt(dsdt_at: u64) -> Vec<u8> {
 }
 
 fn madt(vcpus: u8) -> Vec<u8> {
-    let ioapic_id = vcpus + IOAPIC_ID_OFFSET;
+    let ioapic_id = super::mptable::ioapic_id(vcpus);
     let mut e: Vec<u8> = Vec::new();
     for id in 0..vcpus {
         // type, length, ACPI processor UID, APIC ID, flags (enabled)
@@ -144,9 +133,10 @@ fn madt(vcpus: u8) -> Vec<u8> {
     e.extend_from_slice(&[MADT_IOAPIC, 12, ioapic_id, 0]);
     e.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     e.extend_from_slice(&0u32.to_le_bytes());
-    // ISA IRQ 0 (the PIT) arrives on IOAPIC pin 2 (src/vmm/irq.rs); the serial IRQ is
-    // listed as well so its legacy mapping exists without a PIC: type, length, bus (ISA),
-    // source IRQ, GSI, flags (conforming polarity and trigger)
+    // ISA IRQ 0 (the PIT) arrives on IOAPIC pin 2 (src/vmm/irq.rs); the serial IRQ's
+    // identity entry only states the ISA-to-GSI mapping (Linux maps the port's interrupt
+    // from COM1's _CRS in the DSDT): type, length, bus (ISA), source IRQ, GSI, flags
+    // (conforming polarity and trigger)
     for (irq, gsi) in [(0u8, 2u32), (SERIAL_IRQ as u8, SERIAL_IRQ)] {
         e.extend_from_slice(&[MADT_INT_SRC_OVERRIDE, 10, 0, irq]);
         e.extend_from_slice(&gsi.to_le_bytes());
@@ -238,9 +228,18 @@ mod tests {
         u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
     }
 
+    /// The table with `signature` (`b"RSD "` for the RSDP).
+    fn get<'a>(t: &'a Tables, signature: &[u8; 4]) -> &'a [u8] {
+        t.blobs
+            .iter()
+            .find(|(_, b)| b.starts_with(signature))
+            .map(|(_, b)| b.as_slice())
+            .unwrap()
+    }
+
     /// Finds a table by following RSDP → XSDT, as the guest does.
     fn follow<'a>(t: &'a Tables, sig: &[u8; 4]) -> &'a [u8] {
-        let rsdp = t.get(b"RSD ").unwrap();
+        let rsdp = get(t, b"RSD ");
         let xsdt_at = u64_at(rsdp, 24);
         let xsdt = t
             .blobs
@@ -261,7 +260,7 @@ mod tests {
     #[test]
     fn test_acpi_checksums_and_lengths() {
         let t = build(4);
-        let rsdp = t.get(b"RSD ").unwrap();
+        let rsdp = get(&t, b"RSD ");
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(sum(&rsdp[..20]), 0, "RSDP v1 checksum");
         assert_eq!(sum(rsdp), 0, "RSDP extended checksum");

@@ -178,21 +178,22 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<EntryPoint, BootError>
         Format::BzImage => true,
         Format::Elf => has_linux_note(&mut kernel).unwrap_or(false),
     };
-    let cmdline = if is_linux && spec.pvm_quirks {
-        let smp = pvm_smp_params(spec.vcpus, spec.tsc_khz);
-        let params: Vec<&str> = PVM_LINUX_PARAMS
-            .iter()
-            .copied()
-            .chain(smp.iter().map(String::as_str))
-            .collect();
-        let c = with_params(spec.cmdline, &params);
-        log::warn!("nested PVM host: Linux command line is now '{c}' (see README, Linux guests)");
-        c
-    } else if !is_linux && spec.pvm_quirks && spec.tsc_khz.is_some() {
-        let khz = format!("tsc_khz={}", spec.tsc_khz.unwrap_or_default());
-        with_params(spec.cmdline, &[&khz])
-    } else {
-        spec.cmdline.to_string()
+    let cmdline = match (spec.pvm_quirks, is_linux, spec.tsc_khz) {
+        (true, true, tsc_khz) => {
+            let smp = pvm_smp_params(spec.vcpus, tsc_khz);
+            let params: Vec<&str> = PVM_LINUX_PARAMS
+                .iter()
+                .copied()
+                .chain(smp.iter().map(String::as_str))
+                .collect();
+            let c = with_params(spec.cmdline, &params);
+            log::warn!(
+                "nested PVM host: Linux command line is now '{c}' (see README, Linux guests)"
+            );
+            c
+        }
+        (true, false, Some(khz)) => with_params(spec.cmdline, &[&format!("tsc_khz={khz}")]),
+        _ => spec.cmdline.to_string(),
     };
     let spec = &BootSpec {
         cmdline: &cmdline,

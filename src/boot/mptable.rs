@@ -17,7 +17,6 @@ const MP_LINTSRC: u8 = 4;
 const CPU_ENABLED: u8 = 1;
 const CPU_BOOTPROCESSOR: u8 = 2;
 const APIC_VERSION: u8 = 0x14;
-const IOAPIC_ID_OFFSET: u8 = 1;
 const MP_IRQ_SRC_INT: u8 = 0;
 const MP_IRQ_SRC_NMI: u8 = 1;
 const MP_IRQ_SRC_EXTINT: u8 = 3;
@@ -25,6 +24,11 @@ const MP_IRQ_SRC_EXTINT: u8 = 3;
 const ISA_IRQS: u8 = 16;
 /// APIC IDs are 8 bits and the IOAPIC takes the ID after the last CPU.
 pub const MAX_VCPUS: u8 = 254;
+
+/// The IOAPIC's APIC ID: the one after the last CPU's (the MP table and the ACPI MADT agree).
+pub fn ioapic_id(vcpus: u8) -> u8 {
+    vcpus + 1
+}
 
 fn checksum(bytes: &[u8]) -> u8 {
     bytes
@@ -35,7 +39,7 @@ fn checksum(bytes: &[u8]) -> u8 {
 
 /// Builds the floating pointer structure followed by the configuration table.
 pub fn build(vcpus: u8) -> Vec<u8> {
-    let ioapic_id = vcpus + IOAPIC_ID_OFFSET;
+    let ioapic_id = ioapic_id(vcpus);
     let mut entries: Vec<u8> = Vec::new();
     let mut count: u16 = 0;
     for id in 0..vcpus {
