@@ -64,6 +64,24 @@ fn bytes(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
+/// An ISA device for the DSDT: `_HID`, optional `_UID`, and a `_CRS` of `ports` I/O ports
+/// from `port` and one edge-triggered, active-high, exclusive interrupt.
+fn isa_device(name: &str, hid: &str, uid: Option<u32>, port: u16, ports: u8, irq: u32) -> Vec<u8> {
+    let hid = EISAName::new(hid);
+    let io = IO::new(port, port, 1, ports);
+    let irq = Interrupt::new(true, true, false, false, irq);
+    let crs = ResourceTemplate::new(vec![&io, &irq]);
+    let hid_name = Name::new(Path::new("_HID"), &hid);
+    let crs_name = Name::new(Path::new("_CRS"), &crs);
+    let uid_name = uid.map(|u| Name::new(Path::new("_UID"), &u));
+    let mut children: Vec<&dyn Aml> = vec![&hid_name];
+    if let Some(u) = &uid_name {
+        children.push(u);
+    }
+    children.push(&crs_name);
+    bytes(&Device::new(Path::new(name), children))
+}
+
 fn dsdt() -> Vec<u8> {
     let pci_hid = EISAName::new("PNP0A08");
     let pci_cid = EISAName::new("PNP0A03");
@@ -88,28 +106,28 @@ fn dsdt() -> Vec<u8> {
     let crs = Name::new(Path::new("_CRS"), &pci_crs);
     let pci0 = Device::new(Path::new("PCI0"), vec![&hid, &cid, &seg, &bbn, &uid, &crs]);
 
-    let com_hid = EISAName::new("PNP0501");
-    let com_io = IO::new(SERIAL_PORT as u16, SERIAL_PORT as u16, 1, 8);
-    // consumer, edge triggered, active high, exclusive
-    let com_irq = Interrupt::new(true, true, false, false, SERIAL_IRQ);
-    let com_crs = ResourceTemplate::new(vec![&com_io, &com_irq]);
-    let com_hid_name = Name::new(Path::new("_HID"), &com_hid);
-    let com_crs_name = Name::new(Path::new("_CRS"), &com_crs);
-    let com1 = Device::new(Path::new("COM1"), vec![&com_hid_name, &uid, &com_crs_name]);
-
+    let mut body = bytes(&pci0);
+    body.extend(isa_device(
+        "COM1",
+        "PNP0501",
+        Some(0),
+        SERIAL_PORT as u16,
+        8,
+        SERIAL_IRQ,
+    ));
     // The CMOS RTC (src/devices/legacy/cmos.rs): without it here Linux's rtc_cmos falls
     // back to a platform device on IRQ 8, which a platform without a PIC never maps.
-    let rtc_hid = EISAName::new("PNP0B00");
-    let rtc_io = IO::new(CMOS_BASE as u16, CMOS_BASE as u16, 1, 2);
-    let rtc_irq = Interrupt::new(true, true, false, false, RTC_IRQ);
-    let rtc_crs = ResourceTemplate::new(vec![&rtc_io, &rtc_irq]);
-    let rtc_hid_name = Name::new(Path::new("_HID"), &rtc_hid);
-    let rtc_crs_name = Name::new(Path::new("_CRS"), &rtc_crs);
-    let rtc = Device::new(Path::new("RTC_"), vec![&rtc_hid_name, &rtc_crs_name]);
-
-    let sb = Scope::new(Path::new("\\_SB_"), vec![&pci0, &com1, &rtc]);
+    body.extend(isa_device(
+        "RTC_",
+        "PNP0B00",
+        None,
+        CMOS_BASE as u16,
+        2,
+        RTC_IRQ,
+    ));
+    let sb = Scope::raw(Path::new("\\_SB_"), body);
     let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"RINGDSDT", OEM_REVISION);
-    t.append_slice(&bytes(&sb));
+    t.append_slice(&sb);
     t.as_slice().to_vec()
 }
 
