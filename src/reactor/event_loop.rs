@@ -6,7 +6,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring, SubmissionQueue, Submitter};
 use vmm_sys_util::eventfd::EventFd;
@@ -87,6 +87,10 @@ struct QueueSlot {
     pending: bool,
     polling: bool,
     poll_until: Instant,
+    /// The adaptive busy-poll window, at most the handler's `poll_window()` (see [`adapt`]).
+    window: Duration,
+    /// When the queue last stopped polling and re-enabled guest notifications.
+    slept_at: Option<Instant>,
     draining: bool,
     cancel_sent: bool,
     has_file: bool,
@@ -113,6 +117,10 @@ pub struct Reactor {
     retired: Report,
     metrics: ReactorMetrics,
     started: Instant,
+    wait_in_flight: bool,
+    adaptive_poll: bool,
+    /// Moving average of how long a wait for in-flight I/O took, ns.
+    io_wait_ewma_ns: u64,
 }
 
 impl Reactor {
@@ -129,10 +137,17 @@ impl Reactor {
         if opts.sqpoll {
             b.setup_sqpoll(opts.sqpoll_idle_ms);
         } else {
-            // One thread submits, and completions may wait for its next io_uring_enter:
-            // no inter-processor interrupt per completion.
+            // One thread submits, and completions wait for its next io_uring_enter: no
+            // inter-processor interrupt or forced kernel entry per completion. The kernel
+            // flags pending completion work in the SQ ring (TASKRUN_FLAG), so a polling pass
+            // enters the kernel only when there is something to submit or to reap.
             b.setup_single_issuer();
-            b.setup_coop_taskrun();
+            b.setup_taskrun_flag();
+            if opts.defer_taskrun {
+                b.setup_defer_taskrun();
+            } else {
+                b.setup_coop_taskrun();
+            }
         }
         let ring = b.build(opts.ring_entries.max(8))?;
         probe_opcodes(&ring)?;
@@ -157,6 +172,9 @@ impl Reactor {
                 ..Default::default()
             },
             started: Instant::now(),
+            wait_in_flight: opts.wait_in_flight,
+            adaptive_poll: opts.adaptive_poll,
+            io_wait_ewma_ns: 0,
         })
     }
 
@@ -218,6 +236,7 @@ impl Reactor {
             fixed_file: slot as u32,
             alt_fixed_file: alt as u32,
         })?;
+        let poll_max = handler.poll_window().unwrap_or(Duration::ZERO);
         let mut has_file = false;
         for (index, fd) in [(slot, handler.file_fd()), (alt, handler.alt_file_fd())] {
             if let Some(fd) = fd {
@@ -237,6 +256,8 @@ impl Reactor {
             pending: true,
             polling: false,
             poll_until: Instant::now(),
+            window: poll_max,
+            slept_at: None,
             draining: false,
             cancel_sent: false,
             has_file,
@@ -373,6 +394,9 @@ impl Reactor {
             queues,
             wake,
             wake_armed,
+            wait_in_flight,
+            adaptive_poll,
+            io_wait_ewma_ns,
             ..
         } = self;
         let (submitter, mut sq, _) = ring.split();
@@ -385,7 +409,10 @@ impl Reactor {
             push_raw(&mut sq, &submitter, &e)?;
             *wake_armed = true;
         }
-        let mut busy = false;
+        let adaptive = *adaptive_poll;
+        let mut more = false;
+        let mut deadline: Option<Instant> = None;
+        let mut in_flight = 0;
         for (i, slot) in queues.iter_mut().enumerate() {
             let Some(q) = slot else { continue };
             if q.draining {
@@ -396,6 +423,7 @@ impl Reactor {
                     push_raw(&mut sq, &submitter, &e)?;
                     q.cancel_sent = true;
                 }
+                in_flight += q.handler.io_in_flight();
                 continue;
             }
             if !q.kick_armed && !q.kick_dead {
@@ -406,7 +434,7 @@ impl Reactor {
                 push_raw(&mut sq, &submitter, &e)?;
                 q.kick_armed = true;
             }
-            busy |= run_queue(
+            let state = run_queue(
                 q,
                 &mut RingCtx {
                     sq: &mut sq,
@@ -414,28 +442,80 @@ impl Reactor {
                     slot: i,
                     now: t0,
                 },
+                adaptive,
             );
+            match state {
+                QueueState::More => more = true,
+                QueueState::Poll(until) => {
+                    deadline = Some(deadline.map_or(until, |d| d.min(until)));
+                }
+                QueueState::Idle => {}
+            }
+            in_flight += q.handler.io_in_flight();
             q.handler.publish();
         }
         sq.sync();
+        let to_submit = sq.len();
+        let taskrun = sq.taskrun() || sq.cq_overflow();
         drop(sq);
 
-        let want = usize::from(may_wait && !busy);
+        // How to enter the kernel this pass:
+        // - a queue has more requests than one batch: submit, reap, go on;
+        // - a queue polls its avail ring and I/O is in flight: wait for a completion, at most
+        //   until the poll window ends (the io-wq worker or softirq that completes it may need
+        //   this very core; spinning would only delay it);
+        // - a queue polls and nothing is in flight: spin, entering the kernel only when there
+        //   is something to submit or completion work is pending;
+        // - every queue sleeps with notifications on: block until a kick, a completion or a
+        //   control message.
         let t1 = Instant::now();
         self.metrics.busy_ns += (t1 - t0).as_nanos() as u64;
-        self.metrics.enters += 1;
-        match submitter.submit_and_wait(want) {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
-                ) => {}
-            Err(e) => return Err(e),
+        let mut blocked = false;
+        let mut waited_for_io = false;
+        let r = if !may_wait || more {
+            Some(submitter.submit_and_wait(0))
+        } else if let Some(until) = deadline {
+            if in_flight > 0 && *wait_in_flight {
+                blocked = true;
+                waited_for_io = true;
+                let left = until.saturating_duration_since(t1);
+                if Duration::from_nanos(*io_wait_ewma_ns) < left {
+                    // Completions have been arriving within the window: wait for one without
+                    // a timer (a timed wait costs ~15 µs more per wake-up on the lab's host).
+                    Some(submitter.submit_and_wait(1))
+                } else {
+                    let ts = types::Timespec::new()
+                        .sec(left.as_secs())
+                        .nsec(left.subsec_nanos());
+                    Some(submitter.submit_with_args(1, &types::SubmitArgs::new().timespec(&ts)))
+                }
+            } else {
+                (to_submit > 0 || taskrun).then(|| submitter.submit_and_wait(0))
+            }
+        } else {
+            blocked = true;
+            Some(submitter.submit_and_wait(1))
+        };
+        if let Some(r) = r {
+            self.metrics.enters += 1;
+            match r {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EBUSY | libc::EAGAIN | libc::ETIME)
+                    ) => {}
+                Err(e) => return Err(e),
+            }
         }
         let t2 = Instant::now();
         let waited = (t2 - t1).as_nanos() as u64;
-        if want > 0 {
+        if waited_for_io {
+            // How long completions take to arrive, as seen by a waiting reactor (EWMA, 1/8).
+            let e = self.io_wait_ewma_ns;
+            self.io_wait_ewma_ns = e - e / 8 + waited / 8;
+        }
+        if blocked {
             self.metrics.idle_ns += waited;
         } else {
             self.metrics.busy_ns += waited;
@@ -559,14 +639,61 @@ fn push_raw(
     }
 }
 
-/// Pops one bounded batch from `q` if it may have work. Returns true when the queue wants
-/// another pass without sleeping (more requests or busy-polling).
-fn run_queue(q: &mut QueueSlot, ctx: &mut RingCtx<'_, '_>) -> bool {
-    if !q.pending && !q.polling {
-        return false;
+/// What a queue wants after its part of a pass.
+enum QueueState {
+    /// Notifications are on; a kick or a completion wakes it.
+    Idle,
+    /// More requests wait than one batch took: come back without waiting.
+    More,
+    /// Busy-polling the avail ring with notifications off until this instant.
+    Poll(Instant),
+}
+
+/// Smallest window a queue grows to from zero, and the step below which it drops to zero.
+const POLL_MIN: Duration = Duration::from_micros(2);
+
+/// A kick this many poll windows after a queue went to sleep still grows its window. The
+/// gap is measured when the reactor sees the kick, so it includes the kick's own delivery
+/// (the guest's exit, the eventfd, the reactor's wake-up: about 30 µs on the lab's nested
+/// host, a few µs on bare metal); comparing it with the window alone would leave a window
+/// that once reached zero there forever.
+const GROW_GAP_WINDOWS: u32 = 4;
+
+/// Adapts a queue's poll window once it slept and was kicked `gap` later (QEMU's
+/// poll-grow/poll-shrink rule, per queue): a kick soon after going to sleep (within
+/// [`GROW_GAP_WINDOWS`] × `max`) would have been caught by polling longer, so the window
+/// doubles; a longer gap means polling would not have paid, so it halves, down to zero: an
+/// idle or slow guest costs no reactor CPU. Returns the new window.
+fn adapt(window: Duration, max: Duration, gap: Duration) -> Duration {
+    if gap <= max * GROW_GAP_WINDOWS {
+        (window * 2).max(POLL_MIN).min(max)
+    } else {
+        let w = window / 2;
+        if w < POLL_MIN {
+            Duration::ZERO
+        } else {
+            w
+        }
     }
+}
+
+/// Pops one bounded batch from `q` if it may have work, and says how the queue wants to be
+/// served next.
+fn run_queue(q: &mut QueueSlot, ctx: &mut RingCtx<'_, '_>, adaptive: bool) -> QueueState {
+    if !q.pending && !q.polling {
+        return QueueState::Idle;
+    }
+    let now = ctx.now;
     let kicked = q.pending;
     q.pending = false;
+    let max = q.handler.poll_window().unwrap_or(Duration::ZERO);
+    if kicked {
+        if let Some(slept) = q.slept_at.take() {
+            if adaptive {
+                q.window = adapt(q.window, max, now.saturating_duration_since(slept));
+            }
+        }
+    }
     if !q.polling {
         q.handler.set_notify(false);
     }
@@ -574,29 +701,69 @@ fn run_queue(q: &mut QueueSlot, ctx: &mut RingCtx<'_, '_>) -> bool {
     if q.polling && n > 0 && !kicked {
         q.handler.poll_hit();
     }
-    let window = q.handler.poll_window();
+    let window = if adaptive { q.window } else { max };
     if n >= super::BATCH_MAX {
         q.pending = true;
-        if let Some(w) = window {
+        if !window.is_zero() {
             q.polling = true;
-            q.poll_until = ctx.now + w;
+            q.poll_until = now + window;
         }
-        return true;
+        return QueueState::More;
     }
-    if let Some(w) = window {
+    if !window.is_zero() {
         if n > 0 {
             q.polling = true;
-            q.poll_until = ctx.now + w;
-            return true;
+            q.poll_until = now + window;
+            return QueueState::Poll(q.poll_until);
         }
-        if q.polling && ctx.now < q.poll_until {
-            return true;
+        if q.polling && now < q.poll_until {
+            return QueueState::Poll(q.poll_until);
         }
-        q.polling = false;
     }
+    q.polling = false;
     if q.handler.set_notify(true) {
         q.pending = true;
-        return true;
+        return QueueState::More;
     }
-    false
+    if !max.is_zero() {
+        q.slept_at = Some(now);
+    }
+    QueueState::Idle
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: Duration = Duration::from_micros(32);
+
+    #[test]
+    fn test_adapt_kick_soon_after_sleep_grows_to_max() {
+        let mut w = Duration::ZERO;
+        for _ in 0..10 {
+            w = adapt(w, MAX, Duration::from_micros(40));
+        }
+        assert_eq!(w, MAX);
+        assert_eq!(adapt(Duration::ZERO, MAX, Duration::from_micros(1)), POLL_MIN);
+    }
+
+    #[test]
+    fn test_adapt_long_gaps_shrink_to_zero() {
+        let mut w = MAX;
+        let mut steps = 0;
+        while !w.is_zero() {
+            w = adapt(w, MAX, Duration::from_millis(1));
+            steps += 1;
+            assert!(steps < 10, "window never reached zero");
+        }
+        assert_eq!(adapt(Duration::ZERO, MAX, Duration::from_millis(1)), Duration::ZERO);
+    }
+
+    #[test]
+    fn test_adapt_zero_max_never_polls() {
+        assert_eq!(
+            adapt(Duration::ZERO, Duration::ZERO, Duration::ZERO),
+            Duration::ZERO
+        );
+    }
 }

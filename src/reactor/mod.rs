@@ -46,6 +46,37 @@ pub struct ReactorOptions {
     pub sqpoll_idle_ms: u32,
     /// Submission queue entries per ring (completion queue is 4×).
     pub ring_entries: u32,
+    /// IORING_SETUP_DEFER_TASKRUN (else COOP_TASKRUN): completions are posted only when the
+    /// reactor asks for them.
+    pub defer_taskrun: bool,
+    /// While a queue polls and has I/O in flight, wait in the kernel for a completion (at most
+    /// until the poll window ends) instead of spinning: the threads that complete the I/O
+    /// (io-wq workers, softirqs) often run on the reactor's own core.
+    pub wait_in_flight: bool,
+    /// Grow and shrink each queue's busy-poll window with what polling finds (else fixed).
+    pub adaptive_poll: bool,
+}
+
+impl ReactorOptions {
+    /// Applies `RINGVM_REACTOR` (comma-separated `defer|nodefer`, `wait|spin`,
+    /// `adaptive|fixed`): the switches the A/B measurements in perf/RESULTS.md flip.
+    pub fn with_env_overrides(mut self) -> Self {
+        let Ok(v) = std::env::var("RINGVM_REACTOR") else {
+            return self;
+        };
+        for word in v.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            match word {
+                "defer" => self.defer_taskrun = true,
+                "nodefer" => self.defer_taskrun = false,
+                "wait" => self.wait_in_flight = true,
+                "spin" => self.wait_in_flight = false,
+                "adaptive" => self.adaptive_poll = true,
+                "fixed" => self.adaptive_poll = false,
+                other => log::warn!("RINGVM_REACTOR: ignoring unknown switch `{other}`"),
+            }
+        }
+        self
+    }
 }
 
 impl Default for ReactorOptions {
@@ -55,6 +86,9 @@ impl Default for ReactorOptions {
             sqpoll: false,
             sqpoll_idle_ms: 100,
             ring_entries: 256,
+            defer_taskrun: true,
+            wait_in_flight: true,
+            adaptive_poll: true,
         }
     }
 }
@@ -140,6 +174,12 @@ pub trait QueueHandler {
     fn publish(&mut self);
     /// Operations queued or submitted and not completed yet.
     fn in_flight(&self) -> usize;
+    /// Of those, operations that complete on their own within a service time (disk I/O),
+    /// as opposed to reads that wait for outside events (packets): while a polling queue has
+    /// such operations, the reactor waits in the kernel for them instead of spinning.
+    fn io_in_flight(&self) -> usize {
+        0
+    }
     /// A copy of the queue's metrics.
     fn metrics(&self) -> QueueMetrics;
 }

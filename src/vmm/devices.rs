@@ -31,7 +31,8 @@ impl VmExtension for StandardDevices {
             cores: config.io_cores.clone(),
             sqpoll: config.sqpoll,
             ..Default::default()
-        };
+        }
+        .with_env_overrides();
         let pool = ReactorPool::start(opts, ctx.exit.clone())
             .map_err(|e| VmError::Devices(error_chain(&e)))?;
         for disk in &config.disks {

@@ -548,6 +548,10 @@ impl QueueHandler for BlockQueue {
         self.in_flight
     }
 
+    fn io_in_flight(&self) -> usize {
+        self.in_flight
+    }
+
     fn metrics(&self) -> QueueMetrics {
         self.p.metrics.clone()
     }
