@@ -121,6 +121,10 @@ pub struct Reactor {
     adaptive_poll: bool,
     /// Moving average of how long a wait for in-flight I/O took, ns.
     io_wait_ewma_ns: u64,
+    /// Register guest memory as fixed buffers (off after a failed registration).
+    fixed_buffers: bool,
+    /// The registered fixed buffers (host start, length), in index order.
+    bufs: Vec<(usize, usize)>,
 }
 
 impl Reactor {
@@ -175,6 +179,8 @@ impl Reactor {
             wait_in_flight: opts.wait_in_flight,
             adaptive_poll: opts.adaptive_poll,
             io_wait_ewma_ns: 0,
+            fixed_buffers: opts.fixed_buffers,
+            bufs: Vec::new(),
         })
     }
 
@@ -247,6 +253,8 @@ impl Reactor {
                 has_file = true;
             }
         }
+        let mut handler = handler;
+        self.register_buffers(&mut *handler);
         self.queues[slot] = Some(QueueSlot {
             device,
             handler,
@@ -263,6 +271,52 @@ impl Reactor {
             has_file,
         });
         Ok(())
+    }
+
+    /// Registers the queue's guest memory as the ring's fixed buffers, once (one VM per
+    /// process: every queue sees the same memory), and tells the handler their indices.
+    fn register_buffers(&mut self, handler: &mut dyn QueueHandler) {
+        if !self.fixed_buffers {
+            return;
+        }
+        if self.bufs.is_empty() {
+            let mut chunks = Vec::new();
+            for (start, len) in handler.guest_memory() {
+                let mut off = 0;
+                while off < len {
+                    let n = (len - off).min(super::FIXED_BUFFER_MAX);
+                    chunks.push(libc::iovec {
+                        // SAFETY: `off < len`, inside the region.
+                        iov_base: unsafe { start.add(off) }.cast(),
+                        iov_len: n,
+                    });
+                    off += n;
+                }
+            }
+            if chunks.is_empty() {
+                return;
+            }
+            // SAFETY: the ranges are guest memory, mapped for the life of the VM; the
+            // registration pins the pages, so even an unmap could not free them under the
+            // kernel. They are unregistered when the reactor's last queue detaches.
+            match unsafe { self.ring.submitter().register_buffers(&chunks) } {
+                Ok(()) => {
+                    self.bufs = chunks
+                        .iter()
+                        .map(|c| (c.iov_base as usize, c.iov_len))
+                        .collect();
+                }
+                Err(e) => {
+                    log::info!(
+                        "reactor{}: guest memory not registered as io_uring fixed buffers ({e}); requests use readv/writev",
+                        self.index
+                    );
+                    self.fixed_buffers = false;
+                    return;
+                }
+            }
+        }
+        handler.use_fixed_buffers(&self.bufs);
     }
 
     fn begin_drain(&mut self, device: Option<u64>) {
@@ -348,6 +402,12 @@ impl Reactor {
         }
         while matches!(self.queues.last(), Some(None)) {
             self.queues.pop();
+        }
+        if self.queues.is_empty() && !self.bufs.is_empty() {
+            if let Err(e) = self.ring.submitter().unregister_buffers() {
+                log::error!("reactor{}: cannot unregister the fixed buffers: {e}", self.index);
+            }
+            self.bufs.clear();
         }
         let queues = &self.queues;
         self.detaches.retain(|(dev, ack)| {

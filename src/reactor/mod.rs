@@ -29,6 +29,8 @@ use crate::metrics::QueueMetrics;
 
 /// Most requests a queue pops in one pass, so one busy queue cannot starve the others.
 pub const BATCH_MAX: usize = 64;
+/// Largest fixed buffer io_uring registers; guest memory is registered in chunks this big.
+pub const FIXED_BUFFER_MAX: usize = 1 << 30;
 /// Most queues (of all devices) one reactor serves; its fixed-file table has two entries per queue.
 pub const MAX_QUEUES_PER_REACTOR: usize = 256;
 /// How long a control message (attach, detach, snapshot, stop) may take before the caller
@@ -55,11 +57,14 @@ pub struct ReactorOptions {
     pub wait_in_flight: bool,
     /// Grow and shrink each queue's busy-poll window with what polling finds (else fixed).
     pub adaptive_poll: bool,
+    /// Register guest memory as io_uring fixed buffers (READ_FIXED/WRITE_FIXED for
+    /// single-buffer requests: no page-table walk and page pinning per request).
+    pub fixed_buffers: bool,
 }
 
 impl ReactorOptions {
     /// Applies `RINGVM_REACTOR` (comma-separated `defer|nodefer`, `wait|spin`,
-    /// `adaptive|fixed`): the switches the A/B measurements in perf/RESULTS.md flip.
+    /// `adaptive|fixed`, `bufs|nobufs`): the switches the A/B measurements in perf/RESULTS.md flip.
     pub fn with_env_overrides(mut self) -> Self {
         let Ok(v) = std::env::var("RINGVM_REACTOR") else {
             return self;
@@ -72,6 +77,8 @@ impl ReactorOptions {
                 "spin" => self.wait_in_flight = false,
                 "adaptive" => self.adaptive_poll = true,
                 "fixed" => self.adaptive_poll = false,
+                "bufs" => self.fixed_buffers = true,
+                "nobufs" => self.fixed_buffers = false,
                 other => log::warn!("RINGVM_REACTOR: ignoring unknown switch `{other}`"),
             }
         }
@@ -89,6 +96,7 @@ impl Default for ReactorOptions {
             defer_taskrun: true,
             wait_in_flight: true,
             adaptive_poll: true,
+            fixed_buffers: true,
         }
     }
 }
@@ -174,6 +182,13 @@ pub trait QueueHandler {
     fn publish(&mut self);
     /// Operations queued or submitted and not completed yet.
     fn in_flight(&self) -> usize;
+    /// Host ranges of the guest memory this queue's I/O goes to, for the reactor to register
+    /// as fixed buffers (empty: none).
+    fn guest_memory(&self) -> Vec<(*mut u8, usize)> {
+        Vec::new()
+    }
+    /// The ring's fixed buffers, in index order; called after each attach that registered them.
+    fn use_fixed_buffers(&mut self, _bufs: &[(usize, usize)]) {}
     /// Of those, operations that complete on their own within a service time (disk I/O),
     /// as opposed to reads that wait for outside events (packets): while a polling queue has
     /// such operations, the reactor waits in the kernel for them instead of spinning.

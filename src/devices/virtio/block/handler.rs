@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::QueueIo;
@@ -119,6 +119,8 @@ pub struct BlockQueue {
     log: LogLimiter,
     /// The notice about O_DIRECT fallbacks was logged.
     noted_buffered: bool,
+    /// The ring's fixed buffers over guest memory (host start, end), in index order.
+    bufs: Vec<(usize, usize)>,
 }
 
 impl BlockQueue {
@@ -161,6 +163,7 @@ impl BlockQueue {
             broken: false,
             log: LogLimiter::new(),
             noted_buffered: false,
+            bufs: Vec::new(),
         };
         match rings {
             Some(r) => q.rings = Some(r),
@@ -241,6 +244,14 @@ impl BlockQueue {
             .record_k2c(now.saturating_duration_since(kick));
     }
 
+    /// The fixed buffer holding all of `v`, if the ring has one.
+    fn fixed_buffer(&self, v: &libc::iovec) -> Option<u16> {
+        let start = v.iov_base as usize;
+        let end = start.checked_add(v.iov_len)?;
+        let i = self.bufs.iter().position(|&(s, e)| s <= start && end <= e)?;
+        u16::try_from(i).ok()
+    }
+
     /// Starts one parsed request: completes it inline or queues its SQE.
     fn start(&mut self, ctx: &mut RingCtx<'_, '_>, head: u16, kick: Instant) {
         let now = ctx.now;
@@ -263,11 +274,13 @@ impl BlockQueue {
             }
             (None, _) => None,
             (Some(_), RequestType::In | RequestType::Out) if req.niov == 0 => None,
-            (Some(io), RequestType::In) => {
-                Some(io.read(self.slots[h].iov.as_ptr(), req.niov, req.offset(), buffered))
-            }
-            (Some(io), RequestType::Out) => {
-                Some(io.write(self.slots[h].iov.as_ptr(), req.niov, req.offset(), buffered))
+            (Some(io), RequestType::In | RequestType::Out) => {
+                let iov = &self.slots[h].iov;
+                let write = req.kind == RequestType::Out;
+                Some(match (req.niov, self.fixed_buffer(&iov[0])) {
+                    (1, Some(buf)) => io.rw_fixed(write, &iov[0], buf, req.offset(), buffered),
+                    _ => io.rw_vectored(write, iov.as_ptr(), req.niov, req.offset(), buffered),
+                })
             }
             (Some(io), RequestType::Flush) => Some(io.flush()),
             (Some(io), RequestType::Discard) => Some(io.punch(
@@ -467,10 +480,8 @@ impl QueueHandler for BlockQueue {
                 // O_DIRECT refused the request (e.g. a host disk with 4 KiB sectors): retry
                 // it once through the buffered twin.
                 slot.buffered = true;
-                let e = match req.kind {
-                    RequestType::In => io.read(slot.iov.as_ptr(), req.niov, req.offset(), true),
-                    _ => io.write(slot.iov.as_ptr(), req.niov, req.offset(), true),
-                };
+                let write = req.kind == RequestType::Out;
+                let e = io.rw_vectored(write, slot.iov.as_ptr(), req.niov, req.offset(), true);
                 // SAFETY: the same iovec array, still owned by the busy slot until this
                 // completion comes back.
                 if unsafe { ctx.push(e, tag) }.is_ok() {
@@ -550,6 +561,25 @@ impl QueueHandler for BlockQueue {
 
     fn io_in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    fn guest_memory(&self) -> Vec<(*mut u8, usize)> {
+        if self.io.is_none() {
+            return Vec::new();
+        }
+        self.p
+            .mem
+            .iter()
+            .filter_map(|r| {
+                let len = usize::try_from(r.len()).ok()?;
+                let start = r.get_host_address(MemoryRegionAddress(0)).ok()?;
+                Some((start, len))
+            })
+            .collect()
+    }
+
+    fn use_fixed_buffers(&mut self, bufs: &[(usize, usize)]) {
+        self.bufs = bufs.iter().map(|&(s, n)| (s, s + n)).collect();
     }
 
     fn metrics(&self) -> QueueMetrics {

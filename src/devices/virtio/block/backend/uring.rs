@@ -159,30 +159,44 @@ impl QueueIo {
         }
     }
 
-    /// `readv` into `n` iovecs at `iov` (through the buffered twin when `buffered`).
-    pub fn read(
+    /// `readv`/`writev` (`write`) over `n` iovecs at `iov`, through the buffered twin when
+    /// `buffered`.
+    pub fn rw_vectored(
         &self,
+        write: bool,
         iov: *const libc::iovec,
         n: usize,
         offset: u64,
         buffered: bool,
     ) -> squeue::Entry {
-        opcode::Readv::new(self.target(buffered), iov, n as u32)
-            .offset(offset)
-            .build()
+        let fd = self.target(buffered);
+        if write {
+            opcode::Writev::new(fd, iov, n as u32).offset(offset).build()
+        } else {
+            opcode::Readv::new(fd, iov, n as u32).offset(offset).build()
+        }
     }
 
-    /// `writev` from `n` iovecs at `iov` (through the buffered twin when `buffered`).
-    pub fn write(
+    /// READ_FIXED/WRITE_FIXED of one buffer inside registered fixed buffer `buf`.
+    pub fn rw_fixed(
         &self,
-        iov: *const libc::iovec,
-        n: usize,
+        write: bool,
+        v: &libc::iovec,
+        buf: u16,
         offset: u64,
         buffered: bool,
     ) -> squeue::Entry {
-        opcode::Writev::new(self.target(buffered), iov, n as u32)
-            .offset(offset)
-            .build()
+        let fd = self.target(buffered);
+        let (ptr, len) = (v.iov_base.cast::<u8>(), v.iov_len as u32);
+        if write {
+            opcode::WriteFixed::new(fd, ptr, len, buf)
+                .offset(offset)
+                .build()
+        } else {
+            opcode::ReadFixed::new(fd, ptr, len, buf)
+                .offset(offset)
+                .build()
+        }
     }
 
     /// fdatasync.
