@@ -18,6 +18,9 @@
 #   CPU=model       QEMU -cpu (default host,+invtsc)
 #   TIMEOUT=s       wall-clock limit for QEMU (default 300)
 #   QEMU_EXTRA=...  extra QEMU arguments
+#   BACKEND=null    QEMU's null-co block driver (IMG_SIZE bytes, no data transfer, no
+#                   zeroing) instead of the image: the VMM's own cost, like ringvm's
+#                   backend=null
 #   LOG=path        full serial log (default perf/out/qemu-blkbench.log)
 #
 # Pinning: QEMU has no command-line option to pin vCPU or iothread threads,
@@ -76,13 +79,19 @@ CPU=${CPU:-host,+invtsc}
 # tsc_khz= and -arch-capabilities on the nested PVM host
 . "$ROOT/perf/pvm-host.sh"
 
+if [ "${BACKEND:-}" = null ]; then
+    drive="-blockdev driver=null-co,node-name=d0,size=$IMG_SIZE,read-zeroes=off"
+else
+    drive="-drive if=none,id=d0,file=$IMG,format=raw,aio=io_uring,cache=none"
+fi
+
 set +e
 timeout --foreground "$TIMEOUT" qemu-system-x86_64 \
     -machine q35,accel=kvm -cpu "$CPU" -m 256M -smp 1 \
     -nographic -no-reboot -nic none \
     -kernel "$KERNEL" -append "$PARAMS" \
     -object iothread,id=io0 \
-    -drive if=none,id=d0,file="$IMG",format=raw,aio=io_uring,cache=none \
+    $drive \
     -device virtio-blk-pci,drive=d0,disable-legacy=on,iothread=io0,num-queues="$NUM_QUEUES" \
     -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
     -qmp "unix:$QMP,abstract=on,server=on,wait=off" \

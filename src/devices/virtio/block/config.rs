@@ -54,7 +54,7 @@ impl Default for DiskConfig {
             readonly: false,
             direct: true,
             backend: BackendKind::Uring,
-            poll_us: 0,
+            poll_us: 32,
             id: None,
             size: None,
         }
