@@ -771,7 +771,11 @@ fn run_queue(q: &mut QueueSlot, ctx: &mut RingCtx<'_, '_>, adaptive: bool) -> Qu
         return QueueState::More;
     }
     if !window.is_zero() {
-        if n > 0 {
+        // A queue with I/O in flight stays in its window: the guest answers completions
+        // with new requests, so the window counts from the queue's last activity, pop or
+        // completion (with several queues on one core a batch can take longer than the
+        // window to complete).
+        if n > 0 || q.handler.io_in_flight() > 0 {
             q.polling = true;
             q.poll_until = now + window;
             return QueueState::Poll(q.poll_until);
