@@ -80,7 +80,7 @@ CPU=${CPU:-host,+invtsc}
 . "$ROOT/perf/pvm-host.sh"
 
 if [ "${BACKEND:-}" = null ]; then
-    drive="-blockdev driver=null-co,node-name=d0,size=$IMG_SIZE,read-zeroes=off"
+    drive="-blockdev driver=null-co,node-name=d0,size=$(numfmt --from=iec "$IMG_SIZE"),read-zeroes=off"
 else
     drive="-drive if=none,id=d0,file=$IMG,format=raw,aio=io_uring,cache=none"
 fi

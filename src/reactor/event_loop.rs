@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring, SubmissionQueue, Submitter};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{AttachCtx, HandlerFactory, QueueHandler, ReactorOptions, MAX_QUEUES_PER_REACTOR};
+use super::{
+    AttachCtx, HandlerFactory, InFlightPolicy, QueueHandler, ReactorOptions, MAX_QUEUES_PER_REACTOR,
+};
 use crate::metrics::{ReactorMetrics, Report};
 
 const KIND_SHIFT: u32 = 62;
@@ -117,10 +119,14 @@ pub struct Reactor {
     retired: Report,
     metrics: ReactorMetrics,
     started: Instant,
-    wait_in_flight: bool,
+    in_flight_policy: InFlightPolicy,
     adaptive_poll: bool,
     /// Moving average of how long a wait for in-flight I/O took, ns.
     io_wait_ewma_ns: u64,
+    /// Since when I/O has been in flight without a break.
+    busy_since: Option<Instant>,
+    /// Moving average of those stretches, ns.
+    service_ewma_ns: u64,
     /// Register guest memory as fixed buffers (off after a failed registration).
     fixed_buffers: bool,
     /// The registered fixed buffers (host start, length), in index order.
@@ -176,9 +182,11 @@ impl Reactor {
                 ..Default::default()
             },
             started: Instant::now(),
-            wait_in_flight: opts.wait_in_flight,
+            in_flight_policy: opts.in_flight,
             adaptive_poll: opts.adaptive_poll,
             io_wait_ewma_ns: 0,
+            busy_since: None,
+            service_ewma_ns: 0,
             fixed_buffers: opts.fixed_buffers,
             bufs: Vec::new(),
         })
@@ -454,9 +462,11 @@ impl Reactor {
             queues,
             wake,
             wake_armed,
-            wait_in_flight,
+            in_flight_policy,
             adaptive_poll,
             io_wait_ewma_ns,
+            busy_since,
+            service_ewma_ns,
             ..
         } = self;
         let (submitter, mut sq, _) = ring.split();
@@ -514,6 +524,9 @@ impl Reactor {
             in_flight += q.handler.io_in_flight();
             q.handler.publish();
         }
+        if in_flight > 0 && busy_since.is_none() {
+            *busy_since = Some(t0);
+        }
         sq.sync();
         let to_submit = sq.len();
         let taskrun = sq.taskrun() || sq.cq_overflow();
@@ -535,7 +548,20 @@ impl Reactor {
         let r = if !may_wait || more {
             Some(submitter.submit_and_wait(0))
         } else if let Some(until) = deadline {
-            if in_flight > 0 && *wait_in_flight {
+            let policy = match *in_flight_policy {
+                InFlightPolicy::Hybrid
+                    if in_flight == 1 && *service_ewma_ns < super::FAST_SERVICE.as_nanos() as u64 =>
+                {
+                    InFlightPolicy::Wait
+                }
+                InFlightPolicy::Hybrid => InFlightPolicy::Yield,
+                p => p,
+            };
+            if in_flight > 0 && policy == InFlightPolicy::Yield {
+                // SAFETY: sched_yield takes no arguments and has no failure that matters.
+                unsafe { libc::sched_yield() };
+                Some(submitter.submit_and_wait(0))
+            } else if in_flight > 0 && policy == InFlightPolicy::Wait {
                 blocked = true;
                 waited_for_io = true;
                 let left = until.saturating_duration_since(t1);
@@ -580,12 +606,22 @@ impl Reactor {
         } else {
             self.metrics.busy_ns += waited;
         }
-        self.reap(t2)?;
+        let completed = self.reap(t2)?;
+        if completed > 0 {
+            // How long I/O takes to come back once some is in flight (at QD1: the service
+            // time), as a moving average (1/8).
+            if let Some(since) = self.busy_since.take() {
+                let d = t2.saturating_duration_since(since).as_nanos() as u64;
+                let e = self.service_ewma_ns;
+                self.service_ewma_ns = e - e / 8 + d / 8;
+            }
+        }
         self.metrics.busy_ns += t2.elapsed().as_nanos() as u64;
         Ok(Turn::Running)
     }
 
-    fn reap(&mut self, now: Instant) -> io::Result<()> {
+    /// Reaps every completion; returns how many were I/O of a queue.
+    fn reap(&mut self, now: Instant) -> io::Result<usize> {
         let index = self.index;
         let Reactor {
             ring,
@@ -595,6 +631,7 @@ impl Reactor {
             ..
         } = self;
         let (submitter, mut sq, mut cq) = ring.split();
+        let mut completed = 0;
         cq.sync();
         for cqe in &mut cq {
             let (kind, slot, tag) = decode(cqe.user_data());
@@ -625,6 +662,7 @@ impl Reactor {
                 }
                 _ => {
                     debug_assert_eq!(kind, KIND_IO);
+                    completed += 1;
                     let Some(q) = queues.get_mut(slot).and_then(Option::as_mut) else {
                         log::error!("reactor{index}: I/O completion for empty queue slot {slot}");
                         continue;
@@ -647,7 +685,7 @@ impl Reactor {
             q.handler.publish();
         }
         sq.sync();
-        Ok(())
+        Ok(completed)
     }
 
     /// Snapshot of this reactor (for inline use).

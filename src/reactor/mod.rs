@@ -29,6 +29,9 @@ use crate::metrics::QueueMetrics;
 
 /// Most requests a queue pops in one pass, so one busy queue cannot starve the others.
 pub const BATCH_MAX: usize = 64;
+/// Below this moving-average service time, a lone in-flight request is waited for in the
+/// kernel under [`InFlightPolicy::Hybrid`].
+pub const FAST_SERVICE: Duration = Duration::from_micros(10);
 /// Largest fixed buffer io_uring registers; guest memory is registered in chunks this big.
 pub const FIXED_BUFFER_MAX: usize = 1 << 30;
 /// Most queues (of all devices) one reactor serves; its fixed-file table has two entries per queue.
@@ -51,10 +54,8 @@ pub struct ReactorOptions {
     /// IORING_SETUP_DEFER_TASKRUN (else COOP_TASKRUN): completions are posted only when the
     /// reactor asks for them.
     pub defer_taskrun: bool,
-    /// While a queue polls and has I/O in flight, wait in the kernel for a completion (at most
-    /// until the poll window ends) instead of spinning: the threads that complete the I/O
-    /// (io-wq workers, softirqs) often run on the reactor's own core.
-    pub wait_in_flight: bool,
+    /// What a polling reactor does while I/O is in flight.
+    pub in_flight: InFlightPolicy,
     /// Grow and shrink each queue's busy-poll window with what polling finds (else fixed).
     pub adaptive_poll: bool,
     /// Register guest memory as io_uring fixed buffers (READ_FIXED/WRITE_FIXED for
@@ -63,7 +64,7 @@ pub struct ReactorOptions {
 }
 
 impl ReactorOptions {
-    /// Applies `RINGVM_REACTOR` (comma-separated `defer|nodefer`, `wait|spin`,
+    /// Applies `RINGVM_REACTOR` (comma-separated `defer|nodefer`, `hybrid|yield|wait|spin`,
     /// `adaptive|fixed`, `bufs|nobufs`): the switches the A/B measurements in perf/RESULTS.md flip.
     pub fn with_env_overrides(mut self) -> Self {
         let Ok(v) = std::env::var("RINGVM_REACTOR") else {
@@ -73,8 +74,10 @@ impl ReactorOptions {
             match word {
                 "defer" => self.defer_taskrun = true,
                 "nodefer" => self.defer_taskrun = false,
-                "wait" => self.wait_in_flight = true,
-                "spin" => self.wait_in_flight = false,
+                "wait" => self.in_flight = InFlightPolicy::Wait,
+                "spin" => self.in_flight = InFlightPolicy::Spin,
+                "yield" => self.in_flight = InFlightPolicy::Yield,
+                "hybrid" => self.in_flight = InFlightPolicy::Hybrid,
                 "adaptive" => self.adaptive_poll = true,
                 "fixed" => self.adaptive_poll = false,
                 "bufs" => self.fixed_buffers = true,
@@ -94,11 +97,30 @@ impl Default for ReactorOptions {
             sqpoll_idle_ms: 100,
             ring_entries: 256,
             defer_taskrun: true,
-            wait_in_flight: true,
+            in_flight: InFlightPolicy::Hybrid,
             adaptive_poll: true,
             fixed_buffers: true,
         }
     }
+}
+
+/// What a reactor whose queues poll does while their I/O is in flight. The threads that
+/// complete the I/O (io-wq workers for files without non-blocking reads, such as tmpfs;
+/// softirqs) often run on the reactor's own core, where a spinning reactor only delays them;
+/// a disk that completes through an interrupt elsewhere is served best by spinning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InFlightPolicy {
+    /// `Wait` while a single request is in flight and requests have been completing fast
+    /// (within [`FAST_SERVICE`]: a completion another thread brings on this core, and
+    /// nothing to batch), else `Yield`.
+    Hybrid,
+    /// Spin, and give the core to any other runnable thread once per pass (`sched_yield`):
+    /// spinning when nothing else needs the core, out of the way when something does.
+    Yield,
+    /// Wait in the kernel for a completion, at most until the poll window ends.
+    Wait,
+    /// Spin.
+    Spin,
 }
 
 /// Errors of the reactor pool.
