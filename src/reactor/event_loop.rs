@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring, SubmissionQueue, Submitter};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::poll::{choose_in_flight, run_queue, QueueState};
 use super::{
     AttachCtx, HandlerFactory, InFlightPolicy, QueueHandler, ReactorOptions, MAX_QUEUES_PER_REACTOR,
 };
@@ -79,23 +80,23 @@ impl RingCtx<'_, '_> {
     }
 }
 
-struct QueueSlot {
-    device: u64,
-    handler: Box<dyn QueueHandler>,
-    kick_armed: bool,
+pub(super) struct QueueSlot {
+    pub(super) device: u64,
+    pub(super) handler: Box<dyn QueueHandler>,
+    pub(super) kick_armed: bool,
     /// The kick poll failed for good; only polling (or nothing) serves the queue now.
-    kick_dead: bool,
+    pub(super) kick_dead: bool,
     /// A kick (or a full batch) says there may be requests to pop.
-    pending: bool,
-    polling: bool,
-    poll_until: Instant,
+    pub(super) pending: bool,
+    pub(super) polling: bool,
+    pub(super) poll_until: Instant,
     /// The adaptive busy-poll window, at most the handler's `poll_window()` (see [`adapt`]).
-    window: Duration,
+    pub(super) window: Duration,
     /// When the queue last stopped polling and re-enabled guest notifications.
-    slept_at: Option<Instant>,
-    draining: bool,
-    cancel_sent: bool,
-    has_file: bool,
+    pub(super) slept_at: Option<Instant>,
+    pub(super) draining: bool,
+    pub(super) cancel_sent: bool,
+    pub(super) has_file: bool,
 }
 
 /// Result of one [`Reactor::turn`].
@@ -532,13 +533,12 @@ impl Reactor {
         let taskrun = sq.taskrun() || sq.cq_overflow();
         drop(sq);
 
-        // How to enter the kernel this pass:
+        // How to enter the kernel this pass (README, "The reactor"):
         // - a queue has more requests than one batch: submit, reap, go on;
-        // - a queue polls its avail ring and I/O is in flight: wait for a completion, at most
-        //   until the poll window ends (the io-wq worker or softirq that completes it may need
-        //   this very core; spinning would only delay it);
+        // - a queue polls and I/O is in flight: as the in-flight policy says (yield the core
+        //   to whatever completes the I/O and spin, or wait in the kernel for a completion);
         // - a queue polls and nothing is in flight: spin, entering the kernel only when there
-        //   is something to submit or completion work is pending;
+        //   is something to submit or the ring flags completion work;
         // - every queue sleeps with notifications on: block until a kick, a completion or a
         //   control message.
         let t1 = Instant::now();
@@ -548,15 +548,11 @@ impl Reactor {
         let r = if !may_wait || more {
             Some(submitter.submit_and_wait(0))
         } else if let Some(until) = deadline {
-            let policy = match *in_flight_policy {
-                InFlightPolicy::Hybrid
-                    if in_flight == 1 && *service_ewma_ns < super::FAST_SERVICE.as_nanos() as u64 =>
-                {
-                    InFlightPolicy::Wait
-                }
-                InFlightPolicy::Hybrid => InFlightPolicy::Yield,
-                p => p,
-            };
+            let policy = choose_in_flight(
+                *in_flight_policy,
+                in_flight,
+                Duration::from_nanos(*service_ewma_ns),
+            );
             if in_flight > 0 && policy == InFlightPolicy::Yield {
                 // SAFETY: sched_yield takes no arguments and has no failure that matters.
                 unsafe { libc::sched_yield() };
@@ -734,138 +730,5 @@ fn push_raw(
         sq.sync();
         submitter.submit()?;
         sq.sync();
-    }
-}
-
-/// What a queue wants after its part of a pass.
-enum QueueState {
-    /// Notifications are on; a kick or a completion wakes it.
-    Idle,
-    /// More requests wait than one batch took: come back without waiting.
-    More,
-    /// Busy-polling the avail ring with notifications off until this instant.
-    Poll(Instant),
-}
-
-/// Smallest window a queue grows to from zero, and the step below which it drops to zero.
-const POLL_MIN: Duration = Duration::from_micros(2);
-
-/// A kick this many poll windows after a queue went to sleep still grows its window. The
-/// gap is measured when the reactor sees the kick, so it includes the kick's own delivery
-/// (the guest's exit, the eventfd, the reactor's wake-up: about 30 µs on the lab's nested
-/// host, a few µs on bare metal); comparing it with the window alone would leave a window
-/// that once reached zero there forever.
-const GROW_GAP_WINDOWS: u32 = 4;
-
-/// Adapts a queue's poll window once it slept and was kicked `gap` later (QEMU's
-/// poll-grow/poll-shrink rule, per queue): a kick soon after going to sleep (within
-/// [`GROW_GAP_WINDOWS`] × `max`) would have been caught by polling longer, so the window
-/// doubles; a longer gap means polling would not have paid, so it halves, down to zero: an
-/// idle or slow guest costs no reactor CPU. Returns the new window.
-fn adapt(window: Duration, max: Duration, gap: Duration) -> Duration {
-    if gap <= max * GROW_GAP_WINDOWS {
-        (window * 2).max(POLL_MIN).min(max)
-    } else {
-        let w = window / 2;
-        if w < POLL_MIN {
-            Duration::ZERO
-        } else {
-            w
-        }
-    }
-}
-
-/// Pops one bounded batch from `q` if it may have work, and says how the queue wants to be
-/// served next.
-fn run_queue(q: &mut QueueSlot, ctx: &mut RingCtx<'_, '_>, adaptive: bool) -> QueueState {
-    if !q.pending && !q.polling {
-        return QueueState::Idle;
-    }
-    let now = ctx.now;
-    let kicked = q.pending;
-    q.pending = false;
-    let max = q.handler.poll_window().unwrap_or(Duration::ZERO);
-    if kicked {
-        if let Some(slept) = q.slept_at.take() {
-            if adaptive {
-                q.window = adapt(q.window, max, now.saturating_duration_since(slept));
-            }
-        }
-    }
-    if !q.polling {
-        q.handler.set_notify(false);
-    }
-    let n = q.handler.poll_avail(ctx, super::BATCH_MAX);
-    if q.polling && n > 0 && !kicked {
-        q.handler.poll_hit();
-    }
-    let window = if adaptive { q.window } else { max };
-    if n >= super::BATCH_MAX {
-        q.pending = true;
-        if !window.is_zero() {
-            q.polling = true;
-            q.poll_until = now + window;
-        }
-        return QueueState::More;
-    }
-    if !window.is_zero() {
-        // A queue with I/O in flight stays in its window: the guest answers completions
-        // with new requests, so the window counts from the queue's last activity, pop or
-        // completion (with several queues on one core a batch can take longer than the
-        // window to complete).
-        if n > 0 || q.handler.io_in_flight() > 0 {
-            q.polling = true;
-            q.poll_until = now + window;
-            return QueueState::Poll(q.poll_until);
-        }
-        if q.polling && now < q.poll_until {
-            return QueueState::Poll(q.poll_until);
-        }
-    }
-    q.polling = false;
-    if q.handler.set_notify(true) {
-        q.pending = true;
-        return QueueState::More;
-    }
-    if !max.is_zero() {
-        q.slept_at = Some(now);
-    }
-    QueueState::Idle
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MAX: Duration = Duration::from_micros(32);
-
-    #[test]
-    fn test_adapt_kick_soon_after_sleep_grows_to_max() {
-        let mut w = Duration::ZERO;
-        for _ in 0..10 {
-            w = adapt(w, MAX, Duration::from_micros(40));
-        }
-        assert_eq!(w, MAX);
-        assert_eq!(adapt(Duration::ZERO, MAX, Duration::from_micros(1)), POLL_MIN);
-    }
-
-    #[test]
-    fn test_adapt_long_gaps_shrink_to_zero() {
-        let mut w = MAX;
-        let mut steps = 0;
-        while !w.is_zero() {
-            w = adapt(w, MAX, Duration::from_millis(1));
-            steps += 1;
-            assert!(steps < 10, "window never reached zero");
-        }
-        assert_eq!(adapt(Duration::ZERO, MAX, Duration::from_millis(1)), Duration::ZERO);
-    }
-
-    #[test]
-    fn test_adapt_zero_max_never_polls() {
-        assert_eq!(
-            adapt(Duration::ZERO, Duration::ZERO, Duration::ZERO),
-            Duration::ZERO
-        );
     }
 }

@@ -17,6 +17,7 @@
 //! Each queue's data file is registered in the ring's fixed-file table at the queue's slot.
 
 mod event_loop;
+mod poll;
 mod pool;
 
 pub use event_loop::{LocalControl, Reactor, RingCtx};

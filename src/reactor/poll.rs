@@ -1,0 +1,165 @@
+//! How a queue is polled: the adaptive busy-poll window (QEMU's poll-grow/poll-shrink, per
+//! queue), one queue's share of a pass, and the in-flight policy a pass follows.
+
+use std::time::{Duration, Instant};
+
+use super::event_loop::{QueueSlot, RingCtx};
+use super::{InFlightPolicy, BATCH_MAX, FAST_SERVICE};
+
+/// What a queue wants after its part of a pass.
+pub(super) enum QueueState {
+    /// Notifications are on; a kick or a completion wakes it.
+    Idle,
+    /// More requests wait than one batch took: come back without waiting.
+    More,
+    /// Busy-polling the avail ring with notifications off until this instant.
+    Poll(Instant),
+}
+
+/// Smallest window a queue grows to from zero, and the step below which it drops to zero.
+const POLL_MIN: Duration = Duration::from_micros(2);
+
+/// A kick this many poll windows after a queue went to sleep still grows its window. The
+/// gap is measured when the reactor sees the kick, so it includes the kick's own delivery
+/// (the guest's exit, the eventfd, the reactor's wake-up: about 30 µs on the lab's nested
+/// host, a few µs on bare metal); comparing it with the window alone would leave a window
+/// that once reached zero there forever.
+const GROW_GAP_WINDOWS: u32 = 4;
+
+/// Adapts a queue's poll window once it slept and was kicked `gap` later (QEMU's
+/// poll-grow/poll-shrink rule, per queue): a kick soon after going to sleep (within
+/// [`GROW_GAP_WINDOWS`] × `max`) would have been caught by polling longer, so the window
+/// doubles; a longer gap means polling would not have paid, so it halves, down to zero: an
+/// idle or slow guest costs no reactor CPU. Returns the new window.
+fn adapt(window: Duration, max: Duration, gap: Duration) -> Duration {
+    if gap <= max * GROW_GAP_WINDOWS {
+        (window * 2).max(POLL_MIN).min(max)
+    } else {
+        let w = window / 2;
+        if w < POLL_MIN {
+            Duration::ZERO
+        } else {
+            w
+        }
+    }
+}
+
+/// Pops one bounded batch from `q` if it may have work, and says how the queue wants to be
+/// served next.
+pub(super) fn run_queue(q: &mut QueueSlot, ctx: &mut RingCtx<'_, '_>, adaptive: bool) -> QueueState {
+    if !q.pending && !q.polling {
+        return QueueState::Idle;
+    }
+    let now = ctx.now;
+    let kicked = q.pending;
+    q.pending = false;
+    let max = q.handler.poll_window().unwrap_or(Duration::ZERO);
+    if kicked {
+        if let Some(slept) = q.slept_at.take() {
+            if adaptive {
+                q.window = adapt(q.window, max, now.saturating_duration_since(slept));
+            }
+        }
+    }
+    if !q.polling {
+        q.handler.set_notify(false);
+    }
+    let n = q.handler.poll_avail(ctx, BATCH_MAX);
+    if q.polling && n > 0 && !kicked {
+        q.handler.poll_hit();
+    }
+    let window = if adaptive { q.window } else { max };
+    if n >= BATCH_MAX {
+        q.pending = true;
+        if !window.is_zero() {
+            q.polling = true;
+            q.poll_until = now + window;
+        }
+        return QueueState::More;
+    }
+    if !window.is_zero() {
+        // A queue with I/O in flight stays in its window: the guest answers completions
+        // with new requests, so the window counts from the queue's last activity, pop or
+        // completion (with several queues on one core a batch can take longer than the
+        // window to complete).
+        if n > 0 || q.handler.io_in_flight() > 0 {
+            q.polling = true;
+            q.poll_until = now + window;
+            return QueueState::Poll(q.poll_until);
+        }
+        if q.polling && now < q.poll_until {
+            return QueueState::Poll(q.poll_until);
+        }
+    }
+    q.polling = false;
+    if q.handler.set_notify(true) {
+        q.pending = true;
+        return QueueState::More;
+    }
+    if !max.is_zero() {
+        q.slept_at = Some(now);
+    }
+    QueueState::Idle
+}
+
+/// The in-flight policy for this pass: `Hybrid` resolves to `Wait` for a lone request
+/// while requests have been coming back within [`FAST_SERVICE`], else to `Yield`.
+pub(super) fn choose_in_flight(
+    policy: InFlightPolicy,
+    in_flight: usize,
+    service: Duration,
+) -> InFlightPolicy {
+    match policy {
+        InFlightPolicy::Hybrid if in_flight == 1 && service < FAST_SERVICE => InFlightPolicy::Wait,
+        InFlightPolicy::Hybrid => InFlightPolicy::Yield,
+        p => p,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_choose_in_flight_lone_fast_request_waits_else_yields() {
+        let fast = Duration::from_micros(3);
+        let slow = Duration::from_micros(60);
+        let h = InFlightPolicy::Hybrid;
+        assert_eq!(choose_in_flight(h, 1, fast), InFlightPolicy::Wait);
+        assert_eq!(choose_in_flight(h, 1, slow), InFlightPolicy::Yield);
+        assert_eq!(choose_in_flight(h, 32, fast), InFlightPolicy::Yield);
+        assert_eq!(choose_in_flight(InFlightPolicy::Spin, 1, fast), InFlightPolicy::Spin);
+    }
+
+    const MAX: Duration = Duration::from_micros(32);
+
+    #[test]
+    fn test_adapt_kick_soon_after_sleep_grows_to_max() {
+        let mut w = Duration::ZERO;
+        for _ in 0..10 {
+            w = adapt(w, MAX, Duration::from_micros(40));
+        }
+        assert_eq!(w, MAX);
+        assert_eq!(adapt(Duration::ZERO, MAX, Duration::from_micros(1)), POLL_MIN);
+    }
+
+    #[test]
+    fn test_adapt_long_gaps_shrink_to_zero() {
+        let mut w = MAX;
+        let mut steps = 0;
+        while !w.is_zero() {
+            w = adapt(w, MAX, Duration::from_millis(1));
+            steps += 1;
+            assert!(steps < 10, "window never reached zero");
+        }
+        assert_eq!(adapt(Duration::ZERO, MAX, Duration::from_millis(1)), Duration::ZERO);
+    }
+
+    #[test]
+    fn test_adapt_zero_max_never_polls() {
+        assert_eq!(
+            adapt(Duration::ZERO, Duration::ZERO, Duration::ZERO),
+            Duration::ZERO
+        );
+    }
+}
