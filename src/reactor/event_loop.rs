@@ -92,6 +92,10 @@ pub(super) struct QueueSlot {
     pub(super) poll_until: Instant,
     /// The adaptive busy-poll window, at most the handler's `poll_window()` (see [`adapt`]).
     pub(super) window: Duration,
+    /// One of the queue's operations completed since its last turn in a pass.
+    pub(super) completed: bool,
+    /// The queue's last pop or completion.
+    pub(super) last_activity: Instant,
     /// When the queue last stopped polling and re-enabled guest notifications.
     pub(super) slept_at: Option<Instant>,
     pub(super) draining: bool,
@@ -274,6 +278,8 @@ impl Reactor {
             polling: false,
             poll_until: Instant::now(),
             window: poll_max,
+            completed: false,
+            last_activity: Instant::now(),
             slept_at: None,
             draining: false,
             cancel_sent: false,
@@ -663,6 +669,7 @@ impl Reactor {
                         log::error!("reactor{index}: I/O completion for empty queue slot {slot}");
                         continue;
                     };
+                    q.completed = true;
                     q.handler.complete(
                         &mut RingCtx {
                             sq: &mut sq,

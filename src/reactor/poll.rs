@@ -16,6 +16,9 @@ pub(super) enum QueueState {
     Poll(Instant),
 }
 
+/// Longest a queue keeps polling while its I/O is in flight with no pop or completion.
+const IN_FLIGHT_POLL_MAX: Duration = Duration::from_millis(1);
+
 /// Smallest window a queue grows to from zero, and the step below which it drops to zero.
 const POLL_MIN: Duration = Duration::from_micros(2);
 
@@ -47,18 +50,18 @@ fn adapt(window: Duration, max: Duration, gap: Duration) -> Duration {
 /// Pops one bounded batch from `q` if it may have work, and says how the queue wants to be
 /// served next.
 pub(super) fn run_queue(q: &mut QueueSlot, ctx: &mut RingCtx<'_, '_>, adaptive: bool) -> QueueState {
-    if !q.pending && !q.polling {
+    // A completion wakes a sleeping queue too: the guest is about to answer it.
+    if !q.pending && !q.polling && !q.completed {
         return QueueState::Idle;
     }
     let now = ctx.now;
     let kicked = q.pending;
     q.pending = false;
     let max = q.handler.poll_window().unwrap_or(Duration::ZERO);
-    if kicked {
-        if let Some(slept) = q.slept_at.take() {
-            if adaptive {
-                q.window = adapt(q.window, max, now.saturating_duration_since(slept));
-            }
+    if let Some(slept) = q.slept_at.take() {
+        // Only a kick tells how soon the guest came back; a completion says nothing of it.
+        if kicked && adaptive {
+            q.window = adapt(q.window, max, now.saturating_duration_since(slept));
         }
     }
     if !q.polling {
@@ -79,10 +82,17 @@ pub(super) fn run_queue(q: &mut QueueSlot, ctx: &mut RingCtx<'_, '_>, adaptive: 
     }
     if !window.is_zero() {
         // A queue with I/O in flight stays in its window: the guest answers completions
-        // with new requests, so the window counts from the queue's last activity, pop or
-        // completion (with several queues on one core a batch can take longer than the
-        // window to complete).
-        if n > 0 || q.handler.io_in_flight() > 0 {
+        // with new requests (and with several queues on one core a batch can take longer
+        // than the window to complete), but not for longer than IN_FLIGHT_POLL_MAX since
+        // its last pop or completion: I/O that stays out that long (a slow disk, a flush)
+        // lets the queue sleep, and its completion wakes the reactor.
+        let completed = std::mem::take(&mut q.completed);
+        if n > 0 || completed {
+            q.last_activity = now;
+        }
+        let waiting = q.handler.io_in_flight() > 0
+            && now.saturating_duration_since(q.last_activity) < IN_FLIGHT_POLL_MAX;
+        if n > 0 || completed || waiting {
             q.polling = true;
             q.poll_until = now + window;
             return QueueState::Poll(q.poll_until);
