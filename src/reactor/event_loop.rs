@@ -59,7 +59,22 @@ pub struct RingCtx<'s, 'r> {
     pub now: Instant,
 }
 
-impl RingCtx<'_, '_> {
+impl<'s, 'r> RingCtx<'s, 'r> {
+    /// A context over `ring`'s queues, for driving a handler outside a reactor (tests).
+    #[cfg(test)]
+    pub(super) fn for_test(
+        sq: &'s mut SubmissionQueue<'r>,
+        submitter: &'s Submitter<'r>,
+        now: Instant,
+    ) -> Self {
+        RingCtx {
+            sq,
+            submitter,
+            slot: 0,
+            now,
+        }
+    }
+
     /// Queues `entry`, tagged so its completion comes back to this queue's
     /// [`QueueHandler::complete`] with `tag`. Submits early only if the SQ is full.
     ///
@@ -90,7 +105,7 @@ pub(super) struct QueueSlot {
     pub(super) pending: bool,
     pub(super) polling: bool,
     pub(super) poll_until: Instant,
-    /// The adaptive busy-poll window, at most the handler's `poll_window()` (see [`adapt`]).
+    /// The adaptive busy-poll window, at most the handler's `poll_window()` (see `poll::adapt`).
     pub(super) window: Duration,
     /// One of the queue's operations completed since its last turn in a pass.
     pub(super) completed: bool,
@@ -101,6 +116,29 @@ pub(super) struct QueueSlot {
     pub(super) draining: bool,
     pub(super) cancel_sent: bool,
     pub(super) has_file: bool,
+}
+
+impl QueueSlot {
+    pub(super) fn new(device: u64, handler: Box<dyn QueueHandler>, has_file: bool) -> Self {
+        let now = Instant::now();
+        QueueSlot {
+            device,
+            window: handler.poll_window().unwrap_or(Duration::ZERO),
+            handler,
+            kick_armed: false,
+            kick_dead: false,
+            // Requests may already sit in the ring from before activation.
+            pending: true,
+            polling: false,
+            poll_until: now,
+            completed: false,
+            last_activity: now,
+            slept_at: None,
+            draining: false,
+            cancel_sent: false,
+            has_file,
+        }
+    }
 }
 
 /// Result of one [`Reactor::turn`].
@@ -255,7 +293,6 @@ impl Reactor {
             fixed_file: slot as u32,
             alt_fixed_file: alt as u32,
         })?;
-        let poll_max = handler.poll_window().unwrap_or(Duration::ZERO);
         let mut has_file = false;
         for (index, fd) in [(slot, handler.file_fd()), (alt, handler.alt_file_fd())] {
             if let Some(fd) = fd {
@@ -268,23 +305,7 @@ impl Reactor {
         }
         let mut handler = handler;
         self.register_buffers(&mut *handler);
-        self.queues[slot] = Some(QueueSlot {
-            device,
-            handler,
-            kick_armed: false,
-            kick_dead: false,
-            // Requests may already sit in the ring from before activation.
-            pending: true,
-            polling: false,
-            poll_until: Instant::now(),
-            window: poll_max,
-            completed: false,
-            last_activity: Instant::now(),
-            slept_at: None,
-            draining: false,
-            cancel_sent: false,
-            has_file,
-        });
+        self.queues[slot] = Some(QueueSlot::new(device, handler, has_file));
         Ok(())
     }
 

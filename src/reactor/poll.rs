@@ -128,7 +128,129 @@ pub(super) fn choose_in_flight(
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+    use std::os::fd::{AsRawFd, RawFd};
+    use std::rc::Rc;
+
+    use vmm_sys_util::eventfd::EventFd;
+
     use super::*;
+    use crate::metrics::QueueMetrics;
+    use crate::reactor::QueueHandler;
+
+    /// What the fake queue has: requests to pop and I/O in flight; what it saw: the
+    /// notification state.
+    #[derive(Default)]
+    struct Fake {
+        avail: Cell<usize>,
+        in_flight: Cell<usize>,
+        notify: Cell<bool>,
+    }
+
+    struct FakeQueue {
+        kick: EventFd,
+        s: Rc<Fake>,
+    }
+
+    impl QueueHandler for FakeQueue {
+        fn kick_fd(&self) -> RawFd {
+            self.kick.as_raw_fd()
+        }
+        fn file_fd(&self) -> Option<RawFd> {
+            None
+        }
+        fn poll_window(&self) -> Option<Duration> {
+            Some(MAX)
+        }
+        fn kicked(&mut self, _: Instant) {}
+        fn set_notify(&mut self, enable: bool) -> bool {
+            self.s.notify.set(enable);
+            false
+        }
+        fn poll_avail(&mut self, _: &mut RingCtx<'_, '_>, budget: usize) -> usize {
+            let n = self.s.avail.get().min(budget);
+            self.s.avail.set(self.s.avail.get() - n);
+            self.s.in_flight.set(self.s.in_flight.get() + n);
+            n
+        }
+        fn poll_hit(&mut self) {}
+        fn complete(&mut self, _: &mut RingCtx<'_, '_>, _: u32, _: i32) {}
+        fn publish(&mut self) {}
+        fn in_flight(&self) -> usize {
+            self.s.in_flight.get()
+        }
+        fn io_in_flight(&self) -> usize {
+            self.s.in_flight.get()
+        }
+        fn metrics(&self) -> QueueMetrics {
+            QueueMetrics::new("fake", 0, 0)
+        }
+    }
+
+    /// Runs `run_queue` on `q` at `now`.
+    fn turn(q: &mut QueueSlot, now: Instant) -> QueueState {
+        let mut ring = io_uring::IoUring::new(8).unwrap();
+        let (submitter, mut sq, _) = ring.split();
+        run_queue(q, &mut RingCtx::for_test(&mut sq, &submitter, now), true)
+    }
+
+    fn fake() -> (QueueSlot, Rc<Fake>) {
+        let s = Rc::new(Fake::default());
+        let h = FakeQueue {
+            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            s: s.clone(),
+        };
+        (QueueSlot::new(0, Box::new(h), false), s)
+    }
+
+    #[test]
+    fn test_run_queue_idle_queue_polls_its_window_then_sleeps() {
+        let (mut q, s) = fake();
+        let t = Instant::now();
+        s.avail.set(1);
+        assert!(matches!(turn(&mut q, t), QueueState::Poll(_)));
+        assert!(!s.notify.get(), "notifications are off while polling");
+        s.in_flight.set(0);
+        assert!(matches!(turn(&mut q, t + MAX / 2), QueueState::Poll(_)));
+        assert!(matches!(turn(&mut q, t + MAX * 2), QueueState::Idle));
+        assert!(s.notify.get(), "a sleeping queue has notifications on");
+        assert!(q.slept_at.is_some());
+    }
+
+    #[test]
+    fn test_run_queue_in_flight_io_keeps_polling_until_cap_then_sleeps() {
+        let (mut q, s) = fake();
+        let t = Instant::now();
+        s.avail.set(4);
+        assert!(matches!(turn(&mut q, t), QueueState::Poll(_)));
+        // Far past the window, the I/O is still out: keep polling (no kick needed for the
+        // guest's answer to its completion)...
+        assert!(matches!(turn(&mut q, t + MAX * 8), QueueState::Poll(_)));
+        // ...but not past the cap: then sleep, and let the completion wake the queue.
+        let late = t + IN_FLIGHT_POLL_MAX + MAX * 2;
+        assert!(matches!(turn(&mut q, late), QueueState::Idle));
+        assert!(s.notify.get());
+        s.in_flight.set(0);
+        q.completed = true;
+        assert!(matches!(turn(&mut q, late + MAX), QueueState::Poll(_)));
+        assert!(!s.notify.get(), "a completion turns polling back on");
+    }
+
+    #[test]
+    fn test_run_queue_kick_soon_after_sleep_grows_window_late_kick_shrinks() {
+        let (mut q, s) = fake();
+        let t = Instant::now();
+        q.window = Duration::from_micros(8);
+        q.slept_at = Some(t);
+        q.pending = true;
+        s.avail.set(1);
+        turn(&mut q, t + Duration::from_micros(20));
+        assert_eq!(q.window, Duration::from_micros(16));
+        q.slept_at = Some(t);
+        q.pending = true;
+        turn(&mut q, t + Duration::from_millis(5));
+        assert_eq!(q.window, Duration::from_micros(8));
+    }
 
     #[test]
     fn test_choose_in_flight_lone_fast_request_waits_else_yields() {
