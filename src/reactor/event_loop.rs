@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring, SubmissionQueue, Submitter};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::buffers::FixedBuffers;
 use super::poll::{choose_in_flight, run_queue, QueueState};
 use super::{
     AttachCtx, HandlerFactory, InFlightPolicy, QueueHandler, ReactorOptions, MAX_QUEUES_PER_REACTOR,
@@ -54,6 +55,7 @@ pub(crate) enum Command {
 pub struct RingCtx<'s, 'r> {
     sq: &'s mut SubmissionQueue<'r>,
     submitter: &'s Submitter<'r>,
+    bufs: &'s mut FixedBuffers,
     slot: usize,
     /// Time the current phase of the pass started (one clock read per phase, not per request).
     pub now: Instant,
@@ -65,14 +67,25 @@ impl<'s, 'r> RingCtx<'s, 'r> {
     pub(super) fn for_test(
         sq: &'s mut SubmissionQueue<'r>,
         submitter: &'s Submitter<'r>,
+        bufs: &'s mut FixedBuffers,
         now: Instant,
     ) -> Self {
         RingCtx {
             sq,
             submitter,
+            bufs,
             slot: 0,
             now,
         }
+    }
+
+    /// The fixed buffer (index in the ring's table) holding all of `[addr, addr + len)`,
+    /// registering its chunk on first use; `None`: use a vectored operation.
+    pub fn fixed_buffer(&mut self, addr: usize, len: usize) -> Option<u16> {
+        if !self.bufs.active() {
+            return None;
+        }
+        self.bufs.index(self.submitter, addr, len)
     }
 
     /// Queues `entry`, tagged so its completion comes back to this queue's
@@ -170,10 +183,10 @@ pub struct Reactor {
     busy_since: Option<Instant>,
     /// Moving average of those stretches, ns.
     service_ewma_ns: u64,
-    /// Register guest memory as fixed buffers (off after a failed registration).
+    /// Register guest memory as fixed buffers.
     fixed_buffers: bool,
-    /// The registered fixed buffers (host start, length), in index order.
-    bufs: Vec<(usize, usize)>,
+    /// The ring's sparse table of fixed buffers over guest memory.
+    bufs: FixedBuffers,
 }
 
 impl Reactor {
@@ -231,7 +244,7 @@ impl Reactor {
             busy_since: None,
             service_ewma_ns: 0,
             fixed_buffers: opts.fixed_buffers,
-            bufs: Vec::new(),
+            bufs: FixedBuffers::default(),
         })
     }
 
@@ -303,56 +316,34 @@ impl Reactor {
                 has_file = true;
             }
         }
-        let mut handler = handler;
-        self.register_buffers(&mut *handler);
+        self.register_buffers(&*handler);
         self.queues[slot] = Some(QueueSlot::new(device, handler, has_file));
         Ok(())
     }
 
-    /// Registers the queue's guest memory as the ring's fixed buffers, once (one VM per
-    /// process: every queue sees the same memory), and tells the handler their indices.
-    fn register_buffers(&mut self, handler: &mut dyn QueueHandler) {
-        if !self.fixed_buffers {
+    /// Lays the queue's guest memory over the ring's sparse buffer table, once (one VM per
+    /// process: every queue sees the same memory); chunks are registered on first use.
+    fn register_buffers(&mut self, handler: &dyn QueueHandler) {
+        if !self.fixed_buffers || self.bufs.active() {
             return;
         }
-        if self.bufs.is_empty() {
-            let mut chunks = Vec::new();
-            for (start, len) in handler.guest_memory() {
-                let mut off = 0;
-                while off < len {
-                    let n = (len - off).min(super::FIXED_BUFFER_MAX);
-                    chunks.push(libc::iovec {
-                        // SAFETY: `off < len`, inside the region.
-                        iov_base: unsafe { start.add(off) }.cast(),
-                        iov_len: n,
-                    });
-                    off += n;
-                }
-            }
-            if chunks.is_empty() {
-                return;
-            }
-            // SAFETY: the ranges are guest memory, mapped for the life of the VM; the
-            // registration pins the pages, so even an unmap could not free them under the
-            // kernel. They are unregistered when the reactor's last queue detaches.
-            match unsafe { self.ring.submitter().register_buffers(&chunks) } {
-                Ok(()) => {
-                    self.bufs = chunks
-                        .iter()
-                        .map(|c| (c.iov_base as usize, c.iov_len))
-                        .collect();
-                }
-                Err(e) => {
-                    log::info!(
-                        "reactor{}: guest memory not registered as io_uring fixed buffers ({e}); requests use readv/writev",
-                        self.index
-                    );
-                    self.fixed_buffers = false;
-                    return;
-                }
-            }
+        let regions = handler.guest_memory();
+        if regions.is_empty() {
+            return;
         }
-        handler.use_fixed_buffers(&self.bufs);
+        if let Err(e) = self
+            .ring
+            .submitter()
+            .register_buffers_sparse(super::buffers::TABLE_ENTRIES)
+        {
+            log::info!(
+                "reactor{}: no io_uring fixed buffers ({e}); requests use readv/writev",
+                self.index
+            );
+            self.fixed_buffers = false;
+            return;
+        }
+        self.bufs.set_memory(&regions);
     }
 
     fn begin_drain(&mut self, device: Option<u64>) {
@@ -439,7 +430,7 @@ impl Reactor {
         while matches!(self.queues.last(), Some(None)) {
             self.queues.pop();
         }
-        if self.queues.is_empty() && !self.bufs.is_empty() {
+        if self.queues.is_empty() && self.bufs.active() {
             if let Err(e) = self.ring.submitter().unregister_buffers() {
                 log::error!("reactor{}: cannot unregister the fixed buffers: {e}", self.index);
             }
@@ -495,6 +486,7 @@ impl Reactor {
             io_wait_ewma_ns,
             busy_since,
             service_ewma_ns,
+            bufs,
             ..
         } = self;
         let (submitter, mut sq, _) = ring.split();
@@ -537,6 +529,7 @@ impl Reactor {
                 &mut RingCtx {
                     sq: &mut sq,
                     submitter: &submitter,
+                    bufs,
                     slot: i,
                     now: t0,
                 },
@@ -651,6 +644,7 @@ impl Reactor {
             queues,
             wake_armed,
             wake_pending,
+            bufs,
             ..
         } = self;
         let (submitter, mut sq, mut cq) = ring.split();
@@ -695,6 +689,7 @@ impl Reactor {
                         &mut RingCtx {
                             sq: &mut sq,
                             submitter: &submitter,
+                            bufs,
                             slot,
                             now,
                         },

@@ -16,6 +16,7 @@
 //! queue → one `io_uring_enter` that submits everything and waits when there is nothing to do.
 //! Each queue's data file is registered in the ring's fixed-file table at the queue's slot.
 
+mod buffers;
 mod event_loop;
 mod poll;
 mod pool;
@@ -33,8 +34,6 @@ pub const BATCH_MAX: usize = 64;
 /// Below this moving-average service time, a lone in-flight request is waited for in the
 /// kernel under [`InFlightPolicy::Hybrid`].
 pub const FAST_SERVICE: Duration = Duration::from_micros(10);
-/// Largest fixed buffer io_uring registers; guest memory is registered in chunks this big.
-pub const FIXED_BUFFER_MAX: usize = 1 << 30;
 /// Most queues (of all devices) one reactor serves; its fixed-file table has two entries per queue.
 pub const MAX_QUEUES_PER_REACTOR: usize = 256;
 /// How long a control message (attach, detach, snapshot, stop) may take before the caller
@@ -205,13 +204,11 @@ pub trait QueueHandler {
     fn publish(&mut self);
     /// Operations queued or submitted and not completed yet.
     fn in_flight(&self) -> usize;
-    /// Host ranges of the guest memory this queue's I/O goes to, for the reactor to register
-    /// as fixed buffers (empty: none).
+    /// Host ranges of the guest memory this queue's I/O goes to, for the reactor to lay over
+    /// its fixed-buffer table (empty: none); see [`RingCtx::fixed_buffer`].
     fn guest_memory(&self) -> Vec<(*mut u8, usize)> {
         Vec::new()
     }
-    /// The ring's fixed buffers, in index order; called after each attach that registered them.
-    fn use_fixed_buffers(&mut self, _bufs: &[(usize, usize)]) {}
     /// Of those, operations that complete on their own within a service time (disk I/O),
     /// as opposed to reads that wait for outside events (packets): while a polling queue has
     /// such operations, the reactor waits in the kernel for them instead of spinning.

@@ -191,7 +191,8 @@ mod tests {
     fn turn(q: &mut QueueSlot, now: Instant) -> QueueState {
         let mut ring = io_uring::IoUring::new(8).unwrap();
         let (submitter, mut sq, _) = ring.split();
-        run_queue(q, &mut RingCtx::for_test(&mut sq, &submitter, now), true)
+        let mut bufs = super::super::buffers::FixedBuffers::default();
+        run_queue(q, &mut RingCtx::for_test(&mut sq, &submitter, &mut bufs, now), true)
     }
 
     fn fake() -> (QueueSlot, Rc<Fake>) {

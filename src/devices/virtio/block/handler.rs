@@ -119,8 +119,6 @@ pub struct BlockQueue {
     log: LogLimiter,
     /// The notice about O_DIRECT fallbacks was logged.
     noted_buffered: bool,
-    /// The ring's fixed buffers over guest memory (host start, end), in index order.
-    bufs: Vec<(usize, usize)>,
 }
 
 impl BlockQueue {
@@ -163,7 +161,6 @@ impl BlockQueue {
             broken: false,
             log: LogLimiter::new(),
             noted_buffered: false,
-            bufs: Vec::new(),
         };
         match rings {
             Some(r) => q.rings = Some(r),
@@ -244,14 +241,6 @@ impl BlockQueue {
             .record_k2c(now.saturating_duration_since(kick));
     }
 
-    /// The fixed buffer holding all of `v`, if the ring has one.
-    fn fixed_buffer(&self, v: &libc::iovec) -> Option<u16> {
-        let start = v.iov_base as usize;
-        let end = start.checked_add(v.iov_len)?;
-        let i = self.bufs.iter().position(|&(s, e)| s <= start && end <= e)?;
-        u16::try_from(i).ok()
-    }
-
     /// Starts one parsed request: completes it inline or queues its SQE.
     fn start(&mut self, ctx: &mut RingCtx<'_, '_>, head: u16, kick: Instant) {
         let now = ctx.now;
@@ -277,9 +266,12 @@ impl BlockQueue {
             (Some(io), RequestType::In | RequestType::Out) => {
                 let iov = &self.slots[h].iov;
                 let write = req.kind == RequestType::Out;
-                Some(match (req.niov, self.fixed_buffer(&iov[0])) {
-                    (1, Some(buf)) => io.rw_fixed(write, &iov[0], buf, req.offset(), buffered),
-                    _ => io.rw_vectored(write, iov.as_ptr(), req.niov, req.offset(), buffered),
+                let fixed = (req.niov == 1)
+                    .then(|| ctx.fixed_buffer(iov[0].iov_base as usize, iov[0].iov_len))
+                    .flatten();
+                Some(match fixed {
+                    Some(buf) => io.rw_fixed(write, &iov[0], buf, req.offset(), buffered),
+                    None => io.rw_vectored(write, iov.as_ptr(), req.niov, req.offset(), buffered),
                 })
             }
             (Some(io), RequestType::Flush) => Some(io.flush()),
@@ -576,10 +568,6 @@ impl QueueHandler for BlockQueue {
                 Some((start, len))
             })
             .collect()
-    }
-
-    fn use_fixed_buffers(&mut self, bufs: &[(usize, usize)]) {
-        self.bufs = bufs.iter().map(|&(s, n)| (s, s + n)).collect();
     }
 
     fn metrics(&self) -> QueueMetrics {
