@@ -13,6 +13,10 @@ use common::{guest, have_kvm, run};
 /// machine's timing sane.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// The last byte ringvm locks ("resize" not shared), and QEMU's ("write" not shared).
+const RINGVM_LAST_BYTE: i64 = 203;
+const QEMU_LAST_BYTE: i64 = 201;
+
 /// How long a holder may take to start and lock its image.
 const HOLD_TIMEOUT_MS: u64 = 30_000;
 
@@ -61,7 +65,9 @@ fn byte_locked(path: &Path, byte: i64) -> bool {
     r == 0 && fl.l_type != libc::F_UNLCK as libc::c_short
 }
 
-/// Starts `cmd` and waits until it holds a lock on `byte` of `path`.
+/// Starts `cmd` and waits until it holds a lock on `byte` of `path`: the last byte it
+/// locks, so that all its locks are in place (ringvm locks 100, [101,] 201, 203 in that
+/// order; QEMU 100, [101,] 201).
 fn hold(mut cmd: Command, path: &Path, byte: i64) -> Holder {
     let child = cmd
         .stdin(Stdio::null())
@@ -222,7 +228,7 @@ fn test_second_ringvm_on_held_image_refused_fast_naming_it() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let img = image();
     let spec = format!("path={}", img.path().display());
-    let _first = hold(ringvm_holding(&spec), img.path(), 101);
+    let _first = hold(ringvm_holding(&spec), img.path(), RINGVM_LAST_BYTE);
     let (status, stderr, secs) = ringvm_short(&[&spec]);
     assert_refused_naming(status, &stderr, img.path(), secs);
     assert!(stderr.contains("ringvm (pid"), "names the holder: {stderr}");
@@ -244,7 +250,7 @@ fn test_readonly_ringvms_share_image() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let img = image();
     let ro = format!("path={},readonly", img.path().display());
-    let _first = hold(ringvm_holding(&ro), img.path(), 100);
+    let _first = hold(ringvm_holding(&ro), img.path(), RINGVM_LAST_BYTE);
     let (status, stderr, _) = ringvm_short(&[&ro]);
     assert_eq!(status, 1, "a second reader runs; stderr: {stderr}");
     let rw = format!("path={}", img.path().display());
@@ -277,14 +283,14 @@ fn test_ringvm_refused_while_qemu_holds_image() {
     let img = image();
     let spec = format!("path={}", img.path().display());
     {
-        let _qemu = hold(qemu_holding(img.path(), false), img.path(), 101);
+        let _qemu = hold(qemu_holding(img.path(), false), img.path(), QEMU_LAST_BYTE);
         let (status, stderr, secs) = ringvm_short(&[&spec]);
         assert_refused_naming(status, &stderr, img.path(), secs);
         assert!(stderr.contains("qemu-system"), "names QEMU: {stderr}");
         assert!(stderr.contains("\"write\""), "{stderr}");
     }
     // A readonly QEMU refuses a ringvm writer and shares with a ringvm reader.
-    let _qemu = hold(qemu_holding(img.path(), true), img.path(), 100);
+    let _qemu = hold(qemu_holding(img.path(), true), img.path(), QEMU_LAST_BYTE);
     let (status, stderr, secs) = ringvm_short(&[&spec]);
     assert_refused_naming(status, &stderr, img.path(), secs);
     let (status, stderr, _) = ringvm_short(&[&format!("{spec},readonly")]);
@@ -300,7 +306,7 @@ fn test_qemu_refused_while_ringvm_holds_image() {
     let img = image();
     let spec = format!("path={}", img.path().display());
     {
-        let _ringvm = hold(ringvm_holding(&spec), img.path(), 101);
+        let _ringvm = hold(ringvm_holding(&spec), img.path(), RINGVM_LAST_BYTE);
         let (ok, text) = qemu_io(img.path(), &["-c", "write 0 4k"]);
         assert!(!ok, "qemu-io write must be refused: {text}");
         assert!(text.contains("Failed to get \"write\" lock"), "{text}");
@@ -315,7 +321,11 @@ fn test_qemu_refused_while_ringvm_holds_image() {
         assert!(text.contains("Failed to get \"write\" lock"), "{text}");
     }
     // ringvm readonly: QEMU readers share, QEMU writers are refused.
-    let _ringvm = hold(ringvm_holding(&format!("{spec},readonly")), img.path(), 100);
+    let _ringvm = hold(
+        ringvm_holding(&format!("{spec},readonly")),
+        img.path(),
+        RINGVM_LAST_BYTE,
+    );
     let (ok, text) = qemu_io(img.path(), &["-r", "-c", "read 0 4k"]);
     assert!(ok, "QEMU reader beside a ringvm reader: {text}");
     let (ok, text) = qemu_io(img.path(), &["-c", "write 0 4k"]);
