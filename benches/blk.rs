@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use ringvm::devices::virtio::block::backend::{Backend, UringBackend};
+use ringvm::devices::virtio::block::backend::{Backend, OpenOptions, UringBackend};
 use ringvm::devices::virtio::block::config::DiskInfo;
 use ringvm::devices::virtio::block::driver::TestDriver;
 use ringvm::devices::virtio::block::handler::{BlockQueue, QueueParts};
@@ -77,8 +77,12 @@ fn reactor_pass(c: &mut Criterion, name: &str, file: Option<&std::path::Path>) {
         poll: None,
         metrics: QueueMetrics::new("bench", 0, 0),
     };
-    let backend =
-        file.map(|p| Arc::new(Backend::Uring(UringBackend::open(p, false, false).unwrap())));
+    let opts = OpenOptions {
+        readonly: false,
+        direct: false,
+        lock: true,
+    };
+    let backend = file.map(|p| Arc::new(Backend::Uring(UringBackend::open(p, opts).unwrap())));
     reactor
         .attach_local(
             0,

@@ -126,7 +126,7 @@ pub struct RunArgs {
     /// Kernel command line.
     #[arg(long, default_value = "")]
     pub cmdline: String,
-    /// A virtio-blk disk: path=IMG[,queues=N][,queue-size=N][,reactors=I,J][,readonly][,direct=on|off][,backend=uring|null][,poll-us=N][,size=BYTES (null backend)]. Repeatable.
+    /// A virtio-blk disk: path=IMG[,queues=N][,queue-size=N][,reactors=I,J][,readonly][,direct=on|off][,backend=uring|null][,poll-us=N][,size=BYTES (null backend)][,id=SERIAL][,lock=on|off (QEMU-compatible image locking, default on)]. Repeatable.
     #[arg(long)]
     pub disk: Vec<String>,
     /// A virtio-net device on a tap (opened, or created with CAP_NET_ADMIN): tap=NAME[,mac=52:54:00:12:34:56][,queues=N (pairs)][,queue-size=N][,reactors=I,J][,poll-us=N][,mtu=N]. Repeatable.

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use crate::boot::mptable::MAX_VCPUS;
+use crate::boot::KernelImage;
 use crate::cli::{RunArgs, VmArgs};
 use crate::devices::virtio::block::DiskConfig;
 use crate::devices::virtio::net::NetConfig;
@@ -57,7 +58,7 @@ pub enum SerialMode {
 /// Everything needed to build and run a VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
-    pub kernel: PathBuf,
+    pub kernel: KernelImage,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub memory: u64,
@@ -201,7 +202,7 @@ impl VmConfig {
             })
             .collect::<Result<_, _>>()?;
         let mut c = Self::build(
-            run.kernel.clone(),
+            KernelImage::File(run.kernel.clone()),
             run.initrd.clone(),
             run.cmdline.clone(),
             disks,
@@ -212,7 +213,7 @@ impl VmConfig {
     }
 
     pub fn build(
-        kernel: PathBuf,
+        kernel: KernelImage,
         initrd: Option<PathBuf>,
         cmdline: String,
         disks: Vec<DiskConfig>,

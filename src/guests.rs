@@ -1,5 +1,6 @@
 //! The bare-metal guests built from `guests/` and embedded in the binary, so `ringvm bench`
-//! and the tests need no other file.
+//! and the tests need no other file. ringvm loads them from memory
+//! ([`crate::boot::KernelImage::Embedded`]); they are never written to disk.
 
 /// The test guest: prints, then exits through the debug-exit port (see guests/README.md).
 pub static HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello"));
@@ -8,12 +9,3 @@ pub static BLKBENCH: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/blkbench"
 
 /// The network benchmark guest: ping, UDP flood, echo (see guests/README.md).
 pub static NETBENCH: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/netbench"));
-
-/// Writes `elf` to a private temporary file and returns its path (the loader reads files).
-pub fn materialize(name: &str, elf: &[u8]) -> std::io::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("ringvm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join(name);
-    std::fs::write(&path, elf)?;
-    Ok(path)
-}

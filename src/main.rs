@@ -10,6 +10,9 @@ mod commands;
 
 fn main() -> ExitCode {
     ringvm::vmm::vm::mark_process_start();
+    // From here SIGINT/SIGTERM wait for a VM to read them, so every path out of ringvm
+    // runs its clean-up (see vmm::signals::block).
+    ringvm::vmm::signals::block();
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {

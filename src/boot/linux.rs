@@ -76,13 +76,13 @@ pub fn write_boot_params(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
     use vm_memory::Bytes;
 
     #[test]
     fn test_boot_params_carry_cmdline_initrd_and_e820() {
+        let kernel = crate::boot::KernelImage::File("k".into());
         let spec = BootSpec {
-            kernel: Path::new("k"),
+            kernel: &kernel,
             initrd: None,
             cmdline: "console=ttyS0",
             mem_size: 256 << 20,

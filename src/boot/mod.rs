@@ -9,11 +9,11 @@ pub mod mptable;
 pub mod pvh;
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::{BzImage, Elf, KernelLoader, KernelLoaderResult, PvhBootCapability};
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress, ReadVolatile};
 
 use crate::devices::virtio::GuestMemory;
 use crate::vmm::layout::{CMDLINE_ADDR, CMDLINE_MAX_SIZE, HIGH_MEMORY_START, MMIO_HOLE_START};
@@ -56,9 +56,36 @@ pub enum BootError {
     Params(String),
 }
 
+/// Where a kernel comes from: a file, or an ELF embedded in the ringvm binary (its own
+/// bare-metal guests), which is loaded straight from memory and never written to disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelImage {
+    File(PathBuf),
+    Embedded {
+        name: &'static str,
+        elf: &'static [u8],
+    },
+}
+
+impl KernelImage {
+    /// How messages name it: the file's path, or `<embedded NAME>`.
+    pub fn display_path(&self) -> PathBuf {
+        match self {
+            KernelImage::File(p) => p.clone(),
+            KernelImage::Embedded { name, .. } => PathBuf::from(format!("<embedded {name}>")),
+        }
+    }
+}
+
+impl From<PathBuf> for KernelImage {
+    fn from(p: PathBuf) -> Self {
+        KernelImage::File(p)
+    }
+}
+
 /// What the VMM asks the loader to put into the guest.
 pub struct BootSpec<'a> {
-    pub kernel: &'a Path,
+    pub kernel: &'a KernelImage,
     pub initrd: Option<&'a Path>,
     pub cmdline: &'a str,
     pub mem_size: u64,
@@ -136,7 +163,7 @@ enum Format {
     BzImage,
 }
 
-fn detect(file: &mut File) -> std::io::Result<Option<Format>> {
+fn detect<R: Read + Seek>(file: &mut R) -> std::io::Result<Option<Format>> {
     let mut head = [0u8; 0x210];
     file.seek(SeekFrom::Start(0))?;
     let n = file.read(&mut head)?;
@@ -151,11 +178,27 @@ fn detect(file: &mut File) -> std::io::Result<Option<Format>> {
 
 /// Loads the kernel, initrd and command line into `mem` and writes the boot structures.
 pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<EntryPoint, BootError> {
-    let kpath = spec.kernel.to_path_buf();
-    let mut kernel = File::open(spec.kernel).map_err(|source| BootError::OpenKernel {
-        path: kpath.clone(),
-        source,
-    })?;
+    match spec.kernel {
+        KernelImage::File(path) => {
+            let kernel = File::open(path).map_err(|source| BootError::OpenKernel {
+                path: path.clone(),
+                source,
+            })?;
+            load_from(mem, spec, kernel, path.clone())
+        }
+        KernelImage::Embedded { elf, .. } => {
+            load_from(mem, spec, Cursor::new(*elf), spec.kernel.display_path())
+        }
+    }
+}
+
+/// [`load`] from an open kernel image that messages call `kpath`.
+fn load_from<R: Read + ReadVolatile + Seek>(
+    mem: &GuestMemory,
+    spec: &BootSpec,
+    mut kernel: R,
+    kpath: PathBuf,
+) -> Result<EntryPoint, BootError> {
     let format = detect(&mut kernel)
         .map_err(|source| BootError::OpenKernel {
             path: kpath.clone(),
@@ -243,7 +286,7 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<EntryPoint, BootError>
 
 /// Whether an ELF carries a note owned by "Linux" (a vmlinux), read from its PT_NOTE
 /// segments with every offset and size bounded.
-fn has_linux_note(f: &mut File) -> std::io::Result<bool> {
+fn has_linux_note<R: Read + Seek>(f: &mut R) -> std::io::Result<bool> {
     const PT_NOTE: u32 = 4;
     const MAX_NOTES: u64 = 64 << 10;
     let mut eh = [0u8; 64];
@@ -360,8 +403,9 @@ mod tests {
     fn test_load_garbage_file_unknown_format() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(&[0x55; 4096]).unwrap();
+        let kernel = KernelImage::File(f.path().into());
         let spec = BootSpec {
-            kernel: f.path(),
+            kernel: &kernel,
             initrd: None,
             cmdline: "",
             mem_size: 32 << 20,
@@ -381,8 +425,9 @@ mod tests {
     fn test_load_truncated_elf_is_corrupt() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(b"\x7fELF\x02\x01\x01\0").unwrap();
+        let kernel = KernelImage::File(f.path().into());
         let spec = BootSpec {
-            kernel: f.path(),
+            kernel: &kernel,
             initrd: None,
             cmdline: "",
             mem_size: 32 << 20,
@@ -396,8 +441,9 @@ mod tests {
 
     #[test]
     fn test_load_missing_kernel_names_path() {
+        let kernel = KernelImage::File("/nonexistent/vmlinuz".into());
         let spec = BootSpec {
-            kernel: Path::new("/nonexistent/vmlinuz"),
+            kernel: &kernel,
             initrd: None,
             cmdline: "",
             mem_size: 32 << 20,
@@ -407,6 +453,44 @@ mod tests {
         };
         let err = load(&mem(), &spec).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vmlinuz"), "{err}");
+    }
+
+    #[test]
+    fn test_load_embedded_guest_from_memory_pvh_entry() {
+        let kernel = KernelImage::Embedded {
+            name: "hello",
+            elf: crate::guests::HELLO,
+        };
+        let spec = BootSpec {
+            kernel: &kernel,
+            initrd: None,
+            cmdline: "",
+            mem_size: 32 << 20,
+            vcpus: 1,
+            pvm_quirks: false,
+            tsc_khz: None,
+        };
+        let entry = load(&mem(), &spec).unwrap();
+        assert!(matches!(entry, EntryPoint::Pvh { .. }), "{entry:?}");
+    }
+
+    #[test]
+    fn test_load_corrupt_embedded_image_names_it() {
+        let kernel = KernelImage::Embedded {
+            name: "broken",
+            elf: b"\x7fELF\x02\x01\x01\0",
+        };
+        let spec = BootSpec {
+            kernel: &kernel,
+            initrd: None,
+            cmdline: "",
+            mem_size: 32 << 20,
+            vcpus: 1,
+            pvm_quirks: false,
+            tsc_khz: None,
+        };
+        let err = load(&mem(), &spec).unwrap_err().to_string();
+        assert!(err.contains("<embedded broken>"), "{err}");
     }
 
     fn elf_with_note(owner: &[u8]) -> tempfile::NamedTempFile {

@@ -13,6 +13,7 @@ use ringvm::bench::result::{
     self, JobResult, GUEST_BAD_PARAM, GUEST_DEVICE_ERROR, GUEST_NO_DEVICE, GUEST_OK, GUEST_VERIFY,
 };
 use ringvm::bench::{fio, GuestResult, Job, Rw};
+use ringvm::boot::KernelImage;
 use ringvm::cli::BenchArgs;
 use ringvm::config::{parse_size, VmConfig};
 use ringvm::devices::legacy::serial::SerialOut;
@@ -21,7 +22,9 @@ use ringvm::vmm::devices::StandardDevices;
 use ringvm::vmm::exit::ExitReason;
 use ringvm::vmm::vm::{self, DeviceContext, VmError, VmExtension, TICK_MS};
 
-/// Removes the default RAM-backed disk when the bench ends, however it ends.
+/// Removes the default RAM-backed disk when the bench ends: on success, on an error, on a
+/// panic (unwinding), and on SIGINT/SIGTERM, which `main` blocks so they only stop the VM
+/// (see vmm::signals::block). Only SIGKILL leaves it behind.
 struct TempDisk(PathBuf);
 impl Drop for TempDisk {
     fn drop(&mut self) {
@@ -217,8 +220,8 @@ fn guest_failure(code: u32, console: &str) -> String {
 
 /// The guest that runs the jobs.
 enum Guest {
-    /// blkbench (embedded, or `--guest`).
-    Blkbench(PathBuf),
+    /// blkbench (embedded and loaded from memory, or `--guest`).
+    Blkbench(KernelImage),
     /// fio in the Linux guest (`--linux`).
     Linux { kernel: PathBuf, initrd: PathBuf },
 }
@@ -227,9 +230,11 @@ impl Guest {
     fn choose(args: &BenchArgs) -> anyhow::Result<Guest> {
         if !args.linux {
             let kernel = match &args.guest {
-                Some(p) => p.clone(),
-                None => ringvm::guests::materialize("blkbench", ringvm::guests::BLKBENCH)
-                    .context("Cannot write the embedded blkbench guest")?,
+                Some(p) => KernelImage::File(p.clone()),
+                None => KernelImage::Embedded {
+                    name: "blkbench",
+                    elf: ringvm::guests::BLKBENCH,
+                },
             };
             return Ok(Guest::Blkbench(kernel));
         }
@@ -255,9 +260,10 @@ impl Guest {
         Ok(Guest::Linux { kernel, initrd })
     }
 
-    fn kernel(&self) -> &Path {
+    fn kernel(&self) -> KernelImage {
         match self {
-            Guest::Blkbench(k) | Guest::Linux { kernel: k, .. } => k,
+            Guest::Blkbench(k) => k.clone(),
+            Guest::Linux { kernel, .. } => KernelImage::File(kernel.clone()),
         }
     }
 
@@ -316,9 +322,9 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
             let p = PathBuf::from(format!("/dev/shm/ringvm-bench-{}.img", std::process::id()));
             let f = File::create(&p)
                 .with_context(|| format!("Cannot create the default disk {}", p.display()))?;
+            _temp = TempDisk(p.clone());
             f.set_len(size)
                 .with_context(|| format!("Cannot size the default disk {}", p.display()))?;
-            _temp = TempDisk(p.clone());
             (p, Some(size))
         }
     };
@@ -339,6 +345,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
     };
     let mut results: Vec<JobResult> = Vec::new();
     let mut failure = None;
+    let mut interrupted = None;
     let mut locks = None;
     let mut placement = (Vec::new(), Vec::new());
     for job in &jobs {
@@ -364,7 +371,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
             .memory
             .get_or_insert_with(|| target.memory().to_string());
         let config = VmConfig::build(
-            target.kernel().to_path_buf(),
+            target.kernel(),
             target.initrd(),
             target.cmdline(job),
             vec![disk],
@@ -392,6 +399,11 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
                 break;
             }
         };
+        if let ExitReason::Signal { signal } = outcome.reason {
+            // Stopped in order by SIGINT/SIGTERM: the jobs that finished are reported.
+            interrupted = Some((signal, job.label()));
+            break;
+        }
         let console =
             String::from_utf8_lossy(&ext.console.0.lock().unwrap_or_else(|e| e.into_inner()))
                 .into_owned();
@@ -446,6 +458,10 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
     if let Some(p) = &args.json {
         std::fs::write(p, result::to_json(&results, &machine()))
             .with_context(|| format!("Cannot write {}", p.display()))?;
+    }
+    if let Some((signal, label)) = interrupted {
+        eprintln!("ringvm: interrupted by signal {signal} during job {label}");
+        return Ok(ExitReason::Signal { signal }.status() as u8);
     }
     match failure {
         Some(e) => Err(e),

@@ -42,6 +42,8 @@ pub struct DiskConfig {
     pub id: Option<String>,
     /// Capacity in bytes for `backend=null` (`size=`, suffixes K, M, G, T).
     pub size: Option<u64>,
+    /// Lock the image as QEMU does (`lock=on|off`, default on; see `backend::lock`).
+    pub lock: bool,
 }
 
 impl Default for DiskConfig {
@@ -57,6 +59,7 @@ impl Default for DiskConfig {
             poll_us: 32,
             id: None,
             size: None,
+            lock: true,
         }
     }
 }
@@ -64,7 +67,7 @@ impl Default for DiskConfig {
 /// Errors in a disk option string.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DiskConfigError {
-    #[error("Unknown disk option `{0}` (expected path, queues, queue-size, reactors, readonly, direct, backend, poll-us, id, size)")]
+    #[error("Unknown disk option `{0}` (expected path, queues, queue-size, reactors, readonly, direct, backend, poll-us, id, size, lock)")]
     UnknownKey(String),
     #[error("Invalid value `{value}` for disk option `{key}`: {reason}")]
     BadValue {
@@ -126,7 +129,7 @@ impl FromStr for DiskConfig {
     type Err = DiskConfigError;
 
     /// Parses `path=IMG,queues=4,queue-size=256[,reactors=1,2][,readonly][,direct=on|off]`
-    /// `[,backend=uring|null][,poll-us=N][,id=SERIAL][,size=1G]`. A bare number after
+    /// `[,backend=uring|null][,poll-us=N][,id=SERIAL][,size=1G][,lock=on|off]`. A bare number after
     /// `reactors=` continues its list (`reactors=0,1,queues=2`); `:` also separates its items.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut c = DiskConfig::default();
@@ -175,6 +178,7 @@ impl FromStr for DiskConfig {
                     }
                 }
                 "direct" => c.direct = parse_on_off(key, value)?,
+                "lock" | "locking" => c.lock = parse_on_off(key, value)?,
                 "backend" => {
                     c.backend = match value {
                         "uring" | "io_uring" => BackendKind::Uring,
@@ -308,6 +312,19 @@ mod tests {
         assert!(c.readonly && !c.direct);
         assert_eq!(c.id.as_deref(), Some("abc"));
         assert_eq!(c.backend, BackendKind::Uring);
+        assert!(c.lock, "locking is on by default");
+    }
+
+    #[test]
+    fn test_parse_lock_off_and_on_sets_lock() {
+        let off: DiskConfig = "path=/img,lock=off".parse().unwrap();
+        assert!(!off.lock);
+        let on: DiskConfig = "path=/img,lock=on".parse().unwrap();
+        assert!(on.lock);
+        assert!(matches!(
+            "path=/img,lock=sometimes".parse::<DiskConfig>(),
+            Err(DiskConfigError::BadValue { key, .. }) if key == "lock"
+        ));
     }
 
     #[test]

@@ -4,11 +4,12 @@
 //! A back end is opened once by the device on the VMM thread ([`Backend::open`]); each queue
 //! then gets a [`QueueIo`] on its reactor, which turns requests into SQEs.
 
+pub mod lock;
 pub mod null;
 pub mod uring;
 
 pub use null::NullBackend;
-pub use uring::{QueueIo, UringBackend};
+pub use uring::{OpenOptions, QueueIo, UringBackend};
 
 use std::os::fd::RawFd;
 use std::path::PathBuf;
@@ -35,6 +36,18 @@ pub enum BackendError {
     Empty { path: PathBuf },
     #[error("A null disk needs size= or path=")]
     NoSize,
+    #[error("Disk image {path} is in use by {holder}: {conflict} (image locking as QEMU does it; lock=off disables it)")]
+    Locked {
+        path: PathBuf,
+        conflict: lock::Conflict,
+        holder: lock::Holder,
+    },
+    #[error("Cannot lock disk image {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// An opened disk.
@@ -51,8 +64,11 @@ impl Backend {
         match (cfg.backend, &cfg.path) {
             (BackendKind::Uring, Some(p)) => Ok(Backend::Uring(UringBackend::open(
                 p,
-                cfg.readonly,
-                cfg.direct,
+                OpenOptions {
+                    readonly: cfg.readonly,
+                    direct: cfg.direct,
+                    lock: cfg.lock,
+                },
             )?)),
             (BackendKind::Uring, None) => Err(BackendError::NoSize),
             (BackendKind::Null, _) => {

@@ -1,7 +1,7 @@
 //! Files and block devices through io_uring: O_DIRECT by default, FLUSH as
 //! fdatasync, DISCARD as a punched hole, WRITE_ZEROES as a zeroed (or punched) range.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -40,9 +40,19 @@ pub(super) fn size_of_path(p: &Path) -> Result<u64, BackendError> {
         })
 }
 
+/// How to open a disk image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenOptions {
+    pub readonly: bool,
+    /// O_DIRECT, falling back to buffered I/O where the file system refuses it.
+    pub direct: bool,
+    /// Take QEMU-compatible image locks (see [`super::lock`]).
+    pub lock: bool,
+}
+
 fn open_with(p: &Path, readonly: bool, direct: bool) -> std::io::Result<File> {
     let flags = libc::O_CLOEXEC | if direct { libc::O_DIRECT } else { 0 };
-    OpenOptions::new()
+    std::fs::OpenOptions::new()
         .read(true)
         .write(!readonly)
         .custom_flags(flags)
@@ -52,8 +62,14 @@ fn open_with(p: &Path, readonly: bool, direct: bool) -> std::io::Result<File> {
 impl UringBackend {
     /// Opens `p` read-write (or read-only), with O_DIRECT when `direct`; where the file
     /// system refuses O_DIRECT (EINVAL, e.g. older tmpfs) it falls back to buffered I/O
-    /// with a one-line notice.
-    pub fn open(p: &Path, readonly: bool, direct: bool) -> Result<UringBackend, BackendError> {
+    /// with a one-line notice. With `lock`, the image is locked as QEMU locks it before
+    /// anything else is done with it; the lock lives as long as the file stays open.
+    pub fn open(p: &Path, opts: OpenOptions) -> Result<UringBackend, BackendError> {
+        let OpenOptions {
+            readonly,
+            direct,
+            lock,
+        } = opts;
         let (mut file, direct) = match open_with(p, readonly, direct) {
             Ok(f) => (f, direct),
             Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
@@ -76,6 +92,9 @@ impl UringBackend {
                 })
             }
         };
+        if lock {
+            super::lock::lock_image(&file, p, readonly)?;
+        }
         let bytes = file
             .seek(SeekFrom::End(0))
             .map_err(|source| BackendError::Size {
@@ -224,5 +243,53 @@ impl QueueIo {
             .offset(offset)
             .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
             .build()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(1 << 20).unwrap();
+        f
+    }
+
+    fn opts(readonly: bool, lock: bool) -> OpenOptions {
+        OpenOptions {
+            readonly,
+            direct: false,
+            lock,
+        }
+    }
+
+    #[test]
+    fn test_open_same_image_twice_writable_second_refused() {
+        let img = image();
+        let _a = UringBackend::open(img.path(), opts(false, true)).unwrap();
+        let b = UringBackend::open(img.path(), opts(false, true));
+        assert!(matches!(b, Err(BackendError::Locked { .. })), "{b:?}");
+    }
+
+    #[test]
+    fn test_open_lock_off_second_writer_allowed() {
+        let img = image();
+        let _a = UringBackend::open(img.path(), opts(false, true)).unwrap();
+        UringBackend::open(img.path(), opts(false, false)).unwrap();
+    }
+
+    #[test]
+    fn test_open_two_readonly_both_allowed() {
+        let img = image();
+        let _a = UringBackend::open(img.path(), opts(true, true)).unwrap();
+        UringBackend::open(img.path(), opts(true, true)).unwrap();
+    }
+
+    #[test]
+    fn test_open_lock_released_on_drop_next_writer_allowed() {
+        let img = image();
+        drop(UringBackend::open(img.path(), opts(false, true)).unwrap());
+        UringBackend::open(img.path(), opts(false, true)).unwrap();
     }
 }
