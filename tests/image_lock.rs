@@ -331,3 +331,32 @@ fn test_qemu_refused_while_ringvm_holds_image() {
     let (ok, text) = qemu_io(img.path(), &["-c", "write 0 4k"]);
     assert!(!ok, "QEMU writer beside a ringvm reader: {text}");
 }
+
+#[test]
+fn test_bench_matrix_on_one_image_releases_lock_between_jobs() {
+    if !have_kvm() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let img = image();
+    // The default matrix: four VMs in one process, one after the other, on the same image.
+    // Each VM's io_uring keeps the file open until the kernel tears its ring down, so the
+    // lock must go when the VM stops, not when the file closes.
+    let r = run(&[
+        "bench",
+        "--disk",
+        &img.path().to_string_lossy(),
+        "--runtime",
+        "0.3",
+    ]);
+    assert_eq!(r.status, 0, "stderr: {}", r.stderr);
+    assert_eq!(
+        r.stdout
+            .lines()
+            .filter(|l| l.starts_with("4k ") || l.starts_with("128k "))
+            .count(),
+        4,
+        "every job ran: {}",
+        r.stdout
+    );
+}

@@ -140,7 +140,9 @@ mod tests {
 
     fn ring() -> io_uring::IoUring {
         let ring = io_uring::IoUring::new(8).unwrap();
-        ring.submitter().register_buffers_sparse(TABLE_ENTRIES).unwrap();
+        ring.submitter()
+            .register_buffers_sparse(TABLE_ENTRIES)
+            .unwrap();
         ring
     }
 
@@ -157,7 +159,10 @@ mod tests {
         assert_eq!(f.index(&s, base + 100, 512), Some(0));
         assert_eq!(f.index(&s, base + CHUNK_MIN, 4096), Some(1));
         assert_eq!(f.index(&s, base + 3 * CHUNK_MIN, 4096), Some(3));
-        assert_eq!(f.registered[0], 0b1011, "only the chunks used are registered");
+        assert_eq!(
+            f.registered[0], 0b1011,
+            "only the chunks used are registered"
+        );
         // Straddling two chunks, or outside guest memory: no fixed buffer.
         assert_eq!(f.index(&s, base + 2 * CHUNK_MIN - 512, 1024), None);
         assert_eq!(f.index(&s, base + 4 * CHUNK_MIN, 16), None);

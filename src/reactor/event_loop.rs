@@ -432,7 +432,10 @@ impl Reactor {
         }
         if self.queues.is_empty() && self.bufs.active() {
             if let Err(e) = self.ring.submitter().unregister_buffers() {
-                log::error!("reactor{}: cannot unregister the fixed buffers: {e}", self.index);
+                log::error!(
+                    "reactor{}: cannot unregister the fixed buffers: {e}",
+                    self.index
+                );
             }
             self.bufs.clear();
         }

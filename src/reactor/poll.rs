@@ -49,7 +49,11 @@ fn adapt(window: Duration, max: Duration, gap: Duration) -> Duration {
 
 /// Pops one bounded batch from `q` if it may have work, and says how the queue wants to be
 /// served next.
-pub(super) fn run_queue(q: &mut QueueSlot, ctx: &mut RingCtx<'_, '_>, adaptive: bool) -> QueueState {
+pub(super) fn run_queue(
+    q: &mut QueueSlot,
+    ctx: &mut RingCtx<'_, '_>,
+    adaptive: bool,
+) -> QueueState {
     // A completion wakes a sleeping queue too: the guest is about to answer it.
     if !q.pending && !q.polling && !q.completed {
         return QueueState::Idle;
@@ -192,7 +196,11 @@ mod tests {
         let mut ring = io_uring::IoUring::new(8).unwrap();
         let (submitter, mut sq, _) = ring.split();
         let mut bufs = super::super::buffers::FixedBuffers::default();
-        run_queue(q, &mut RingCtx::for_test(&mut sq, &submitter, &mut bufs, now), true)
+        run_queue(
+            q,
+            &mut RingCtx::for_test(&mut sq, &submitter, &mut bufs, now),
+            true,
+        )
     }
 
     fn fake() -> (QueueSlot, Rc<Fake>) {
@@ -261,7 +269,10 @@ mod tests {
         assert_eq!(choose_in_flight(h, 1, fast), InFlightPolicy::Wait);
         assert_eq!(choose_in_flight(h, 1, slow), InFlightPolicy::Yield);
         assert_eq!(choose_in_flight(h, 32, fast), InFlightPolicy::Yield);
-        assert_eq!(choose_in_flight(InFlightPolicy::Spin, 1, fast), InFlightPolicy::Spin);
+        assert_eq!(
+            choose_in_flight(InFlightPolicy::Spin, 1, fast),
+            InFlightPolicy::Spin
+        );
     }
 
     const MAX: Duration = Duration::from_micros(32);
@@ -273,7 +284,10 @@ mod tests {
             w = adapt(w, MAX, Duration::from_micros(40));
         }
         assert_eq!(w, MAX);
-        assert_eq!(adapt(Duration::ZERO, MAX, Duration::from_micros(1)), POLL_MIN);
+        assert_eq!(
+            adapt(Duration::ZERO, MAX, Duration::from_micros(1)),
+            POLL_MIN
+        );
     }
 
     #[test]
@@ -285,7 +299,10 @@ mod tests {
             steps += 1;
             assert!(steps < 10, "window never reached zero");
         }
-        assert_eq!(adapt(Duration::ZERO, MAX, Duration::from_millis(1)), Duration::ZERO);
+        assert_eq!(
+            adapt(Duration::ZERO, MAX, Duration::from_millis(1)),
+            Duration::ZERO
+        );
     }
 
     #[test]

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _, MemoryRegionAddress};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _, MemoryRegionAddress,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::QueueIo;

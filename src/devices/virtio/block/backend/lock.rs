@@ -145,6 +145,43 @@ fn is_locked(fd: RawFd, byte: i64) -> std::io::Result<bool> {
     Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
 }
 
+/// Releases every lock byte of `fd`'s open file description.
+fn unlock_all(fd: RawFd) {
+    let mut fl = flock(libc::F_UNLCK as libc::c_short, PERM_BASE);
+    fl.l_len = SHARED_BASE + 4 - PERM_BASE;
+    // SAFETY: F_OFD_SETLK reads the flock struct we pass; `fd` is open for the call.
+    unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &fl) };
+}
+
+/// The image's locks, released when this is dropped (the VM's device set drops it when the
+/// VM stops), not when the last reference to the open file goes: an io_uring fixed-file
+/// table keeps the file open until the kernel tears the ring down, after its owner has
+/// gone, and the next VM of a `ringvm bench` must find the image free.
+#[derive(Debug)]
+pub struct ImageLock {
+    file: std::sync::Arc<File>,
+}
+
+impl ImageLock {
+    /// Locks `file` (see [`lock_image`]); `None` when the file system has no OFD locks.
+    pub fn take(
+        file: std::sync::Arc<File>,
+        path: &Path,
+        readonly: bool,
+    ) -> Result<Option<ImageLock>, BackendError> {
+        if !lock_image(&file, path, readonly)? {
+            return Ok(None);
+        }
+        Ok(Some(ImageLock { file }))
+    }
+}
+
+impl Drop for ImageLock {
+    fn drop(&mut self) {
+        unlock_all(self.file.as_raw_fd());
+    }
+}
+
 /// Errors from the kernel meaning "this file system has no OFD locks" (QEMU's
 /// `locking=auto` then runs unlocked too).
 fn unsupported(e: &std::io::Error) -> bool {
@@ -155,9 +192,9 @@ fn unsupported(e: &std::io::Error) -> bool {
 }
 
 /// Takes QEMU-compatible locks on `file` (the image at `path`) for a writable or readonly
-/// disk. Refuses with [`BackendError::Locked`] when another user's permissions conflict;
-/// the locks taken so far go when `file` is closed.
-pub fn lock_image(file: &File, path: &Path, readonly: bool) -> Result<(), BackendError> {
+/// disk. Refuses with [`BackendError::Locked`] when another user's permissions conflict
+/// (releasing what it took). Returns false when the file system has no OFD locks.
+pub fn lock_image(file: &File, path: &Path, readonly: bool) -> Result<bool, BackendError> {
     let fd = file.as_raw_fd();
     let (held, unshared) = scheme(readonly);
     let io_err = |source| BackendError::Lock {
@@ -176,23 +213,33 @@ pub fn lock_image(file: &File, path: &Path, readonly: bool) -> Result<(), Backen
                     "{}: the file system has no OFD locks ({e}), so the image is not locked against other users",
                     path.display()
                 );
-                return Ok(());
+                unlock_all(fd);
+                return Ok(false);
             }
-            Err(e) => return Err(io_err(e)),
+            Err(e) => {
+                unlock_all(fd);
+                return Err(io_err(e));
+            }
         }
     }
     let wanted = held.iter().map(|p| Conflict::Unshared(*p));
     let refused = unshared.iter().map(|p| Conflict::Held(*p));
     for conflict in wanted.chain(refused) {
-        if is_locked(fd, conflict.byte()).map_err(io_err)? {
+        let locked = is_locked(fd, conflict.byte()).map_err(|e| {
+            unlock_all(fd);
+            io_err(e)
+        })?;
+        if locked {
+            let holder = find_holder(file, conflict.byte());
+            unlock_all(fd);
             return Err(BackendError::Locked {
                 path: path.into(),
                 conflict,
-                holder: find_holder(file, conflict.byte()),
+                holder,
             });
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The process with another open of `file`'s inode that holds a lock covering `byte`,
@@ -289,7 +336,7 @@ mod tests {
 
     fn lock(f: &tempfile::NamedTempFile, readonly: bool) -> (File, Result<(), BackendError>) {
         let file = open(f);
-        let r = lock_image(&file, f.path(), readonly);
+        let r = lock_image(&file, f.path(), readonly).map(|_| ());
         (file, r)
     }
 

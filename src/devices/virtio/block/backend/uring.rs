@@ -25,6 +25,9 @@ pub struct UringBackend {
     /// Opened with O_DIRECT.
     pub direct: bool,
     pub readonly: bool,
+    /// The image's QEMU-compatible locks, released with the backend or by
+    /// [`release_lock`](Self::release_lock).
+    lock: std::sync::Mutex<Option<super::lock::ImageLock>>,
 }
 
 pub(super) fn size_of_path(p: &Path) -> Result<u64, BackendError> {
@@ -70,7 +73,7 @@ impl UringBackend {
             direct,
             lock,
         } = opts;
-        let (mut file, direct) = match open_with(p, readonly, direct) {
+        let (file, direct) = match open_with(p, readonly, direct) {
             Ok(f) => (f, direct),
             Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
                 log::warn!(
@@ -92,10 +95,13 @@ impl UringBackend {
                 })
             }
         };
-        if lock {
-            super::lock::lock_image(&file, p, readonly)?;
-        }
-        let bytes = file
+        let file = Arc::new(file);
+        let image_lock = if lock {
+            super::lock::ImageLock::take(file.clone(), p, readonly)?
+        } else {
+            None
+        };
+        let bytes = (&*file)
             .seek(SeekFrom::End(0))
             .map_err(|source| BackendError::Size {
                 path: p.into(),
@@ -122,16 +128,23 @@ impl UringBackend {
         };
         Ok(UringBackend {
             path: p.into(),
-            file: Arc::new(file),
+            file,
             buffered,
             capacity_sectors: bytes >> SECTOR_SHIFT,
             direct,
             readonly,
+            lock: std::sync::Mutex::new(image_lock),
         })
     }
 
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+
+    /// Releases the image's locks now (the VM has stopped; the file may stay open a while
+    /// longer in a ring the kernel has yet to tear down).
+    pub fn release_lock(&self) {
+        drop(self.lock.lock().unwrap_or_else(|e| e.into_inner()).take());
     }
 
     /// The buffered twin of [`fd`](Self::fd), if the disk is opened with O_DIRECT.
@@ -190,7 +203,9 @@ impl QueueIo {
     ) -> squeue::Entry {
         let fd = self.target(buffered);
         if write {
-            opcode::Writev::new(fd, iov, n as u32).offset(offset).build()
+            opcode::Writev::new(fd, iov, n as u32)
+                .offset(offset)
+                .build()
         } else {
             opcode::Readv::new(fd, iov, n as u32).offset(offset).build()
         }
