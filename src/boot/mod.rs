@@ -399,20 +399,25 @@ mod tests {
         GuestMemory::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap()
     }
 
-    #[test]
-    fn test_load_garbage_file_unknown_format() {
-        let mut f = tempfile::NamedTempFile::new().unwrap();
-        f.write_all(&[0x55; 4096]).unwrap();
-        let kernel = KernelImage::File(f.path().into());
-        let spec = BootSpec {
-            kernel: &kernel,
+    /// One vCPU, 32 MiB, no initrd or command line: enough to load (or refuse) a kernel.
+    fn plain(kernel: &KernelImage) -> BootSpec<'_> {
+        BootSpec {
+            kernel,
             initrd: None,
             cmdline: "",
             mem_size: 32 << 20,
             vcpus: 1,
             pvm_quirks: false,
             tsc_khz: None,
-        };
+        }
+    }
+
+    #[test]
+    fn test_load_garbage_file_unknown_format() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&[0x55; 4096]).unwrap();
+        let kernel = KernelImage::File(f.path().into());
+        let spec = plain(&kernel);
         let err = load(&mem(), &spec).unwrap_err();
         assert!(
             err.to_string()
@@ -426,15 +431,7 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(b"\x7fELF\x02\x01\x01\0").unwrap();
         let kernel = KernelImage::File(f.path().into());
-        let spec = BootSpec {
-            kernel: &kernel,
-            initrd: None,
-            cmdline: "",
-            mem_size: 32 << 20,
-            vcpus: 1,
-            pvm_quirks: false,
-            tsc_khz: None,
-        };
+        let spec = plain(&kernel);
         let err = load(&mem(), &spec).unwrap_err();
         assert!(err.to_string().contains("corrupt"), "{err}");
     }
@@ -442,15 +439,7 @@ mod tests {
     #[test]
     fn test_load_missing_kernel_names_path() {
         let kernel = KernelImage::File("/nonexistent/vmlinuz".into());
-        let spec = BootSpec {
-            kernel: &kernel,
-            initrd: None,
-            cmdline: "",
-            mem_size: 32 << 20,
-            vcpus: 1,
-            pvm_quirks: false,
-            tsc_khz: None,
-        };
+        let spec = plain(&kernel);
         let err = load(&mem(), &spec).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vmlinuz"), "{err}");
     }
@@ -461,15 +450,7 @@ mod tests {
             name: "hello",
             elf: crate::guests::HELLO,
         };
-        let spec = BootSpec {
-            kernel: &kernel,
-            initrd: None,
-            cmdline: "",
-            mem_size: 32 << 20,
-            vcpus: 1,
-            pvm_quirks: false,
-            tsc_khz: None,
-        };
+        let spec = plain(&kernel);
         let entry = load(&mem(), &spec).unwrap();
         assert!(matches!(entry, EntryPoint::Pvh { .. }), "{entry:?}");
     }
@@ -480,15 +461,7 @@ mod tests {
             name: "broken",
             elf: b"\x7fELF\x02\x01\x01\0",
         };
-        let spec = BootSpec {
-            kernel: &kernel,
-            initrd: None,
-            cmdline: "",
-            mem_size: 32 << 20,
-            vcpus: 1,
-            pvm_quirks: false,
-            tsc_khz: None,
-        };
+        let spec = plain(&kernel);
         let err = load(&mem(), &spec).unwrap_err().to_string();
         assert!(err.contains("<embedded broken>"), "{err}");
     }
