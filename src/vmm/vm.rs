@@ -148,7 +148,7 @@ impl DeviceContext<'_> {
 }
 
 fn attach_pci(pio: &Arc<Bus>, mmio: &Arc<Bus>) -> Result<Arc<Mutex<PciRoot>>, VmError> {
-    let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone())));
+    let root = Arc::new(Mutex::new(PciRoot::new(mmio)));
     pio.insert(
         Arc::new(Mutex::new(PciConfigIo(root.clone()))),
         root::CONFIG_IO_BASE,

@@ -34,4 +34,6 @@ pub enum PciError {
     NoBarSpace { size: u64 },
     #[error("Failed to map a BAR on the MMIO bus: {0}")]
     Bus(#[from] crate::vmm::bus::BusError),
+    #[error("The MMIO bus is gone (the VM is being torn down)")]
+    NoBus,
 }

@@ -1,7 +1,7 @@
 //! The root complex of bus 0: a host bridge at 00:00.0, configuration mechanism #1 on
 //! ports 0xCF8/0xCFC, ECAM in MMIO, BAR allocation in the 32-bit window, and BAR moves.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::config::{PciConfig, PciIds};
 use super::{BarMove, PciDevice, PciError};
@@ -39,7 +39,10 @@ fn lock(d: &Dev) -> std::sync::MutexGuard<'_, dyn PciDevice + 'static> {
 /// Bus 0 and the MMIO window its BARs live in.
 pub struct PciRoot {
     slots: Vec<Dev>,
-    mmio: Arc<Bus>,
+    /// Weak: the MMIO bus holds the root's ECAM window, and a strong reference back would
+    /// keep the whole device set (disks, their image locks, guest memory) alive after the
+    /// VM stops.
+    mmio: Weak<Bus>,
     next_bar: u64,
     address: Mutex<u32>,
 }
@@ -60,7 +63,7 @@ impl BusDevice for BarRegion {
 }
 
 impl PciRoot {
-    pub fn new(mmio: Arc<Bus>) -> Self {
+    pub fn new(mmio: &Arc<Bus>) -> Self {
         let bridge = PciConfig::new(PciIds {
             vendor: 0x1b36, // Red Hat, Inc.
             device: 0x0008, // PCIe host bridge
@@ -73,7 +76,7 @@ impl PciRoot {
         });
         PciRoot {
             slots: vec![Arc::new(Mutex::new(HostBridge(bridge)))],
-            mmio,
+            mmio: Arc::downgrade(mmio),
             next_bar: PCI_MMIO_START,
             address: Mutex::new(0),
         }
@@ -94,8 +97,9 @@ impl PciRoot {
         if self.slots.len() >= MAX_SLOTS {
             return Err(PciError::NoSlot);
         }
+        let mmio = self.mmio.upgrade().ok_or(PciError::NoBus)?;
         for (bar, addr, size) in lock(&dev).bars() {
-            self.mmio.insert(
+            mmio.insert(
                 Arc::new(Mutex::new(BarRegion {
                     dev: dev.clone(),
                     bar,
@@ -139,12 +143,15 @@ impl PciRoot {
     }
 
     fn move_bar(&self, dev: &Dev, m: BarMove) {
-        let _ = self.mmio.remove(m.old);
+        let Some(mmio) = self.mmio.upgrade() else {
+            return;
+        };
+        let _ = mmio.remove(m.old);
         let region = Arc::new(Mutex::new(BarRegion {
             dev: dev.clone(),
             bar: m.bar,
         }));
-        match self.mmio.insert(region, m.new, m.len) {
+        match mmio.insert(region, m.new, m.len) {
             Ok(()) => lock(dev).bar_moved(m.bar, m.old, m.new),
             Err(e) => log::warn!(
                 "pci: guest moved BAR{} to {:#x}, which is unusable: {e}",
@@ -256,7 +263,7 @@ mod tests {
 
     #[test]
     fn test_host_bridge_visible_and_empty_slot_reads_ones() {
-        let root = Arc::new(Mutex::new(PciRoot::new(Arc::new(Bus::new()))));
+        let root = Arc::new(Mutex::new(PciRoot::new(&Arc::new(Bus::new()))));
         let mut io = PciConfigIo(root.clone());
         assert_eq!(io_read(&mut io, 0, 0), 0x0008_1b36);
         assert_eq!(io_read(&mut io, 5, 0), 0xffff_ffff);
@@ -269,8 +276,26 @@ mod tests {
     }
 
     #[test]
+    fn test_root_and_mmio_bus_with_ecam_are_freed_together() {
+        let bus = Arc::new(Bus::new());
+        let root = Arc::new(Mutex::new(PciRoot::new(&bus)));
+        bus.insert(
+            Arc::new(Mutex::new(PciConfigMmio(root.clone()))),
+            0xe000_0000,
+            1 << 20,
+        )
+        .unwrap();
+        let (weak_root, weak_bus) = (Arc::downgrade(&root), Arc::downgrade(&bus));
+        drop(root);
+        drop(bus);
+        // A strong root → bus reference closed a cycle that kept every device alive.
+        assert!(weak_bus.upgrade().is_none(), "the MMIO bus leaked");
+        assert!(weak_root.upgrade().is_none(), "the PCI root leaked");
+    }
+
+    #[test]
     fn test_bar_allocation_aligned_and_bounded() {
-        let mut root = PciRoot::new(Arc::new(Bus::new()));
+        let mut root = PciRoot::new(&Arc::new(Bus::new()));
         let a = root.allocate_bar(0x1000).unwrap();
         let b = root.allocate_bar(0x8000).unwrap();
         assert_eq!(a, PCI_MMIO_START);

@@ -651,7 +651,8 @@ mod tests {
         vm.create_irq_chip().unwrap();
         let irq = IrqRouter::new(vm);
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-        let mut root = PciRoot::new(Arc::new(Bus::new()));
+        let bus = Arc::new(Bus::new());
+        let mut root = PciRoot::new(&bus);
         let log = Arc::new(Mutex::new(Log::default()));
         let t = VirtioPci::new(Box::new(FakeDevice(log.clone())), &mut root, irq, mem).unwrap();
         Some((t, log))
