@@ -10,8 +10,6 @@ use super::vm::{DeviceContext, VmError, VmExtension};
 #[derive(Default)]
 pub struct StandardDevices {
     pool: Option<ReactorPool>,
-    /// The disks' back ends, whose image locks go when the VM stops.
-    disks: Vec<std::sync::Arc<crate::devices::virtio::block::backend::Backend>>,
     /// The reactors' final statistics, once the VM stopped.
     pub report: Option<Report>,
 }
@@ -40,7 +38,6 @@ impl VmExtension for StandardDevices {
         for disk in &config.disks {
             let dev =
                 BlockDevice::new(disk, &pool).map_err(|e| VmError::Devices(error_chain(&e)))?;
-            self.disks.push(dev.backend());
             ctx.add_virtio(Box::new(dev))?;
         }
         attach_nets(ctx, &pool)?;
@@ -60,9 +57,6 @@ impl VmExtension for StandardDevices {
                 Ok(r) => self.report = Some(r),
                 Err(e) => log::error!("stopping the reactors: {e}"),
             }
-        }
-        for disk in self.disks.drain(..) {
-            disk.release_lock();
         }
     }
 }

@@ -79,11 +79,6 @@ pub struct BlockDevice {
 }
 
 impl BlockDevice {
-    /// The device's back end (to release its image lock when the VM stops).
-    pub fn backend(&self) -> Arc<Backend> {
-        self.backend.clone()
-    }
-
     /// Opens the disk and prepares the device; queues are placed on `pool`'s reactors.
     pub fn new(cfg: &DiskConfig, pool: &ReactorPool) -> Result<BlockDevice, BlockError> {
         Self::with_handle(cfg, pool.handle())

@@ -153,10 +153,10 @@ fn unlock_all(fd: RawFd) {
     unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &fl) };
 }
 
-/// The image's locks, released when this is dropped (the VM's device set drops it when the
-/// VM stops), not when the last reference to the open file goes: an io_uring fixed-file
-/// table keeps the file open until the kernel tears the ring down, after its owner has
-/// gone, and the next VM of a `ringvm bench` must find the image free.
+/// The image's locks, released when this is dropped (with the disk's back end, when the
+/// VM's devices go), not when the last reference to the open file goes: an io_uring
+/// fixed-file table keeps the file open until the kernel tears the ring down, after its
+/// owner has gone, and the next VM of a `ringvm bench` must find the image free.
 #[derive(Debug)]
 pub struct ImageLock {
     file: std::sync::Arc<File>,

@@ -84,13 +84,6 @@ impl Backend {
         }
     }
 
-    /// Releases the image's locks (see [`UringBackend::release_lock`]).
-    pub fn release_lock(&self) {
-        if let Backend::Uring(u) = self {
-            u.release_lock();
-        }
-    }
-
     pub fn capacity_sectors(&self) -> u64 {
         match self {
             Backend::Uring(u) => u.capacity_sectors,

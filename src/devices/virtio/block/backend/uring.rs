@@ -25,9 +25,9 @@ pub struct UringBackend {
     /// Opened with O_DIRECT.
     pub direct: bool,
     pub readonly: bool,
-    /// The image's QEMU-compatible locks, released with the backend or by
-    /// [`release_lock`](Self::release_lock).
-    lock: std::sync::Mutex<Option<super::lock::ImageLock>>,
+    /// The image's QEMU-compatible locks, released with the backend (when the VM's devices
+    /// are dropped), even if an io_uring still holds the file open.
+    _lock: Option<super::lock::ImageLock>,
 }
 
 pub(super) fn size_of_path(p: &Path) -> Result<u64, BackendError> {
@@ -66,7 +66,7 @@ impl UringBackend {
     /// Opens `p` read-write (or read-only), with O_DIRECT when `direct`; where the file
     /// system refuses O_DIRECT (EINVAL, e.g. older tmpfs) it falls back to buffered I/O
     /// with a one-line notice. With `lock`, the image is locked as QEMU locks it before
-    /// anything else is done with it; the lock lives as long as the file stays open.
+    /// anything else is done with it; the lock lives as long as the backend.
     pub fn open(p: &Path, opts: OpenOptions) -> Result<UringBackend, BackendError> {
         let OpenOptions {
             readonly,
@@ -133,18 +133,12 @@ impl UringBackend {
             capacity_sectors: bytes >> SECTOR_SHIFT,
             direct,
             readonly,
-            lock: std::sync::Mutex::new(image_lock),
+            _lock: image_lock,
         })
     }
 
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
-    }
-
-    /// Releases the image's locks now (the VM has stopped; the file may stay open a while
-    /// longer in a ring the kernel has yet to tear down).
-    pub fn release_lock(&self) {
-        drop(self.lock.lock().unwrap_or_else(|e| e.into_inner()).take());
     }
 
     /// The buffered twin of [`fd`](Self::fd), if the disk is opened with O_DIRECT.
