@@ -35,16 +35,35 @@ pub struct FixedBuffers {
     chunk_shift: u32,
     /// One bit per table entry: registered.
     registered: Vec<u64>,
-    /// Registration failed once (memlock, an old kernel): requests use readv/writev.
-    failed: bool,
+    /// Off by option, or registration failed once (memlock, an old kernel): requests use
+    /// readv/writev.
+    disabled: bool,
 }
 
 impl FixedBuffers {
+    /// An empty table; `enabled: false` never lays memory out.
+    pub fn new(enabled: bool) -> Self {
+        FixedBuffers {
+            disabled: !enabled,
+            ..Default::default()
+        }
+    }
+
+    /// False when off by option or after a failed registration.
+    pub fn enabled(&self) -> bool {
+        !self.disabled
+    }
+
+    /// Turns fixed buffers off for good.
+    pub fn disable(&mut self) {
+        self.disabled = true;
+    }
+
     /// Lays guest memory (host start, length per region) over the table. Returns false when
     /// there is nothing to lay out or it would not fit.
     pub fn set_memory(&mut self, regions: &[(*mut u8, usize)]) -> bool {
         let total: usize = regions.iter().map(|r| r.1).sum();
-        if total == 0 || self.failed {
+        if total == 0 || self.disabled {
             return false;
         }
         // The smallest power-of-two chunk, at least CHUNK_MIN, that covers every region
@@ -80,7 +99,7 @@ impl FixedBuffers {
 
     /// True once guest memory is laid out.
     pub fn active(&self) -> bool {
-        !self.regions.is_empty() && !self.failed
+        !self.regions.is_empty() && !self.disabled
     }
 
     /// Forgets the layout (the caller unregisters the table).
@@ -90,10 +109,10 @@ impl FixedBuffers {
     }
 
     /// The table index of the chunk holding all of `[addr, addr + len)`, registering the
-    /// chunk first if this is its first use. `None` when the range is not in one chunk of
-    /// guest memory, or registration failed (then never again).
+    /// chunk first if this is its first use. `None` when no memory is laid out, the range
+    /// is not in one chunk of guest memory, or registration failed (then never again).
     pub fn index(&mut self, submitter: &Submitter<'_>, addr: usize, len: usize) -> Option<u16> {
-        if self.failed || len == 0 {
+        if self.disabled || len == 0 {
             return None;
         }
         let end = addr.checked_add(len)?;
@@ -114,7 +133,7 @@ impl FixedBuffers {
                 log::info!(
                     "guest memory cannot be registered as io_uring fixed buffers ({e}); requests use readv/writev"
                 );
-                self.failed = true;
+                self.disabled = true;
                 return None;
             }
             self.registered[word] |= bit;
@@ -128,9 +147,10 @@ fn register(submitter: &Submitter<'_>, index: u32, start: usize, len: usize) -> 
         iov_base: start as *mut libc::c_void,
         iov_len: len,
     };
-    // SAFETY: the range is guest memory, mapped for the life of the VM; registration pins its
-    // pages, so even an unmap could not free them under the kernel. The table is dropped
-    // when the reactor's last queue detaches.
+    // The range is guest memory, mapped for the life of the VM; registration pins its pages,
+    // so even an unmap could not free them under the kernel. The table is dropped when the
+    // reactor's last queue detaches.
+    // SAFETY: the iovec describes that guest memory, valid until unregistered (see above).
     unsafe { submitter.register_buffers_update(index, &[iov], None) }
 }
 

@@ -82,9 +82,6 @@ impl<'s, 'r> RingCtx<'s, 'r> {
     /// The fixed buffer (index in the ring's table) holding all of `[addr, addr + len)`,
     /// registering its chunk on first use; `None`: use a vectored operation.
     pub fn fixed_buffer(&mut self, addr: usize, len: usize) -> Option<u16> {
-        if !self.bufs.active() {
-            return None;
-        }
         self.bufs.index(self.submitter, addr, len)
     }
 
@@ -183,9 +180,8 @@ pub struct Reactor {
     busy_since: Option<Instant>,
     /// Moving average of those stretches, ns.
     service_ewma_ns: u64,
-    /// Register guest memory as fixed buffers.
-    fixed_buffers: bool,
-    /// The ring's sparse table of fixed buffers over guest memory.
+    /// The ring's sparse table of fixed buffers over guest memory (off by option or after a
+    /// failed registration).
     bufs: FixedBuffers,
 }
 
@@ -243,8 +239,7 @@ impl Reactor {
             io_wait_ewma_ns: 0,
             busy_since: None,
             service_ewma_ns: 0,
-            fixed_buffers: opts.fixed_buffers,
-            bufs: FixedBuffers::default(),
+            bufs: FixedBuffers::new(opts.fixed_buffers),
         })
     }
 
@@ -324,7 +319,7 @@ impl Reactor {
     /// Lays the queue's guest memory over the ring's sparse buffer table, once (one VM per
     /// process: every queue sees the same memory); chunks are registered on first use.
     fn register_buffers(&mut self, handler: &dyn QueueHandler) {
-        if !self.fixed_buffers || self.bufs.active() {
+        if !self.bufs.enabled() || self.bufs.active() {
             return;
         }
         let regions = handler.guest_memory();
@@ -340,7 +335,7 @@ impl Reactor {
                 "reactor{}: no io_uring fixed buffers ({e}); requests use readv/writev",
                 self.index
             );
-            self.fixed_buffers = false;
+            self.bufs.disable();
             return;
         }
         self.bufs.set_memory(&regions);
@@ -616,9 +611,8 @@ impl Reactor {
         let t2 = Instant::now();
         let waited = (t2 - t1).as_nanos() as u64;
         if waited_for_io {
-            // How long completions take to arrive, as seen by a waiting reactor (EWMA, 1/8).
-            let e = self.io_wait_ewma_ns;
-            self.io_wait_ewma_ns = e - e / 8 + waited / 8;
+            // How long completions take to arrive, as seen by a waiting reactor.
+            self.io_wait_ewma_ns = ewma(self.io_wait_ewma_ns, waited);
         }
         if blocked {
             self.metrics.idle_ns += waited;
@@ -628,11 +622,10 @@ impl Reactor {
         let completed = self.reap(t2)?;
         if completed > 0 {
             // How long I/O takes to come back once some is in flight (at QD1: the service
-            // time), as a moving average (1/8).
+            // time).
             if let Some(since) = self.busy_since.take() {
                 let d = t2.saturating_duration_since(since).as_nanos() as u64;
-                let e = self.service_ewma_ns;
-                self.service_ewma_ns = e - e / 8 + d / 8;
+                self.service_ewma_ns = ewma(self.service_ewma_ns, d);
             }
         }
         self.metrics.busy_ns += t2.elapsed().as_nanos() as u64;
@@ -714,6 +707,11 @@ impl Reactor {
     pub fn report(&self) -> Report {
         self.snapshot()
     }
+}
+
+/// A moving average that gives each new sample 1/8 of the weight.
+fn ewma(avg: u64, sample: u64) -> u64 {
+    avg - avg / 8 + sample / 8
 }
 
 /// Fails with a clear message when the kernel lacks an opcode the reactors use.
