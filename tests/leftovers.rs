@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::{guest, have_kvm};
 
@@ -30,8 +30,18 @@ fn shm_disk(pid: u32) -> PathBuf {
     PathBuf::from(format!("/dev/shm/ringvm-bench-{pid}.img"))
 }
 
-/// Everything ringvm could have left: the entries of its $TMPDIR, its /dev/shm disk.
-fn assert_nothing_left(tmp: &Path, pid: u32, what: &str) {
+/// Whether `path` exists and was made or changed at or after `since`. Old versions of
+/// ringvm left `/tmp/ringvm-PID`; a host that ran them has such directories with PIDs
+/// that a new child can be given again, and those are not this child's doing.
+fn made_since(path: &Path, since: SystemTime) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t >= since)
+}
+
+/// Everything ringvm could have left since `since`: the entries of its $TMPDIR, its
+/// /dev/shm disk, the directory old versions made in /tmp.
+fn assert_nothing_left(tmp: &Path, pid: u32, since: SystemTime, what: &str) {
     let left: Vec<_> = std::fs::read_dir(tmp)
         .unwrap()
         .flatten()
@@ -44,7 +54,7 @@ fn assert_nothing_left(tmp: &Path, pid: u32, what: &str) {
         shm_disk(pid).display()
     );
     assert!(
-        !Path::new(&format!("/tmp/ringvm-{pid}")).exists(),
+        !made_since(Path::new(&format!("/tmp/ringvm-{pid}")), since),
         "{what}: left /tmp/ringvm-{pid}"
     );
 }
@@ -66,8 +76,9 @@ impl Drop for Running {
 fn bench_stopped_by(
     signal: i32,
     settle: Duration,
-) -> (Option<i32>, String, u32, tempfile::TempDir) {
+) -> (Option<i32>, String, u32, tempfile::TempDir, SystemTime) {
     let tmp = tempfile::tempdir().unwrap();
+    let since = SystemTime::now();
     let child = short_bench(tmp.path(), "20")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -89,7 +100,7 @@ fn bench_stopped_by(
     let child = running.0.take().unwrap();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    (out.status.code(), stderr, pid, tmp)
+    (out.status.code(), stderr, pid, tmp, since)
 }
 
 #[test]
@@ -99,6 +110,7 @@ fn test_bench_finished_leaves_nothing() {
     }
     let _serial = BENCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
+    let since = SystemTime::now();
     let child = short_bench(tmp.path(), "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -109,7 +121,7 @@ fn test_bench_finished_leaves_nothing() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("4k randread qd1"));
-    assert_nothing_left(tmp.path(), pid, "finished bench");
+    assert_nothing_left(tmp.path(), pid, since, "finished bench");
 }
 
 #[test]
@@ -118,10 +130,11 @@ fn test_bench_sigterm_mid_run_leaves_nothing() {
         return;
     }
     let _serial = BENCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let (code, stderr, pid, tmp) = bench_stopped_by(libc::SIGTERM, Duration::from_millis(1500));
+    let (code, stderr, pid, tmp, since) =
+        bench_stopped_by(libc::SIGTERM, Duration::from_millis(1500));
     assert_eq!(code, Some(128 + libc::SIGTERM), "stderr: {stderr}");
     assert!(stderr.contains("interrupted by signal"), "{stderr}");
-    assert_nothing_left(tmp.path(), pid, "SIGTERM");
+    assert_nothing_left(tmp.path(), pid, since, "SIGTERM");
 }
 
 #[test]
@@ -130,9 +143,10 @@ fn test_bench_sigint_mid_run_leaves_nothing() {
         return;
     }
     let _serial = BENCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let (code, stderr, pid, tmp) = bench_stopped_by(libc::SIGINT, Duration::from_millis(1500));
+    let (code, stderr, pid, tmp, since) =
+        bench_stopped_by(libc::SIGINT, Duration::from_millis(1500));
     assert_eq!(code, Some(128 + libc::SIGINT), "stderr: {stderr}");
-    assert_nothing_left(tmp.path(), pid, "SIGINT");
+    assert_nothing_left(tmp.path(), pid, since, "SIGINT");
 }
 
 #[test]
@@ -142,9 +156,9 @@ fn test_bench_sigterm_before_vm_starts_leaves_nothing() {
     }
     let _serial = BENCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     // The moment the disk exists: the VM is still being set up.
-    let (code, stderr, pid, tmp) = bench_stopped_by(libc::SIGTERM, Duration::ZERO);
+    let (code, stderr, pid, tmp, since) = bench_stopped_by(libc::SIGTERM, Duration::ZERO);
     assert_eq!(code, Some(128 + libc::SIGTERM), "stderr: {stderr}");
-    assert_nothing_left(tmp.path(), pid, "early SIGTERM");
+    assert_nothing_left(tmp.path(), pid, since, "early SIGTERM");
 }
 
 #[test]
@@ -160,6 +174,7 @@ fn test_bench_errors_leave_nothing() {
     ];
     for extra in cases {
         let tmp = tempfile::tempdir().unwrap();
+        let since = SystemTime::now();
         let child = short_bench(tmp.path(), "1")
             .args(extra)
             .stdout(Stdio::null())
@@ -171,7 +186,7 @@ fn test_bench_errors_leave_nothing() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{extra:?}: {stderr}");
         assert!(stderr.contains("/nonexistent/"), "{extra:?}: {stderr}");
-        assert_nothing_left(tmp.path(), pid, &format!("error {extra:?}"));
+        assert_nothing_left(tmp.path(), pid, since, &format!("error {extra:?}"));
     }
 }
 
