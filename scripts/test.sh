@@ -7,6 +7,11 @@ cd "$(dirname "$0")/.."
 # Hugepages for the --hugepages 2M test (needs root; the test says so if they are missing).
 scripts/setup-hugepages.sh 512 || echo "warning: could not reserve hugepages; the hugepage test will fail" >&2
 
+# Packages the tests use (FUSE for the back-end error test, ...); a missing one then fails
+# its test instead of skipping it.
+scripts/setup-test-deps.sh
+export RINGVM_REQUIRE_FUSE=1
+
 # Unit, integration and corpus-replay tests (integration tests boot the embedded guests).
 cargo test --release --workspace 2>&1
 
