@@ -12,6 +12,10 @@ scripts/setup-hugepages.sh 512 || echo "warning: could not reserve hugepages; th
 scripts/setup-test-deps.sh
 export RINGVM_REQUIRE_FUSE=1
 
+# Lints first: clippy with every warning an error (Cargo.toml denies unsafe blocks without
+# a SAFETY comment).
+cargo clippy --release --all-targets -- -D warnings 2>&1
+
 # Unit, integration and corpus-replay tests (integration tests boot the embedded guests).
 cargo test --release --workspace 2>&1
 

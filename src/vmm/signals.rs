@@ -55,9 +55,8 @@ impl Signals {
             return None;
         }
         // SAFETY: signalfd returned a fresh fd that nothing else owns.
-        Some(Signals {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Some(Signals { fd })
     }
 
     /// The next pending signal, if any.
