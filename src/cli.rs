@@ -19,6 +19,19 @@ pub enum Command {
     /// Run the embedded blkbench guest against a disk and print IOPS and latency percentiles
     /// from the guest's view next to the host reactors' histograms.
     Bench(BenchArgs),
+    /// Render the HTML latency report from a series JSON file (what perf/compare --report
+    /// writes; format in README "Latency report (HTML)").
+    Report(ReportArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// The series JSON to render.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// The HTML file to write (one self-contained page: inline SVG, no scripts).
+    #[arg(long)]
+    pub output: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -59,6 +72,12 @@ pub struct BenchArgs {
     /// Write the full results (guest and host histograms) as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write an HTML latency report to this file: the guest's latency by percentile, IOPS per second and where the median request's time goes (implies --iops-log).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Have blkbench print its I/O count every second (progress=1; a few serial bytes a second) and keep the per-second IOPS in --json ("iops_per_s") and --report.
+    #[arg(long, default_value_t = false)]
+    pub iops_log: bool,
     /// Guest kernel to use instead of the embedded blkbench (a blkbench ELF built elsewhere).
     #[arg(long)]
     pub guest: Option<PathBuf>,
@@ -107,7 +126,7 @@ pub struct VmArgs {
     /// Write the per-queue statistics as JSON to this file at exit.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
-    /// Write an HdrHistogram interval log of the per-queue latencies to this file.
+    /// Write an HdrHistogram interval log of the per-queue latencies to this file, plus the guest's latency histogram (tag `guest`) when the guest is blkbench.
     #[arg(long)]
     pub hlog: Option<PathBuf>,
     /// Mask (-name) or add (+name) CPUID feature bits for every vCPU, e.g. -cx16.

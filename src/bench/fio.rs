@@ -118,6 +118,7 @@ pub fn parse(console: &str) -> Result<GuestResult, ResultError> {
             pct("99.900000")?,
             max,
         ],
+        iops_per_s: Vec::new(),
         raw: v,
     })
 }

@@ -1,9 +1,10 @@
 //! blkbench's JSON result line and the per-job summary.
 
+use hdrhistogram::Histogram;
 use serde_json::Value;
 
 use super::Job;
-use crate::metrics::Report;
+use crate::metrics::{Report, LATENCY_MAX_NS, SIGFIGS};
 
 /// blkbench's exit codes (guests/README.md) as the isa-debug-exit code.
 pub const GUEST_OK: u32 = 0;
@@ -36,6 +37,57 @@ pub struct GuestResult {
     pub verify: String,
     /// p50, p90, p99, p99.9, max (ns).
     pub lat_ns: [u64; 5],
+    /// IOPS in each second of the measured run, from blkbench's `progress=1` lines (empty
+    /// without them).
+    pub iops_per_s: Vec<f64>,
+}
+
+impl GuestResult {
+    /// The guest's latency histogram (blkbench's `hist` buckets, ns) as an HdrHistogram with
+    /// the host's bounds, or `None` when the result carries no buckets (fio).
+    pub fn histogram(&self) -> Option<Histogram<u64>> {
+        let buckets = self.raw.get("hist")?.as_array()?;
+        let mut h = Histogram::new_with_bounds(1, LATENCY_MAX_NS, SIGFIGS)
+            .expect("constant histogram bounds are valid");
+        for b in buckets {
+            let (v, c) = match b.as_array().map(Vec::as_slice) {
+                Some([v, c]) => (v.as_u64()?, c.as_u64()?),
+                _ => return None,
+            };
+            h.saturating_record_n(v.clamp(1, LATENCY_MAX_NS), c);
+        }
+        Some(h)
+    }
+}
+
+/// Per-second IOPS from blkbench's `progress: <s>s ios=<n> iops=<n>` lines, whose `ios` is
+/// cumulative from the start of the measured window.
+pub fn parse_progress(console: &str) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut prev = (0u64, 0u64);
+    for l in console.lines() {
+        let Some(rest) = l.strip_prefix("progress: ") else {
+            continue;
+        };
+        let mut secs = None;
+        let mut ios = None;
+        for w in rest.split_whitespace() {
+            if let Some(s) = w.strip_suffix('s') {
+                secs = s.parse::<u64>().ok();
+            } else if let Some(n) = w.strip_prefix("ios=") {
+                ios = n.parse::<u64>().ok();
+            }
+        }
+        let (Some(s), Some(n)) = (secs, ios) else {
+            continue;
+        };
+        if s <= prev.0 || n < prev.1 {
+            continue;
+        }
+        out.push((n - prev.1) as f64 / (s - prev.0) as f64);
+        prev = (s, n);
+    }
+    out
 }
 
 /// Finds and parses the `{"blkbench":1,...}` line in the guest's console output.
@@ -83,6 +135,7 @@ pub fn parse_guest(console: &str) -> Result<GuestResult, ResultError> {
             .unwrap_or("off")
             .to_string(),
         lat_ns: [l("p50")?, l("p90")?, l("p99")?, l("p99_9")?, l("max")?],
+        iops_per_s: parse_progress(console),
         raw: v,
     })
 }
@@ -108,6 +161,19 @@ impl JobResult {
             .as_u64()?;
         Some(self.vmm_startup_ns + guest)
     }
+
+    /// The host's kick→complete and service histograms, all queues merged.
+    pub fn host_merged(&self) -> (Histogram<u64>, Histogram<u64>) {
+        let mut k2c = Histogram::<u64>::new_with_bounds(1, LATENCY_MAX_NS, SIGFIGS)
+            .expect("constant histogram bounds are valid");
+        let mut svc = k2c.clone();
+        for q in &self.host.queues {
+            // Same bounds on both sides, so `add` cannot fail.
+            let _ = k2c.add(&q.kick_to_complete);
+            let _ = svc.add(&q.service);
+        }
+        (k2c, svc)
+    }
 }
 
 fn us(ns: u64) -> String {
@@ -130,13 +196,7 @@ pub fn table(results: &[JobResult]) -> String {
         "", "", "", "guest latency (µs)", "host kick→complete (µs)", "host service (µs)", "VMM CPU"
     ));
     for r in results {
-        let mut k2c = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)
-            .expect("valid bounds");
-        let mut svc = k2c.clone();
-        for q in &r.host.queues {
-            let _ = k2c.add(&q.kick_to_complete);
-            let _ = svc.add(&q.service);
-        }
+        let (k2c, svc) = r.host_merged();
         // p50, p99, p99.9 of the merged queues.
         let (k, v) = (crate::metrics::pcts(&k2c), crate::metrics::pcts(&svc));
         let (k, v) = ([k[0], k[2], k[3]], [v[0], v[2]]);
@@ -178,6 +238,7 @@ pub fn to_json(results: &[JobResult], machine: &Value) -> String {
                 },
                 "startup": {"vmm_ns": r.vmm_startup_ns, "first_io_ns": r.first_io_ns()},
                 "guest": r.guest.raw,
+                "iops_per_s": r.guest.iops_per_s,
                 "host": serde_json::from_str::<Value>(&r.host.to_json()).unwrap_or(Value::Null),
             })
         })
@@ -198,6 +259,23 @@ mod tests {
         assert_eq!((g.ios, g.errors), (10, 0));
         assert_eq!(g.lat_ns, [1000, 2000, 3000, 4000, 6000]);
         assert_eq!(g.verify, "ok");
+    }
+
+    #[test]
+    fn test_parse_progress_turns_cumulative_counts_into_per_second_iops() {
+        let console = "progress: 1s ios=100 iops=100\nnoise\nprogress: 2s ios=250 iops=125\nprogress: 4s ios=450 iops=112\nprogress: garbage\n";
+        assert_eq!(parse_progress(console), vec![100.0, 150.0, 100.0]);
+        assert!(parse_progress("").is_empty());
+    }
+
+    #[test]
+    fn test_guest_histogram_from_hist_buckets_keeps_counts() {
+        let line = LINE.replace("\"lat_ns\"", "\"hist\":[[1000,3],[52000,7]],\"lat_ns\"");
+        let g = parse_guest(&line).unwrap();
+        let h = g.histogram().unwrap();
+        assert_eq!(h.len(), 10);
+        assert_eq!(h.value_at_quantile(0.5), h.highest_equivalent(52000));
+        assert!(parse_guest(LINE).unwrap().histogram().is_none());
     }
 
     #[test]

@@ -274,8 +274,9 @@ impl Guest {
         }
     }
 
-    fn cmdline(&self, job: &Job) -> String {
+    fn cmdline(&self, job: &Job, progress: bool) -> String {
         match self {
+            Guest::Blkbench(_) if progress => format!("{} progress=1", job.cmdline()),
             Guest::Blkbench(_) => job.cmdline(),
             Guest::Linux { .. } => fio::cmdline(job),
         }
@@ -373,7 +374,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
         let config = VmConfig::build(
             target.kernel(),
             target.initrd(),
-            target.cmdline(job),
+            target.cmdline(job, args.iops_log || args.report.is_some()),
             vec![disk],
             &vm_args,
         )?;
@@ -421,7 +422,10 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
             } else {
                 hlog.with_extension(format!("{}.hlog", results.len() + 1))
             };
-            host.write_hlog(&path)?;
+            match guest.histogram() {
+                Some(g) => host.write_hlog_with(&path, &[("guest", &g)])?,
+                None => host.write_hlog(&path)?,
+            }
         }
         results.push(JobResult {
             job: job.clone(),
@@ -458,6 +462,29 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
     if let Some(p) = &args.json {
         std::fs::write(p, result::to_json(&results, &machine()))
             .with_context(|| format!("Cannot write {}", p.display()))?;
+    }
+    if let (Some(p), false) = (&args.report, results.is_empty()) {
+        let mut meta = super::report::common_meta();
+        meta.push((
+            "disk".into(),
+            format!(
+                "{}{}, backend {}, vCPU cores {:?}, I/O cores {:?}",
+                disk_path.display(),
+                if size.is_some() { " (RAM-backed)" } else { "" },
+                args.backend,
+                placement.0,
+                placement.1
+            ),
+        ));
+        let guest = if args.linux {
+            "fio in the Linux guest (lat_ns, submit to complete)"
+        } else {
+            "blkbench (TSC-timed, submit to used-ring completion)"
+        };
+        meta.push(("guest latency".into(), guest.into()));
+        let doc = ringvm::report::from_jobs("ringvm bench", meta, &results);
+        super::report::write(p, &doc)?;
+        println!("report: {}", p.display());
     }
     if let Some((signal, label)) = interrupted {
         eprintln!("ringvm: interrupted by signal {signal} during job {label}");

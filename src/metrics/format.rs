@@ -231,13 +231,23 @@ impl Report {
     /// Writes every histogram as one tagged interval of an HdrHistogram V2 interval log at `path`
     /// (created or truncated). The interval spans the report's elapsed time.
     pub fn write_hlog(&self, path: &Path) -> Result<(), HlogError> {
+        self.write_hlog_with(path, &[])
+    }
+
+    /// [`Report::write_hlog`] plus `extra` histograms, each one interval under its own tag
+    /// (the guest's latency histogram as `guest`, so guest and host plot together).
+    pub fn write_hlog_with(
+        &self,
+        path: &Path,
+        extra: &[(&str, &Histogram<u64>)],
+    ) -> Result<(), HlogError> {
         let p = path.display().to_string();
         let io = |source| HlogError::Io {
             path: p.clone(),
             source,
         };
         let mut buf = Vec::new();
-        self.write_hlog_to(&mut buf)
+        self.write_hlog_to(&mut buf, extra)
             .map_err(|message| HlogError::Encode {
                 path: p.clone(),
                 message,
@@ -246,8 +256,12 @@ impl Report {
         f.write_all(&buf).map_err(io)
     }
 
-    /// Writes the interval log into `out`.
-    pub fn write_hlog_to(&self, out: &mut Vec<u8>) -> Result<(), String> {
+    /// Writes the interval log into `out`: the queues' histograms, then `extra`.
+    pub fn write_hlog_to(
+        &self,
+        out: &mut Vec<u8>,
+        extra: &[(&str, &Histogram<u64>)],
+    ) -> Result<(), String> {
         let mut ser = V2Serializer::new();
         let now = SystemTime::now();
         let start = now.checked_sub(self.elapsed).unwrap_or(now);
@@ -272,6 +286,11 @@ impl Report {
                 w.write_histogram(h, Duration::ZERO, dur, Tag::new(&tag))
                     .map_err(|e| e.to_string())?;
             }
+        }
+        for (tag, h) in extra {
+            let tag = Tag::new(tag).ok_or_else(|| format!("invalid interval-log tag {tag:?}"))?;
+            w.write_histogram(h, Duration::ZERO, dur, Some(tag))
+                .map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -481,7 +500,7 @@ mod tests {
     #[test]
     fn test_hlog_round_trips_tagged_intervals() {
         let mut buf = Vec::new();
-        sample().write_hlog_to(&mut buf).unwrap();
+        sample().write_hlog_to(&mut buf, &[]).unwrap();
         let tags: Vec<String> = IntervalLogIterator::new(&buf)
             .filter_map(|e| match e {
                 Ok(LogEntry::Interval(i)) => i.tag().map(|t| t.as_str().to_string()),
@@ -492,5 +511,41 @@ mod tests {
             tags,
             vec!["disk__a_-q0-k2c", "disk__a_-q0-svc", "disk__a_-q0-batch"]
         );
+    }
+
+    #[test]
+    fn test_hlog_with_guest_tag_holds_host_and_guest_counts() {
+        let mut guest = Histogram::<u64>::new_with_bounds(1, super::super::LATENCY_MAX_NS, 3).unwrap();
+        guest.record_n(25_000, 700).unwrap();
+        guest.record_n(90_000, 300).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.hlog");
+        sample()
+            .write_hlog_with(&path, &[("guest", &guest)])
+            .unwrap();
+        let text = std::fs::read(&path).unwrap();
+        let got: Vec<(String, u64)> = IntervalLogIterator::new(&text)
+            .map(|e| match e {
+                Ok(LogEntry::Interval(i)) => {
+                    let h: Histogram<u64> = hdrhistogram::serialization::Deserializer::new()
+                        .deserialize(&mut base64_decode(i.encoded_histogram()).as_slice())
+                        .unwrap();
+                    Some((i.tag().unwrap().as_str().to_string(), h.len()))
+                }
+                Ok(_) => None,
+                Err(e) => panic!("log does not parse: {e:?}"),
+            })
+            .flatten()
+            .collect();
+        assert!(got.contains(&("disk__a_-q0-k2c".to_string(), 1000)), "{got:?}");
+        assert_eq!(got.last(), Some(&("guest".to_string(), 1000)), "{got:?}");
+    }
+
+    #[test]
+    fn test_hlog_with_invalid_tag_is_an_error_not_a_panic() {
+        let h = Histogram::<u64>::new(3).unwrap();
+        let mut buf = Vec::new();
+        let e = sample().write_hlog_to(&mut buf, &[("a b,c", &h)]).unwrap_err();
+        assert!(e.contains("tag"), "{e}");
     }
 }

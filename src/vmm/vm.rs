@@ -165,7 +165,8 @@ fn attach_pci(pio: &Arc<Bus>, mmio: &Arc<Bus>) -> Result<Arc<Mutex<PciRoot>>, Vm
     Ok(root)
 }
 
-fn serial_out(mode: &SerialMode) -> Result<Option<serial::SerialOut>, VmError> {
+/// The console output `--serial` asks for (`None` for `none`).
+pub fn serial_out(mode: &SerialMode) -> Result<Option<serial::SerialOut>, VmError> {
     Ok(match mode {
         SerialMode::Stdio => Some(Box::new(std::io::stdout())),
         SerialMode::File(p) => Some(Box::new(File::create(p).map_err(|source| {
