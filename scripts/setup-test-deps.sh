@@ -22,3 +22,6 @@ pip_install() {
 # (tests/fixtures/faultyfs.py), written with fusepy over libfuse2.
 [ -e /usr/lib/x86_64-linux-gnu/libfuse.so.2 ] || apt_install libfuse2
 python3 -c 'import fuse' 2>/dev/null || pip_install fusepy
+
+# tests/report.rs: the HTML latency report opened in headless Chromium (screenshot + DOM).
+command -v chromium >/dev/null || apt_install chromium

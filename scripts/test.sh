@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 # Hugepages for the --hugepages 2M test (needs root; the test says so if they are missing).
 scripts/setup-hugepages.sh 512 || echo "warning: could not reserve hugepages; the hugepage test will fail" >&2
 
-# Packages the tests use (FUSE for the back-end error test, ...); a missing one then fails
-# its test instead of skipping it.
+# Packages the tests use (FUSE for the back-end error test, Chromium for the report test,
+# ...); a missing one then fails its test instead of skipping it.
 scripts/setup-test-deps.sh
 export RINGVM_REQUIRE_FUSE=1
+export RINGVM_REQUIRE_CHROMIUM=1
 
 # Lints first: clippy with every warning an error (Cargo.toml denies unsafe blocks without
 # a SAFETY comment).

@@ -107,16 +107,17 @@ impl Scale {
         }
     }
 
-    /// Logarithmic from the decade at or below `min` to the one at or above `max`.
+    /// Logarithmic from the 1-2-5 value at or below `min` to the one at or above `max`,
+    /// ticks at 1, 2 and 5 of every decade in between.
     pub fn log(min: f64, max: f64) -> Scale {
-        let lo = 10f64.powf(min.log10().floor());
-        let hi = 10f64.powf(max.log10().ceil());
+        let lo = step_125(min, false);
+        let hi = step_125(max, true);
         let mut ticks = Vec::new();
-        let mut d = lo;
+        let mut d = 10f64.powf(lo.log10().floor());
         while d <= hi * 1.0001 {
             for m in [1.0, 2.0, 5.0] {
                 let t = d * m;
-                if t <= hi * 1.0001 {
+                if t >= lo * 0.9999 && t <= hi * 1.0001 {
                     ticks.push(t);
                 }
             }
@@ -143,6 +144,17 @@ impl Scale {
         } else {
             0.0
         }
+    }
+}
+
+/// The 1, 2 or 5 times a power of ten nearest `v` from above (`up`) or below.
+fn step_125(v: f64, up: bool) -> f64 {
+    let p = 10f64.powf(v.log10().floor());
+    let cands = [p, 2.0 * p, 5.0 * p, 10.0 * p];
+    if up {
+        cands.into_iter().find(|&c| c >= v * 0.9999).unwrap_or(10.0 * p)
+    } else {
+        cands.into_iter().rev().find(|&c| c <= v * 1.0001).unwrap_or(p)
     }
 }
 
@@ -457,11 +469,14 @@ mod tests {
     fn test_scale_wide_range_is_log_with_decade_ticks() {
         let s = Scale::for_range(3.0, 25_000.0);
         assert!(s.log);
-        assert_eq!((s.lo, s.hi), (1.0, 100_000.0));
-        for d in [1.0, 10.0, 100.0, 1000.0, 10_000.0, 100_000.0] {
+        assert_eq!((s.lo, s.hi), (2.0, 50_000.0));
+        for d in [2.0, 5.0, 10.0, 100.0, 1000.0, 10_000.0, 20_000.0, 50_000.0] {
             assert!(s.ticks.iter().any(|&t| (t - d).abs() < 1e-6), "{d}");
         }
-        assert!((s.frac(1000.0) - 0.6).abs() < 1e-9);
+        assert!(!s.ticks.iter().any(|&t| t < 2.0 || t > 50_000.0), "{s:?}");
+        assert!((s.frac(2.0)).abs() < 1e-9 && (s.frac(50_000.0) - 1.0).abs() < 1e-9);
+        let s = Scale::log(1000.0, 1000.0 * 1000.0);
+        assert_eq!((s.lo, s.hi), (1000.0, 1e6));
     }
 
     #[test]
