@@ -34,7 +34,9 @@ fn chromium() -> Option<PathBuf> {
     if std::env::var("RINGVM_REQUIRE_CHROMIUM").as_deref() == Ok("1") {
         panic!("chromium is missing and RINGVM_REQUIRE_CHROMIUM=1: run scripts/setup-test-deps.sh (apt-get install chromium)");
     }
-    eprintln!("SKIP: chromium is not installed (apt-get install chromium, or scripts/setup-test-deps.sh)");
+    eprintln!(
+        "SKIP: chromium is not installed (apt-get install chromium, or scripts/setup-test-deps.sh)"
+    );
     None
 }
 
@@ -118,7 +120,11 @@ fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<[u8; 3]>) {
                 3 => ((a as u16 + b as u16) / 2) as u8,
                 4 => {
                     let p = a as i16 + b as i16 - c as i16;
-                    let (pa, pb, pc) = ((p - a as i16).abs(), (p - b as i16).abs(), (p - c as i16).abs());
+                    let (pa, pb, pc) = (
+                        (p - a as i16).abs(),
+                        (p - b as i16).abs(),
+                        (p - c as i16).abs(),
+                    );
                     if pa <= pb && pa <= pc {
                         a
                     } else if pb <= pc {
@@ -195,7 +201,10 @@ fn test_report_fixture_renders_in_chromium_with_legends() {
     ]);
     assert_eq!(r.status, 0, "{}", r.stderr);
     let text = std::fs::read_to_string(&html).unwrap();
-    assert!(!text.contains("<script") && !text.contains("http"), "self-contained");
+    assert!(
+        !text.contains("<script") && !text.contains("http"),
+        "self-contained"
+    );
     let Some(bin) = chromium() else { return };
     check_in_chromium(
         &bin,
@@ -231,9 +240,19 @@ fn test_report_bad_input_is_a_clear_error() {
     assert_eq!(r.status, 1);
     assert!(r.stderr.contains("series[0].hist"), "{}", r.stderr);
     assert!(!out.exists());
-    let r = common::run(&["report", "--input", "/nonexistent.json", "--output", "/tmp/x.html"]);
+    let r = common::run(&[
+        "report",
+        "--input",
+        "/nonexistent.json",
+        "--output",
+        "/tmp/x.html",
+    ]);
     assert_eq!(r.status, 1);
-    assert!(r.stderr.contains("Cannot read /nonexistent.json"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("Cannot read /nonexistent.json"),
+        "{}",
+        r.stderr
+    );
 }
 
 /// (tag, sample count) of every interval in an HdrHistogram log; fails if it does not parse.
@@ -246,7 +265,10 @@ fn hlog_counts(path: &Path) -> Vec<(String, u64)> {
                 let h: Histogram<u64> = Deserializer::new()
                     .deserialize(&mut bytes.as_slice())
                     .expect("histogram decodes");
-                Some((i.tag().map(|t| t.as_str().to_string()).unwrap_or_default(), h.len()))
+                Some((
+                    i.tag().map(|t| t.as_str().to_string()).unwrap_or_default(),
+                    h.len(),
+                ))
             }
             _ => None,
         })
@@ -322,7 +344,11 @@ fn test_bench_report_and_hlog_show_guest_next_to_host() {
         .filter(|(t, _)| t == "guest")
         .map(|c| c.1)
         .collect();
-    assert_eq!(guest, vec![ios], "guest interval holds every measured I/O: {counts:?}");
+    assert_eq!(
+        guest,
+        vec![ios],
+        "guest interval holds every measured I/O: {counts:?}"
+    );
     let k2c = counts
         .iter()
         .find(|(t, _)| t == "blk0-q0-k2c")
@@ -332,7 +358,10 @@ fn test_bench_report_and_hlog_show_guest_next_to_host() {
     check_in_chromium(
         &bin,
         &html,
-        &[">4k randread qd1</text>", ">host service (pop → complete)</text>"],
+        &[
+            ">4k randread qd1</text>",
+            ">host service (pop → complete)</text>",
+        ],
         &[ringvm::report::svg::PALETTE[0]],
     );
 }
@@ -364,11 +393,14 @@ fn test_run_hlog_with_blkbench_adds_guest_interval() {
         hlog.to_str().unwrap(),
     ]);
     assert_eq!(r.status, 1, "blkbench exits 0: {} {}", r.stdout, r.stderr);
-    assert!(r.stdout.contains("{\"blkbench\":"), "console still reaches stdout");
-    let counts = hlog_counts(&hlog);
     assert!(
-        counts.contains(&("guest".to_string(), 1500)),
+        r.stdout.contains("{\"blkbench\":"),
+        "console still reaches stdout"
+    );
+    let counts = hlog_counts(&hlog);
+    assert!(counts.contains(&("guest".to_string(), 1500)), "{counts:?}");
+    assert!(
+        counts.iter().any(|(t, n)| t == "blk0-q0-k2c" && *n >= 1500),
         "{counts:?}"
     );
-    assert!(counts.iter().any(|(t, n)| t == "blk0-q0-k2c" && *n >= 1500), "{counts:?}");
 }

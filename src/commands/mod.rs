@@ -62,39 +62,6 @@ impl Write for ResultTap {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tap() -> (ResultTap, Arc<Mutex<Option<String>>>) {
-        let found = Arc::new(Mutex::new(None));
-        let t = ResultTap {
-            inner: None,
-            line: Vec::new(),
-            skip: false,
-            found: found.clone(),
-        };
-        (t, found)
-    }
-
-    #[test]
-    fn test_result_tap_keeps_only_the_result_line_bytewise() {
-        let (mut t, found) = tap();
-        for b in b"boot {\"x\":1}\nxx{\"blkbench\":1}\n{\"blkbench\":1,\"ios\":2}\nbye\n" {
-            t.write_all(&[*b]).unwrap();
-        }
-        let got = found.lock().unwrap().clone();
-        assert_eq!(got.as_deref(), Some("{\"blkbench\":1,\"ios\":2}"));
-    }
-
-    #[test]
-    fn test_result_tap_no_result_line_finds_nothing() {
-        let (mut t, found) = tap();
-        t.write_all(b"{\"blkbenc\n{\"blk\"\n").unwrap();
-        assert!(found.lock().unwrap().is_none());
-    }
-}
-
 /// `ringvm run`'s devices, plus the result tap when `--hlog` is given.
 struct RunVm {
     devices: StandardDevices,
@@ -163,4 +130,37 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(outcome.reason.status() as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tap() -> (ResultTap, Arc<Mutex<Option<String>>>) {
+        let found = Arc::new(Mutex::new(None));
+        let t = ResultTap {
+            inner: None,
+            line: Vec::new(),
+            skip: false,
+            found: found.clone(),
+        };
+        (t, found)
+    }
+
+    #[test]
+    fn test_result_tap_keeps_only_the_result_line_bytewise() {
+        let (mut t, found) = tap();
+        for b in b"boot {\"x\":1}\nxx{\"blkbench\":1}\n{\"blkbench\":1,\"ios\":2}\nbye\n" {
+            t.write_all(&[*b]).unwrap();
+        }
+        let got = found.lock().unwrap().clone();
+        assert_eq!(got.as_deref(), Some("{\"blkbench\":1,\"ios\":2}"));
+    }
+
+    #[test]
+    fn test_result_tap_no_result_line_finds_nothing() {
+        let (mut t, found) = tap();
+        t.write_all(b"{\"blkbenc\n{\"blk\"\n").unwrap();
+        assert!(found.lock().unwrap().is_none());
+    }
 }

@@ -25,7 +25,8 @@ pub const SEGMENTS: [(&str, &str); 4] = [
     ("guest-observed (no host data)", "#bab0ac"),
 ];
 
-const STYLE: &str = "body{font-family:sans-serif;margin:24px;color:#222;background:#fff;max-width:1000px}\
+const STYLE: &str =
+    "body{font-family:sans-serif;margin:24px;color:#222;background:#fff;max-width:1000px}\
 h1{font-size:22px;margin:0 0 8px}h2{font-size:17px;margin:28px 0 6px}\
 p.note{color:#555;font-size:13px;margin:4px 0 10px}\
 table{border-collapse:collapse;font-size:13px;margin:8px 0 4px}\
@@ -119,7 +120,11 @@ fn spectrum_section(s: &mut String, series: &[Series]) {
                     .map(|c| c.to_string())
                     .unwrap_or_else(|| "—".into()),
             ];
-            r.extend(TABLE_PCTS.iter().map(|&(p, _)| opt_us(x.latency.value_at(p))));
+            r.extend(
+                TABLE_PCTS
+                    .iter()
+                    .map(|&(p, _)| opt_us(x.latency.value_at(p))),
+            );
             r.push(opt_us(x.latency.max()));
             r
         })
@@ -184,7 +189,13 @@ fn iops_section(s: &mut String, series: &[Series]) {
         .collect();
     table(
         s,
-        &["series", "mean IOPS", "slowest second", "fastest second", "seconds"],
+        &[
+            "series",
+            "mean IOPS",
+            "slowest second",
+            "fastest second",
+            "seconds",
+        ],
         &rows,
     );
 }

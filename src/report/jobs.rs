@@ -14,7 +14,12 @@ pub fn from_jobs(title: &str, meta: Vec<(String, String)>, results: &[JobResult]
             let latency = match g.histogram() {
                 Some(h) => Latency::Buckets(
                     h.iter_recorded()
-                        .map(|v| (h.highest_equivalent(v.value_iterated_to()), v.count_at_value()))
+                        .map(|v| {
+                            (
+                                h.highest_equivalent(v.value_iterated_to()),
+                                v.count_at_value(),
+                            )
+                        })
                         .collect(),
                 ),
                 None => Latency::Percentiles(

@@ -273,7 +273,10 @@ mod tests {
         for (text, want) in [
             ("[1]", "top level"),
             (r#"{"series":[{"hist":[]}]}"#, "series[0].name"),
-            (r#"{"series":[{"name":"a","hist":[[1]]}]}"#, "series[0].hist"),
+            (
+                r#"{"series":[{"name":"a","hist":[[1]]}]}"#,
+                "series[0].hist",
+            ),
             (
                 r#"{"series":[{"name":"a","iops_per_s":["x"]}]}"#,
                 "iops_per_s",
