@@ -27,6 +27,7 @@ const COMMON: &[i64] = &[
     libc::SYS_brk,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
+    libc::SYS_restart_syscall,
     libc::SYS_sigaltstack,
     libc::SYS_clock_gettime,
     libc::SYS_clock_nanosleep,
@@ -55,9 +56,11 @@ const REACTOR: &[i64] = &[
 ];
 
 /// A vCPU: KVM ioctls (and the tap's TUNSETOFFLOAD when the guest acks net features),
-/// eventfd clones for queues it activates, the kick signal's return, and `openat` as above.
+/// eventfds made and cloned for the queues it activates (the device emulation runs on the
+/// vCPU that wrote the register), and `openat` as above.
 const VCPU: &[i64] = &[
     libc::SYS_ioctl,
+    libc::SYS_eventfd2,
     libc::SYS_fcntl,
     libc::SYS_openat,
 ];
@@ -76,6 +79,7 @@ const MAIN: &[i64] = &[
     libc::SYS_newfstatat,
     libc::SYS_statx,
     libc::SYS_fstat,
+    libc::SYS_fstatfs,
     libc::SYS_lseek,
     libc::SYS_access,
     libc::SYS_readlink,
