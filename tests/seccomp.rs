@@ -24,7 +24,13 @@ static BENCH_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Runs the ignored test `name` of this binary in a child; returns (status, stderr).
 fn child(name: &str) -> (i32, String) {
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", name, "--nocapture", "--test-threads=1"])
+        .args([
+            "--ignored",
+            "--exact",
+            name,
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD, "1")
         .output()
         .unwrap();
@@ -86,6 +92,7 @@ fn in_filtered_thread(kind: ThreadKind, name: &str, act: fn()) {
 fn child_vcpu_asks_terminal_size() {
     assert!(in_child(), "only as a child");
     in_filtered_thread(ThreadKind::Vcpu, "vcpu3", || {
+        // SAFETY: winsize is plain data.
         let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
         // SAFETY: TIOCGWINSZ writes a winsize into `ws`.
         unsafe { libc::ioctl(2, libc::TIOCGWINSZ, &mut ws) };
@@ -170,8 +177,13 @@ fn run_blkbench(mode: &str) -> Vec<(String, u32)> {
     let kernel = guest("blkbench").to_string_lossy().into_owned();
     let spec = format!("path={}", d.path().display());
     let mut c = ringvm()
-        .args(["run", "--kernel", &kernel, "--memory", "64M", "--disk", &spec])
-        .args(["--cmdline", "rw=randwrite bs=4k qd=4 runtime=1.5 size=16m verify=1"])
+        .args([
+            "run", "--kernel", &kernel, "--memory", "64M", "--disk", &spec,
+        ])
+        .args([
+            "--cmdline",
+            "rw=randwrite bs=4k qd=4 runtime=1.5 size=16m verify=1",
+        ])
         .args(["--seccomp", mode, "--stats-json"])
         .arg(d.path().with_extension("json"))
         .stdout(std::process::Stdio::piped())
@@ -193,7 +205,11 @@ fn run_blkbench(mode: &str) -> Vec<(String, u32)> {
     let out = c.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
     assert!(stdout.contains("\"verify\":\"ok\""), "{stdout}");
     assert!(!stderr.contains("seccomp"), "{stderr}");
     let json = std::fs::read_to_string(d.path().with_extension("json")).unwrap();

@@ -49,9 +49,14 @@ const REGISTER_OPS: [u8; 4] = [
 /// The restriction every reactor ring gets: [`OPCODES`], [`REGISTER_OPS`] and, of the SQE
 /// flags, only IOSQE_FIXED_FILE (no links, drains or forced async work).
 pub fn ring_restrictions() -> Vec<Restriction> {
-    let mut r: Vec<Restriction> = OPCODES.iter().map(|&(op, _)| Restriction::sqe_op(op)).collect();
+    let mut r: Vec<Restriction> = OPCODES
+        .iter()
+        .map(|&(op, _)| Restriction::sqe_op(op))
+        .collect();
     r.extend(REGISTER_OPS.iter().map(|&op| Restriction::register_op(op)));
-    r.push(Restriction::sqe_flags_allowed(squeue::Flags::FIXED_FILE.bits()));
+    r.push(Restriction::sqe_flags_allowed(
+        squeue::Flags::FIXED_FILE.bits(),
+    ));
     r
 }
 
@@ -155,7 +160,9 @@ mod tests {
             .flags(squeue::Flags::IO_LINK);
         assert_eq!(submit_one(&mut ring, &e), -libc::EACCES, "IO_LINK is not");
         // Register operations outside the list are refused too.
-        let e = ring.submitter().register_files_update(0, &[file.as_raw_fd()]);
+        let e = ring
+            .submitter()
+            .register_files_update(0, &[file.as_raw_fd()]);
         assert!(e.is_ok(), "FILES_UPDATE is listed: {e:?}");
         let e = ring.submitter().unregister_files().unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EACCES));
@@ -171,6 +178,10 @@ mod tests {
         let e = opcode::Nop::new().build();
         assert_eq!(submit_one(&mut ring, &e), 0);
         let mut ring = restricted();
-        assert_eq!(submit_one(&mut ring, &e), -libc::EACCES, "NOP is not listed");
+        assert_eq!(
+            submit_one(&mut ring, &e),
+            -libc::EACCES,
+            "NOP is not listed"
+        );
     }
 }

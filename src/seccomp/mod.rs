@@ -143,7 +143,10 @@ impl ThreadFilter {
                 source,
             })?;
         }
-        log::debug!("{thread}: seccomp filter of {:?} threads installed", self.kind);
+        log::debug!(
+            "{thread}: seccomp filter of {:?} threads installed",
+            self.kind
+        );
         Ok(())
     }
 }
@@ -185,7 +188,8 @@ fn install_handler() -> Result<(), SeccompError> {
     ONCE.call_once(|| {
         // SAFETY: sigaction is plain data; zeroed is a valid empty mask and no flags.
         let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
-        let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = on_sigsys;
+        let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+            on_sigsys;
         act.sa_sigaction = handler as usize;
         act.sa_flags = libc::SA_SIGINFO;
         // SAFETY: `act` is initialised and names a handler that only calls
@@ -233,7 +237,11 @@ fn message(thread: &[u8; 16], nr: i64) -> Line {
     };
     let name_len = thread.iter().position(|&b| b == 0).unwrap_or(16);
     l.push(b"ringvm: seccomp: thread ");
-    l.push(if name_len == 0 { b"?" } else { &thread[..name_len] });
+    l.push(if name_len == 0 {
+        b"?"
+    } else {
+        &thread[..name_len]
+    });
     l.push(b" made a forbidden system call ");
     l.push_num(nr as u64);
     l.push(b" (");
@@ -249,7 +257,12 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     let nr = if code == SYS_SECCOMP {
         // SAFETY: for a seccomp SIGSYS the kernel fills the `_sigsys` member, whose int
         // `si_syscall` sits at SI_SYSCALL_OFFSET inside the (128-byte) siginfo_t.
-        i64::from(unsafe { info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>().read() })
+        i64::from(unsafe {
+            info.cast::<u8>()
+                .add(SI_SYSCALL_OFFSET)
+                .cast::<i32>()
+                .read()
+        })
     } else {
         -1
     };
@@ -291,15 +304,30 @@ mod tests {
     #[test]
     fn test_every_kind_compiles_in_every_mode() {
         for kind in [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Reactor] {
-            assert_eq!(ThreadFilter::new(kind, SeccompMode::On).unwrap().programs.len(), {
-                if kind == ThreadKind::Main {
-                    1
-                } else {
-                    2
+            assert_eq!(
+                ThreadFilter::new(kind, SeccompMode::On)
+                    .unwrap()
+                    .programs
+                    .len(),
+                {
+                    if kind == ThreadKind::Main {
+                        1
+                    } else {
+                        2
+                    }
                 }
-            });
-            assert_eq!(ThreadFilter::new(kind, SeccompMode::Log).unwrap().programs.len(), 1);
-            assert!(ThreadFilter::new(kind, SeccompMode::Off).unwrap().programs.is_empty());
+            );
+            assert_eq!(
+                ThreadFilter::new(kind, SeccompMode::Log)
+                    .unwrap()
+                    .programs
+                    .len(),
+                1
+            );
+            assert!(ThreadFilter::new(kind, SeccompMode::Off)
+                .unwrap()
+                .programs
+                .is_empty());
         }
     }
 }

@@ -3,6 +3,7 @@
 //! are unused on x86_64.
 
 /// Numbers 0..=334.
+#[rustfmt::skip]
 const LOW: [&str; 335] = [
     "read", "write", "open", "close", "stat", "fstat", "lstat", "poll", "lseek", "mmap",
     "mprotect", "munmap", "brk", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "ioctl",
@@ -60,6 +61,7 @@ const LOW: [&str; 335] = [
 const HIGH_BASE: i64 = 424;
 
 /// Numbers 424..=462.
+#[rustfmt::skip]
 const HIGH: [&str; 39] = [
     "pidfd_send_signal", "io_uring_setup", "io_uring_enter", "io_uring_register", "open_tree",
     "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "pidfd_open", "clone3",
@@ -74,7 +76,10 @@ const HIGH: [&str; 39] = [
 /// The name of system call `nr`, or "unknown".
 pub fn name(nr: i64) -> &'static str {
     let low = usize::try_from(nr).ok().and_then(|i| LOW.get(i));
-    let high = nr.checked_sub(HIGH_BASE).and_then(|i| usize::try_from(i).ok()).and_then(|i| HIGH.get(i));
+    let high = nr
+        .checked_sub(HIGH_BASE)
+        .and_then(|i| usize::try_from(i).ok())
+        .and_then(|i| HIGH.get(i));
     low.or(high).copied().unwrap_or("unknown")
 }
 

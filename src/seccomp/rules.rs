@@ -126,8 +126,12 @@ const MAIN: &[i64] = &[
 pub fn rules(kind: ThreadKind) -> Rules {
     let mut r = Rules::new();
     allow(&mut r, COMMON);
-    let no_exec = SeccompRule::new(vec![cond(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)])
-        .expect("one condition");
+    let no_exec = SeccompRule::new(vec![cond(
+        2,
+        SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+        0,
+    )])
+    .expect("one condition");
     for &nr in NO_EXEC {
         add(&mut r, nr, vec![no_exec.clone()]);
     }
@@ -214,7 +218,12 @@ mod tests {
     #[test]
     fn test_rules_reactor_lacks_ioctl_socket_and_exec() {
         let r = rules(ThreadKind::Reactor);
-        for nr in [libc::SYS_ioctl, libc::SYS_socket, libc::SYS_execve, libc::SYS_clone3] {
+        for nr in [
+            libc::SYS_ioctl,
+            libc::SYS_socket,
+            libc::SYS_execve,
+            libc::SYS_clone3,
+        ] {
             assert!(!r.contains_key(&nr), "{nr}");
         }
         assert!(r.contains_key(&libc::SYS_io_uring_enter));
