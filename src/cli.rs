@@ -132,6 +132,9 @@ pub struct VmArgs {
     /// Mask (-name) or add (+name) CPUID feature bits for every vCPU, e.g. -cx16.
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     pub cpu_features: Vec<String>,
+    /// Seccomp filters on every thread: on (a call outside a thread's list stops ringvm with a message naming it), log (allowed, logged by the kernel) or off (also lifts the io_uring ring restriction).
+    #[arg(long, default_value = "on")]
+    pub seccomp: String,
 }
 
 #[derive(Args, Debug, Clone)]

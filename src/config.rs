@@ -8,6 +8,7 @@ use crate::boot::KernelImage;
 use crate::cli::{RunArgs, VmArgs};
 use crate::devices::virtio::block::DiskConfig;
 use crate::devices::virtio::net::NetConfig;
+use crate::seccomp::SeccompMode;
 use crate::vmm::memory::HugePages;
 
 /// Errors in the user's configuration.
@@ -39,6 +40,8 @@ pub enum ConfigError {
     Disk { spec: String, reason: String },
     #[error("Invalid --net '{spec}': {reason}")]
     Net { spec: String, reason: String },
+    #[error("{0}")]
+    Seccomp(String),
 }
 
 /// Guest memory when `--memory` is not given (`ringvm run`).
@@ -75,6 +78,8 @@ pub struct VmConfig {
     pub stats_json: Option<PathBuf>,
     pub hlog: Option<PathBuf>,
     pub cpu_features: Vec<(bool, String)>,
+    /// `--seccomp`.
+    pub seccomp: SeccompMode,
 }
 
 /// Parses "512M", "2G", "4096", "4k".
@@ -298,6 +303,7 @@ impl VmConfig {
             stats_json: a.stats_json.clone(),
             hlog: a.hlog.clone(),
             cpu_features,
+            seccomp: a.seccomp.parse().map_err(ConfigError::Seccomp)?,
         })
     }
 }

@@ -12,4 +12,5 @@ pub mod guests;
 pub mod metrics;
 pub mod reactor;
 pub mod report;
+pub mod seccomp;
 pub mod vmm;

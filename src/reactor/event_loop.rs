@@ -194,27 +194,7 @@ impl Reactor {
         rx: Receiver<Command>,
         wake: EventFd,
     ) -> io::Result<Self> {
-        let mut b = IoUring::builder();
-        b.setup_cqsize(opts.ring_entries.saturating_mul(4).max(64));
-        if opts.sqpoll {
-            b.setup_sqpoll(opts.sqpoll_idle_ms);
-        } else {
-            // One thread submits, and completions wait for its next io_uring_enter: no
-            // inter-processor interrupt or forced kernel entry per completion. The kernel
-            // flags pending completion work in the SQ ring (TASKRUN_FLAG), so a polling pass
-            // enters the kernel only when there is something to submit or to reap.
-            b.setup_single_issuer();
-            b.setup_taskrun_flag();
-            if opts.defer_taskrun {
-                b.setup_defer_taskrun();
-            } else {
-                b.setup_coop_taskrun();
-            }
-        }
-        let ring = b.build(opts.ring_entries.max(8))?;
-        probe_opcodes(&ring)?;
-        ring.submitter()
-            .register_files_sparse(2 * MAX_QUEUES_PER_REACTOR as u32)?;
+        let ring = super::ring::build_ring(opts)?;
         // Grows to the highest slot in use (passes scan only that far), never reallocates.
         let queues = Vec::with_capacity(MAX_QUEUES_PER_REACTOR);
         Ok(Reactor {
@@ -712,28 +692,6 @@ impl Reactor {
 /// A moving average that gives each new sample 1/8 of the weight.
 fn ewma(avg: u64, sample: u64) -> u64 {
     avg - avg / 8 + sample / 8
-}
-
-/// Fails with a clear message when the kernel lacks an opcode the reactors use.
-fn probe_opcodes(ring: &IoUring) -> io::Result<()> {
-    let mut probe = io_uring::Probe::new();
-    ring.submitter().register_probe(&mut probe)?;
-    let needed = [
-        (opcode::Readv::CODE, "READV"),
-        (opcode::Writev::CODE, "WRITEV"),
-        (opcode::Fsync::CODE, "FSYNC"),
-        (opcode::Fallocate::CODE, "FALLOCATE"),
-        (opcode::PollAdd::CODE, "POLL_ADD"),
-        (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
-    ];
-    for (code, name) in needed {
-        if !probe.is_supported(code) {
-            return Err(io::Error::other(format!(
-                "the kernel's io_uring lacks IORING_OP_{name} (Linux 5.19 or newer is needed)"
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// Keeps the control channel of a [`Reactor::new_local`] reactor open.

@@ -20,9 +20,11 @@ mod buffers;
 mod event_loop;
 mod poll;
 mod pool;
+mod ring;
 
 pub use event_loop::{LocalControl, Reactor, RingCtx};
 pub use pool::{PoolHandle, ReactorPool};
+pub use ring::{build_ring, ring_restrictions};
 
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
@@ -61,6 +63,12 @@ pub struct ReactorOptions {
     /// Register guest memory as io_uring fixed buffers (READ_FIXED/WRITE_FIXED for
     /// single-buffer requests: no page-table walk and page pinning per request).
     pub fixed_buffers: bool,
+    /// The seccomp filter each reactor thread installs (crate::seccomp; `Off` by default, so
+    /// that library users and tests opt in; a VM passes its `--seccomp`).
+    pub seccomp: crate::seccomp::SeccompMode,
+    /// Restrict each ring to the opcodes and register operations the reactors use
+    /// ([`ring_restrictions`]); a VM turns it off only with `--seccomp off`.
+    pub restrict_ring: bool,
 }
 
 impl ReactorOptions {
@@ -100,6 +108,8 @@ impl Default for ReactorOptions {
             in_flight: InFlightPolicy::Hybrid,
             adaptive_poll: true,
             fixed_buffers: true,
+            seccomp: crate::seccomp::SeccompMode::Off,
+            restrict_ring: true,
         }
     }
 }
@@ -146,6 +156,8 @@ pub enum ReactorError {
         #[source]
         source: crate::vmm::thread::ThreadError,
     },
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("Reactor{index} does not exist (the pool has {len})")]
     NoSuchReactor { index: usize, len: usize },
     #[error("Reactor{index} has stopped")]

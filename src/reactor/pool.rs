@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::event_loop::{Command, Reactor};
 use super::{HandlerFactory, ReactorError, ReactorOptions, CONTROL_TIMEOUT};
 use crate::metrics::Report;
+use crate::seccomp::{ThreadFilter, ThreadKind};
 use crate::vmm::exit::{ExitHandle, ExitReason};
 use crate::vmm::thread;
 
@@ -122,6 +123,7 @@ impl ReactorPool {
         let mut links = Vec::with_capacity(opts.cores.len());
         let mut threads = Vec::with_capacity(opts.cores.len());
         let mut ready = Vec::with_capacity(opts.cores.len());
+        let filter = ThreadFilter::new(ThreadKind::Reactor, opts.seccomp)?;
         for (index, &core) in opts.cores.iter().enumerate() {
             let (tx, rx) = mpsc::channel();
             let wake = EventFd::new(EFD_NONBLOCK)
@@ -135,6 +137,7 @@ impl ReactorPool {
             let t = thread::spawn(
                 &format!("reactor{index}"),
                 Some(core),
+                filter.clone(),
                 exit.clone(),
                 move || reactor_main(index, core, &o, rx, wake_reactor, ready_tx, ex),
             )

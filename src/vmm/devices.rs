@@ -30,6 +30,8 @@ impl VmExtension for StandardDevices {
         let opts = ReactorOptions {
             cores: config.io_cores.clone(),
             sqpoll: config.sqpoll,
+            seccomp: config.seccomp,
+            restrict_ring: config.seccomp != crate::seccomp::SeccompMode::Off,
             ..Default::default()
         }
         .with_env_overrides();

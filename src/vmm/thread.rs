@@ -5,6 +5,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::thread::JoinHandle;
 
 use super::exit::{ExitHandle, ExitReason};
+use crate::seccomp::ThreadFilter;
 
 /// Errors from spawning a ringvm thread.
 #[derive(Debug, thiserror::Error)]
@@ -22,11 +23,13 @@ pub fn pin_current(core: usize) -> bool {
     core_affinity::set_for_current(core_affinity::CoreId { id: core })
 }
 
-/// Spawns a thread called `name`, pinned to `core` when given. A panic inside `f` is caught
-/// and reported through `exit` as [`ExitReason::ThreadPanic`], which stops the VM.
+/// Spawns a thread called `name`, pinned to `core` when given, that installs `filter` (see
+/// crate::seccomp) before it runs `f`. A panic inside `f`, or a filter the kernel refuses,
+/// is reported through `exit` as [`ExitReason::ThreadPanic`], which stops the VM.
 pub fn spawn<F, T>(
     name: &str,
     core: Option<usize>,
+    filter: ThreadFilter,
     exit: ExitHandle,
     f: F,
 ) -> Result<JoinHandle<Option<T>>, ThreadError>
@@ -42,6 +45,13 @@ where
                 if !pin_current(core) {
                     log::warn!("{thread_name}: could not pin to core {core}");
                 }
+            }
+            if let Err(e) = filter.apply(&thread_name) {
+                exit.request(ExitReason::ThreadPanic {
+                    thread: thread_name,
+                    message: crate::vmm::devices::error_chain(&e),
+                });
+                return None;
             }
             match catch_unwind(AssertUnwindSafe(f)) {
                 Ok(v) => Some(v),

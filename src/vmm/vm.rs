@@ -30,6 +30,7 @@ use crate::devices::pci::root::{self, PciConfigIo, PciConfigMmio};
 use crate::devices::pci::PciRoot;
 use crate::devices::virtio::pci::VirtioPci;
 use crate::devices::virtio::{GuestMemory, VirtioDevice};
+use crate::seccomp::{self, ThreadFilter, ThreadKind};
 
 /// How often the main thread looks for vCPUs halted with interrupts off.
 const HALT_CHECK_MS: u64 = 250;
@@ -63,6 +64,8 @@ pub enum VmError {
     Irq(#[from] super::irq::IrqError),
     #[error(transparent)]
     Thread(#[from] thread::ThreadError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("Cannot open serial output file {path}")]
     SerialFile {
         path: std::path::PathBuf,
@@ -420,13 +423,19 @@ fn run_vcpus(
     let started = Instant::now();
     let startup = started.duration_since(start_reference(started));
     let mut threads = Vec::new();
+    let filter = ThreadFilter::new(ThreadKind::Vcpu, config.seccomp)?;
     for r in runners {
         let shared = r.shared.clone();
         let core = config.vcpu_cores.get(r.id).copied();
-        let h = thread::spawn(&format!("vcpu{}", r.id), core, exit.clone(), move || {
-            r.run()
-        })?;
+        let name = format!("vcpu{}", r.id);
+        let h = thread::spawn(&name, core, filter.clone(), exit.clone(), move || r.run())?;
         threads.push((h, shared));
+    }
+    // Set-up is done: from here the main thread waits, reports and tears down (and, in
+    // `ringvm bench`, sets up the next job's VM under the same filter).
+    if let Err(e) = seccomp::install_main(config.seccomp) {
+        stop_vcpus(&threads);
+        return Err(e.into());
     }
 
     let reason = wait_for_exit(exit, &threads, ext, sigs);
