@@ -53,7 +53,21 @@ fn disk_spec(path: &std::path::Path) -> String {
 }
 
 /// Boots the writer, kills it `delay` after its `durable: run` line, returns the promise.
+/// Boots again while the image is still locked by the previous VMM (see `check`).
 fn write_and_kill(spec: &str, seed: u64, delay: Duration) -> Promise {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match try_write_and_kill(spec, seed, delay) {
+            Ok(p) => return p,
+            Err(stderr) if stderr.contains("in use by another process") && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Err(stderr) => panic!("the writer ended before its `durable: run` line: {stderr}"),
+        }
+    }
+}
+
+fn try_write_and_kill(spec: &str, seed: u64, delay: Duration) -> Result<Promise, String> {
     let kernel = guest("blkbench");
     let cmdline = format!("{WRITER} seed={seed}");
     let child = ringvm()
@@ -61,11 +75,18 @@ fn write_and_kill(spec: &str, seed: u64, delay: Duration) -> Promise {
         .args(["--disk", spec, "--cmdline", &cmdline])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn ringvm");
     let mut w = Writer(child);
     let stdout = w.0.stdout.take().unwrap();
+    // Drained all along, so a chatty VMM never blocks on a full pipe.
+    let mut stderr = w.0.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
+        err
+    });
     let (tx, rx) = mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -94,6 +115,11 @@ fn write_and_kill(spec: &str, seed: u64, delay: Duration) -> Promise {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => take(line, &mut p),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = w.0.wait();
+                let err = errors.join().unwrap_or_default();
+                return Err(format!("{err}\nconsole: {seen:?}"));
+            }
             Err(_) => panic!("the writer printed no `durable: run` line in 60 s: {seen:?}"),
         }
     }
@@ -101,6 +127,7 @@ fn write_and_kill(spec: &str, seed: u64, delay: Duration) -> Promise {
     w.0.kill().expect("SIGKILL ringvm");
     w.0.wait().unwrap();
     reader.join().unwrap();
+    let _ = errors.join();
     for line in rx.try_iter() {
         take(line, &mut p);
     }
@@ -108,7 +135,7 @@ fn write_and_kill(spec: &str, seed: u64, delay: Duration) -> Promise {
         !seen.iter().any(|l| l.contains("device error") || l.contains("verify mismatch")),
         "the writer reported errors: {seen:?}"
     );
-    p
+    Ok(p)
 }
 
 /// Boots the checker; returns its JSON line.
@@ -118,7 +145,17 @@ fn check(spec: &str, seed: u64, p: &Promise) -> serde_json::Value {
         "verify_only=1 bs=4k size=16m seed={seed} run={:#x} upto={}",
         p.run, p.upto
     );
-    let r = run(&["run", "--kernel", &kernel.to_string_lossy(), "--memory", "256M", "--disk", spec, "--cmdline", &cmdline]);
+    // The killed VMM's io_uring (which holds the image, and with it the image lock) is torn
+    // down by the kernel after the process is gone, once its in-flight requests are done:
+    // until then the image is rightly "in use". Wait for that.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        let r = run(&["run", "--kernel", &kernel.to_string_lossy(), "--memory", "256M", "--disk", spec, "--cmdline", &cmdline]);
+        if !r.stderr.contains("in use by another process") || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let line = r
         .stdout
         .lines()
