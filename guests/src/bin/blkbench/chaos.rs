@@ -58,11 +58,10 @@ pub fn run(dev: &VirtioPci, features: u64, cfg: BlkConfig, clock: Clock, bump: &
         let o = run_one(&mut d, case, &cfg, &mut probe);
         let mut exp = [0u8; 64];
         println!(
-            "chaos: {} expected {} observed {}{} served_after {} recovered {} {}",
+            "chaos: {} expected {} observed {} served_after {} recovered {} {}",
             case.name(),
             case.expected(&mut exp),
-            o.observed.name(),
-            if o.skipped { " (skipped)" } else { "" },
+            if o.skipped { "skipped" } else { o.observed.name() },
             match o.served_after {
                 Some(true) => "yes",
                 Some(false) => "NO",
