@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use common::{guest, have_kvm, ringvm, run};
 
 const DISK_BYTES: u64 = 16 << 20;
-const WRITER: &str = "rw=randwrite bs=4k qd=16 size=16m verify=1 flush_every=32 durable=1 runtime=120";
+const WRITER: &str =
+    "rw=randwrite bs=4k qd=16 size=16m verify=1 flush_every=32 durable=1 runtime=120";
 /// Kill no earlier than this after the writer's first line, and no later than this + SPAN.
 const KILL_MIN_MS: u64 = 20;
 const KILL_SPAN_MS: u64 = 1500;
@@ -59,7 +60,9 @@ fn write_and_kill(spec: &str, seed: u64, delay: Duration) -> Promise {
     loop {
         match try_write_and_kill(spec, seed, delay) {
             Ok(p) => return p,
-            Err(stderr) if stderr.contains("in use by another process") && Instant::now() < deadline => {
+            Err(stderr)
+                if stderr.contains("in use by another process") && Instant::now() < deadline =>
+            {
                 std::thread::sleep(Duration::from_millis(100))
             }
             Err(stderr) => panic!("the writer ended before its `durable: run` line: {stderr}"),
@@ -71,7 +74,13 @@ fn try_write_and_kill(spec: &str, seed: u64, delay: Duration) -> Result<Promise,
     let kernel = guest("blkbench");
     let cmdline = format!("{WRITER} seed={seed}");
     let child = ringvm()
-        .args(["run", "--kernel", &kernel.to_string_lossy(), "--memory", "256M"])
+        .args([
+            "run",
+            "--kernel",
+            &kernel.to_string_lossy(),
+            "--memory",
+            "256M",
+        ])
         .args(["--disk", spec, "--cmdline", &cmdline])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -95,7 +104,11 @@ fn try_write_and_kill(spec: &str, seed: u64, delay: Duration) -> Result<Promise,
             }
         }
     });
-    let mut p = Promise { run: 0, upto: 0, flushes: 0 };
+    let mut p = Promise {
+        run: 0,
+        upto: 0,
+        flushes: 0,
+    };
     let mut seen = Vec::new();
     let mut take = |line: String, p: &mut Promise| {
         let f: Vec<&str> = line.split_whitespace().collect();
@@ -132,7 +145,9 @@ fn try_write_and_kill(spec: &str, seed: u64, delay: Duration) -> Result<Promise,
         take(line, &mut p);
     }
     assert!(
-        !seen.iter().any(|l| l.contains("device error") || l.contains("verify mismatch")),
+        !seen
+            .iter()
+            .any(|l| l.contains("device error") || l.contains("verify mismatch")),
         "the writer reported errors: {seen:?}"
     );
     Ok(p)
@@ -150,7 +165,17 @@ fn check(spec: &str, seed: u64, p: &Promise) -> serde_json::Value {
     // until then the image is rightly "in use". Wait for that.
     let deadline = Instant::now() + Duration::from_secs(30);
     let r = loop {
-        let r = run(&["run", "--kernel", &kernel.to_string_lossy(), "--memory", "256M", "--disk", spec, "--cmdline", &cmdline]);
+        let r = run(&[
+            "run",
+            "--kernel",
+            &kernel.to_string_lossy(),
+            "--memory",
+            "256M",
+            "--disk",
+            spec,
+            "--cmdline",
+            &cmdline,
+        ]);
         if !r.stderr.contains("in use by another process") || Instant::now() > deadline {
             break r;
         }
@@ -163,7 +188,11 @@ fn check(spec: &str, seed: u64, p: &Promise) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no verify line; stdout: {} stderr: {}", r.stdout, r.stderr));
     let v: serde_json::Value = serde_json::from_str(line).unwrap();
     let code = (r.status - 1) / 2;
-    assert!(code == 0 || code == 4, "checker exit code {code}: {}", r.stdout);
+    assert!(
+        code == 0 || code == 4,
+        "checker exit code {code}: {}",
+        r.stdout
+    );
     v
 }
 
@@ -190,8 +219,14 @@ fn kills(n: u64) {
         let p = write_and_kill(&spec, seed, delay);
         let v = check(&spec, seed, &p);
         assert_eq!(v["lost"], 0, "kill {k} after {delay:?}: lost writes: {v}");
-        assert_eq!(v["corrupt"], 0, "kill {k} after {delay:?}: corrupt sectors: {v}");
-        assert_eq!(v["misplaced"], 0, "kill {k} after {delay:?}: misplaced stamps: {v}");
+        assert_eq!(
+            v["corrupt"], 0,
+            "kill {k} after {delay:?}: corrupt sectors: {v}"
+        );
+        assert_eq!(
+            v["misplaced"], 0,
+            "kill {k} after {delay:?}: misplaced stamps: {v}"
+        );
         assert!(
             v["newest_gen"].as_u64().unwrap() >= p.upto,
             "the newest generation on disk is older than the last flushed one: {v}"
@@ -205,14 +240,20 @@ fn kills(n: u64) {
         "durability: {n} kills, {flushes} flushes reported, {promised} writes promised by a completed flush, \
          {checked} block contents checked (the newest promised write of each block), lost 0"
     );
-    assert!(promised > 0, "no kill landed after a completed flush; nothing was checked");
+    assert!(
+        promised > 0,
+        "no kill landed after a completed flush; nothing was checked"
+    );
     // The check can fail: a disk that lost everything is caught.
     let (seed, p) = last.unwrap();
     if p.upto > 0 {
         d.as_file().set_len(0).unwrap();
         d.as_file().set_len(DISK_BYTES).unwrap();
         let v = check(&spec, seed, &p);
-        assert!(v["lost"].as_u64().unwrap() > 0, "a zeroed disk must show lost writes: {v}");
+        assert!(
+            v["lost"].as_u64().unwrap() > 0,
+            "a zeroed disk must show lost writes: {v}"
+        );
     }
 }
 
