@@ -50,7 +50,7 @@ def main():
     for c in rv["cases"]:
         q = qcases.get(c["case"])
         same = "" if q is None or q["observed"] == c["observed"] else "  (differs)"
-        print(f"  {c['case']:<{w}}  {c['expected']:<32}  {answer(c):<24}  {answer(q, "not accepted")}{same}")
+        print(f"  {c['case']:<{w}}  {c['expected']:<32}  {answer(c):<24}  {answer(q, 'not accepted')}{same}")
     return 1 if rv["failed"] else 0
 
 
