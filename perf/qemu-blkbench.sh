@@ -22,6 +22,7 @@
 #                   zeroing) instead of the image: the VMM's own cost, like ringvm's
 #                   backend=null
 #   LOG=path        full serial log (default perf/out/qemu-blkbench.log)
+#   READONLY=1      attach the image read-only (the guest sees VIRTIO_BLK_F_RO)
 #
 # Pinning: QEMU has no command-line option to pin vCPU or iothread threads,
 # so the script asks QMP for their thread ids (query-cpus-fast,
@@ -84,6 +85,9 @@ if [ "${BACKEND:-}" = null ]; then
 else
     drive="-drive if=none,id=d0,file=$IMG,format=raw,aio=io_uring,cache=none"
 fi
+if [ "${READONLY:-0}" = 1 ]; then
+    drive="$drive,readonly=on"
+fi
 
 set +e
 timeout --foreground "$TIMEOUT" qemu-system-x86_64 \
@@ -115,12 +119,12 @@ status=$?
 set -e
 
 # Firmware output may precede the guest's first line on the same line.
-tr -d '\r' <"$LOG" | grep -aoE '(blkbench: |bad parameter|device error|verify mismatch|no device|panic|progress: ).*' >&2 || true
-tr -d '\r' <"$LOG" | grep -aoE '\{"blkbench":1,.*' || true
+tr -d '\r' <"$LOG" | grep -aoE '(blkbench: |bad parameter|device error|verify mismatch|no device|panic|progress: |chaos: |verify_only: ).*' >&2 || true
+tr -d '\r' <"$LOG" | grep -aoE '\{"blkbench(_chaos|_verify)?":1,.*' || true
 if [ "$status" -eq 124 ]; then
     echo "qemu-blkbench: timed out after ${TIMEOUT}s (log: $LOG)" >&2
     exit 124
-elif [ "$status" -eq 1 ] && ! grep -aq '"blkbench":1' "$LOG"; then
+elif [ "$status" -eq 1 ] && ! grep -aqE '"blkbench(_chaos|_verify)?":1' "$LOG"; then
     # Status 1 with no result: QEMU itself failed (a bad option), not the guest's exit code 0.
     echo "qemu-blkbench: QEMU failed with status 1 (log: $LOG)" >&2
     tail -n 5 "$LOG" >&2

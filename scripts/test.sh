@@ -37,4 +37,20 @@ assert r["ios"] == 2000 and r["errors"] == 0 and r["verify"] == "ok", r
 print(f"qemu blkbench {rw}: ios {r['ios']}, errors {r['errors']}, verify {r['verify']}")
 PY
     done
+    # Hostile driver (blkbench chaos=1, issue 13 item 4): the same cases under ringvm and
+    # QEMU, on a writable and a read-only disk, side by side. ringvm must pass every case
+    # (tests/chaos.rs asserts that too); QEMU's answers are reported, not judged.
+    for ro in 0 1; do
+        truncate -s 0 "$img" && truncate -s 16M "$img"
+        rv_out=$(mktemp) qm_out=$(mktemp)
+        ro_opt=$([ $ro = 1 ] && echo ,readonly || true)
+        target/release/ringvm run --kernel target/guests/blkbench --memory 256M \
+            --disk "path=$img$ro_opt" --cmdline chaos=1 >"$rv_out" 2>/dev/null || true
+        READONLY=$ro IMG="$img" KERNEL=target/guests/blkbench TIMEOUT=300 \
+            perf/qemu-blkbench.sh chaos=1 >"$qm_out" 2>/dev/null || true
+        rc=0
+        scripts/chaos-compare.py "$rv_out" "$qm_out" "$([ $ro = 1 ] && echo '(read-only disk)' || echo '(writable disk)')" || rc=$?
+        rm -f "$rv_out" "$qm_out"
+        [ $rc = 0 ] || exit $rc
+    done
 fi

@@ -62,6 +62,11 @@ impl<'w, W: Write> Json<'w, W> {
         let _ = self.out.write_char('}');
         self.first = false;
     }
+    /// An object as an element of an array.
+    pub fn begin_object_item(&mut self) {
+        self.sep();
+        self.begin_object();
+    }
     pub fn begin_object_field(&mut self, k: &str) {
         self.key(k);
         self.begin_object();

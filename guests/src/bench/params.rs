@@ -51,6 +51,17 @@ pub struct Params {
     pub tsc_khz: Option<u64>,
     pub qsize: Option<u16>,
     pub progress: bool,
+    /// Run the hostile-driver cases instead of a benchmark.
+    pub chaos: bool,
+    /// Writer side of the durability test: deterministic block per generation, a
+    /// `durable: flushed` console line after each completed flush.
+    pub durable: bool,
+    /// Checker side: read the whole working set and judge the stamps.
+    pub verify_only: bool,
+    /// verify_only: the writer's run id (its `durable: run` line); 0 = report only.
+    pub run: u64,
+    /// verify_only: the newest flushed generation the writer reported.
+    pub upto: u64,
 }
 
 pub const DEFAULT_RUNTIME_NS: u64 = 5_000_000_000;
@@ -83,6 +94,11 @@ impl Default for Params {
             tsc_khz: None,
             qsize: None,
             progress: false,
+            chaos: false,
+            durable: false,
+            verify_only: false,
+            run: 0,
+            upto: 0,
         }
     }
 }
@@ -180,8 +196,26 @@ impl Params {
                     p.qsize = Some(n as u16);
                 }
                 "progress" => p.progress = boolean()?,
+                "chaos" => p.chaos = boolean()?,
+                "durable" => p.durable = boolean()?,
+                "verify_only" => p.verify_only = boolean()?,
+                "run" => p.run = num()?,
+                "upto" => {
+                    p.upto = num()?;
+                    if p.upto >= 1 << 31 {
+                        return Err(bad("must be below 2^31"));
+                    }
+                }
                 _ => return Err(ParamError { key, value, reason: "unknown parameter" }),
             }
+        }
+        if p.durable && !(p.verify && p.rw == Rw::RandWrite && p.flush_every > 0) {
+            let value = cmdline::get(cmd, "durable").unwrap_or("");
+            return Err(ParamError { key: "durable", value, reason: "needs rw=randwrite verify=1 flush_every=N" });
+        }
+        if p.chaos && p.verify_only {
+            let value = cmdline::get(cmd, "chaos").unwrap_or("");
+            return Err(ParamError { key: "chaos", value, reason: "chaos=1 and verify_only=1 exclude each other" });
         }
         // Run time and I/O count: either bounds the run; neither means 5 s.
         p.runtime_ns = match (runtime, p.ios) {
@@ -230,6 +264,19 @@ mod tests {
         assert_eq!(p.size, Some(1 << 30));
         assert_eq!((p.seed, p.verify, p.flush_every), (7, true, 8));
         assert_eq!((p.tsc_khz, p.qsize, p.progress), (Some(2_000_000), Some(512), true));
+    }
+
+    #[test]
+    fn test_parse_durable_needs_a_flushing_verified_randwrite() {
+        let p = Params::parse("rw=randwrite verify=1 flush_every=16 durable=1").unwrap();
+        assert!(p.durable);
+        for cmd in ["durable=1", "rw=randwrite verify=1 durable=1", "rw=write verify=1 flush_every=4 durable=1"] {
+            assert_eq!(Params::parse(cmd).unwrap_err().key, "durable", "{cmd}");
+        }
+        let p = Params::parse("verify_only=1 run=0x1f upto=12 seed=3").unwrap();
+        assert_eq!((p.verify_only, p.run, p.upto, p.seed), (true, 0x1f, 12, 3));
+        assert_eq!(Params::parse("chaos=1 verify_only=1").unwrap_err().key, "chaos");
+        assert_eq!(Params::parse("upto=0x80000000").unwrap_err().key, "upto");
     }
 
     #[test]

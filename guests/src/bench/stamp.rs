@@ -114,6 +114,25 @@ pub fn check(buf: u64, bytes: u64, lba: u64, run: u64, expect: Expect) -> Result
     Ok(())
 }
 
+/// Reads one sector's stamp without expectations (a disk this boot did not write):
+/// `Ok(None)` for all zeros, `Ok(Some((run, gen)))` for an intact stamp of `lba`.
+pub fn inspect(at: u64, lba: u64) -> Result<Option<(u64, u64)>, Mismatch> {
+    let head = word(at, 0);
+    if head == 0 && (1..WORDS).all(|i| word(at, i) == 0) {
+        return Ok(None);
+    }
+    if mmio::read32(at) != MAGIC {
+        return Err(Mismatch::BadMagic);
+    }
+    if (head >> 32) as u32 != checksum(at) {
+        return Err(Mismatch::BadChecksum);
+    }
+    if word(at, 1) != lba {
+        return Err(Mismatch::WrongLba(word(at, 1)));
+    }
+    Ok(Some((word(at, 2), word(at, 3))))
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -170,6 +189,18 @@ mod tests {
         assert!(matches!(check(at, 512, 7, RUN, Expect::Gen(2)), Err((7, Mismatch::WrongGen(1)))));
         assert!(matches!(check(at, 512, 7, RUN + 2, Expect::Gen(1)), Err((7, Mismatch::WrongRun(_)))));
         assert!(matches!(check(at, 512, 7, RUN, Expect::NotThisRun), Err((7, Mismatch::WrongRun(_)))));
+    }
+
+    #[test]
+    fn test_inspect_reports_run_and_generation_or_zeros() {
+        let mut b = buf(2);
+        let at = b.as_ptr() as u64;
+        fill(at, 512, 40, RUN, 9);
+        assert_eq!(inspect(at, 40).unwrap(), Some((RUN, 9)));
+        assert_eq!(inspect(at + 512, 41).unwrap(), None);
+        assert!(matches!(inspect(at, 41), Err(Mismatch::WrongLba(40))));
+        b[10] ^= 1;
+        assert!(matches!(inspect(at, 40), Err(Mismatch::BadChecksum)));
     }
 
     #[test]

@@ -7,6 +7,12 @@
 #![no_std]
 #![no_main]
 
+#[path = "blkbench/blkdev.rs"]
+mod blkdev;
+#[path = "blkbench/chaos.rs"]
+mod chaos;
+#[path = "blkbench/check.rs"]
+mod check;
 #[path = "blkbench/engine.rs"]
 mod engine;
 #[path = "blkbench/report.rs"]
@@ -110,6 +116,18 @@ fn main(si: &StartInfo) -> ! {
     dev.negotiate(features).unwrap_or_else(|e| transport_error(e));
     let cfg = BlkConfig::read(&dev, features);
 
+    // The modes that are not a benchmark: one request at a time, their own report.
+    if p.chaos || p.verify_only {
+        let mut bump = ringvm_guests::mem::arena(si);
+        let code = if p.chaos {
+            chaos::run(&dev, features, cfg, clock, &mut bump)
+        } else {
+            check::run(&dev, features, cfg, clock, &p, &mut bump)
+        };
+        dev.reset().ok();
+        exit::exit(code)
+    }
+
     // Checks that need the device.
     let fail = |key, reason| -> ! {
         dev.add_status(status::FAILED);
@@ -173,6 +191,9 @@ fn main(si: &StartInfo) -> ! {
     let Some(mut engine) = Engine::new(p, clock, &mut rings, layout, &mut bump, hist) else {
         fail("qd", "buffers do not fit in guest memory")
     };
+    if p.durable && !engine.verify_table {
+        fail("durable", "the per-block table does not fit in guest memory (use a smaller size=)");
+    }
     dev.add_status(status::DRIVER_OK);
     if dev.status() & (status::NEEDS_RESET | status::FAILED) != 0 {
         device_error("device needs reset after DRIVER_OK");

@@ -70,6 +70,40 @@ impl SplitQueue {
         Some(q)
     }
 
+    /// Zeroes the rings and starts the indices over (after a device reset), keeping
+    /// the same memory.
+    pub fn reset_rings(&mut self) {
+        let n = u64::from(self.size);
+        crate::mem::zero(self.desc, (DESC_SIZE * n) as usize);
+        crate::mem::zero(self.avail, (6 + 2 * n) as usize);
+        crate::mem::zero(self.used, (6 + 8 * n) as usize);
+        (self.avail_idx, self.published, self.last_used, self.kicks) = (0, 0, 0, 0);
+        if self.event_idx {
+            self.set_used_event(0xffff);
+        } else {
+            mmio::write16(self.avail, AVAIL_F_NO_INTERRUPT);
+        }
+    }
+
+    /// Notifies the device unconditionally (for tests of the device, not the data path).
+    pub fn kick(&mut self) {
+        mmio::write16(self.notify_addr, self.index);
+        self.kicks += 1;
+    }
+
+    /// Stores an arbitrary avail index (a hostile driver's); the queue is unusable
+    /// afterwards until the device is reset.
+    pub fn write_avail_idx_raw(&mut self, idx: u16) {
+        compiler_fence(Ordering::SeqCst);
+        mmio::write16(self.avail + 2, idx);
+        fence(Ordering::SeqCst);
+    }
+
+    /// The avail index published so far.
+    pub fn published(&self) -> u16 {
+        self.published
+    }
+
     pub fn set_notify_addr(&mut self, addr: u64) {
         self.notify_addr = addr;
     }

@@ -3,6 +3,7 @@
 //! guest RAM, per-request TSC latency, verify bookkeeping and the watchdog.
 
 use ringvm_guests::bench::params::{Params, Rw};
+use ringvm_guests::bench::durable;
 use ringvm_guests::bench::stamp::{self, Expect, Mismatch};
 use ringvm_guests::arch::{mmio, rdtsc};
 use ringvm_guests::hist::Histogram;
@@ -40,6 +41,8 @@ struct Slot {
     chain_idx: u16,
     submit_tsc: u64,
     block: u64,
+    /// Writes: the generation written. Flushes with durable=1: the watermark (every
+    /// generation up to it had completed when the flush was submitted).
     gen: u32,
     op: u8,
     /// Submitted and not yet seen in the used ring.
@@ -91,6 +94,8 @@ pub struct Engine<'h> {
     next_gen: u32,
     run_id: u64,
     writes_since_flush: u64,
+    /// durable=1: flushes completed (the sequence number printed).
+    flushes_done: u64,
     hist: &'h mut Histogram,
     pub stats: Stats,
     pub indirect: bool,
@@ -186,6 +191,7 @@ impl<'h> Engine<'h> {
             next_gen: 1,
             run_id: rdtsc() | 1,
             writes_since_flush: 0,
+            flushes_done: 0,
             hist,
             stats: Stats::default(),
             indirect: use_indirect,
@@ -195,6 +201,14 @@ impl<'h> Engine<'h> {
 
     /// Picks a block no other request is using (with a verify table), or `None`.
     fn pick_block(&mut self) -> Option<u64> {
+        if self.p.durable {
+            // The block is a function of the generation; a busy block makes the write wait.
+            let b = durable::block_of(self.p.seed, u64::from(self.next_gen), self.blocks);
+            return match &self.table {
+                Some(t) if t[b as usize] & BUSY != 0 => None,
+                _ => Some(b),
+            };
+        }
         for _ in 0..8 {
             let b = if self.p.rw.random() {
                 self.rng.below(self.blocks)
@@ -229,6 +243,9 @@ impl<'h> Engine<'h> {
                 (if read { OP_READ } else { OP_WRITE }, b)
             };
             let mut gen = 0;
+            if op == OP_FLUSH && self.p.durable {
+                gen = self.watermark();
+            }
             if op != OP_FLUSH {
                 *budget -= 1;
                 if let Some(t) = &mut self.table {
@@ -292,6 +309,11 @@ impl<'h> Engine<'h> {
             st.nfree += 1;
             let status = mmio::read8(slot.meta + 16);
             let measured = recording && slot.submit_tsc >= measure_from;
+            if slot.op == OP_FLUSH && self.p.durable && status == blk::S_OK {
+                // The host may kill the VMM at any moment: this line is the promise it checks.
+                self.flushes_done += 1;
+                println!("durable: flushed {} gen {}", self.flushes_done, slot.gen);
+            }
             if status != blk::S_OK {
                 if self.stats.errors < MAX_REPORTED {
                     let op = ["read", "write", "flush"][usize::from(slot.op)];
@@ -361,6 +383,19 @@ impl<'h> Engine<'h> {
         }
     }
 
+    /// The largest generation G such that every write 1..=G has completed: one below the
+    /// oldest write in flight, or the last one issued.
+    fn watermark(&self) -> u32 {
+        let oldest = self
+            .queues
+            .iter()
+            .flat_map(|q| q.slots.iter())
+            .filter(|s| s.in_flight && s.op == OP_WRITE)
+            .map(|s| s.gen)
+            .min();
+        oldest.unwrap_or(self.next_gen) - 1
+    }
+
     pub fn hist(&self) -> &Histogram {
         self.hist
     }
@@ -385,6 +420,10 @@ impl<'h> Engine<'h> {
         let mut last_progress = start;
         let mut next_report = measure_from + second;
         let mut stopping = false;
+        if self.p.durable {
+            // Before the first write, so a host that kills the VMM early knows the run.
+            println!("durable: run {:#x} seed {} blocks {} bs {}", self.run_id, self.p.seed, self.blocks, self.p.bs);
+        }
         loop {
             let now = rdtsc();
             if !recording && now >= measure_from {

@@ -83,7 +83,7 @@ impl Request {
 /// Why a chain is not a valid request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
-    #[error("Descriptor chain is empty or unreadable")]
+    #[error("Descriptor chain is empty or unreadable (an indirect table that nests, has a length not a multiple of 16, or lies outside guest memory yields no descriptor)")]
     EmptyChain,
     #[error("Descriptor chain is broken (loop, longer than the queue, bad index or nested indirect table)")]
     BrokenChain,
