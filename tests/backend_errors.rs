@@ -57,7 +57,13 @@ impl Drop for Mounted {
 fn tmpfs(size: &str) -> Mounted {
     let dir = tempfile::tempdir().unwrap();
     let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "ringvm-enospc"])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size}"),
+            "ringvm-enospc",
+        ])
         .arg(dir.path())
         .status()
         .unwrap()
@@ -169,9 +175,7 @@ fn host_queues(host: &serde_json::Value) -> Vec<(u64, u64)> {
 }
 
 fn u(v: &serde_json::Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no {key} in {v}"))
+    v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
 }
 
 #[test]
@@ -231,14 +235,13 @@ fn test_enospc_fails_writes_but_reads_and_old_blocks_keep_working() {
 
     // Fill: sequential 64 KiB writes over the whole sparse 32 MiB image; the first ~4 MiB
     // find room, the rest fail.
-    let (g, host, stderr) = bench(
-        &spec,
-        "rw=write bs=64k qd=4 queues=2 ios=512 size=32m",
-        3,
-    );
+    let (g, host, stderr) = bench(&spec, "rw=write bs=64k qd=4 queues=2 ios=512 size=32m", 3);
     let errors = u(&g, "errors");
     assert_eq!(u(&g, "ios"), 512, "{g}");
-    assert!(errors > 256 && errors < 512, "writes past the space fail: {g}");
+    assert!(
+        errors > 256 && errors < 512,
+        "writes past the space fail: {g}"
+    );
     assert_eq!(host_queues(&host).iter().map(|q| q.1).sum::<u64>(), errors);
     assert!(
         stderr.contains("No space left on device") || stderr.contains("short transfer"),
@@ -252,7 +255,11 @@ fn test_enospc_fails_writes_but_reads_and_old_blocks_keep_working() {
         "rw=randwrite bs=4k qd=8 queues=2 ios=2000 size=1m verify=1 seed=5",
         0,
     );
-    assert_eq!((u(&g, "errors"), g["verify"].as_str()), (0, Some("ok")), "{g}");
+    assert_eq!(
+        (u(&g, "errors"), g["verify"].as_str()),
+        (0, Some("ok")),
+        "{g}"
+    );
     let (g, _, _) = bench(
         &spec,
         "rw=randread bs=4k qd=8 queues=2 ios=2000 size=32m",

@@ -65,13 +65,13 @@ fn test_chaos_every_hostile_case_answered_and_device_recovers() {
     // The answers ringvm gives (a change here is a behaviour change worth a look).
     for (name, want) in [
         ("data_outside_ram", "ioerr"),
-        ("status_outside_ram", "no_status"),
-        ("desc_loop", "no_status"),
-        ("indirect_nested", "no_status"),
-        ("indirect_bad_len", "no_status"),
+        ("status_outside_ram", "needs_reset"),
+        ("desc_loop", "needs_reset"),
+        ("indirect_nested", "needs_reset"),
+        ("indirect_bad_len", "needs_reset"),
         ("indirect_too_long", "ioerr"),
         ("zero_len_data", "ok"),
-        ("status_readonly", "no_status"),
+        ("status_readonly", "needs_reset"),
         ("unknown_type", "unsupp"),
         ("beyond_capacity", "ioerr"),
         ("straddle_end", "ioerr"),

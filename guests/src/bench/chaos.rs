@@ -130,14 +130,15 @@ impl Case {
         match self {
             // A buffer the device cannot map: refuse the request or give up on the queue.
             Case::DataOutsideRam => IOERR | NEEDS_RESET,
-            // Chains without a usable status byte: nothing to write the status into.
-            Case::StatusOutsideRam | Case::DescLoop | Case::IndirectNested | Case::IndirectBadLen => {
-                NO_STATUS | NEEDS_RESET | IOERR
-            }
-            Case::StatusReadOnly => NO_STATUS | NEEDS_RESET,
+            // Chains without a usable status byte: nothing to write the status into, so the
+            // device must give up on the queue (a used entry alone would leave the driver a
+            // stale status byte to read as the answer); a loop or a bad table may still let a
+            // device find the status byte and refuse the request.
+            Case::StatusOutsideRam | Case::StatusReadOnly => NEEDS_RESET,
+            Case::DescLoop | Case::IndirectNested | Case::IndirectBadLen => NEEDS_RESET | IOERR,
             // Longer than the queue (a driver MUST NOT) and seg_max: refusing it is right,
             // serving it is harmless.
-            Case::IndirectTooLong => OK | IOERR | NO_STATUS | NEEDS_RESET,
+            Case::IndirectTooLong => OK | IOERR | NEEDS_RESET,
             // 0 is a multiple of 512: an empty read may succeed or be refused.
             Case::ZeroLenData => OK | IOERR | NEEDS_RESET,
             Case::UnknownType => UNSUPP,
@@ -219,13 +220,15 @@ mod tests {
         assert!(acceptable(Case::BeyondCapacity, Answer::Status(1)));
         assert!(acceptable(Case::UnknownType, Answer::Status(2)));
         assert!(!acceptable(Case::UnknownType, Answer::Status(1)));
-        assert!(acceptable(Case::DescLoop, Answer::NoStatus(0)));
+        assert!(!acceptable(Case::DescLoop, Answer::NoStatus(0)), "a used entry without a status is no answer");
+        assert!(!acceptable(Case::StatusReadOnly, Answer::NoStatus(0)));
+        assert!(acceptable(Case::DescLoop, Answer::NeedsReset));
         assert!(acceptable(Case::AvailJump, Answer::NeedsReset));
     }
 
     #[test]
     fn test_outcome_pass_needs_service_after_and_recovery() {
-        let base = Outcome { case: Case::DescLoop, observed: Answer::NoStatus(0), served_after: Some(true), recovered: true, skipped: false };
+        let base = Outcome { case: Case::DescLoop, observed: Answer::Status(1), served_after: Some(true), recovered: true, skipped: false };
         assert!(base.pass());
         assert!(!Outcome { served_after: Some(false), ..base }.pass());
         assert!(!Outcome { recovered: false, ..base }.pass());

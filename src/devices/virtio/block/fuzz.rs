@@ -227,7 +227,7 @@ mod tests {
             ("write_indirect_event_idx", 2),
             ("get_id_discard_wz", 3),
             ("readonly_write", 1),
-            ("loop", 1),
+            ("loop", 0),
             ("unknown_type_out_of_disk", 2),
         ];
         for ((name, v), (ename, n)) in seeds().into_iter().zip(expect) {

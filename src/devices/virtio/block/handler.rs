@@ -428,7 +428,14 @@ impl QueueHandler for BlockQueue {
                     self.bad_request(head, &e, ctx.now);
                     match e.status {
                         Some(at) => self.finish(head, Some(at), e.error.status(), 1, None, ctx.now),
-                        None => self.finish(head, None, VIRTIO_BLK_S_IOERR, 0, None, ctx.now),
+                        // A loop, a bad indirect table, a status byte outside RAM or not
+                        // writable: there is no status to answer with, and a used entry alone
+                        // would let the driver read a stale status as success. The device
+                        // asks for a reset instead, as QEMU does (virtio 1.2, 2.1.2).
+                        None => self.fail_queue(
+                            &format!("head {head} cannot be answered: {}", e.error),
+                            ctx.now,
+                        ),
                     }
                 }
             }
