@@ -11,4 +11,5 @@ pub mod devices;
 pub mod guests;
 pub mod metrics;
 pub mod reactor;
+pub mod vhost;
 pub mod vmm;

@@ -18,6 +18,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => commands::run(&args),
         Command::Bench(args) => commands::bench(&args),
+        Command::VhostUserBlk(args) => commands::vhost_user_blk(&args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

@@ -1,7 +1,9 @@
 //! The CLI's commands (the only place `anyhow` is used).
 
 mod bench;
+mod vhost;
 pub use bench::bench;
+pub use vhost::vhost_user_blk;
 
 use anyhow::Context;
 use ringvm::cli::RunArgs;
