@@ -17,6 +17,7 @@
 #   PIN=0           do not pin threads
 #   CPU=model       QEMU -cpu (default host,+invtsc)
 #   TIMEOUT=s       wall-clock limit for QEMU (default 300)
+#   TIMEOUT_SIGNAL= signal that ends QEMU at the limit (default TERM; KILL for an abrupt end)
 #   QEMU_EXTRA=...  extra QEMU arguments
 #   BACKEND=null    QEMU's null-co block driver (IMG_SIZE bytes, no data transfer, no
 #                   zeroing) instead of the image: the VMM's own cost, like ringvm's
@@ -104,7 +105,7 @@ fi
 device=${device:-virtio-blk-pci,drive=d0,disable-legacy=on,iothread=io0,num-queues=$NUM_QUEUES}
 
 set +e
-timeout --foreground "$TIMEOUT" qemu-system-x86_64 \
+timeout --foreground -s "${TIMEOUT_SIGNAL:-TERM}" "$TIMEOUT" qemu-system-x86_64 \
     -machine "$machine" -cpu "$CPU" -m "$MEM" -smp 1 \
     -nographic -no-reboot -nic none \
     -kernel "$KERNEL" -append "$PARAMS" \
