@@ -69,6 +69,8 @@ impl BackEnd {
         let child = ringvm()
             .args(["vhost-user-blk", "--socket"])
             .arg(&socket)
+            .arg("--stats-json")
+            .arg(dir.path().join("stats.json"))
             .arg("--disk")
             .arg(format!("path={},queues={queues}", img.display()))
             .args(["--io-cores", "1"])
@@ -121,8 +123,9 @@ impl BackEnd {
         assert!(!log.contains("panicked"), "back end panicked: {log}");
     }
 
-    /// Stops the back end (SIGTERM) and returns its log (with the statistics table).
-    fn stop(mut self) -> String {
+    /// Stops the back end (SIGTERM) and returns its log (with the statistics table) and its
+    /// `--stats-json`.
+    fn stop(mut self) -> (String, serde_json::Value) {
         // SAFETY: kill(2) on the pid of a child this test owns and has not reaped.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let t = Instant::now();
@@ -130,7 +133,9 @@ impl BackEnd {
             assert!(t.elapsed() < START_TIMEOUT, "back end ignores SIGTERM");
             std::thread::sleep(Duration::from_millis(50));
         }
-        self.log_text()
+        let stats = std::fs::read_to_string(self.log.with_file_name("stats.json"))
+            .unwrap_or_else(|e| panic!("no --stats-json ({e}): {}", self.log_text()));
+        (self.log_text(), serde_json::from_str(&stats).unwrap())
     }
 }
 
@@ -190,9 +195,13 @@ fn test_qemu_blkbench_one_queue_write_then_read_verifies() {
     }
     let mut be = BackEnd::start(2);
     write_then_read_verified(&mut be, 1);
-    let log = be.stop();
+    let (log, stats) = be.stop();
     assert!(log.contains("blk0 queue 0 started"), "{log}");
     assert!(!log.contains("queue 1 started"), "QEMU used one queue: {log}");
+    let q = &stats["queues"];
+    let total: u64 = (0..2).filter_map(|i| q[i]["requests"].as_u64()).sum();
+    // 2000 writes and 2000 reads, plus blkbench's own GET_ID and probe reads.
+    assert!(total >= 4000, "{stats}");
 }
 
 #[test]
@@ -203,14 +212,19 @@ fn test_qemu_blkbench_two_queues_write_then_read_verifies() {
     }
     let mut be = BackEnd::start(2);
     write_then_read_verified(&mut be, 2);
-    let log = be.stop();
+    let (log, stats) = be.stop();
     assert!(log.contains("blk0 queue 1 started"), "{log}");
-    // The exit statistics list both queues with the I/O they served (2 runs × 2000).
-    let served: u64 = log
-        .lines()
-        .filter(|l| l.trim_start().starts_with("blk0"))
-        .count() as u64;
-    assert!(served >= 2, "per-queue rows missing: {log}");
+    // Both queues served reads and writes (the metrics of a queue are merged over its starts).
+    for i in [0, 1] {
+        let q = stats["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["queue"].as_u64() == Some(i))
+            .unwrap_or_else(|| panic!("no queue {i}: {stats}"));
+        let (w, r) = (q["writes"].as_u64().unwrap(), q["reads"].as_u64().unwrap());
+        assert!(w >= 500 && r >= 500, "queue {i}: {w} writes, {r} reads: {stats}");
+    }
 }
 
 #[test]
@@ -384,6 +398,6 @@ fn test_hostile_messages_are_refused_logged_and_back_end_keeps_serving() {
     if qemu_available() {
         write_then_read_verified(&mut be, 2);
     }
-    let log = be.stop();
+    let (log, _) = be.stop();
     assert!(!log.contains("panicked"), "{log}");
 }

@@ -545,3 +545,6 @@ impl Drop for VhostBlk {
         self.disconnect();
     }
 }
+
+#[cfg(test)]
+mod tests;
