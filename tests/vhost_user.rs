@@ -197,7 +197,10 @@ fn test_qemu_blkbench_one_queue_write_then_read_verifies() {
     write_then_read_verified(&mut be, 1);
     let (log, stats) = be.stop();
     assert!(log.contains("blk0 queue 0 started"), "{log}");
-    assert!(!log.contains("queue 1 started"), "QEMU used one queue: {log}");
+    assert!(
+        !log.contains("queue 1 started"),
+        "QEMU used one queue: {log}"
+    );
     let q = &stats["queues"];
     let total: u64 = (0..2).filter_map(|i| q[i]["requests"].as_u64()).sum();
     // 2000 writes and 2000 reads, plus blkbench's own GET_ID and probe reads.
@@ -223,7 +226,10 @@ fn test_qemu_blkbench_two_queues_write_then_read_verifies() {
             .find(|q| q["queue"].as_u64() == Some(i))
             .unwrap_or_else(|| panic!("no queue {i}: {stats}"));
         let (w, r) = (q["writes"].as_u64().unwrap(), q["reads"].as_u64().unwrap());
-        assert!(w >= 500 && r >= 500, "queue {i}: {w} writes, {r} reads: {stats}");
+        assert!(
+            w >= 500 && r >= 500,
+            "queue {i}: {w} writes, {r} reads: {stats}"
+        );
     }
 }
 
@@ -330,8 +336,18 @@ fn test_hostile_messages_are_refused_logged_and_back_end_keeps_serving() {
     };
     // (what, bytes, fds, reason the back end logs)
     let cases: Vec<(&str, Vec<u8>, Vec<RawFd>, &str)> = vec![
-        ("garbage", b"\xde\xad\xbe\xef garbage!!".to_vec(), vec![], "closing the connection"),
-        ("truncated header", vec![1, 0, 0, 0, 1, 0], vec![], "closing the connection"),
+        (
+            "garbage",
+            b"\xde\xad\xbe\xef garbage!!".to_vec(),
+            vec![],
+            "closing the connection",
+        ),
+        (
+            "truncated header",
+            vec![1, 0, 0, 0, 1, 0],
+            vec![],
+            "closing the connection",
+        ),
         (
             "GET_FEATURES with a file descriptor",
             msg(GET_FEATURES, &[]),
@@ -391,7 +407,10 @@ fn test_hostile_messages_are_refused_logged_and_back_end_keeps_serving() {
         assert!(closed_by_peer(&mut s), "{what}: connection left open");
         closes += 1;
         let log = be.wait_log_count("closing the connection", closes);
-        assert!(log.contains(reason), "{what}: `{reason}` not logged:\n{log}");
+        assert!(
+            log.contains(reason),
+            "{what}: `{reason}` not logged:\n{log}"
+        );
         be.assert_alive();
     }
     // The back end still serves a real front end with the same disk.

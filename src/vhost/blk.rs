@@ -16,10 +16,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
-    VhostUserInflight, VhostUserLog, VhostUserMemoryRegion, VhostUserShMemConfig,
-    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags,
-    VhostUserVringState,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vhost::vhost_user::{
     Backend, Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut,
@@ -327,8 +326,12 @@ impl VhostUserBackendReqHandlerMut for VhostBlk {
                 mmap_offset: r.mmap_offset,
             })
             .collect();
-        let table = MemoryTable::new(&specs, files)
-            .map_err(|e| refuse(format_args!("SET_MEM_TABLE: {}", crate::vmm::devices::error_chain(&e))))?;
+        let table = MemoryTable::new(&specs, files).map_err(|e| {
+            refuse(format_args!(
+                "SET_MEM_TABLE: {}",
+                crate::vmm::devices::error_chain(&e)
+            ))
+        })?;
         let running: Vec<usize> = (0..self.vrings.len()).filter(|&i| self.stop(i)).collect();
         log::info!(
             "vhost-user: memory table of {} regions, {} MiB",

@@ -108,11 +108,9 @@ impl MemoryTable {
                     len: meta.len(),
                 });
             }
-            let region = MmapRegion::<()>::from_file(
-                FileOffset::new(file, r.mmap_offset),
-                r.size as usize,
-            )
-            .map_err(|source| MemoryError::Map { index: i, source })?;
+            let region =
+                MmapRegion::<()>::from_file(FileOffset::new(file, r.mmap_offset), r.size as usize)
+                    .map_err(|source| MemoryError::Map { index: i, source })?;
             let region = GuestRegionMmap::new(region, GuestAddress(r.guest_phys_addr))
                 .ok_or(MemoryError::BadRange { index: i })?;
             mapped.push(region);
@@ -195,13 +193,20 @@ mod tests {
     #[test]
     fn test_region_past_end_of_file_is_refused() {
         let r = MemoryTable::new(&[spec(0, 0x2000, 0x1000, 0x1000)], vec![memfd(0x2000)]);
-        assert!(matches!(r, Err(MemoryError::PastEnd { index: 0, .. })), "{:?}", r.err());
+        assert!(
+            matches!(r, Err(MemoryError::PastEnd { index: 0, .. })),
+            "{:?}",
+            r.err()
+        );
     }
 
     #[test]
     fn test_fd_count_mismatch_is_refused() {
         let r = MemoryTable::new(&[spec(0, 0x1000, 0, 0)], vec![]);
-        assert!(matches!(r, Err(MemoryError::FdCount { regions: 1, fds: 0 })));
+        assert!(matches!(
+            r,
+            Err(MemoryError::FdCount { regions: 1, fds: 0 })
+        ));
     }
 
     #[test]

@@ -52,9 +52,12 @@ fn rig() -> Rig {
         ExitHandle::new().unwrap(),
     )
     .unwrap();
-    let cfg: DiskConfig = format!("path={},queues=2,direct=off,lock=off", disk.path().display())
-        .parse()
-        .unwrap();
+    let cfg: DiskConfig = format!(
+        "path={},queues=2,direct=off,lock=off",
+        disk.path().display()
+    )
+    .parse()
+    .unwrap();
     let mut s = VhostBlk::new(BlockDevice::new(&cfg, &pool).unwrap());
     let memfd = tempfile::tempfile().unwrap();
     memfd.set_len(MEM).unwrap();
@@ -88,7 +91,10 @@ fn rig() -> Rig {
     s.set_vring_kick(0, Some(file_of(&kick))).unwrap();
     s.set_vring_call(0, Some(file_of(&EventFd::new(EFD_NONBLOCK).unwrap())))
         .unwrap();
-    assert!(!s.vrings[0].started, "with PROTOCOL_FEATURES a ring starts disabled");
+    assert!(
+        !s.vrings[0].started,
+        "with PROTOCOL_FEATURES a ring starts disabled"
+    );
     s.set_vring_enable(0, true).unwrap();
     assert!(s.vrings[0].started);
     Rig {
@@ -102,7 +108,9 @@ fn rig() -> Rig {
 
 fn write_requests(r: &mut Rig, n: u64) {
     for i in 0..n {
-        let b = r.drv.request(T_OUT, i * 8, Some(&[0xab; 4096]), 4096, false);
+        let b = r
+            .drv
+            .request(T_OUT, i * 8, Some(&[0xab; 4096]), 4096, false);
         r.drv.publish(b.head);
     }
     r.kick.write(1).unwrap();
@@ -111,7 +119,11 @@ fn write_requests(r: &mut Rig, n: u64) {
 fn wait_used(r: &Rig, n: u16) {
     let t = Instant::now();
     while r.drv.used_idx() != n {
-        assert!(t.elapsed() < WAIT, "used index {} never reached {n}", r.drv.used_idx());
+        assert!(
+            t.elapsed() < WAIT,
+            "used index {} never reached {n}",
+            r.drv.used_idx()
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -153,7 +165,14 @@ fn test_new_call_eventfd_on_running_queue_restarts_it_in_place() {
 #[test]
 fn test_ring_outside_memory_table_is_refused() {
     let mut r = rig();
-    let e = r.s.set_vring_addr(1, VhostUserVringAddrFlags::empty(), 0x1000, 0x2000, 0x3000, 0);
+    let e = r.s.set_vring_addr(
+        1,
+        VhostUserVringAddrFlags::empty(),
+        0x1000,
+        0x2000,
+        0x3000,
+        0,
+    );
     assert!(e.is_ok(), "not started yet, so nothing to check");
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
     let e = r.s.set_vring_kick(1, Some(file_of(&kick)));
@@ -176,9 +195,14 @@ fn test_disconnect_stops_queues_and_forgets_the_front_end() {
 #[test]
 fn test_config_space_has_capacity_and_num_queues() {
     let mut r = rig();
-    let c = r.s.get_config(0, 60, VhostUserConfigFlags::empty()).unwrap();
+    let c =
+        r.s.get_config(0, 60, VhostUserConfigFlags::empty())
+            .unwrap();
     assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 2048);
     assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
     assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 2);
-    assert!(r.s.get_config(0, 4096, VhostUserConfigFlags::empty()).is_err());
+    assert!(r
+        .s
+        .get_config(0, 4096, VhostUserConfigFlags::empty())
+        .is_err());
 }

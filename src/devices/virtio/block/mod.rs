@@ -183,7 +183,11 @@ impl BlockDevice {
         if usize::from(q.index) >= self.placement.len() {
             return Err(ReactorError::Attach {
                 index: 0,
-                message: format!("queue {} is beyond the disk's {}", q.index, self.placement.len()),
+                message: format!(
+                    "queue {} is beyond the disk's {}",
+                    q.index,
+                    self.placement.len()
+                ),
             });
         }
         self.stop_queue(q.index);
