@@ -334,9 +334,10 @@ impl VhostUserBackendReqHandlerMut for VhostBlk {
         })?;
         let running: Vec<usize> = (0..self.vrings.len()).filter(|&i| self.stop(i)).collect();
         log::info!(
-            "vhost-user: memory table of {} regions, {} MiB",
+            "vhost-user: memory table of {} regions, {} MiB{}",
             specs.len(),
-            table.size() >> 20
+            table.size() >> 20,
+            if table.hugetlb() { " (hugetlbfs)" } else { "" }
         );
         self.mem = Some(table);
         for i in running {

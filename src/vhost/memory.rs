@@ -57,6 +57,16 @@ pub enum MemoryError {
 pub struct MemoryTable {
     mem: GuestMemory,
     regions: Vec<RegionSpec>,
+    hugetlb: bool,
+}
+
+/// True when `file` lives on hugetlbfs (a memfd with MFD_HUGETLB, or a file in a hugetlbfs mount).
+fn on_hugetlbfs(file: &File) -> bool {
+    // SAFETY: statfs is plain data that fstatfs fills in.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `file` is an open fd for the duration of the call and `st` is a valid statfs.
+    let r = unsafe { libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(file), &mut st) };
+    r == 0 && st.f_type == libc::HUGETLBFS_MAGIC
 }
 
 impl MemoryTable {
@@ -90,6 +100,7 @@ impl MemoryTable {
         order.sort_by_key(|&i| specs[i].guest_phys_addr);
         let mut files: Vec<Option<File>> = files.into_iter().map(Some).collect();
         let mut mapped = Vec::with_capacity(specs.len());
+        let mut hugetlb = !specs.is_empty();
         for i in order {
             let r = specs[i];
             let file = files[i].take().expect("each file is taken once");
@@ -100,6 +111,7 @@ impl MemoryTable {
             if !ft.is_file() {
                 return Err(MemoryError::NotAFile { index: i });
             }
+            hugetlb &= on_hugetlbfs(&file);
             let end = r.mmap_offset + r.size;
             if end > meta.len() {
                 return Err(MemoryError::PastEnd {
@@ -119,6 +131,7 @@ impl MemoryTable {
         Ok(MemoryTable {
             mem,
             regions: specs.to_vec(),
+            hugetlb,
         })
     }
 
@@ -134,6 +147,11 @@ impl MemoryTable {
             let off = va.checked_sub(r.user_addr)?;
             (off.checked_add(len)? <= r.size).then(|| r.guest_phys_addr + off)
         })
+    }
+
+    /// True when every region lies on hugetlbfs.
+    pub fn hugetlb(&self) -> bool {
+        self.hugetlb
     }
 
     /// Total mapped bytes.
