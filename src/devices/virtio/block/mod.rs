@@ -201,18 +201,21 @@ impl BlockDevice {
         let Some(at) = self.active.iter().position(|&(_, k)| k == key) else {
             return;
         };
-        let (reactor, key) = self.active.swap_remove(at);
-        self.detach(reactor, key);
+        let q = self.active.swap_remove(at);
+        self.detach(&[q]);
     }
 
-    fn detach(&self, reactor: usize, key: u64) {
-        match self.pool.detach(reactor, key) {
-            Ok(()) => {}
-            // A stopped reactor drained its queues before exiting.
-            Err(ReactorError::Gone { .. }) => {
-                log::debug!("{}: reset after reactor{reactor} stopped", self.name)
+    /// Detaches `queues` (reactor, key) with their drains overlapping.
+    fn detach(&self, queues: &[(usize, u64)]) {
+        for (r, &(reactor, _)) in self.pool.detach_many(queues).into_iter().zip(queues) {
+            match r {
+                Ok(()) => {}
+                // A stopped reactor drained its queues before exiting.
+                Err(ReactorError::Gone { .. }) => {
+                    log::debug!("{}: reset after reactor{reactor} stopped", self.name)
+                }
+                Err(e) => log::error!("{}: reset: {e}", self.name),
             }
-            Err(e) => log::error!("{}: reset: {e}", self.name),
         }
     }
 
@@ -311,9 +314,8 @@ impl VirtioDevice for BlockDevice {
     /// Blocks until every reactor serving this device has finished the requests in flight and
     /// dropped the queues (or [`crate::reactor::CONTROL_TIMEOUT`] passed, logged as an error).
     fn reset(&mut self) {
-        for (reactor, key) in std::mem::take(&mut self.active) {
-            self.detach(reactor, key);
-        }
+        let active = std::mem::take(&mut self.active);
+        self.detach(&active);
         self.needs_reset.store(false, Ordering::Release);
     }
 
