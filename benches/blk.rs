@@ -76,6 +76,7 @@ fn reactor_pass(c: &mut Criterion, name: &str, file: Option<&std::path::Path>) {
         needs_reset: Arc::new(AtomicBool::new(false)),
         poll: None,
         metrics: QueueMetrics::new("bench", 0, 0),
+        final_avail: None,
     };
     let opts = OpenOptions {
         readonly: false,

@@ -17,12 +17,19 @@
 #   PIN=0           do not pin threads
 #   CPU=model       QEMU -cpu (default host,+invtsc)
 #   TIMEOUT=s       wall-clock limit for QEMU (default 300)
+#   TIMEOUT_SIGNAL= signal that ends QEMU at the limit (default TERM; KILL for an abrupt end)
 #   QEMU_EXTRA=...  extra QEMU arguments
 #   BACKEND=null    QEMU's null-co block driver (IMG_SIZE bytes, no data transfer, no
 #                   zeroing) instead of the image: the VMM's own cost, like ringvm's
 #                   backend=null
 #   LOG=path        full serial log (default perf/out/qemu-blkbench.log)
 #   READONLY=1      attach the image read-only (the guest sees VIRTIO_BLK_F_RO)
+#   VHOST_SOCK=path the disk is a vhost-user-blk device served by the back end listening
+#                   on this socket (`ringvm vhost-user-blk --socket path ...`) instead of
+#                   QEMU's own virtio-blk; guest memory is then a shared memfd (IMG and
+#                   BACKEND are not used)
+#   VHOST_HUGETLB=1 with VHOST_SOCK: back the memfd with 2 MiB hugetlb pages
+#   INSTALL_ONLY=1  install QEMU when missing and exit
 #
 # Pinning: QEMU has no command-line option to pin vCPU or iothread threads,
 # so the script asks QMP for their thread ids (query-cpus-fast,
@@ -57,11 +64,12 @@ install_qemu() {
 }
 
 command -v qemu-system-x86_64 >/dev/null || install_qemu
+[ "${INSTALL_ONLY:-0}" = 1 ] && exit 0
 [ -r /dev/kvm ] || { echo "qemu-blkbench: /dev/kvm is not accessible; KVM is required" >&2; exit 125; }
 if [ ! -e "$KERNEL" ]; then
     (cd "$ROOT/guests" && cargo build --release)
 fi
-if [ ! -e "$IMG" ]; then
+if [ ! -e "$IMG" ] && [ -z "${VHOST_SOCK:-}" ]; then
     truncate -s "$IMG_SIZE" "$IMG"
 fi
 
@@ -80,7 +88,17 @@ CPU=${CPU:-host,+invtsc}
 # tsc_khz= and -arch-capabilities on the nested PVM host
 . "$ROOT/perf/pvm-host.sh"
 
-if [ "${BACKEND:-}" = null ]; then
+MEM=256M
+machine="q35,accel=kvm"
+device=""
+if [ -n "${VHOST_SOCK:-}" ]; then
+    # vhost-user needs guest memory the back end can map: a shared memfd.
+    huge=""
+    [ "${VHOST_HUGETLB:-0}" = 1 ] && huge=",hugetlb=on,hugetlbsize=2M"
+    machine="$machine,memory-backend=mem"
+    drive="-object memory-backend-memfd,id=mem,size=$MEM,share=on$huge -chardev socket,id=vu,path=$VHOST_SOCK"
+    device="vhost-user-blk-pci,chardev=vu,disable-legacy=on,num-queues=$NUM_QUEUES"
+elif [ "${BACKEND:-}" = null ]; then
     drive="-blockdev driver=null-co,node-name=d0,size=$(numfmt --from=iec "$IMG_SIZE"),read-zeroes=off"
 else
     drive="-drive if=none,id=d0,file=$IMG,format=raw,aio=io_uring,cache=none"
@@ -88,15 +106,16 @@ fi
 if [ "${READONLY:-0}" = 1 ]; then
     drive="$drive,readonly=on"
 fi
+device=${device:-virtio-blk-pci,drive=d0,disable-legacy=on,iothread=io0,num-queues=$NUM_QUEUES}
 
 set +e
-timeout --foreground "$TIMEOUT" qemu-system-x86_64 \
-    -machine q35,accel=kvm -cpu "$CPU" -m 256M -smp 1 \
+timeout --foreground -s "${TIMEOUT_SIGNAL:-TERM}" "$TIMEOUT" qemu-system-x86_64 \
+    -machine "$machine" -cpu "$CPU" -m "$MEM" -smp 1 \
     -nographic -no-reboot -nic none \
     -kernel "$KERNEL" -append "$PARAMS" \
     -object iothread,id=io0 \
     $drive \
-    -device virtio-blk-pci,drive=d0,disable-legacy=on,iothread=io0,num-queues="$NUM_QUEUES" \
+    -device "$device" \
     -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
     -qmp "unix:$QMP,abstract=on,server=on,wait=off" \
     ${QEMU_EXTRA:-} </dev/null >"$LOG" 2>&1 &

@@ -13,6 +13,13 @@ scripts/setup-test-deps.sh
 export RINGVM_REQUIRE_FUSE=1
 export RINGVM_REQUIRE_CHROMIUM=1
 
+# QEMU 10 before the tests: tests/vhost_user.rs drives ringvm's vhost-user-blk back end from
+# it, and must not skip in CI.
+if [ "${RINGVM_SKIP_QEMU:-0}" != 1 ]; then
+    INSTALL_ONLY=1 perf/qemu-blkbench.sh
+    export RINGVM_REQUIRE_QEMU=1
+fi
+
 # Lints first: clippy with every warning an error (Cargo.toml denies unsafe blocks without
 # a SAFETY comment).
 cargo clippy --release --all-targets -- -D warnings 2>&1

@@ -22,6 +22,9 @@ pub enum Command {
     /// Render the HTML latency report from a series JSON file (what perf/compare --report
     /// writes; format in README "Latency report (HTML)").
     Report(ReportArgs),
+    /// Serve a disk to another VMM (QEMU, Cloud Hypervisor) as a vhost-user-blk back end whose
+    /// queues are served by ringvm's pinned io_uring reactors.
+    VhostUserBlk(VhostUserBlkArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -32,6 +35,31 @@ pub struct ReportArgs {
     /// The HTML file to write (one self-contained page: inline SVG, no scripts).
     #[arg(long)]
     pub output: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VhostUserBlkArgs {
+    /// Unix socket to listen on (QEMU: -chardev socket,path=PATH; a stale socket is replaced).
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// The disk, with the syntax and options of `ringvm run --disk` (path=IMG[,queues=N][,reactors=I,J][,backend=uring|null][,poll-us=N]…); queues= is the most the front end may use.
+    #[arg(long)]
+    pub disk: String,
+    /// Host cores that run an io_uring reactor thread each (e.g. 1,2). Default: the last core.
+    #[arg(long, value_delimiter = ',')]
+    pub io_cores: Option<Vec<usize>>,
+    /// Use a kernel submission-queue polling thread (IORING_SETUP_SQPOLL) in every reactor.
+    #[arg(long, default_value_t = false)]
+    pub sqpoll: bool,
+    /// Write the per-queue statistics as JSON to this file at exit.
+    #[arg(long)]
+    pub stats_json: Option<PathBuf>,
+    /// Write an HdrHistogram interval log of the per-queue latencies to this file at exit.
+    #[arg(long)]
+    pub hlog: Option<PathBuf>,
+    /// Exit after the first front end disconnects (for scripts that start one back end per VM).
+    #[arg(long, default_value_t = false)]
+    pub once: bool,
 }
 
 #[derive(Args, Debug, Clone)]

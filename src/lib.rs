@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod reactor;
 pub mod report;
 pub mod seccomp;
+pub mod vhost;
 pub mod vmm;

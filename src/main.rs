@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         Command::Run(args) => commands::run(&args),
         Command::Bench(args) => commands::bench(&args),
         Command::Report(args) => commands::report(&args),
+        Command::VhostUserBlk(args) => commands::vhost_user_blk(&args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

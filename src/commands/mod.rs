@@ -2,8 +2,10 @@
 
 mod bench;
 mod report;
+mod vhost;
 pub use bench::bench;
 pub use report::report;
+pub use vhost::vhost_user_blk;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};

@@ -89,6 +89,23 @@ impl PoolHandle {
         Self::wait(index, rx)
     }
 
+    /// Detaches several queues at once: every detach is sent before any is waited for, so the
+    /// drains overlap. Returns the result of each, in order.
+    pub fn detach_many(&self, queues: &[(usize, u64)]) -> Vec<Result<(), ReactorError>> {
+        let sent: Vec<_> = queues
+            .iter()
+            .map(|&(index, device)| {
+                let (ack, rx) = mpsc::sync_channel(1);
+                self.send(index, Command::Detach { device, ack })
+                    .map(|()| rx)
+            })
+            .collect();
+        sent.into_iter()
+            .zip(queues)
+            .map(|(r, &(index, _))| r.and_then(|rx| Self::wait(index, rx)))
+            .collect()
+    }
+
     /// Metrics of all reactors, merged.
     pub fn snapshot(&self) -> Result<Report, ReactorError> {
         let mut rxs = Vec::with_capacity(self.len());
@@ -393,6 +410,40 @@ mod tests {
             names.iter().any(|n| n == "reactor0") && names.iter().any(|n| n == "reactor1"),
             "{names:?}"
         );
+        p.stop().unwrap();
+    }
+
+    #[test]
+    fn test_detach_many_drops_each_queue_and_reports_each_result() {
+        let p = start(2);
+        let kicks = Arc::new(AtomicUsize::new(0));
+        let mut fds = Vec::new();
+        for (reactor, key) in [(0, 1), (1, 2)] {
+            let k = EventFd::new(EFD_NONBLOCK).unwrap();
+            fds.push(k.try_clone().unwrap());
+            let c = kicks.clone();
+            p.handle()
+                .attach(
+                    reactor,
+                    key,
+                    Box::new(move |_| {
+                        Ok(Box::new(Counter { kick: k, kicks: c }) as Box<dyn QueueHandler>)
+                    }),
+                )
+                .unwrap();
+        }
+        let r = p.handle().detach_many(&[(0, 1), (1, 2), (5, 3)]);
+        assert!(r[0].is_ok() && r[1].is_ok(), "{r:?}");
+        assert!(matches!(
+            r[2],
+            Err(ReactorError::NoSuchReactor { index: 5, .. })
+        ));
+        // Neither reactor watches its queue's kick any more.
+        for k in &fds {
+            k.write(1).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(kicks.load(Ordering::SeqCst), 0);
         p.stop().unwrap();
     }
 

@@ -100,6 +100,7 @@ pub fn fuzz_one(data: &[u8]) -> u16 {
         needs_reset: Arc::new(AtomicBool::new(false)),
         poll: None,
         metrics: QueueMetrics::new("fuzz", 0, 0),
+        final_avail: None,
     };
     // One reactor per thread, reused across inputs: ring setup would dominate otherwise.
     thread_local! {

@@ -8,7 +8,7 @@
 //! NO_INTERRUPT) says the driver wants it and never when the queue has no vector.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -102,6 +102,9 @@ pub struct QueueParts {
     pub needs_reset: Arc<AtomicBool>,
     pub poll: Option<Duration>,
     pub metrics: QueueMetrics,
+    /// Receives the queue's next avail index when the queue is dropped (after its drain):
+    /// vhost-user's GET_VRING_BASE answers with it.
+    pub final_avail: Option<Arc<AtomicU32>>,
 }
 
 /// One virtio-blk queue served by a reactor.
@@ -322,6 +325,16 @@ impl BlockQueue {
                     now,
                 );
             }
+        }
+    }
+}
+
+impl Drop for BlockQueue {
+    /// The reactor drops a queue once it drained: nothing is in flight, so the next avail
+    /// index is where a restarted queue must resume.
+    fn drop(&mut self) {
+        if let Some(at) = &self.p.final_avail {
+            at.store(u32::from(self.p.queue.next_avail()), Ordering::Release);
         }
     }
 }

@@ -35,7 +35,7 @@ pub mod rings;
 
 pub use config::{BackendKind, DiskConfig, DiskConfigError, DiskInfo};
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +51,8 @@ use crate::metrics::QueueMetrics;
 use crate::reactor::{PoolHandle, ReactorError, ReactorPool};
 
 static NEXT_DEVICE: AtomicU64 = AtomicU64::new(0);
+/// Marks the reactor-pool keys of block queues, so they never equal a net device's id.
+const BLOCK_KEY_TAG: u64 = 1 << 62;
 
 /// Errors creating a block device.
 #[derive(Debug, thiserror::Error)]
@@ -73,8 +75,9 @@ pub struct BlockDevice {
     pool: PoolHandle,
     /// Reactor index for each queue index.
     placement: Vec<usize>,
-    /// Reactors currently serving queues of this device.
-    active: Vec<usize>,
+    /// Reactor and pool key of each queue being served. Every queue has a key of its own, so
+    /// one queue can be stopped alone (vhost-user's GET_VRING_BASE).
+    active: Vec<(usize, u64)>,
     needs_reset: Arc<AtomicBool>,
 }
 
@@ -154,8 +157,76 @@ impl BlockDevice {
         &self.placement
     }
 
-    fn attach_queue(&mut self, mem: &GuestMemory, q: ActiveQueue) -> Result<(), ReactorError> {
+    /// Feature bits offered to the driver.
+    pub fn offered_features(&self) -> u64 {
+        self.features
+    }
+
+    /// The virtio-blk configuration space (capacity, seg_max, blk_size, num_queues, …).
+    pub fn config_space(&self) -> &[u8; CONFIG_LEN] {
+        &self.config
+    }
+
+    fn queue_key(&self, index: u16) -> u64 {
+        BLOCK_KEY_TAG | self.id << 8 | u64::from(index)
+    }
+
+    /// Starts serving one queue on its reactor (vhost-user starts and stops queues one by
+    /// one). When the queue is later stopped, its next avail index is stored in
+    /// `final_avail`. A queue with this index that is already served is stopped first.
+    pub fn start_queue(
+        &mut self,
+        mem: &GuestMemory,
+        q: ActiveQueue,
+        final_avail: Arc<AtomicU32>,
+    ) -> Result<(), ReactorError> {
+        if usize::from(q.index) >= self.placement.len() {
+            return Err(ReactorError::Attach {
+                index: 0,
+                message: format!(
+                    "queue {} is beyond the disk's {}",
+                    q.index,
+                    self.placement.len()
+                ),
+            });
+        }
+        self.stop_queue(q.index);
+        self.attach_queue(mem, q, Some(final_avail))
+    }
+
+    /// Stops one queue: returns once its requests in flight completed and were published and
+    /// its reactor dropped it (or after [`crate::reactor::CONTROL_TIMEOUT`], logged).
+    pub fn stop_queue(&mut self, index: u16) {
+        let key = self.queue_key(index);
+        let Some(at) = self.active.iter().position(|&(_, k)| k == key) else {
+            return;
+        };
+        let q = self.active.swap_remove(at);
+        self.detach(&[q]);
+    }
+
+    /// Detaches `queues` (reactor, key) with their drains overlapping.
+    fn detach(&self, queues: &[(usize, u64)]) {
+        for (r, &(reactor, _)) in self.pool.detach_many(queues).into_iter().zip(queues) {
+            match r {
+                Ok(()) => {}
+                // A stopped reactor drained its queues before exiting.
+                Err(ReactorError::Gone { .. }) => {
+                    log::debug!("{}: reset after reactor{reactor} stopped", self.name)
+                }
+                Err(e) => log::error!("{}: reset: {e}", self.name),
+            }
+        }
+    }
+
+    fn attach_queue(
+        &mut self,
+        mem: &GuestMemory,
+        q: ActiveQueue,
+        final_avail: Option<Arc<AtomicU32>>,
+    ) -> Result<(), ReactorError> {
         let reactor = self.placement[usize::from(q.index)];
+        let key = self.queue_key(q.index);
         let parts = QueueParts {
             name: format!("{}-q{}", self.name, q.index),
             mem: mem.clone(),
@@ -167,14 +238,13 @@ impl BlockDevice {
             poll: (self.cfg.poll_us > 0)
                 .then(|| Duration::from_micros(u64::from(self.cfg.poll_us))),
             metrics: QueueMetrics::new(&self.name, q.index, reactor),
+            final_avail,
         };
         let backend = self.backend.clone();
-        if !self.active.contains(&reactor) {
-            self.active.push(reactor);
-        }
+        self.active.push((reactor, key));
         self.pool.attach(
             reactor,
-            self.id,
+            key,
             Box::new(move |ctx| {
                 let io = backend.queue_io(ctx.fixed_file, ctx.alt_fixed_file);
                 Ok(Box::new(BlockQueue::new(
@@ -233,7 +303,7 @@ impl VirtioDevice for BlockDevice {
         }
         self.needs_reset.store(false, Ordering::Release);
         for q in queues {
-            if let Err(e) = self.attach_queue(&mem, q) {
+            if let Err(e) = self.attach_queue(&mem, q, None) {
                 self.reset();
                 return Err(ActivateError::Reactor(e.to_string()));
             }
@@ -244,16 +314,8 @@ impl VirtioDevice for BlockDevice {
     /// Blocks until every reactor serving this device has finished the requests in flight and
     /// dropped the queues (or [`crate::reactor::CONTROL_TIMEOUT`] passed, logged as an error).
     fn reset(&mut self) {
-        for r in std::mem::take(&mut self.active) {
-            match self.pool.detach(r, self.id) {
-                Ok(()) => {}
-                // A stopped reactor drained its queues before exiting.
-                Err(ReactorError::Gone { .. }) => {
-                    log::debug!("{}: reset after reactor{r} stopped", self.name)
-                }
-                Err(e) => log::error!("{}: reset: {e}", self.name),
-            }
-        }
+        let active = std::mem::take(&mut self.active);
+        self.detach(&active);
         self.needs_reset.store(false, Ordering::Release);
     }
 
