@@ -18,6 +18,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => commands::run(&args),
         Command::Bench(args) => commands::bench(&args),
+        Command::Ctl(args) => commands::ctl(&args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

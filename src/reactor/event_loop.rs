@@ -46,6 +46,13 @@ pub(crate) enum Command {
     Snapshot {
         ack: SyncSender<Report>,
     },
+    /// Sets the poll-window maximum of every pollable queue of `device`, now and for queues
+    /// attached later; answers how many queues it changed.
+    SetPollMax {
+        device: u64,
+        max: Duration,
+        ack: SyncSender<usize>,
+    },
     Stop {
         ack: SyncSender<Report>,
     },
@@ -115,8 +122,11 @@ pub(super) struct QueueSlot {
     pub(super) pending: bool,
     pub(super) polling: bool,
     pub(super) poll_until: Instant,
-    /// The adaptive busy-poll window, at most the handler's `poll_window()` (see `poll::adapt`).
+    /// The adaptive busy-poll window, at most `poll_max` (see `poll::adapt`).
     pub(super) window: Duration,
+    /// The most the window grows to: the handler's `poll_window()` until the control plane
+    /// sets another (`Command::SetPollMax`); zero: never poll.
+    pub(super) poll_max: Duration,
     /// One of the queue's operations completed since its last turn in a pass.
     pub(super) completed: bool,
     /// The queue's last pop or completion.
@@ -134,6 +144,7 @@ impl QueueSlot {
         QueueSlot {
             device,
             window: handler.poll_window().unwrap_or(Duration::ZERO),
+            poll_max: handler.poll_window().unwrap_or(Duration::ZERO),
             handler,
             kick_armed: false,
             kick_dead: false,
@@ -183,6 +194,9 @@ pub struct Reactor {
     /// The ring's sparse table of fixed buffers over guest memory (off by option or after a
     /// failed registration).
     bufs: FixedBuffers,
+    /// Poll-window maxima set by the control plane, per device, for queues attached later
+    /// (a driver that resets its device re-attaches its queues).
+    poll_overrides: Vec<(u64, Duration)>,
 }
 
 impl Reactor {
@@ -240,6 +254,7 @@ impl Reactor {
             busy_since: None,
             service_ewma_ns: 0,
             bufs: FixedBuffers::new(opts.fixed_buffers),
+            poll_overrides: Vec::new(),
         })
     }
 
@@ -312,8 +327,27 @@ impl Reactor {
             }
         }
         self.register_buffers(&*handler);
-        self.queues[slot] = Some(QueueSlot::new(device, handler, has_file));
+        let mut q = QueueSlot::new(device, handler, has_file);
+        if let Some(&(_, max)) = self.poll_overrides.iter().find(|(d, _)| *d == device) {
+            set_poll_max(&mut q, max);
+        }
+        self.queues[slot] = Some(q);
         Ok(())
+    }
+
+    /// Applies a poll-window maximum to `device`'s queues; returns how many it changed.
+    fn set_poll_max(&mut self, device: u64, max: Duration) -> usize {
+        match self.poll_overrides.iter_mut().find(|(d, _)| *d == device) {
+            Some(e) => e.1 = max,
+            None => self.poll_overrides.push((device, max)),
+        }
+        let mut n = 0;
+        for q in self.queues.iter_mut().flatten() {
+            if q.device == device && set_poll_max(q, max) {
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Lays the queue's guest memory over the ring's sparse buffer table, once (one VM per
@@ -375,6 +409,9 @@ impl Reactor {
                 }
                 Ok(Command::Snapshot { ack }) => {
                     let _ = ack.send(self.snapshot());
+                }
+                Ok(Command::SetPollMax { device, max, ack }) => {
+                    let _ = ack.send(self.set_poll_max(device, max));
                 }
                 Ok(Command::Stop { ack }) => {
                     self.begin_drain(None);
@@ -707,6 +744,21 @@ impl Reactor {
     pub fn report(&self) -> Report {
         self.snapshot()
     }
+}
+
+/// Sets `q`'s poll-window maximum (unless the queue never polls) and keeps its adaptive
+/// window within it; a raised maximum is grown into by the adaptive rule, as after start.
+fn set_poll_max(q: &mut QueueSlot, max: Duration) -> bool {
+    if !q.handler.may_poll() {
+        return false;
+    }
+    q.poll_max = max;
+    q.window = q.window.min(max);
+    if max.is_zero() {
+        // Stop at the end of the current poll: the next pass re-enables notifications.
+        q.poll_until = q.poll_until.min(Instant::now());
+    }
+    true
 }
 
 /// A moving average that gives each new sample 1/8 of the weight.

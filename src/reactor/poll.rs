@@ -61,7 +61,7 @@ pub(super) fn run_queue(
     let now = ctx.now;
     let kicked = q.pending;
     q.pending = false;
-    let max = q.handler.poll_window().unwrap_or(Duration::ZERO);
+    let max = q.poll_max;
     if let Some(slept) = q.slept_at.take() {
         // Only a kick tells how soon the guest came back; a completion says nothing of it.
         if kicked && adaptive {

@@ -3,7 +3,7 @@
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -86,6 +86,25 @@ impl PoolHandle {
         let (ack, rx) = mpsc::sync_channel(1);
         self.send(index, Command::Detach { device, ack })?;
         Self::wait(index, rx)
+    }
+
+    /// Sets the busy-poll window maximum (`poll-us`) of every queue of `device` on every
+    /// reactor, now and for queues the device attaches later (zero: no polling). With
+    /// adaptive polling this is the most the per-queue window grows to; with fixed polling
+    /// it is the window. Returns how many queues it changed. The reactors apply it at their
+    /// next pass boundary, as they answer snapshots.
+    pub fn set_poll_max(&self, device: u64, max: Duration) -> Result<usize, ReactorError> {
+        let mut rxs = Vec::with_capacity(self.len());
+        for i in 0..self.len() {
+            let (ack, rx) = mpsc::sync_channel(1);
+            self.send(i, Command::SetPollMax { device, max, ack })?;
+            rxs.push(rx);
+        }
+        let mut n = 0;
+        for (i, rx) in rxs.into_iter().enumerate() {
+            n += Self::wait(i, rx)?;
+        }
+        Ok(n)
     }
 
     /// Metrics of all reactors, merged.
@@ -256,7 +275,6 @@ fn reactor_main(
 mod tests {
     use std::os::fd::{AsRawFd, RawFd};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Duration;
 
     use super::*;
     use crate::metrics::QueueMetrics;
@@ -390,6 +408,35 @@ mod tests {
             names.iter().any(|n| n == "reactor0") && names.iter().any(|n| n == "reactor1"),
             "{names:?}"
         );
+        p.stop().unwrap();
+    }
+
+    #[test]
+    fn test_set_poll_max_reaches_attached_queues_and_later_ones() {
+        let p = start(2);
+        let attach = |reactor: usize| {
+            let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+            let kicks = Arc::new(AtomicUsize::new(0));
+            p.handle()
+                .attach(
+                    reactor,
+                    9,
+                    Box::new(move |_| {
+                        Ok(Box::new(Counter { kick, kicks }) as Box<dyn QueueHandler>)
+                    }),
+                )
+                .unwrap();
+        };
+        attach(0);
+        let h = p.handle();
+        assert_eq!(h.set_poll_max(9, Duration::from_micros(50)).unwrap(), 1);
+        assert_eq!(
+            h.set_poll_max(10, Duration::ZERO).unwrap(),
+            0,
+            "unknown device"
+        );
+        attach(1);
+        assert_eq!(h.set_poll_max(9, Duration::ZERO).unwrap(), 2);
         p.stop().unwrap();
     }
 

@@ -139,6 +139,11 @@ impl BlockDevice {
         })
     }
 
+    /// The number the reactors know the device's queues by (`PoolHandle::set_poll_max`).
+    pub fn device_id(&self) -> u64 {
+        self.id
+    }
+
     /// Device name used in metrics and logs (`id=` or `blkN`).
     pub fn name(&self) -> &str {
         &self.name
