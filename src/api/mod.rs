@@ -310,7 +310,7 @@ pub struct ApiServer {
 
 /// Binds `path` with mode 0600 from the start: the socket is made in a private directory
 /// (0700), restricted, then renamed into place, so no one else can connect in between.
-fn bind(path: &Path) -> Result<tokio_uring::net::UnixListener, ApiError> {
+fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, ApiError> {
     let err = |source| ApiError::Bind {
         path: path.to_path_buf(),
         source,
@@ -337,7 +337,11 @@ fn bind(path: &Path) -> Result<tokio_uring::net::UnixListener, ApiError> {
         .map_err(err)?;
     let tmp = private.join("s");
     let result = (|| {
-        let l = tokio_uring::net::UnixListener::bind(&tmp)?;
+        // Not tokio_uring's UnixListener::bind: tokio-uring 0.5 sets SO_REUSEPORT on every
+        // socket it binds, which Linux refuses for Unix sockets since 6.12.9 / 6.1.124
+        // (EOPNOTSUPP; tokio-uring issue #323, unreleased fix #325).
+        let l = std::os::unix::net::UnixListener::bind(&tmp)?;
+        l.set_nonblocking(true)?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
         std::fs::rename(&tmp, path)?;
         Ok(l)

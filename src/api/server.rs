@@ -11,7 +11,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
-use tokio_uring::net::{UnixListener, UnixStream};
+use tokio_uring::net::UnixStream;
 
 use super::http::{self, HttpError, Parse, Response};
 use super::routes::{route, Control};
@@ -48,17 +48,33 @@ async fn first<A: Future, B: Future>(a: A, b: B) -> Either<A::Output, B::Output>
     .await
 }
 
-/// Accepts until `shutdown` fires (or its sender is dropped).
+/// Accepts until `shutdown` fires (or its sender is dropped). Connections are accepted
+/// through tokio's readiness driver (tokio-uring 0.5 cannot bind a Unix listener on current
+/// kernels, see `bind` in mod.rs) and served through io_uring.
 pub(super) async fn serve(
-    listener: UnixListener,
+    listener: std::os::unix::net::UnixListener,
     ctl: Arc<dyn Control + Send + Sync>,
     mut shutdown: oneshot::Receiver<()>,
 ) {
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("api: cannot watch the listening socket: {e}");
+            return;
+        }
+    };
     let active = Rc::new(Cell::new(0usize));
     loop {
-        let stream = match first(listener.accept(), &mut shutdown).await {
+        let accepted = first(listener.accept(), &mut shutdown).await;
+        let stream = match accepted {
             Either::Right(_) => return,
-            Either::Left(Ok(s)) => s,
+            Either::Left(Ok((s, _))) => match s.into_std() {
+                Ok(s) => UnixStream::from_std(s),
+                Err(e) => {
+                    log::warn!("api: cannot take over a connection: {e}");
+                    continue;
+                }
+            },
             Either::Left(Err(e)) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 log::warn!("api: accept failed: {e}");
