@@ -7,6 +7,13 @@ cd "$(dirname "$0")/.."
 # Hugepages for the --hugepages 2M test (needs root; the test says so if they are missing).
 scripts/setup-hugepages.sh 512 || echo "warning: could not reserve hugepages; the hugepage test will fail" >&2
 
+# Python's prometheus_client: tests/api.rs checks the /metrics exposition with the reference
+# parser (and fails, naming this command, when it is missing).
+python3 -c 'import prometheus_client' 2>/dev/null \
+    || python3 -m pip install --quiet prometheus_client 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages prometheus_client \
+    || echo "warning: could not install prometheus_client; tests/api.rs will fail" >&2
+
 # Unit, integration and corpus-replay tests (integration tests boot the embedded guests).
 cargo test --release --workspace 2>&1
 
