@@ -7,8 +7,9 @@
 //!
 //! Histogram buckets come from the reactors' HdrHistograms (3 significant digits): a
 //! sample counts in the bucket `le` when its HdrHistogram bucket's highest equivalent value
-//! is at most `le`, so a bucket bound can be off by 0.1 % of its value. `_sum` is the mean
-//! times the count (HdrHistogram keeps no exact sum).
+//! is at most `le`, so a bucket bound can be off by 0.1 % of its value. `_sum` adds each
+//! sample at its HdrHistogram bucket's middle value (HdrHistogram keeps no exact sum), the
+//! same way its `mean()` does. One pass over each histogram's recorded buckets does both.
 
 use std::fmt::Write as _;
 
@@ -104,17 +105,24 @@ fn seconds(ns: u64) -> String {
     format!("{}", ns as f64 / 1e9)
 }
 
-/// Cumulative counts of `h` at each bound of [`LATENCY_BUCKETS_NS`].
-fn cumulative(h: &Histogram<u64>) -> [u64; LATENCY_BUCKETS_NS.len()] {
-    let mut out = [0u64; LATENCY_BUCKETS_NS.len()];
+/// Cumulative counts of `h` at each bound of [`LATENCY_BUCKETS_NS`], and the sum of its
+/// samples in ns (each at its bucket's middle value), in one pass over the recorded buckets.
+fn cumulative(h: &Histogram<u64>) -> ([u64; LATENCY_BUCKETS_NS.len()], f64) {
+    let mut per = [0u64; LATENCY_BUCKETS_NS.len() + 1];
+    let mut sum = 0.0;
     for v in h.iter_recorded() {
         let top = h.highest_equivalent(v.value_iterated_to());
-        let first = LATENCY_BUCKETS_NS.partition_point(|&b| b < top);
-        for c in out.iter_mut().skip(first) {
-            *c += v.count_at_value();
-        }
+        let n = v.count_at_value();
+        per[LATENCY_BUCKETS_NS.partition_point(|&b| b < top)] += n;
+        sum += h.median_equivalent(top) as f64 * n as f64;
     }
-    out
+    let mut out = [0u64; LATENCY_BUCKETS_NS.len()];
+    let mut acc = 0;
+    for (o, p) in out.iter_mut().zip(per) {
+        acc += p;
+        *o = acc;
+    }
+    (out, sum)
 }
 
 fn histogram(
@@ -129,7 +137,8 @@ fn histogram(
     for q in &report.queues {
         let h = pick(q);
         let l = queue_labels(q);
-        for (bound, count) in LATENCY_BUCKETS_NS.iter().zip(cumulative(h)) {
+        let (counts, sum_ns) = cumulative(h);
+        for (bound, count) in LATENCY_BUCKETS_NS.iter().zip(counts) {
             let _ = writeln!(
                 s,
                 "ringvm_queue_{name}_seconds_bucket{{{l},le=\"{}\"}} {count}",
