@@ -146,11 +146,7 @@ fn histogram(
             );
         }
         let n = h.len();
-        let sum = if n == 0 {
-            0.0
-        } else {
-            h.mean() * n as f64 / 1e9
-        };
+        let sum = sum_ns / 1e9;
         let _ = writeln!(
             s,
             "ringvm_queue_{name}_seconds_bucket{{{l},le=\"+Inf\"}} {n}"

@@ -1,6 +1,8 @@
 //! The API's endpoints: a request in, a response out, through the [`Control`] trait so the
 //! routing and every refusal can be tested without a VM.
 
+use std::sync::Arc;
+
 use serde_json::{json, Value};
 
 use super::http::{Request, Response, PROMETHEUS};
@@ -53,8 +55,9 @@ impl ControlError {
 pub trait Control {
     /// Configuration, state, uptime and placement of the VM (`GET /vm`).
     fn vm(&self) -> Result<Value, ControlError>;
-    /// The statistics as of now, and the VM's uptime in seconds.
-    fn report(&self) -> Result<(Report, f64), ControlError>;
+    /// The statistics as of now (at most [`super::SNAPSHOT_REUSE`] old), and the VM's
+    /// uptime in seconds.
+    fn report(&self) -> Result<(Arc<Report>, f64), ControlError>;
     /// Closes the current statistics interval and starts the next (`PUT /stats/interval`).
     fn interval(&self) -> Result<Value, ControlError>;
     /// Sets the poll-window maximum of a device's queues (`PATCH /disks/{id}`, `/nets/{id}`).
@@ -172,8 +175,8 @@ mod tests {
             }
             Ok(json!({"state": "running"}))
         }
-        fn report(&self) -> Result<(Report, f64), ControlError> {
-            Ok((Report::default(), 1.5))
+        fn report(&self) -> Result<(Arc<Report>, f64), ControlError> {
+            Ok((Arc::new(Report::default()), 1.5))
         }
         fn interval(&self) -> Result<Value, ControlError> {
             Ok(json!({"interval": 1}))
