@@ -59,3 +59,34 @@ pub fn ctl(args: &CtlArgs) -> anyhow::Result<u8> {
     }
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(a: &[&str]) -> anyhow::Result<(String, String)> {
+        set_request(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn test_set_request_either_order_builds_patch() {
+        let want = ("/disks/blk0".to_string(), "{\"poll_us\":16}".to_string());
+        assert_eq!(set(&["disk=blk0", "poll-us=16"]).unwrap(), want);
+        assert_eq!(set(&["poll-us=16", "disk=blk0"]).unwrap(), want);
+        assert_eq!(set(&["net=net0", "poll-us=0"]).unwrap().0, "/nets/net0");
+    }
+
+    #[test]
+    fn test_set_request_bad_words_say_what_is_expected() {
+        for (a, says) in [
+            (&["disk=blk0", "poll-us=x"][..], "Invalid poll-us"),
+            (&["disk=", "poll-us=1"][..], "Unknown setting"),
+            (&["cpu=1", "poll-us=1"][..], "Unknown setting"),
+            (&["disk=blk0", "blk"][..], "KEY=VALUE"),
+            (&["disk=blk0", "disk=blk1"][..], "needs disk=ID"),
+        ] {
+            let e = set(a).unwrap_err().to_string();
+            assert!(e.contains(says), "{a:?}: {e}");
+        }
+    }
+}

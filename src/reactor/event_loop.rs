@@ -12,7 +12,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring, SubmissionQueue, Submitte
 use vmm_sys_util::eventfd::EventFd;
 
 use super::buffers::FixedBuffers;
-use super::poll::{choose_in_flight, run_queue, QueueState};
+use super::poll::{choose_in_flight, run_queue, set_poll_max, QueueState};
 use super::{
     AttachCtx, HandlerFactory, InFlightPolicy, QueueHandler, ReactorOptions, MAX_QUEUES_PER_REACTOR,
 };
@@ -744,21 +744,6 @@ impl Reactor {
     pub fn report(&self) -> Report {
         self.snapshot()
     }
-}
-
-/// Sets `q`'s poll-window maximum (unless the queue never polls) and keeps its adaptive
-/// window within it; a raised maximum is grown into by the adaptive rule, as after start.
-fn set_poll_max(q: &mut QueueSlot, max: Duration) -> bool {
-    if !q.handler.may_poll() {
-        return false;
-    }
-    q.poll_max = max;
-    q.window = q.window.min(max);
-    if max.is_zero() {
-        // Stop at the end of the current poll: the next pass re-enables notifications.
-        q.poll_until = q.poll_until.min(Instant::now());
-    }
-    true
 }
 
 /// A moving average that gives each new sample 1/8 of the weight.

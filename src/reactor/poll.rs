@@ -116,6 +116,21 @@ pub(super) fn run_queue(
     QueueState::Idle
 }
 
+/// Sets `q`'s poll-window maximum (unless the queue never polls) and keeps its adaptive
+/// window within it; a raised maximum is grown into by the adaptive rule, as after start.
+pub(super) fn set_poll_max(q: &mut QueueSlot, max: Duration) -> bool {
+    if !q.handler.may_poll() {
+        return false;
+    }
+    q.poll_max = max;
+    q.window = q.window.min(max);
+    if max.is_zero() {
+        // Stop at the end of the current poll: the next pass re-enables notifications.
+        q.poll_until = q.poll_until.min(Instant::now());
+    }
+    true
+}
+
 /// The in-flight policy for this pass: `Hybrid` resolves to `Wait` for a lone request
 /// while requests have been coming back within [`FAST_SERVICE`], else to `Yield`.
 pub(super) fn choose_in_flight(
