@@ -25,3 +25,6 @@ python3 -c 'import fuse' 2>/dev/null || pip_install fusepy
 
 # tests/report.rs: the HTML latency report opened in headless Chromium (screenshot + DOM).
 command -v chromium >/dev/null || apt_install chromium
+
+# tests/api.rs: the /metrics exposition is checked with Prometheus' reference parser.
+python3 -c 'import prometheus_client' 2>/dev/null || pip_install prometheus_client

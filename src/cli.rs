@@ -25,6 +25,8 @@ pub enum Command {
     /// Serve a disk to another VMM (QEMU, Cloud Hypervisor) as a vhost-user-blk back end whose
     /// queues are served by ringvm's pinned io_uring reactors.
     VhostUserBlk(VhostUserBlkArgs),
+    /// Talk to a running ringvm through its --api-socket.
+    Ctl(CtlArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -60,6 +62,39 @@ pub struct VhostUserBlkArgs {
     /// Exit after the first front end disconnects (for scripts that start one back end per VM).
     #[arg(long, default_value_t = false)]
     pub once: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CtlArgs {
+    /// The socket given to `ringvm run|bench --api-socket`.
+    #[arg(long)]
+    pub api_socket: PathBuf,
+    #[command(subcommand)]
+    pub action: CtlAction,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum CtlAction {
+    /// Configuration, state, uptime and cores of the VM (GET /vm), as JSON.
+    Vm,
+    /// Per-queue statistics as of now (GET /stats), as the exit report's table.
+    Stats {
+        /// Print the JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The Prometheus exposition (GET /metrics).
+    Metrics,
+    /// Close the current statistics interval and start a new one (PUT /stats/interval).
+    Interval,
+    /// Change a device's polling window live: `set disk=ID poll-us=N` or `set net=ID poll-us=N`.
+    Set {
+        /// `disk=ID` or `net=ID`, then `poll-us=N`.
+        #[arg(required = true, num_args = 2)]
+        assignments: Vec<String>,
+    },
+    /// Stop the VM in order, as SIGTERM does (PUT /vm/stop).
+    Stop,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -157,6 +192,9 @@ pub struct VmArgs {
     /// Write an HdrHistogram interval log of the per-queue latencies to this file, plus the guest's latency histogram (tag `guest`) when the guest is blkbench.
     #[arg(long)]
     pub hlog: Option<PathBuf>,
+    /// Serve the control plane (HTTP/1.1 + JSON, Prometheus /metrics) on this Unix socket, mode 0600; see `ringvm ctl` and README "Control plane".
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
     /// Mask (-name) or add (+name) CPUID feature bits for every vCPU, e.g. -cx16.
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     pub cpu_features: Vec<String>,

@@ -3,6 +3,7 @@
 //! The crate is a library (so integration tests, benches and fuzz targets can reach the
 //! device models without KVM) plus a thin binary in `main.rs`.
 
+pub mod api;
 pub mod bench;
 pub mod boot;
 pub mod cli;

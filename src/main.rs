@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => commands::bench(&args),
         Command::Report(args) => commands::report(&args),
         Command::VhostUserBlk(args) => commands::vhost_user_blk(&args),
+        Command::Ctl(args) => commands::ctl(&args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

@@ -349,6 +349,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
     let mut interrupted = None;
     let mut locks = None;
     let mut placement = (Vec::new(), Vec::new());
+    let mut api = None;
     for job in &jobs {
         if !results.is_empty() {
             // Each job's start-up is timed from its own start, not the process's.
@@ -384,8 +385,21 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
             cores.extend(&config.io_cores);
             locks = Some(lock_cores(&cores)?);
         }
+        if api.is_none() {
+            // One socket for the whole run: each job's VM joins it in turn.
+            api = super::start_api(args.vm.api_socket.as_deref(), "bench", &config)?;
+        }
+        let hlog_path = args.vm.hlog.as_ref().map(|hlog| {
+            if jobs.len() == 1 {
+                hlog.clone()
+            } else {
+                hlog.with_extension(format!("{}.hlog", results.len() + 1))
+            }
+        });
+        let mut devices = StandardDevices::default();
+        devices.api = api.as_ref().map(|a| a.hook(hlog_path.clone()));
         let mut ext = BenchVm {
-            devices: StandardDevices::default(),
+            devices,
             console: Console(Arc::default(), console_log.clone()),
             label: job.label(),
             progress,
@@ -405,6 +419,11 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
             interrupted = Some((signal, job.label()));
             break;
         }
+        if outcome.reason == ExitReason::ApiStop {
+            // PUT /vm/stop: the same orderly stop as SIGTERM.
+            interrupted = Some((libc::SIGTERM, job.label()));
+            break;
+        }
         let console =
             String::from_utf8_lossy(&ext.console.0.lock().unwrap_or_else(|e| e.into_inner()))
                 .into_owned();
@@ -416,15 +435,11 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
             }
         };
         let host = ext.devices.report.take().unwrap_or_default();
-        if let Some(hlog) = &args.vm.hlog {
-            let path = if jobs.len() == 1 {
-                hlog.clone()
-            } else {
-                hlog.with_extension(format!("{}.hlog", results.len() + 1))
-            };
+        // With the API, the VM wrote its interval log as it went.
+        if let (Some(path), None) = (&hlog_path, &api) {
             match guest.histogram() {
-                Some(g) => host.write_hlog_with(&path, &[("guest", &g)])?,
-                None => host.write_hlog(&path)?,
+                Some(g) => host.write_hlog_with(path, &[("guest", &g)])?,
+                None => host.write_hlog(path)?,
             }
         }
         results.push(JobResult {

@@ -1,9 +1,11 @@
 //! The CLI's commands (the only place `anyhow` is used).
 
 mod bench;
+mod ctl;
 mod report;
 mod vhost;
 pub use bench::bench;
+pub use ctl::ctl;
 pub use report::report;
 pub use vhost::vhost_user_blk;
 
@@ -11,6 +13,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
+use ringvm::api::ApiServer;
 use ringvm::cli::RunArgs;
 use ringvm::config::VmConfig;
 use ringvm::devices::legacy::serial::SerialOut;
@@ -89,6 +92,7 @@ impl VmExtension for RunVm {
 /// per-queue statistics when the VM had disks.
 pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     let config = VmConfig::from_args(args)?;
+    let api = start_api(args.vm.api_socket.as_deref(), "run", &config)?;
     let found = Arc::new(Mutex::new(None));
     let tap = match &config.hlog {
         Some(_) => Some(ResultTap {
@@ -99,10 +103,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         }),
         None => None,
     };
-    let mut ext = RunVm {
-        devices: StandardDevices::default(),
-        tap,
-    };
+    let mut devices = StandardDevices::default();
+    devices.api = api.as_ref().map(|a| a.hook(config.hlog.clone()));
+    let mut ext = RunVm { devices, tap };
     let outcome = vm::run(&config, &mut ext).context("VM failed")?;
     let devices = ext.devices;
     if !matches!(outcome.reason, ExitReason::DebugExit { .. })
@@ -120,7 +123,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
             std::fs::write(p, report.to_json())
                 .with_context(|| format!("Cannot write {}", p.display()))?;
         }
-        if let Some(p) = &config.hlog {
+        // With the API, the VM wrote its interval log as it went (one interval per
+        // PUT /stats/interval, the last at stop); without it, one interval at exit, with the
+        // guest's own histogram beside the host's when the guest is blkbench.
+        if let (Some(p), None) = (&config.hlog, &api) {
             let line = found.lock().unwrap_or_else(|e| e.into_inner()).take();
             let guest = line
                 .and_then(|l| ringvm::bench::result::parse_guest(&l).ok())
@@ -132,6 +138,24 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(outcome.reason.status() as u8)
+}
+
+/// Starts the control plane on `path`, if given. Its thread goes on a core that neither a
+/// vCPU nor a reactor is pinned to, else on the first vCPU's core: a reactor's core is
+/// never shared with it, and a vCPU loses only the few microseconds a request costs.
+pub(crate) fn start_api(
+    path: Option<&std::path::Path>,
+    command: &'static str,
+    config: &VmConfig,
+) -> anyhow::Result<Option<ApiServer>> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let free = ringvm::config::host_cores()
+        .into_iter()
+        .find(|c| !config.vcpu_cores.contains(c) && !config.io_cores.contains(c));
+    let core = free.or(config.vcpu_cores.first().copied());
+    Ok(Some(ApiServer::start(path, command, core)?))
 }
 
 #[cfg(test)]

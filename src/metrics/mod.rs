@@ -8,13 +8,15 @@
 //!
 //! Formats:
 //! - [`Report::table`]: a text table, one row per queue, p50/p90/p99/p99.9/max in µs;
-//! - [`Report::to_json`]: the same data as JSON (hand-written, no serde dependency);
+//! - [`Report::to_json`]: the same data as JSON (hand-written), read back by
+//!   [`Report::from_json`] (`ringvm ctl stats`);
 //! - [`Report::write_hlog`]: an HdrHistogram V2 interval log with one tagged interval per
 //!   queue and histogram (`blk0-q1-k2c`, `blk0-q1-svc`, `blk0-q1-batch`), readable by
 //!   HdrHistogram's `HistogramLogProcessor` and `hdr-plot`; [`HlogWriter`] appends one
 //!   interval per snapshot instead (what was recorded since the previous one).
 
 mod format;
+mod parse;
 
 pub use format::{pcts, HlogError, HlogWriter};
 

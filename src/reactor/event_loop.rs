@@ -4,6 +4,7 @@
 //! tests may drive it inline with [`Reactor::turn`]).
 
 use std::io;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring, SubmissionQueue, Submitte
 use vmm_sys_util::eventfd::EventFd;
 
 use super::buffers::FixedBuffers;
-use super::poll::{choose_in_flight, run_queue, QueueState};
+use super::poll::{choose_in_flight, run_queue, set_poll_max, QueueState};
 use super::{
     AttachCtx, HandlerFactory, InFlightPolicy, QueueHandler, ReactorOptions, MAX_QUEUES_PER_REACTOR,
 };
@@ -45,6 +46,13 @@ pub(crate) enum Command {
     },
     Snapshot {
         ack: SyncSender<Report>,
+    },
+    /// Sets the poll-window maximum of every pollable queue whose key is in `keys` (one
+    /// device's queues), now and for queues attached later; answers how many it changed.
+    SetPollMax {
+        keys: Range<u64>,
+        max: Duration,
+        ack: SyncSender<usize>,
     },
     Stop {
         ack: SyncSender<Report>,
@@ -115,8 +123,11 @@ pub(super) struct QueueSlot {
     pub(super) pending: bool,
     pub(super) polling: bool,
     pub(super) poll_until: Instant,
-    /// The adaptive busy-poll window, at most the handler's `poll_window()` (see `poll::adapt`).
+    /// The adaptive busy-poll window, at most `poll_max` (see `poll::adapt`).
     pub(super) window: Duration,
+    /// The most the window grows to: the handler's `poll_window()` until the control plane
+    /// sets another (`Command::SetPollMax`); zero: never poll.
+    pub(super) poll_max: Duration,
     /// One of the queue's operations completed since its last turn in a pass.
     pub(super) completed: bool,
     /// The queue's last pop or completion.
@@ -134,6 +145,7 @@ impl QueueSlot {
         QueueSlot {
             device,
             window: handler.poll_window().unwrap_or(Duration::ZERO),
+            poll_max: handler.poll_window().unwrap_or(Duration::ZERO),
             handler,
             kick_armed: false,
             kick_dead: false,
@@ -183,6 +195,9 @@ pub struct Reactor {
     /// The ring's sparse table of fixed buffers over guest memory (off by option or after a
     /// failed registration).
     bufs: FixedBuffers,
+    /// Poll-window maxima set by the control plane, per device, for queues attached later
+    /// (a driver that resets its device re-attaches its queues).
+    poll_overrides: Vec<(Range<u64>, Duration)>,
 }
 
 impl Reactor {
@@ -220,6 +235,7 @@ impl Reactor {
             busy_since: None,
             service_ewma_ns: 0,
             bufs: FixedBuffers::new(opts.fixed_buffers),
+            poll_overrides: Vec::new(),
         })
     }
 
@@ -292,8 +308,31 @@ impl Reactor {
             }
         }
         self.register_buffers(&*handler);
-        self.queues[slot] = Some(QueueSlot::new(device, handler, has_file));
+        let mut q = QueueSlot::new(device, handler, has_file);
+        if let Some((_, max)) = self
+            .poll_overrides
+            .iter()
+            .find(|(k, _)| k.contains(&device))
+        {
+            set_poll_max(&mut q, *max);
+        }
+        self.queues[slot] = Some(q);
         Ok(())
+    }
+
+    /// Applies a poll-window maximum to `device`'s queues; returns how many it changed.
+    fn set_poll_max(&mut self, keys: Range<u64>, max: Duration) -> usize {
+        match self.poll_overrides.iter_mut().find(|(k, _)| *k == keys) {
+            Some(e) => e.1 = max,
+            None => self.poll_overrides.push((keys.clone(), max)),
+        }
+        let mut n = 0;
+        for q in self.queues.iter_mut().flatten() {
+            if keys.contains(&q.device) && set_poll_max(q, max) {
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Lays the queue's guest memory over the ring's sparse buffer table, once (one VM per
@@ -355,6 +394,9 @@ impl Reactor {
                 }
                 Ok(Command::Snapshot { ack }) => {
                     let _ = ack.send(self.snapshot());
+                }
+                Ok(Command::SetPollMax { keys, max, ack }) => {
+                    let _ = ack.send(self.set_poll_max(keys, max));
                 }
                 Ok(Command::Stop { ack }) => {
                     self.begin_drain(None);

@@ -199,8 +199,14 @@ pub trait QueueHandler {
     fn alt_file_fd(&self) -> Option<RawFd> {
         None
     }
-    /// Busy-poll window after activity (`poll-us`), if any.
+    /// Busy-poll window after activity (`poll-us`), if any: the most the adaptive window
+    /// grows to. The control plane may change it later (see [`PoolHandle::set_poll_max`]).
     fn poll_window(&self) -> Option<Duration>;
+    /// False for queues that never poll whatever their device's `poll-us` (a control
+    /// queue): a live change of the poll window leaves them alone.
+    fn may_poll(&self) -> bool {
+        true
+    }
     /// The reactor saw a kick at `now`.
     fn kicked(&mut self, now: Instant);
     /// Enables (`true`) or disables guest notifications. On enable, returns true when new

@@ -61,7 +61,7 @@ pub(super) fn run_queue(
     let now = ctx.now;
     let kicked = q.pending;
     q.pending = false;
-    let max = q.handler.poll_window().unwrap_or(Duration::ZERO);
+    let max = q.poll_max;
     if let Some(slept) = q.slept_at.take() {
         // Only a kick tells how soon the guest came back; a completion says nothing of it.
         if kicked && adaptive {
@@ -114,6 +114,21 @@ pub(super) fn run_queue(
         q.slept_at = Some(now);
     }
     QueueState::Idle
+}
+
+/// Sets `q`'s poll-window maximum (unless the queue never polls) and keeps its adaptive
+/// window within it; a raised maximum is grown into by the adaptive rule, as after start.
+pub(super) fn set_poll_max(q: &mut QueueSlot, max: Duration) -> bool {
+    if !q.handler.may_poll() {
+        return false;
+    }
+    q.poll_max = max;
+    q.window = q.window.min(max);
+    if max.is_zero() {
+        // Stop at the end of the current poll: the next pass re-enables notifications.
+        q.poll_until = q.poll_until.min(Instant::now());
+    }
+    true
 }
 
 /// The in-flight policy for this pass: `Hybrid` resolves to `Wait` for a lone request

@@ -1,9 +1,10 @@
 //! The pool of reactor threads and the handle devices use to reach them.
 
+use std::ops::Range;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -104,6 +105,33 @@ impl PoolHandle {
             .zip(queues)
             .map(|(r, &(index, _))| r.and_then(|rx| Self::wait(index, rx)))
             .collect()
+    }
+
+    /// Sets the busy-poll window maximum (`poll-us`) of every queue whose pool key is in
+    /// `keys` (one device's queues: `BlockDevice::pool_keys`, `NetDevice::pool_keys`) on every
+    /// reactor, now and for queues the device attaches later (zero: no polling). With
+    /// adaptive polling this is the most the per-queue window grows to; with fixed polling
+    /// it is the window. Returns how many queues it changed. The reactors apply it at their
+    /// next pass boundary, as they answer snapshots.
+    pub fn set_poll_max(&self, keys: Range<u64>, max: Duration) -> Result<usize, ReactorError> {
+        let mut rxs = Vec::with_capacity(self.len());
+        for i in 0..self.len() {
+            let (ack, rx) = mpsc::sync_channel(1);
+            self.send(
+                i,
+                Command::SetPollMax {
+                    keys: keys.clone(),
+                    max,
+                    ack,
+                },
+            )?;
+            rxs.push(rx);
+        }
+        let mut n = 0;
+        for (i, rx) in rxs.into_iter().enumerate() {
+            n += Self::wait(i, rx)?;
+        }
+        Ok(n)
     }
 
     /// Metrics of all reactors, merged.
@@ -276,7 +304,6 @@ fn reactor_main(
 mod tests {
     use std::os::fd::{AsRawFd, RawFd};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Duration;
 
     use super::*;
     use crate::metrics::QueueMetrics;
@@ -444,6 +471,35 @@ mod tests {
         }
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(kicks.load(Ordering::SeqCst), 0);
+        p.stop().unwrap();
+    }
+
+    #[test]
+    fn test_set_poll_max_reaches_attached_queues_and_later_ones() {
+        let p = start(2);
+        let attach = |reactor: usize| {
+            let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+            let kicks = Arc::new(AtomicUsize::new(0));
+            p.handle()
+                .attach(
+                    reactor,
+                    9,
+                    Box::new(move |_| {
+                        Ok(Box::new(Counter { kick, kicks }) as Box<dyn QueueHandler>)
+                    }),
+                )
+                .unwrap();
+        };
+        attach(0);
+        let h = p.handle();
+        assert_eq!(h.set_poll_max(9..10, Duration::from_micros(50)).unwrap(), 1);
+        assert_eq!(
+            h.set_poll_max(10..11, Duration::ZERO).unwrap(),
+            0,
+            "unknown device"
+        );
+        attach(1);
+        assert_eq!(h.set_poll_max(8..10, Duration::ZERO).unwrap(), 2);
         p.stop().unwrap();
     }
 

@@ -24,6 +24,9 @@ pub enum ExitReason {
     ThreadPanic { thread: String, message: String },
     /// The user interrupted ringvm (SIGINT/SIGTERM).
     Signal { signal: i32 },
+    /// A client asked for a stop through the API socket (`PUT /vm/stop`): the same
+    /// orderly stop as SIGTERM, with the same exit status.
+    ApiStop,
 }
 
 impl ExitReason {
@@ -33,6 +36,7 @@ impl ExitReason {
             ExitReason::DebugExit { code } => ((code << 1) | 1) as i32 & 0xff,
             ExitReason::Reset => 0,
             ExitReason::Signal { signal } => 128 + signal,
+            ExitReason::ApiStop => 128 + libc::SIGTERM,
             _ => 2,
         }
     }
@@ -52,6 +56,7 @@ impl ExitReason {
                 format!("thread {thread} panicked: {message}")
             }
             ExitReason::Signal { signal } => format!("interrupted by signal {signal}"),
+            ExitReason::ApiStop => "stopped through the API socket (PUT /vm/stop)".to_string(),
         }
     }
 }

@@ -53,6 +53,9 @@ use crate::reactor::{PoolHandle, ReactorError, ReactorPool};
 static NEXT_DEVICE: AtomicU64 = AtomicU64::new(0);
 /// Marks the reactor-pool keys of block queues, so they never equal a net device's id.
 const BLOCK_KEY_TAG: u64 = 1 << 62;
+/// The low bits of a block queue's key hold its index (queues ≤ `config::QUEUES_MAX`).
+const QUEUE_KEY_BITS: u32 = 8;
+const _: () = assert!(config::QUEUES_MAX as u64 <= 1 << QUEUE_KEY_BITS);
 
 /// Errors creating a block device.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +145,12 @@ impl BlockDevice {
         })
     }
 
+    /// The keys the reactors know the device's queues by, one per queue
+    /// (`PoolHandle::set_poll_max`).
+    pub fn pool_keys(&self) -> std::ops::Range<u64> {
+        self.queue_key(0)..self.queue_key(0) + (1 << QUEUE_KEY_BITS)
+    }
+
     /// Device name used in metrics and logs (`id=` or `blkN`).
     pub fn name(&self) -> &str {
         &self.name
@@ -168,7 +177,7 @@ impl BlockDevice {
     }
 
     fn queue_key(&self, index: u16) -> u64 {
-        BLOCK_KEY_TAG | self.id << 8 | u64::from(index)
+        BLOCK_KEY_TAG | self.id << QUEUE_KEY_BITS | u64::from(index)
     }
 
     /// Starts serving one queue on its reactor (vhost-user starts and stops queues one by

@@ -137,6 +137,10 @@ impl QueueHandler for CtrlQueue {
         None
     }
 
+    fn may_poll(&self) -> bool {
+        false
+    }
+
     fn kicked(&mut self, now: Instant) {
         self.c.kicked(now);
     }

@@ -178,6 +178,12 @@ impl NetDevice {
         })
     }
 
+    /// The keys the reactors know the device's queues by: all of them share the device's
+    /// id (`PoolHandle::set_poll_max`).
+    pub fn pool_keys(&self) -> std::ops::Range<u64> {
+        self.id..self.id + 1
+    }
+
     /// Device name used in metrics and logs (`netN`).
     pub fn name(&self) -> &str {
         &self.name
