@@ -53,6 +53,20 @@ impl TxQueue {
         }
     }
 
+    /// Serves `queue` from scratch, keeping the allocations (see [`RxQueue::rearm`](super::rx::RxQueue::rearm)).
+    #[cfg(any(test, feature = "fuzz"))]
+    pub fn rearm(&mut self, queue: virtio_queue::Queue) {
+        assert_eq!(self.in_flight, 0, "rearm with writes in flight");
+        self.c.rearm(queue);
+        self.slots.iter_mut().for_each(|s| s.busy = false);
+    }
+
+    /// The queue stopped serving until the device is reset.
+    #[cfg(any(test, feature = "fuzz"))]
+    pub fn is_broken(&self) -> bool {
+        self.c.broken
+    }
+
     fn finish(&mut self, head: u16, ok: Option<(u32, Instant, Instant)>, now: Instant) {
         self.c.add_used(head, 0, now);
         if let Some((len, popped, kick)) = ok {
