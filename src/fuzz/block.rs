@@ -189,17 +189,21 @@ impl Harness {
                 RESULTS[k % RESULTS.len()]
             });
         }
+        // Whatever the made-up results left (retries of retries), cancel.
+        self.ring
+            .complete_all(h, ANSWER_LIMIT, |_| -libc::ECANCELED);
         assert_eq!(self.ring.pending(), 0, "operations left unanswered");
         assert_eq!(h.in_flight(), 0, "requests still in flight after every answer");
+        let (next_avail, used) = h.progress();
         let out = Outcome {
             popped,
-            used: h.used_count(),
+            used,
             broken: h.is_broken(),
         };
+        assert_eq!(usize::from(next_avail), popped, "pops the handler reported");
         assert!(
-            out.broken || usize::from(out.used) == popped,
-            "{popped} chains popped, {} answered, and the queue is not broken",
-            out.used
+            out.broken || used == next_avail,
+            "{popped} chains popped, {used} answered, and the queue is not broken"
         );
         if checks.writes {
             super::assert_writes_within(&self.mem, image, &self.ranges);

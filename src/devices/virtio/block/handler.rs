@@ -204,10 +204,11 @@ impl BlockQueue {
         self.broken
     }
 
-    /// Used entries written since [`rearm`](Self::rearm) (0 without rings).
+    /// (chains popped, used entries written) since the queue was set up.
     #[cfg(any(test, feature = "fuzz"))]
-    pub fn used_count(&self) -> u16 {
-        self.rings.as_ref().map_or(0, Rings::next_used)
+    pub fn progress(&self) -> (u16, u16) {
+        let used = self.rings.as_ref().map_or(0, Rings::next_used);
+        (self.p.queue.next_avail(), used)
     }
 
     fn fail_queue(&mut self, what: &str, now: Instant) {

@@ -80,6 +80,12 @@ impl Core {
         self.last_kick = None;
     }
 
+    /// (chains popped, used entries written) since the queue was set up.
+    #[cfg(any(test, feature = "fuzz"))]
+    pub fn progress(&self) -> (u16, u16) {
+        (self.p.queue.next_avail(), self.p.queue.next_used())
+    }
+
     /// Stops serving a queue whose rings cannot be used any more. Unlike virtio-blk there is
     /// no status byte to fail; the queue goes quiet until the driver resets the device.
     pub fn fail_queue(&mut self, what: &str, now: Instant) {

@@ -102,10 +102,10 @@ impl RxQueue {
         self.drops = RxDrops::default();
     }
 
-    /// The queue stopped serving until the device is reset.
+    /// The state the RX, TX and control queues share.
     #[cfg(any(test, feature = "fuzz"))]
-    pub fn is_broken(&self) -> bool {
-        self.c.broken
+    pub fn core(&self) -> &Core {
+        &self.c
     }
 
     fn fd(&self) -> types::Fixed {

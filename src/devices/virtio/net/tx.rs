@@ -61,10 +61,10 @@ impl TxQueue {
         self.slots.iter_mut().for_each(|s| s.busy = false);
     }
 
-    /// The queue stopped serving until the device is reset.
+    /// The state the RX, TX and control queues share.
     #[cfg(any(test, feature = "fuzz"))]
-    pub fn is_broken(&self) -> bool {
-        self.c.broken
+    pub fn core(&self) -> &Core {
+        &self.c
     }
 
     fn finish(&mut self, head: u16, ok: Option<(u32, Instant, Instant)>, now: Instant) {
