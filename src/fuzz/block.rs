@@ -207,6 +207,8 @@ impl Harness {
         );
         if checks.writes {
             super::assert_writes_within(&self.mem, image, &self.ranges);
+            let layout = (drv.desc.0, drv.avail.0, drv.used.0);
+            super::check_used_ring(&self.mem, image, layout, s.size, used, next_avail, &self.ranges);
         }
         Some(out)
     }

@@ -71,8 +71,15 @@ pub fn writable_ranges(
     out.clear();
     out.push(extra);
     let byte = |a: u64| image.get(a as usize).copied().unwrap_or(0);
-    let read = |a: u64, n: usize| (0..n).fold(0u64, |v, i| v | u64::from(byte(a + i as u64)) << (8 * i));
-    let desc_at = |a: u64| (read(a, 8), read(a + 8, 4), read(a + 12, 2) as u16);
+    let read = |a: u64, n: usize| {
+        (0..n).fold(0u64, |v, i| {
+            v | u64::from(byte(a.wrapping_add(i as u64))) << (8 * i)
+        })
+    };
+    let desc_at = |a: u64| {
+        let field = |off: u64, n| read(a.wrapping_add(off), n);
+        (field(0, 8), field(8, 4), field(12, 2) as u16)
+    };
     for i in 0..u64::from(size) {
         let (addr, len, flags) = desc_at(desc + 16 * i);
         if flags & F_INDIRECT != 0 {
@@ -99,17 +106,66 @@ pub fn assert_writes_within(mem: &GuestMemory, image: &[u8], allowed: &[(u64, u6
         // SAFETY: the region is mapped for the life of `mem` and `len` bytes long; the
         // harness thread is the only one touching guest memory while it checks.
         let bytes = unsafe { std::slice::from_raw_parts(host, region.len() as usize) };
-        for (i, &b) in bytes.iter().enumerate() {
-            let at = start + i;
-            let was = image.get(at).copied().unwrap_or(0);
-            if b != was {
-                let a = at as u64;
-                assert!(
-                    allowed.iter().any(|&(s, e)| s <= a && a < e),
-                    "device wrote {b:#x} at guest address {a:#x} outside every device-writable buffer"
-                );
+        let before = |at: usize| image.get(at).copied().unwrap_or(0);
+        const CHUNK: usize = 256;
+        for c in (0..bytes.len()).step_by(CHUNK) {
+            let n = CHUNK.min(bytes.len() - c);
+            if image.get(start + c..start + c + n) == Some(&bytes[c..c + n]) {
+                continue;
+            }
+            for (i, &b) in bytes[c..c + n].iter().enumerate() {
+                let at = start + c + i;
+                if b != before(at) {
+                    let a = at as u64;
+                    assert!(
+                        allowed.iter().any(|&(s, e)| s <= a && a < e),
+                        "device wrote {b:#x} at guest address {a:#x} outside every device-writable buffer"
+                    );
+                }
             }
         }
+    }
+}
+
+/// With [`assert_writes_within`]'s ranges: when no device-writable buffer overlaps the rings
+/// (`[desc, used_end)`), the used ring can be trusted, so check it: the used index is the
+/// handler's count, and every used entry names a head the driver made available, no more
+/// often than it did.
+pub fn check_used_ring(
+    mem: &GuestMemory,
+    image: &[u8],
+    layout: (u64, u64, u64),
+    size: u16,
+    used: u16,
+    popped: u16,
+    allowed: &[(u64, u64)],
+) {
+    let (desc, avail, used_at) = layout;
+    let rings_end = used_at + 6 + 8 * u64::from(size);
+    if allowed[1..].iter().any(|&(s, e)| s < rings_end && desc < e) {
+        return;
+    }
+    let idx: u16 = mem.read_obj(GuestAddress(used_at + 2)).expect("used ring");
+    assert_eq!(idx, used, "the used index is what the handler wrote");
+    if used > size || popped > size {
+        // Entries wrapped around the rings: the image no longer shows them all.
+        return;
+    }
+    let byte = |a: u64| u16::from(image.get(a as usize).copied().unwrap_or(0));
+    let mut offered: Vec<u16> = (0..popped)
+        .map(|i| {
+            let at = avail + 4 + 2 * u64::from(i);
+            byte(at) | byte(at + 1) << 8
+        })
+        .collect();
+    for i in 0..used {
+        let id: u32 = mem
+            .read_obj(GuestAddress(used_at + 4 + 8 * u64::from(i)))
+            .expect("used ring");
+        let Some(k) = offered.iter().position(|&h| u32::from(h) == id) else {
+            panic!("used entry {i} names head {id}, which the driver did not make available");
+        };
+        offered.swap_remove(k);
     }
 }
 

@@ -238,6 +238,8 @@ impl Harness {
         );
         if writes {
             super::assert_writes_within(&self.mem, image, &self.ranges);
+            let layout = (drv.desc.0, drv.avail.0, drv.used.0);
+            super::check_used_ring(&self.mem, image, layout, size, used, popped, &self.ranges);
         }
         Some(out)
     }
