@@ -160,9 +160,9 @@ impl Harness {
         load_image(&self.mem, image);
         // The used ring belongs to the device: start it clean so the published count is ours.
         let used_len = 6 + 8 * u64::from(s.size);
-        for i in 0..used_len {
-            self.mem.write_obj(0u8, GuestAddress(drv.used.0 + i)).ok()?;
-        }
+        self.mem
+            .write_slice(&[0u8; 6 + 8 * 16][..used_len as usize], drv.used)
+            .ok()?;
         if checks.writes {
             writable_ranges(
                 image,
@@ -207,8 +207,7 @@ impl Harness {
         );
         if checks.writes {
             super::assert_writes_within(&self.mem, image, &self.ranges);
-            let layout = (drv.desc.0, drv.avail.0, drv.used.0);
-            super::check_used_ring(&self.mem, image, layout, s.size, used, next_avail, &self.ranges);
+            super::check_used_ring(&self.mem, image, &drv, used, next_avail, &self.ranges);
         }
         Some(out)
     }

@@ -187,9 +187,9 @@ impl Harness {
         let drv = TestDriver::new(&self.mem, GuestAddress(0), size, MEM_SIZE as u64);
         load_image(&self.mem, image);
         let used_len = 6 + 8 * u64::from(size);
-        for i in 0..used_len {
-            self.mem.write_obj(0u8, GuestAddress(drv.used.0 + i)).ok()?;
-        }
+        self.mem
+            .write_slice(&[0u8; 6 + 8 * 16][..used_len as usize], drv.used)
+            .ok()?;
         if writes {
             writable_ranges(
                 image,
@@ -238,8 +238,7 @@ impl Harness {
         );
         if writes {
             super::assert_writes_within(&self.mem, image, &self.ranges);
-            let layout = (drv.desc.0, drv.avail.0, drv.used.0);
-            super::check_used_ring(&self.mem, image, layout, size, used, popped, &self.ranges);
+            super::check_used_ring(&self.mem, image, &drv, used, popped, &self.ranges);
         }
         Some(out)
     }
