@@ -206,7 +206,8 @@ impl Harness {
             "{popped} chains popped, {used} answered, and the queue is not broken"
         );
         if checks.writes {
-            super::assert_writes_within(&self.mem, image, &self.ranges);
+            let queue = (drv.desc.0, s.size, (drv.used.0, drv.used.0 + used_len));
+            super::assert_writes_within(&self.mem, image, queue, &mut self.ranges);
             super::check_used_ring(&self.mem, image, &drv, used, next_avail, &self.ranges);
         }
         Some(out)
