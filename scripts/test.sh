@@ -27,6 +27,11 @@ cargo clippy --release --all-targets -- -D warnings 2>&1
 # Unit, integration and corpus-replay tests (integration tests boot the embedded guests).
 cargo test --release --workspace 2>&1
 
+# Opt-in fuzz campaigns (minutes per target): RINGVM_FUZZ_RUNS=10000000 scripts/test.sh.
+if [ -n "${RINGVM_FUZZ_RUNS:-}" ]; then
+    scripts/fuzz.sh "$RINGVM_FUZZ_RUNS"
+fi
+
 # The same blkbench ELF under QEMU 10, the baseline VMM (perf/qemu-blkbench.sh installs QEMU
 # from bookworm-backports when missing): write+verify, then read+verify, and check the JSON.
 if [ "${RINGVM_SKIP_QEMU:-0}" != 1 ]; then

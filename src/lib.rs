@@ -9,6 +9,8 @@ pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod devices;
+#[cfg(any(test, feature = "fuzz"))]
+pub mod fuzz;
 pub mod guests;
 pub mod metrics;
 pub mod reactor;

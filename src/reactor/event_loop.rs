@@ -67,6 +67,9 @@ pub struct RingCtx<'s, 'r> {
     slot: usize,
     /// Time the current phase of the pass started (one clock read per phase, not per request).
     pub now: Instant,
+    /// Fuzz harnesses: operations are recorded (by tag) instead of queued on the ring.
+    #[cfg(any(test, feature = "fuzz"))]
+    pub(super) record: Option<&'s mut Vec<u32>>,
 }
 
 impl<'s, 'r> RingCtx<'s, 'r> {
@@ -84,6 +87,27 @@ impl<'s, 'r> RingCtx<'s, 'r> {
             bufs,
             slot: 0,
             now,
+            record: None,
+        }
+    }
+
+    /// A context whose operations are only recorded in `record` (by tag), never submitted:
+    /// the fuzz harnesses answer them with made-up results.
+    #[cfg(any(test, feature = "fuzz"))]
+    pub(super) fn recording(
+        sq: &'s mut SubmissionQueue<'r>,
+        submitter: &'s Submitter<'r>,
+        bufs: &'s mut FixedBuffers,
+        now: Instant,
+        record: &'s mut Vec<u32>,
+    ) -> Self {
+        RingCtx {
+            sq,
+            submitter,
+            bufs,
+            slot: 0,
+            now,
+            record: Some(record),
         }
     }
 
@@ -100,6 +124,11 @@ impl<'s, 'r> RingCtx<'s, 'r> {
     /// Every buffer and iovec array `entry` points to must stay valid and unmoved until its
     /// completion has been passed to [`QueueHandler::complete`].
     pub unsafe fn push(&mut self, entry: squeue::Entry, tag: u32) -> io::Result<()> {
+        #[cfg(any(test, feature = "fuzz"))]
+        if let Some(r) = self.record.as_mut() {
+            r.push(tag);
+            return Ok(());
+        }
         let e = entry.user_data(user_data(KIND_IO, self.slot, tag));
         loop {
             // SAFETY: forwarded from the caller's contract.
@@ -552,6 +581,8 @@ impl Reactor {
                     bufs,
                     slot: i,
                     now: t0,
+                    #[cfg(any(test, feature = "fuzz"))]
+                    record: None,
                 },
                 adaptive,
             );
@@ -710,6 +741,8 @@ impl Reactor {
                             bufs,
                             slot,
                             now,
+                            #[cfg(any(test, feature = "fuzz"))]
+                            record: None,
                         },
                         tag,
                         res,

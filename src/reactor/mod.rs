@@ -18,6 +18,8 @@
 
 mod buffers;
 mod event_loop;
+#[cfg(any(test, feature = "fuzz"))]
+pub mod inline;
 mod poll;
 mod pool;
 mod ring;

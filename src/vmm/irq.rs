@@ -8,7 +8,8 @@ use kvm_bindings::{
     kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::layout::MSI_GSI_START;
 
@@ -35,6 +36,45 @@ pub struct MsiMessage {
 struct State {
     msi: BTreeMap<u32, MsiMessage>,
     next_gsi: u32,
+}
+
+/// What a virtio-pci function needs from the VM for notifications and interrupts: MSI
+/// routes, irqfds and MMIO ioeventfds. [`IrqRouter`] is the KVM implementation; the fuzz
+/// harness uses a recording fake, so the transport can be driven without /dev/kvm.
+pub trait VmInterrupts: Send {
+    /// Reserves a GSI for an MSI vector.
+    fn allocate_gsi(&self) -> Result<u32, IrqError>;
+    /// Points `gsi` at `msg` (or removes its route with `None`).
+    fn set_msi(&self, gsi: u32, msg: Option<MsiMessage>) -> Result<(), IrqError>;
+    /// Raises `gsi` whenever `fd` is written.
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), kvm_ioctls::Error>;
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), kvm_ioctls::Error>;
+    /// Signals `fd` on every guest write to MMIO address `addr`, without an exit.
+    fn register_ioevent(&self, fd: &EventFd, addr: u64) -> Result<(), kvm_ioctls::Error>;
+    fn unregister_ioevent(&self, fd: &EventFd, addr: u64) -> Result<(), kvm_ioctls::Error>;
+}
+
+impl VmInterrupts for IrqRouter {
+    fn allocate_gsi(&self) -> Result<u32, IrqError> {
+        IrqRouter::allocate_gsi(self)
+    }
+    fn set_msi(&self, gsi: u32, msg: Option<MsiMessage>) -> Result<(), IrqError> {
+        IrqRouter::set_msi(self, gsi, msg)
+    }
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), kvm_ioctls::Error> {
+        self.vm.register_irqfd(fd, gsi)
+    }
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), kvm_ioctls::Error> {
+        self.vm.unregister_irqfd(fd, gsi)
+    }
+    fn register_ioevent(&self, fd: &EventFd, addr: u64) -> Result<(), kvm_ioctls::Error> {
+        self.vm
+            .register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+    }
+    fn unregister_ioevent(&self, fd: &EventFd, addr: u64) -> Result<(), kvm_ioctls::Error> {
+        self.vm
+            .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+    }
 }
 
 /// Owner of the VM's GSI routing table.

@@ -45,6 +45,15 @@ pub struct PciRoot {
     mmio: Weak<Bus>,
     next_bar: u64,
     address: Mutex<u32>,
+    /// Where each device's BARs are mapped on the MMIO bus now: (device, BAR, address). A
+    /// BAR the guest moved onto an occupied range is not mapped, and moving it again must
+    /// not unmap whatever occupies its recorded address (the ECAM window, another BAR).
+    mapped: Mutex<Vec<(usize, usize, u64)>>,
+}
+
+/// Identity of a device for [`PciRoot::mapped`].
+fn dev_id(d: &Dev) -> usize {
+    Arc::as_ptr(d).cast::<()>() as usize
 }
 
 /// One BAR's range on the MMIO bus.
@@ -79,6 +88,7 @@ impl PciRoot {
             mmio: Arc::downgrade(mmio),
             next_bar: PCI_MMIO_START,
             address: Mutex::new(0),
+            mapped: Mutex::new(Vec::new()),
         }
     }
 
@@ -107,6 +117,7 @@ impl PciRoot {
                 addr,
                 size,
             )?;
+            self.mapped_bars().push((dev_id(&dev), bar, addr));
         }
         self.slots.push(dev);
         Ok(self.slots.len() - 1)
@@ -146,19 +157,33 @@ impl PciRoot {
         let Some(mmio) = self.mmio.upgrade() else {
             return;
         };
-        let _ = mmio.remove(m.old);
+        let id = dev_id(dev);
+        let mut mapped = self.mapped_bars();
+        // Unmap the BAR only where it is really mapped.
+        if let Some(i) = mapped.iter().position(|e| e.0 == id && e.1 == m.bar) {
+            let _ = mmio.remove(mapped[i].2);
+            mapped.swap_remove(i);
+        }
         let region = Arc::new(Mutex::new(BarRegion {
             dev: dev.clone(),
             bar: m.bar,
         }));
         match mmio.insert(region, m.new, m.len) {
-            Ok(()) => lock(dev).bar_moved(m.bar, m.old, m.new),
+            Ok(()) => {
+                mapped.push((id, m.bar, m.new));
+                drop(mapped);
+                lock(dev).bar_moved(m.bar, m.old, m.new)
+            }
             Err(e) => log::warn!(
                 "pci: guest moved BAR{} to {:#x}, which is unusable: {e}",
                 m.bar,
                 m.new
             ),
         }
+    }
+
+    fn mapped_bars(&self) -> std::sync::MutexGuard<'_, Vec<(usize, usize, u64)>> {
+        self.mapped.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn address_register(&self) -> std::sync::MutexGuard<'_, u32> {
@@ -291,6 +316,63 @@ mod tests {
         // A strong root → bus reference closed a cycle that kept every device alive.
         assert!(weak_bus.upgrade().is_none(), "the MMIO bus leaked");
         assert!(weak_root.upgrade().is_none(), "the PCI root leaked");
+    }
+
+    /// A BAR the guest moves onto the ECAM window is not mapped there; moving it away again
+    /// must leave the ECAM window alone (found by the pci_config fuzz target).
+    #[test]
+    fn test_bar_moved_onto_ecam_and_away_keeps_ecam_mapped() {
+        use crate::devices::pci::config::{PciConfig, PciIds};
+        struct OneBar(PciConfig);
+        impl PciDevice for OneBar {
+            fn read_config(&mut self, reg: usize) -> u32 {
+                self.0.read(reg)
+            }
+            fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarMove> {
+                self.0.write(reg, offset, data)
+            }
+            fn read_bar(&mut self, _: usize, _: u64, data: &mut [u8]) {
+                data.fill(0x5a);
+            }
+            fn write_bar(&mut self, _: usize, _: u64, _: &[u8]) {}
+            fn bars(&self) -> Vec<(usize, u64, u64)> {
+                self.0.bars()
+            }
+        }
+        let bus = Arc::new(Bus::new());
+        let mut root = PciRoot::new(&bus);
+        let mut cfg = PciConfig::new(PciIds {
+            vendor: 0x1af4,
+            device: 0x1042,
+            class: 1,
+            subclass: 0,
+            prog_if: 0,
+            revision: 1,
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x40,
+        });
+        let bar = root.allocate_bar(0x8000).unwrap();
+        cfg.add_mem_bar(0, bar, 0x8000, false);
+        root.add(Arc::new(Mutex::new(OneBar(cfg)))).unwrap();
+        let root = Arc::new(Mutex::new(root));
+        let ecam = 0xe000_0000u64;
+        bus.insert(Arc::new(Mutex::new(PciConfigMmio(root))), ecam, 1 << 20)
+            .unwrap();
+        let bar0 = ecam | 1 << 15 | 0x10;
+        bus.write(bar0, &(ecam as u32).to_le_bytes());
+        bus.write(bar0, &0xd000_0000u32.to_le_bytes());
+        let mut b = [0u8; 4];
+        assert!(bus.read(bar0, &mut b), "the ECAM window is still mapped");
+        assert_eq!(u32::from_le_bytes(b), 0xd000_0000);
+        assert!(
+            bus.read(0xd000_0000, &mut b),
+            "the BAR is mapped at its new address"
+        );
+        assert_eq!(b, [0x5a; 4]);
+        assert!(
+            !bus.read(bar, &mut b),
+            "nothing left at the BAR's first address"
+        );
     }
 
     #[test]

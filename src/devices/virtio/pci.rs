@@ -15,7 +15,6 @@
 //! reactor serving the queue wakes. Interrupts go the other way through one irqfd per
 //! MSI-X vector, registered only while the vector is enabled and unmasked.
 
-use kvm_ioctls::{IoEventAddress, NoDatamatch};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -24,7 +23,7 @@ use super::{ActiveQueue, GuestMemory, VirtioDevice, F_VERSION_1};
 use crate::devices::pci::config::{PciConfig, PciIds};
 use crate::devices::pci::msix::MsixTable;
 use crate::devices::pci::{BarMove, PciDevice, PciError, PciRoot};
-use crate::vmm::irq::{IrqError, IrqRouter};
+use crate::vmm::irq::{IrqError, VmInterrupts};
 
 pub const BAR_SIZE: u64 = 0x8000;
 const COMMON_OFFSET: u64 = 0x0000;
@@ -91,7 +90,7 @@ pub struct VirtioPci {
     device: Box<dyn VirtioDevice>,
     msix: MsixTable,
     vectors: Vec<Vector>,
-    irq: IrqRouter,
+    irq: Box<dyn VmInterrupts>,
     mem: GuestMemory,
     bar: u64,
     kicks: Vec<EventFd>,
@@ -124,7 +123,7 @@ impl VirtioPci {
     pub fn new(
         device: Box<dyn VirtioDevice>,
         root: &mut PciRoot,
-        irq: IrqRouter,
+        irq: impl VmInterrupts + 'static,
         mem: GuestMemory,
     ) -> Result<Self, VirtioPciError> {
         let nq = device.num_queues();
@@ -183,15 +182,11 @@ impl VirtioPci {
         let mut kicks = Vec::with_capacity(nq);
         for q in 0..nq {
             let fd = EventFd::new(EFD_NONBLOCK).map_err(VirtioPciError::EventFd)?;
-            irq.vm()
-                .register_ioevent(
-                    &fd,
-                    &IoEventAddress::Mmio(
-                        bar + NOTIFY_OFFSET + q as u64 * NOTIFY_MULTIPLIER as u64,
-                    ),
-                    NoDatamatch,
-                )
-                .map_err(VirtioPciError::Ioeventfd)?;
+            irq.register_ioevent(
+                &fd,
+                bar + NOTIFY_OFFSET + q as u64 * NOTIFY_MULTIPLIER as u64,
+            )
+            .map_err(VirtioPciError::Ioeventfd)?;
             kicks.push(fd);
         }
         let max_size = device.queue_max_size();
@@ -208,7 +203,7 @@ impl VirtioPci {
             device,
             msix,
             vectors,
-            irq,
+            irq: Box::new(irq),
             mem,
             bar,
             kicks,
@@ -472,7 +467,7 @@ impl VirtioPci {
                 log::error!("virtio-pci: MSI route for vector {v}: {e}");
                 continue;
             }
-            let vm = self.irq.vm();
+            let vm = &self.irq;
             match (msg.is_some(), registered) {
                 (true, false) => match vm.register_irqfd(&self.vectors[v].fd, gsi) {
                     Ok(()) => self.vectors[v].registered = true,
@@ -551,9 +546,8 @@ impl PciDevice for VirtioPci {
     fn bar_moved(&mut self, _bar: usize, old: u64, new: u64) {
         for (q, fd) in self.kicks.iter().enumerate() {
             let off = NOTIFY_OFFSET + q as u64 * NOTIFY_MULTIPLIER as u64;
-            let vm = self.irq.vm();
-            let _ = vm.unregister_ioevent(fd, &IoEventAddress::Mmio(old + off), NoDatamatch);
-            if let Err(e) = vm.register_ioevent(fd, &IoEventAddress::Mmio(new + off), NoDatamatch) {
+            let _ = self.irq.unregister_ioevent(fd, old + off);
+            if let Err(e) = self.irq.register_ioevent(fd, new + off) {
                 log::error!(
                     "virtio-pci: notify ioeventfd for queue {q} at {:#x}: {e}",
                     new + off
@@ -594,6 +588,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::ActivateError;
     use crate::vmm::bus::Bus;
+    use crate::vmm::irq::IrqRouter;
     use std::sync::{Arc, Mutex};
 
     #[derive(Default)]

@@ -174,6 +174,46 @@ impl BlockQueue {
         q
     }
 
+    /// Serves `queue` as a freshly attached queue would, keeping every allocation (slots,
+    /// metrics): the fuzz harness runs millions of queues through one handler. Nothing may
+    /// be in flight.
+    #[cfg(any(test, feature = "fuzz"))]
+    pub fn rearm(&mut self, queue: Queue) {
+        assert_eq!(self.in_flight, 0, "rearm with requests in flight");
+        self.p.queue = queue;
+        for s in self.slots.iter_mut() {
+            s.busy = false;
+            s.buffered = false;
+        }
+        if let Some(io) = self.io.as_mut() {
+            io.zero_range = true;
+        }
+        self.last_kick = None;
+        self.dirty = false;
+        self.broken = false;
+        self.p.needs_reset.store(false, Ordering::Release);
+        self.rings = Rings::new(&self.p.mem, &self.p.queue);
+        if self.rings.is_none() {
+            self.fail_queue(
+                "the rings are misaligned or outside guest memory",
+                Instant::now(),
+            );
+        }
+    }
+
+    /// The queue stopped serving until the device is reset.
+    #[cfg(any(test, feature = "fuzz"))]
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// (chains popped, used entries written) since the queue was set up.
+    #[cfg(any(test, feature = "fuzz"))]
+    pub fn progress(&self) -> (u16, u16) {
+        let used = self.rings.as_ref().map_or(0, Rings::next_used);
+        (self.p.queue.next_avail(), used)
+    }
+
     fn fail_queue(&mut self, what: &str, now: Instant) {
         if self.log.allow(now, &self.p.name) {
             log::error!("{}: {what}; the device needs a reset", self.p.name);

@@ -27,8 +27,6 @@ pub mod backend;
 pub mod config;
 #[doc(hidden)]
 pub mod driver;
-#[doc(hidden)]
-pub mod fuzz;
 pub mod handler;
 pub mod request;
 pub mod rings;

@@ -124,6 +124,20 @@ impl CtrlQueue {
     }
 }
 
+#[cfg(any(test, feature = "fuzz"))]
+impl CtrlQueue {
+    /// Serves `queue` from scratch, keeping the allocations, for the fuzz harness.
+    pub fn rearm(&mut self, queue: virtio_queue::Queue) {
+        self.c.rearm(queue);
+        self.pairs.store(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The state the RX, TX and control queues share.
+    pub fn core(&self) -> &Core {
+        &self.c
+    }
+}
+
 impl QueueHandler for CtrlQueue {
     fn kick_fd(&self) -> RawFd {
         self.c.p.kick.as_raw_fd()

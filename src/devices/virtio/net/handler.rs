@@ -71,6 +71,21 @@ impl Core {
         }
     }
 
+    /// Serves `queue` from scratch (see [`RxQueue::rearm`](super::rx::RxQueue::rearm)).
+    #[cfg(any(test, feature = "fuzz"))]
+    pub fn rearm(&mut self, queue: Queue) {
+        self.p.queue = queue;
+        self.dirty = false;
+        self.broken = false;
+        self.last_kick = None;
+    }
+
+    /// (chains popped, used entries written) since the queue was set up.
+    #[cfg(any(test, feature = "fuzz"))]
+    pub fn progress(&self) -> (u16, u16) {
+        (self.p.queue.next_avail(), self.p.queue.next_used())
+    }
+
     /// Stops serving a queue whose rings cannot be used any more. Unlike virtio-blk there is
     /// no status byte to fail; the queue goes quiet until the driver resets the device.
     pub fn fail_queue(&mut self, what: &str, now: Instant) {

@@ -88,6 +88,26 @@ impl RxQueue {
         }
     }
 
+    /// Serves `queue` as a freshly attached queue would, keeping the allocations (slots,
+    /// metrics), for the fuzz harness. Nothing may be in flight.
+    #[cfg(any(test, feature = "fuzz"))]
+    pub fn rearm(&mut self, queue: virtio_queue::Queue) {
+        assert_eq!(self.in_flight, 0, "rearm with reads in flight");
+        self.c.rearm(queue);
+        self.slots.iter_mut().for_each(|s| s.busy = false);
+        self.posted = 0;
+        self.drain = Drain::default();
+        self.poll_armed = false;
+        self.want_notify = false;
+        self.drops = RxDrops::default();
+    }
+
+    /// The state the RX, TX and control queues share.
+    #[cfg(any(test, feature = "fuzz"))]
+    pub fn core(&self) -> &Core {
+        &self.c
+    }
+
     fn fd(&self) -> types::Fixed {
         types::Fixed(self.c.p.fixed)
     }

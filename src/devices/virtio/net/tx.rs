@@ -53,6 +53,20 @@ impl TxQueue {
         }
     }
 
+    /// Serves `queue` from scratch, keeping the allocations (see [`RxQueue::rearm`](super::rx::RxQueue::rearm)).
+    #[cfg(any(test, feature = "fuzz"))]
+    pub fn rearm(&mut self, queue: virtio_queue::Queue) {
+        assert_eq!(self.in_flight, 0, "rearm with writes in flight");
+        self.c.rearm(queue);
+        self.slots.iter_mut().for_each(|s| s.busy = false);
+    }
+
+    /// The state the RX, TX and control queues share.
+    #[cfg(any(test, feature = "fuzz"))]
+    pub fn core(&self) -> &Core {
+        &self.c
+    }
+
     fn finish(&mut self, head: u16, ok: Option<(u32, Instant, Instant)>, now: Instant) {
         self.c.add_used(head, 0, now);
         if let Some((len, popped, kick)) = ok {
