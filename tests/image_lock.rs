@@ -98,6 +98,21 @@ fn hold(mut cmd: Command, path: &Path, byte: i64) -> Holder {
     h
 }
 
+/// Waits until nobody holds `byte` of `path`: a killed holder's locks go when the kernel has
+/// torn down its io_uring, a moment after the process (README, image locking), and a new
+/// holder must not be mistaken for the old one.
+fn wait_unlocked(path: &Path, byte: i64) {
+    let start = Instant::now();
+    while byte_locked(path, byte) {
+        assert!(
+            start.elapsed() < Duration::from_millis(HOLD_TIMEOUT_MS),
+            "byte {byte} of {} stayed locked after its holder was killed",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A ringvm whose blkbench guest keeps reading `disk_spec` for a long time.
 fn ringvm_holding(disk_spec: &str) -> Command {
     let mut c = common::ringvm();
@@ -320,6 +335,7 @@ fn test_qemu_refused_while_ringvm_holds_image() {
         let text = qemu_refused(img.path(), false);
         assert!(text.contains("Failed to get \"write\" lock"), "{text}");
     }
+    wait_unlocked(img.path(), RINGVM_LAST_BYTE);
     // ringvm readonly: QEMU readers share, QEMU writers are refused.
     let _ringvm = hold(
         ringvm_holding(&format!("{spec},readonly")),
