@@ -126,8 +126,6 @@ struct Shared {
     command: &'static str,
     started: Instant,
     vm: Mutex<Option<LiveVm>>,
-    /// The last snapshot and when it was taken (only the API thread uses it).
-    last: Mutex<Option<(Instant, Arc<Report>)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -177,25 +175,23 @@ impl Control for Shared {
         Ok(v)
     }
 
-    fn report(&self) -> Result<(Arc<Report>, f64), ControlError> {
+    fn render(&self, f: &mut dyn FnMut(&Report, f64) -> String) -> Result<String, ControlError> {
         let (pool, started) = self.live(|vm| (vm.pool.clone(), vm.started))?;
         let up = started.elapsed().as_secs_f64();
-        let mut last = lock(&self.last);
-        if let Some((at, r)) = last.as_ref() {
-            // Never a snapshot of an earlier VM: it started after this one was taken.
-            if at.elapsed() < SNAPSHOT_REUSE && *at >= started {
-                return Ok((r.clone(), up));
-            }
+        // The cumulative report lives in the VM's pool, so a reused one is never an
+        // earlier VM's.
+        match pool {
+            Some(p) => p
+                .snapshot_with(SNAPSHOT_REUSE, |r| f(r, up))
+                .map_err(reactor_error),
+            None => Ok(f(
+                &Report {
+                    elapsed: started.elapsed(),
+                    ..Default::default()
+                },
+                up,
+            )),
         }
-        let report = Arc::new(match pool {
-            Some(p) => p.snapshot().map_err(reactor_error)?,
-            None => Report {
-                elapsed: started.elapsed(),
-                ..Default::default()
-            },
-        });
-        *last = Some((Instant::now(), report.clone()));
-        Ok((report, up))
     }
 
     fn interval(&self) -> Result<Value, ControlError> {
@@ -207,14 +203,15 @@ impl Control for Shared {
         if iv.closed {
             return Err(ControlError::NoVm);
         }
-        let report = match pool {
-            Some(p) => p.snapshot().map_err(reactor_error)?,
-            None => Report {
+        match pool {
+            Some(p) => p
+                .snapshot_with(Duration::ZERO, |r| iv.close(r))
+                .map_err(reactor_error)?,
+            None => iv.close(&Report {
                 elapsed: started.elapsed(),
                 ..Default::default()
-            },
-        };
-        iv.close(&report)
+            }),
+        }
     }
 
     fn set_poll_us(&self, kind: DeviceKind, id: &str, us: u32) -> Result<Value, ControlError> {
@@ -379,7 +376,6 @@ impl ApiServer {
             command,
             started: Instant::now(),
             vm: Mutex::new(None),
-            last: Mutex::new(None),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let (shutdown, shutdown_rx) = oneshot::channel();

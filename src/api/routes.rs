@@ -1,8 +1,6 @@
 //! The API's endpoints: a request in, a response out, through the [`Control`] trait so the
 //! routing and every refusal can be tested without a VM.
 
-use std::sync::Arc;
-
 use serde_json::{json, Value};
 
 use super::http::{Request, Response, PROMETHEUS};
@@ -55,9 +53,9 @@ impl ControlError {
 pub trait Control {
     /// Configuration, state, uptime and placement of the VM (`GET /vm`).
     fn vm(&self) -> Result<Value, ControlError>;
-    /// The statistics as of now (at most [`super::SNAPSHOT_REUSE`] old), and the VM's
-    /// uptime in seconds.
-    fn report(&self) -> Result<(Arc<Report>, f64), ControlError>;
+    /// Renders the statistics as of now (at most [`super::SNAPSHOT_REUSE`] old) with `f`,
+    /// which also gets the VM's uptime in seconds. The report is borrowed, not copied.
+    fn render(&self, f: &mut dyn FnMut(&Report, f64) -> String) -> Result<String, ControlError>;
     /// Closes the current statistics interval and starts the next (`PUT /stats/interval`).
     fn interval(&self) -> Result<Value, ControlError>;
     /// Sets the poll-window maximum of a device's queues (`PATCH /disks/{id}`, `/nets/{id}`).
@@ -113,15 +111,15 @@ pub fn route(req: &Request, ctl: &dyn Control) -> Response {
             _ => method_not_allowed(req, "GET"),
         },
         "/stats" => match m {
-            "GET" => match ctl.report() {
-                Ok((r, _)) => Response::text(200, super::http::JSON, r.to_json() + "\n"),
+            "GET" => match ctl.render(&mut |r, _| r.to_json() + "\n") {
+                Ok(t) => Response::text(200, super::http::JSON, t),
                 Err(e) => Response::error(e.status(), &e.to_string()),
             },
             _ => method_not_allowed(req, "GET"),
         },
         "/metrics" => match m {
-            "GET" => match ctl.report() {
-                Ok((r, up)) => Response::text(200, PROMETHEUS, prometheus::exposition(&r, up)),
+            "GET" => match ctl.render(&mut prometheus::exposition) {
+                Ok(t) => Response::text(200, PROMETHEUS, t),
                 Err(e) => Response::error(e.status(), &e.to_string()),
             },
             _ => method_not_allowed(req, "GET"),
@@ -175,8 +173,11 @@ mod tests {
             }
             Ok(json!({"state": "running"}))
         }
-        fn report(&self) -> Result<(Arc<Report>, f64), ControlError> {
-            Ok((Arc::new(Report::default()), 1.5))
+        fn render(
+            &self,
+            f: &mut dyn FnMut(&Report, f64) -> String,
+        ) -> Result<String, ControlError> {
+            Ok(f(&Report::default(), 1.5))
         }
         fn interval(&self) -> Result<Value, ControlError> {
             Ok(json!({"interval": 1}))

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ringvm::bench::result::{
@@ -75,26 +75,33 @@ impl VmExtension for BenchVm {
         if !self.progress || self.ticks % (1000 / TICK_MS).max(1) != 0 {
             return;
         }
-        let Some(Ok(r)) = self.devices.pool().map(|p| p.snapshot()) else {
+        // Borrowed, not copied: a copy a second would mean megabytes mapped and unmapped.
+        let summary = |r: &ringvm::metrics::Report| {
+            let p99 = r
+                .queues
+                .iter()
+                .map(|q| {
+                    if q.kick_to_complete.is_empty() {
+                        0
+                    } else {
+                        q.kick_to_complete.value_at_quantile(0.99)
+                    }
+                })
+                .max()
+                .unwrap_or(0);
+            (r.total_requests(), p99)
+        };
+        let Some(Ok((reqs, p99))) = self
+            .devices
+            .pool()
+            .map(|p| p.snapshot_with(Duration::ZERO, summary))
+        else {
             return;
         };
         let now = Instant::now();
-        let reqs = r.total_requests();
         let iops =
             (reqs - self.last.1.min(reqs)) as f64 / now.duration_since(self.last.0).as_secs_f64();
         self.last = (now, reqs);
-        let p99 = r
-            .queues
-            .iter()
-            .map(|q| {
-                if q.kick_to_complete.is_empty() {
-                    0
-                } else {
-                    q.kick_to_complete.value_at_quantile(0.99)
-                }
-            })
-            .max()
-            .unwrap_or(0);
         eprint!(
             "\r{:<22} {:>10.0} IOPS   host k2c p99 {:>8.1} µs   ",
             self.label,

@@ -3,8 +3,11 @@
 //! Recording happens on the reactor that owns a queue, into a [`QueueMetrics`] whose
 //! histograms are allocated when the queue is attached (bounded range, 3 significant figures),
 //! so the data path never allocates or locks. Other threads never read these directly: they
-//! ask the reactor for a snapshot by message, which clones them into a [`Report`]. Reports
-//! from several reactors are merged with [`Report::merge`].
+//! ask the reactor for a snapshot by message, handing it empty histograms that it swaps
+//! with its queues' ([`QueueMetrics::take_interval`]: no copy, no allocation on the
+//! reactor); the caller adds what was recorded since the previous snapshot into a
+//! cumulative [`Report`] it keeps ([`Report::add_interval`]). Reports from several
+//! reactors are merged with [`Report::merge`].
 //!
 //! Formats:
 //! - [`Report::table`]: a text table, one row per queue, p50/p90/p99/p99.9/max in µs;
@@ -84,6 +87,26 @@ impl QueueCounters {
         self.irqs_suppressed += o.irqs_suppressed;
         self.poll_hits += o.poll_hits;
     }
+
+    /// What was counted since `before` (an earlier copy of the same counters).
+    pub fn since(&self, before: &QueueCounters) -> QueueCounters {
+        QueueCounters {
+            reads: self.reads.wrapping_sub(before.reads),
+            writes: self.writes.wrapping_sub(before.writes),
+            flushes: self.flushes.wrapping_sub(before.flushes),
+            get_ids: self.get_ids.wrapping_sub(before.get_ids),
+            discards: self.discards.wrapping_sub(before.discards),
+            write_zeroes: self.write_zeroes.wrapping_sub(before.write_zeroes),
+            unsupported: self.unsupported.wrapping_sub(before.unsupported),
+            errors: self.errors.wrapping_sub(before.errors),
+            bytes_read: self.bytes_read.wrapping_sub(before.bytes_read),
+            bytes_written: self.bytes_written.wrapping_sub(before.bytes_written),
+            kicks: self.kicks.wrapping_sub(before.kicks),
+            irqs_sent: self.irqs_sent.wrapping_sub(before.irqs_sent),
+            irqs_suppressed: self.irqs_suppressed.wrapping_sub(before.irqs_suppressed),
+            poll_hits: self.poll_hits.wrapping_sub(before.poll_hits),
+        }
+    }
 }
 
 /// Metrics of one device queue, owned by the reactor serving it.
@@ -141,6 +164,49 @@ impl QueueMetrics {
         if n > 0 {
             self.batch.saturating_record(n as u64);
         }
+    }
+
+    /// Stand-in for a queue's metrics once they were moved out (tiny histograms: a queue
+    /// being retired records nothing more).
+    pub(crate) fn placeholder() -> Self {
+        let tiny =
+            || Histogram::new_with_bounds(1, 2, 1).expect("constant histogram bounds are valid");
+        QueueMetrics {
+            device: String::new(),
+            queue: 0,
+            reactor: 0,
+            counters: QueueCounters::default(),
+            kick_to_complete: tiny(),
+            service: tiny(),
+            batch: tiny(),
+        }
+    }
+
+    /// Takes what `live` recorded since its previous take, without copying or allocating:
+    /// `self` (empty histograms, as [`clear_samples`](Self::clear_samples) leaves them)
+    /// swaps its histograms with `live`'s, gets the counters counted since `reported`, and
+    /// `reported` moves on to `live`'s counters. The name is copied into the capacity
+    /// `self` already has (no allocation once it held a name as long).
+    pub fn take_interval(&mut self, live: &mut QueueMetrics, reported: &mut QueueCounters) {
+        debug_assert!(
+            self.kick_to_complete.is_empty() && self.service.is_empty() && self.batch.is_empty()
+        );
+        self.device.clone_from(&live.device);
+        self.queue = live.queue;
+        self.reactor = live.reactor;
+        self.counters = live.counters.since(reported);
+        reported.clone_from(&live.counters);
+        std::mem::swap(&mut self.kick_to_complete, &mut live.kick_to_complete);
+        std::mem::swap(&mut self.service, &mut live.service);
+        std::mem::swap(&mut self.batch, &mut live.batch);
+    }
+
+    /// Empties the histograms and zeroes the counters, keeping their memory.
+    pub fn clear_samples(&mut self) {
+        self.counters = QueueCounters::default();
+        self.kick_to_complete.reset();
+        self.service.reset();
+        self.batch.reset();
     }
 
     fn key(&self) -> (&str, u16) {
@@ -208,6 +274,15 @@ impl Report {
                 self.queues
                     .sort_by(|a, b| a.device.cmp(&b.device).then(a.queue.cmp(&b.queue)));
             }
+        }
+    }
+
+    /// Adds `q` (what one queue recorded over an interval) into the entry of the same device
+    /// and queue, without allocating when that entry exists; otherwise appends a copy.
+    pub fn add_interval(&mut self, q: &QueueMetrics) {
+        match self.queues.iter_mut().find(|e| e.key() == q.key()) {
+            Some(e) => e.merge(q),
+            None => self.add_queue(q.clone()),
         }
     }
 

@@ -14,10 +14,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::buffers::FixedBuffers;
 use super::poll::{choose_in_flight, run_queue, set_poll_max, QueueState};
+use super::snapshot::{self, Interval};
 use super::{
     AttachCtx, HandlerFactory, InFlightPolicy, QueueHandler, ReactorOptions, MAX_QUEUES_PER_REACTOR,
 };
-use crate::metrics::{ReactorMetrics, Report};
+use crate::metrics::{QueueCounters, QueueMetrics, ReactorMetrics, Report};
 
 const KIND_SHIFT: u32 = 62;
 const KIND_IO: u64 = 0;
@@ -44,8 +45,10 @@ pub(crate) enum Command {
         device: u64,
         ack: SyncSender<()>,
     },
+    /// Fill the buffer (empty histograms to swap in, see `snapshot.rs`) and send it back.
     Snapshot {
-        ack: SyncSender<Report>,
+        buf: Box<Interval>,
+        ack: SyncSender<Box<Interval>>,
     },
     /// Sets the poll-window maximum of every pollable queue whose key is in `keys` (one
     /// device's queues), now and for queues attached later; answers how many it changed.
@@ -166,6 +169,8 @@ pub(super) struct QueueSlot {
     pub(super) draining: bool,
     pub(super) cancel_sent: bool,
     pub(super) has_file: bool,
+    /// The counters as of the previous snapshot (snapshots carry what was counted since).
+    pub(super) reported: QueueCounters,
 }
 
 impl QueueSlot {
@@ -188,6 +193,7 @@ impl QueueSlot {
             draining: false,
             cancel_sent: false,
             has_file,
+            reported: QueueCounters::default(),
         }
     }
 }
@@ -210,7 +216,8 @@ pub struct Reactor {
     queues: Vec<Option<QueueSlot>>,
     detaches: Vec<(u64, SyncSender<()>)>,
     stopping: Option<SyncSender<Report>>,
-    retired: Report,
+    /// Metrics of queues dropped since the previous snapshot (see `snapshot::retire`).
+    retired: Vec<QueueMetrics>,
     metrics: ReactorMetrics,
     started: Instant,
     in_flight_policy: InFlightPolicy,
@@ -251,7 +258,7 @@ impl Reactor {
             queues,
             detaches: Vec::new(),
             stopping: None,
-            retired: Report::default(),
+            retired: Vec::new(),
             metrics: ReactorMetrics {
                 index,
                 core,
@@ -397,16 +404,6 @@ impl Reactor {
         }
     }
 
-    fn snapshot(&self) -> Report {
-        let mut r = self.retired.clone();
-        for q in self.queues.iter().flatten() {
-            r.add_queue(q.handler.metrics());
-        }
-        r.reactors.push(self.metrics.clone());
-        r.elapsed = self.started.elapsed();
-        r
-    }
-
     fn handle_commands(&mut self) {
         loop {
             match self.rx.try_recv() {
@@ -421,8 +418,9 @@ impl Reactor {
                     self.begin_drain(Some(device));
                     self.detaches.push((device, ack));
                 }
-                Ok(Command::Snapshot { ack }) => {
-                    let _ = ack.send(self.snapshot());
+                Ok(Command::Snapshot { mut buf, ack }) => {
+                    snapshot::fill(&mut buf, &mut self.queues, &mut self.retired, &self.metrics);
+                    let _ = ack.send(buf);
                 }
                 Ok(Command::SetPollMax { keys, max, ack }) => {
                     let _ = ack.send(self.set_poll_max(keys, max));
@@ -471,7 +469,7 @@ impl Reactor {
                     }
                 }
             }
-            self.retired.add_queue(q.handler.metrics());
+            snapshot::retire(&mut self.retired, &mut q);
         }
         while matches!(self.queues.last(), Some(None)) {
             self.queues.pop();
@@ -494,7 +492,7 @@ impl Reactor {
             busy
         });
         if self.stopping.is_some() && self.queues.iter().all(Option::is_none) {
-            let report = self.snapshot();
+            let report = self.report();
             if let Some(ack) = self.stopping.take() {
                 let _ = ack.send(report);
             }
@@ -758,9 +756,15 @@ impl Reactor {
         Ok(completed)
     }
 
-    /// Snapshot of this reactor (for inline use).
+    /// What this reactor recorded since its previous snapshot, as a copy: for a reactor
+    /// driven inline, which nothing snapshots, everything since it started.
     pub fn report(&self) -> Report {
-        self.snapshot()
+        snapshot::report(
+            &self.queues,
+            &self.retired,
+            &self.metrics,
+            self.started.elapsed(),
+        )
     }
 }
 

@@ -23,6 +23,7 @@ pub mod inline;
 mod poll;
 mod pool;
 mod ring;
+mod snapshot;
 
 pub use event_loop::{LocalControl, Reactor, RingCtx};
 pub use pool::{PoolHandle, ReactorPool};
@@ -235,6 +236,9 @@ pub trait QueueHandler {
     fn io_in_flight(&self) -> usize {
         0
     }
-    /// A copy of the queue's metrics.
-    fn metrics(&self) -> QueueMetrics;
+    /// The queue's metrics (read by the reactor for reports).
+    fn metrics(&self) -> &QueueMetrics;
+    /// The same, for the reactor to swap a snapshot's empty histograms in
+    /// ([`QueueMetrics::take_interval`]).
+    fn metrics_mut(&mut self) -> &mut QueueMetrics;
 }

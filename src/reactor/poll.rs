@@ -169,6 +169,7 @@ mod tests {
     struct FakeQueue {
         kick: EventFd,
         s: Rc<Fake>,
+        metrics: QueueMetrics,
     }
 
     impl QueueHandler for FakeQueue {
@@ -201,8 +202,11 @@ mod tests {
         fn io_in_flight(&self) -> usize {
             self.s.in_flight.get()
         }
-        fn metrics(&self) -> QueueMetrics {
-            QueueMetrics::new("fake", 0, 0)
+        fn metrics(&self) -> &QueueMetrics {
+            &self.metrics
+        }
+        fn metrics_mut(&mut self) -> &mut QueueMetrics {
+            &mut self.metrics
         }
     }
 
@@ -223,6 +227,7 @@ mod tests {
         let h = FakeQueue {
             kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             s: s.clone(),
+            metrics: QueueMetrics::new("fake", 0, 0),
         };
         (QueueSlot::new(0, Box::new(h), false), s)
     }

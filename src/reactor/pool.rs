@@ -2,13 +2,14 @@
 
 use std::ops::Range;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::event_loop::{Command, Reactor};
+use super::snapshot::Collector;
 use super::{HandlerFactory, ReactorError, ReactorOptions, CONTROL_TIMEOUT};
 use crate::metrics::Report;
 use crate::seccomp::{ThreadFilter, ThreadKind};
@@ -23,6 +24,10 @@ struct Link {
 struct Inner {
     links: Vec<Link>,
     started: Instant,
+    /// The cumulative report and the snapshot buffers lent to the reactors; held across a
+    /// snapshot, so concurrent callers take turns (the later one usually reuses the
+    /// earlier one's result, see [`PoolHandle::snapshot_with`]).
+    collector: Mutex<Collector>,
 }
 
 /// A cheap, cloneable way for devices to send messages to the reactors. Holds no thread.
@@ -51,7 +56,11 @@ impl PoolHandle {
         link.wake.write(1).map_err(|_| ReactorError::Gone { index })
     }
 
-    fn wait<T>(index: usize, rx: Receiver<T>) -> Result<T, ReactorError> {
+    fn collector(&self) -> MutexGuard<'_, Collector> {
+        self.0.collector.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait<T>(index: usize, rx: &Receiver<T>) -> Result<T, ReactorError> {
         rx.recv_timeout(CONTROL_TIMEOUT).map_err(|e| match e {
             mpsc::RecvTimeoutError::Timeout => ReactorError::Timeout {
                 index,
@@ -78,7 +87,9 @@ impl PoolHandle {
                 ack,
             },
         )?;
-        Self::wait(index, rx)?.map_err(|message| ReactorError::Attach { index, message })
+        Self::wait(index, &rx)?.map_err(|message| ReactorError::Attach { index, message })?;
+        self.collector().attached(index, device);
+        Ok(())
     }
 
     /// Removes every queue of `device` from reactor `index`: the reactor stops popping, waits
@@ -87,7 +98,9 @@ impl PoolHandle {
     pub fn detach(&self, index: usize, device: u64) -> Result<(), ReactorError> {
         let (ack, rx) = mpsc::sync_channel(1);
         self.send(index, Command::Detach { device, ack })?;
-        Self::wait(index, rx)
+        Self::wait(index, &rx)?;
+        self.collector().detached(index, device);
+        Ok(())
     }
 
     /// Detaches several queues at once: every detach is sent before any is waited for, so the
@@ -101,10 +114,18 @@ impl PoolHandle {
                     .map(|()| rx)
             })
             .collect();
-        sent.into_iter()
+        let done: Vec<_> = sent
+            .into_iter()
             .zip(queues)
-            .map(|(r, &(index, _))| r.and_then(|rx| Self::wait(index, rx)))
-            .collect()
+            .map(|(r, &(index, _))| r.and_then(|rx| Self::wait(index, &rx)))
+            .collect();
+        let mut c = self.collector();
+        for (r, &(index, device)) in done.iter().zip(queues) {
+            if r.is_ok() {
+                c.detached(index, device);
+            }
+        }
+        done
     }
 
     /// Sets the busy-poll window maximum (`poll-us`) of every queue whose pool key is in
@@ -129,25 +150,68 @@ impl PoolHandle {
         }
         let mut n = 0;
         for (i, rx) in rxs.into_iter().enumerate() {
-            n += Self::wait(i, rx)?;
+            n += Self::wait(i, &rx)?;
         }
         Ok(n)
     }
 
-    /// Metrics of all reactors, merged.
+    /// Metrics of all reactors, merged (a copy of the cumulative report: for callers that
+    /// keep it; periodic readers use [`snapshot_with`](Self::snapshot_with)).
     pub fn snapshot(&self) -> Result<Report, ReactorError> {
-        let mut rxs = Vec::with_capacity(self.len());
+        self.snapshot_with(Duration::ZERO, Report::clone)
+    }
+
+    /// Brings the pool's cumulative report up to date, unless that was done less than
+    /// `reuse` ago, and calls `f` on it. In steady state nothing is allocated or copied:
+    /// each reactor swaps the empty histograms of its lent buffer with its queues' and
+    /// sends them back; they are added into the report here, emptied and kept.
+    pub fn snapshot_with<R>(
+        &self,
+        reuse: Duration,
+        f: impl FnOnce(&Report) -> R,
+    ) -> Result<R, ReactorError> {
+        let mut c = self.collector();
+        if c.taken.is_some_and(|t| t.elapsed() < reuse) {
+            return Ok(f(&c.merged));
+        }
+        let mut failed = None;
         for i in 0..self.len() {
+            if c.pending[i].is_some() {
+                continue;
+            }
+            let buf = c.bufs[i].take().unwrap_or_default();
             let (ack, rx) = mpsc::sync_channel(1);
-            self.send(i, Command::Snapshot { ack })?;
-            rxs.push(rx);
+            match self.send(i, Command::Snapshot { buf, ack }) {
+                Ok(()) => c.pending[i] = Some(rx),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
         }
-        let mut report = Report::default();
-        for (i, rx) in rxs.into_iter().enumerate() {
-            report.merge(Self::wait(i, rx)?);
+        for i in 0..self.len() {
+            let Some(rx) = c.pending[i].take() else {
+                continue;
+            };
+            match Self::wait(i, &rx) {
+                Ok(mut buf) => {
+                    c.absorb(i, &mut buf);
+                    c.bufs[i] = Some(buf);
+                }
+                Err(e) => {
+                    if matches!(e, ReactorError::Timeout { .. }) {
+                        // Its answer, when it comes, still carries an interval.
+                        c.pending[i] = Some(rx);
+                    }
+                    failed.get_or_insert(e);
+                }
+            }
         }
-        report.elapsed = self.0.started.elapsed();
-        Ok(report)
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        c.merged.elapsed = self.0.started.elapsed();
+        c.taken = Some(Instant::now());
+        Ok(f(&c.merged))
     }
 }
 
@@ -195,11 +259,12 @@ impl ReactorPool {
             handle: PoolHandle(Arc::new(Inner {
                 links,
                 started: Instant::now(),
+                collector: Mutex::new(Collector::new(&opts.cores)),
             })),
             threads,
         };
         for (index, rx) in ready.into_iter().enumerate() {
-            match PoolHandle::wait(index, rx) {
+            match PoolHandle::wait(index, &rx) {
                 Ok(Ok(())) => {}
                 Ok(Err(source)) => return Err(ReactorError::Ring { index, source }),
                 Err(e) => return Err(e),
@@ -228,6 +293,15 @@ impl ReactorPool {
         self.handle.snapshot()
     }
 
+    /// See [`PoolHandle::snapshot_with`].
+    pub fn snapshot_with<R>(
+        &self,
+        reuse: Duration,
+        f: impl FnOnce(&Report) -> R,
+    ) -> Result<R, ReactorError> {
+        self.handle.snapshot_with(reuse, f)
+    }
+
     /// Stops every reactor after its queues drained, joins the threads and returns the final
     /// metrics. A reactor that does not answer within [`CONTROL_TIMEOUT`] is left behind with
     /// a logged error and its metrics are missing from the report.
@@ -244,19 +318,23 @@ impl ReactorPool {
                 }
             }
         }
-        let mut report = Report::default();
+        let mut c = self.handle.collector();
         for ((i, rx), t) in rxs.into_iter().enumerate().zip(threads) {
             let Some(rx) = rx else { continue };
-            match PoolHandle::wait(i, rx) {
+            match PoolHandle::wait(i, &rx) {
                 Ok(r) => {
-                    report.merge(r);
+                    // A snapshot that timed out was answered before the stop.
+                    if let Some(Ok(mut buf)) = c.pending[i].take().map(|p| p.try_recv()) {
+                        c.absorb(i, &mut buf);
+                    }
+                    c.absorb_report(i, &r);
                     let _ = t.join();
                 }
                 Err(e) => log::error!("Stopping the reactors: {e}"),
             }
         }
-        report.elapsed = self.handle.0.started.elapsed();
-        Ok(report)
+        c.merged.elapsed = self.handle.0.started.elapsed();
+        Ok(c.merged.clone())
     }
 }
 
@@ -321,10 +399,21 @@ mod tests {
         .unwrap()
     }
 
-    /// Counts kicks and pops nothing.
+    /// Counts kicks (and records a latency of as many µs as kicks so far) and pops nothing.
     struct Counter {
         kick: EventFd,
         kicks: Arc<AtomicUsize>,
+        metrics: QueueMetrics,
+    }
+
+    impl Counter {
+        fn boxed(kick: EventFd, kicks: Arc<AtomicUsize>, device: &str) -> Box<dyn QueueHandler> {
+            Box::new(Counter {
+                kick,
+                kicks,
+                metrics: QueueMetrics::new(device, 0, 0),
+            })
+        }
     }
 
     impl QueueHandler for Counter {
@@ -338,7 +427,11 @@ mod tests {
             None
         }
         fn kicked(&mut self, _: Instant) {
-            self.kicks.fetch_add(1, Ordering::SeqCst);
+            let n = self.kicks.fetch_add(1, Ordering::SeqCst) as u64 + 1;
+            self.metrics.counters.kicks += 1;
+            self.metrics.record_k2c(Duration::from_micros(n));
+            self.metrics.record_service(Duration::from_micros(n * 3));
+            self.metrics.record_batch(1);
         }
         fn set_notify(&mut self, _: bool) -> bool {
             false
@@ -352,8 +445,11 @@ mod tests {
         fn in_flight(&self) -> usize {
             0
         }
-        fn metrics(&self) -> QueueMetrics {
-            QueueMetrics::new("mock", 0, 0)
+        fn metrics(&self) -> &QueueMetrics {
+            &self.metrics
+        }
+        fn metrics_mut(&mut self) -> &mut QueueMetrics {
+            &mut self.metrics
         }
     }
 
@@ -398,13 +494,7 @@ mod tests {
         let kicks = Arc::new(AtomicUsize::new(0));
         let (k, c) = (kick.try_clone().unwrap(), kicks.clone());
         p.handle()
-            .attach(
-                1,
-                7,
-                Box::new(move |_| {
-                    Ok(Box::new(Counter { kick: k, kicks: c }) as Box<dyn QueueHandler>)
-                }),
-            )
+            .attach(1, 7, Box::new(move |_| Ok(Counter::boxed(k, c, "mock"))))
             .unwrap();
         for i in 1..=20 {
             kick.write(1).unwrap();
@@ -453,9 +543,7 @@ mod tests {
                 .attach(
                     reactor,
                     key,
-                    Box::new(move |_| {
-                        Ok(Box::new(Counter { kick: k, kicks: c }) as Box<dyn QueueHandler>)
-                    }),
+                    Box::new(move |_| Ok(Counter::boxed(k, c, "mock"))),
                 )
                 .unwrap();
         }
@@ -484,9 +572,7 @@ mod tests {
                 .attach(
                     reactor,
                     9,
-                    Box::new(move |_| {
-                        Ok(Box::new(Counter { kick, kicks }) as Box<dyn QueueHandler>)
-                    }),
+                    Box::new(move |_| Ok(Counter::boxed(kick, kicks, "mock"))),
                 )
                 .unwrap();
         };

@@ -1,6 +1,8 @@
 //! The standard device set behind `--disk`: one reactor pool on the I/O cores and a
 //! virtio-blk device per disk, with the statistics report at exit and on SIGUSR1.
 
+use std::time::Duration;
+
 use crate::api::routes::DeviceKind;
 use crate::api::{ApiHook, DeviceEntry, VmLink};
 use crate::config::VmConfig;
@@ -63,8 +65,13 @@ impl VmExtension for StandardDevices {
     }
 
     fn on_report_signal(&mut self) {
-        if let Some(Ok(r)) = self.pool.as_ref().map(|p| p.snapshot()) {
-            eprint!("{}", r.table());
+        let table = |r: &Report| r.table();
+        if let Some(Ok(t)) = self
+            .pool
+            .as_ref()
+            .map(|p| p.snapshot_with(Duration::ZERO, table))
+        {
+            eprint!("{t}");
         }
     }
 

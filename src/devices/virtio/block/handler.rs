@@ -632,7 +632,10 @@ impl QueueHandler for BlockQueue {
             .collect()
     }
 
-    fn metrics(&self) -> QueueMetrics {
-        self.p.metrics.clone()
+    fn metrics(&self) -> &QueueMetrics {
+        &self.p.metrics
+    }
+    fn metrics_mut(&mut self) -> &mut QueueMetrics {
+        &mut self.p.metrics
     }
 }

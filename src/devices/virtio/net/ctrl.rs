@@ -235,7 +235,10 @@ impl QueueHandler for CtrlQueue {
         0
     }
 
-    fn metrics(&self) -> QueueMetrics {
-        self.c.p.metrics.clone()
+    fn metrics(&self) -> &QueueMetrics {
+        &self.c.p.metrics
+    }
+    fn metrics_mut(&mut self) -> &mut QueueMetrics {
+        &mut self.c.p.metrics
     }
 }

@@ -374,8 +374,11 @@ impl QueueHandler for RxQueue {
         self.in_flight
     }
 
-    fn metrics(&self) -> QueueMetrics {
-        self.c.p.metrics.clone()
+    fn metrics(&self) -> &QueueMetrics {
+        &self.c.p.metrics
+    }
+    fn metrics_mut(&mut self) -> &mut QueueMetrics {
+        &mut self.c.p.metrics
     }
 }
 

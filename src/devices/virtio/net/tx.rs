@@ -200,7 +200,10 @@ impl QueueHandler for TxQueue {
         self.in_flight
     }
 
-    fn metrics(&self) -> QueueMetrics {
-        self.c.p.metrics.clone()
+    fn metrics(&self) -> &QueueMetrics {
+        &self.c.p.metrics
+    }
+    fn metrics_mut(&mut self) -> &mut QueueMetrics {
+        &mut self.c.p.metrics
     }
 }

@@ -1,0 +1,189 @@
+//! Statistics snapshots without copies on the reactor: the control side hands each reactor a
+//! buffer of empty histograms ([`Interval`]) in `Command::Snapshot`; the reactor swaps them
+//! with its queues' histograms (a pointer swap per histogram), notes the counters counted
+//! since its previous answer, and sends the buffer back. The caller adds that interval into
+//! the cumulative [`Report`] it keeps ([`Collector`]), empties the buffer and keeps it for the
+//! next snapshot. In steady state nothing is allocated or freed on either side, and the
+//! reactor touches no histogram memory at all; buffers grow only when queues are attached
+//! (and the reactor allocates only if it has more queues than the buffer it was handed).
+//!
+//! A queue that detaches between two snapshots is moved whole into the reactor's `retired`
+//! list (samples since the previous snapshot, counters as a delta) and shipped with the
+//! next snapshot or the stop.
+
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+use super::event_loop::QueueSlot;
+use crate::metrics::{QueueMetrics, ReactorMetrics, Report};
+
+/// What one reactor recorded since its previous snapshot, in a buffer that travels between
+/// the control side and the reactor and back, and is reused.
+#[derive(Default)]
+pub(crate) struct Interval {
+    pub reactor: ReactorMetrics,
+    /// Entries `..used` carry a live queue's interval; every entry's histograms are empty
+    /// when the buffer is handed to the reactor.
+    pub queues: Vec<QueueMetrics>,
+    pub used: usize,
+    /// Queues retired since the previous snapshot, moved whole.
+    pub retired: Vec<QueueMetrics>,
+}
+
+/// Reactor side: fills `buf` from the reactor's queues and retired list, without copying a
+/// histogram or allocating (unless `buf` has fewer entries than there are queues).
+pub(super) fn fill(
+    buf: &mut Interval,
+    queues: &mut [Option<QueueSlot>],
+    retired: &mut Vec<QueueMetrics>,
+    metrics: &ReactorMetrics,
+) {
+    buf.used = 0;
+    for q in queues.iter_mut().flatten() {
+        if buf.used == buf.queues.len() {
+            // More queues than the control side knew of: the one allocation of a new shape.
+            let m = q.handler.metrics();
+            buf.queues
+                .push(QueueMetrics::new(&m.device, m.queue, m.reactor));
+        }
+        buf.queues[buf.used].take_interval(q.handler.metrics_mut(), &mut q.reported);
+        buf.used += 1;
+    }
+    // Moves the entries; `retired` keeps its capacity for the next detach.
+    buf.retired.append(retired);
+    buf.reactor.clone_from(metrics);
+}
+
+/// Reactor side: keeps the metrics of a queue that was just drained and dropped, as what it
+/// recorded since the previous snapshot. Sums with an earlier retired queue of the same
+/// device and queue index, so a guest that resets its device in a loop between snapshots
+/// leaves one entry, not one per reset.
+pub(super) fn retire(retired: &mut Vec<QueueMetrics>, q: &mut QueueSlot) {
+    let mut m = std::mem::replace(q.handler.metrics_mut(), QueueMetrics::placeholder());
+    m.counters = m.counters.since(&q.reported);
+    match retired
+        .iter_mut()
+        .find(|r| r.device == m.device && r.queue == m.queue)
+    {
+        Some(r) => r.merge(&m),
+        None => retired.push(m),
+    }
+}
+
+/// Reactor side: what the reactor recorded since its previous snapshot, as a new [`Report`]
+/// (copies: for a reactor driven inline, which nothing snapshots, that is everything; and
+/// for the answer to a stop).
+pub(super) fn report(
+    queues: &[Option<QueueSlot>],
+    retired: &[QueueMetrics],
+    metrics: &ReactorMetrics,
+    elapsed: Duration,
+) -> Report {
+    let mut r = Report::default();
+    for m in retired {
+        r.add_interval(m);
+    }
+    for q in queues.iter().flatten() {
+        let mut m = q.handler.metrics().clone();
+        m.counters = m.counters.since(&q.reported);
+        r.add_queue(m);
+    }
+    r.reactors.push(metrics.clone());
+    r.elapsed = elapsed;
+    r
+}
+
+/// Control side: the cumulative report of a pool and the buffers lent to its reactors.
+pub(crate) struct Collector {
+    /// Since pool start, summed over the reactors' intervals.
+    pub merged: Report,
+    /// Per reactor: its buffer, while it is not lent out.
+    pub bufs: Vec<Option<Box<Interval>>>,
+    /// Per reactor: a snapshot whose answer has not come back in time; it is awaited before
+    /// another is sent, so no interval is lost.
+    pub pending: Vec<Option<Receiver<Box<Interval>>>>,
+    /// Per reactor: the devices of the queues attached to it (one entry per queue), so its
+    /// buffer has an entry for each before the reactor needs one.
+    pub attached: Vec<Vec<u64>>,
+    /// When `merged` was last brought up to date.
+    pub taken: Option<std::time::Instant>,
+}
+
+impl Collector {
+    pub fn new(cores: &[usize]) -> Self {
+        let n = cores.len();
+        Collector {
+            merged: Report {
+                reactors: cores
+                    .iter()
+                    .enumerate()
+                    .map(|(index, &core)| ReactorMetrics {
+                        index,
+                        core,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+            bufs: (0..n).map(|_| Some(Box::default())).collect(),
+            pending: (0..n).map(|_| None).collect(),
+            attached: vec![Vec::new(); n],
+            taken: None,
+        }
+    }
+
+    /// Adds reactor `index`'s interval into `merged` and empties `buf` for the next time.
+    /// Histograms of retired queues become spare entries while the reactor has more queues
+    /// attached than entries; the rest are dropped (after a detach, not per snapshot).
+    pub fn absorb(&mut self, index: usize, buf: &mut Interval) {
+        for q in &mut buf.queues[..buf.used] {
+            self.merged.add_interval(q);
+            q.clear_samples();
+        }
+        buf.used = 0;
+        let want = self.attached[index].len();
+        for mut q in buf.retired.drain(..) {
+            self.merged.add_interval(&q);
+            if buf.queues.len() < want {
+                q.clear_samples();
+                buf.queues.push(q);
+            }
+        }
+        if let Some(r) = self.merged.reactors.get_mut(index) {
+            r.clone_from(&buf.reactor);
+        }
+    }
+
+    /// Adds a reactor's answer to a stop (a [`report`]) into `merged`.
+    pub fn absorb_report(&mut self, index: usize, r: &Report) {
+        for q in &r.queues {
+            self.merged.add_interval(q);
+        }
+        if let (Some(to), Some(from)) = (self.merged.reactors.get_mut(index), r.reactors.first()) {
+            to.clone_from(from);
+        }
+    }
+
+    /// Notes a queue of `device` attached to reactor `index` and gives its buffer an entry
+    /// for it now (on the caller's thread) rather than at the next snapshot on the reactor.
+    pub fn attached(&mut self, index: usize, device: u64) {
+        let Some(list) = self.attached.get_mut(index) else {
+            return;
+        };
+        list.push(device);
+        let want = list.len();
+        if let Some(Some(buf)) = self.bufs.get_mut(index) {
+            while buf.queues.len() < want {
+                buf.queues.push(QueueMetrics::new("", 0, index));
+            }
+            buf.retired.reserve(want);
+        }
+    }
+
+    /// Notes that reactor `index` dropped the queues of `device`.
+    pub fn detached(&mut self, index: usize, device: u64) {
+        if let Some(list) = self.attached.get_mut(index) {
+            list.retain(|&d| d != device);
+        }
+    }
+}
