@@ -201,6 +201,12 @@ pub struct VmArgs {
     /// Seccomp filters on every thread: on (a call outside a thread's list stops ringvm with a message naming it), log (allowed, logged by the kernel) or off (also lifts the io_uring ring restriction).
     #[arg(long, default_value = "on")]
     pub seccomp: String,
+    /// Where virtio-pci BARs go: low (32-bit BARs below 4 GiB) or high (64-bit BARs in a window above guest RAM, reported in the DSDT).
+    #[arg(long, default_value = "low")]
+    pub pci_bars: String,
+    /// Base of the 64-bit BAR window (implies --pci-bars high), e.g. 256G; 1 GiB aligned, above guest RAM [default: the first GiB boundary above RAM and 4 GiB].
+    #[arg(long)]
+    pub pci_mmio64_base: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -42,6 +42,10 @@ pub enum ConfigError {
     Net { spec: String, reason: String },
     #[error("{0}")]
     Seccomp(String),
+    #[error("Invalid --pci-bars '{0}': expected low or high")]
+    PciBars(String),
+    #[error("Invalid --pci-mmio64-base '{value}': {reason}")]
+    PciMmio64Base { value: String, reason: String },
 }
 
 /// Guest memory when `--memory` is not given (`ringvm run`).
@@ -80,6 +84,9 @@ pub struct VmConfig {
     pub cpu_features: Vec<(bool, String)>,
     /// `--seccomp`.
     pub seccomp: SeccompMode,
+    /// The 64-bit BAR window (start, size) with `--pci-bars high`; `None` keeps every BAR
+    /// in the 32-bit window.
+    pub pci_mmio64: Option<(u64, u64)>,
 }
 
 /// Parses "512M", "2G", "4096", "4k".
@@ -140,6 +147,65 @@ fn check_cores(what: &'static str, list: &[usize], cores: &[usize]) -> Result<()
         Some(&core) => Err(ConfigError::NoSuchCore { what, core, last }),
         None => Ok(()),
     }
+}
+
+/// The host CPU's physical address width, which KVM passes on to the guest.
+fn host_phys_bits() -> u32 {
+    let max_ext = std::arch::x86_64::__cpuid(0x8000_0000).eax;
+    if max_ext >= 0x8000_0008 {
+        std::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff
+    } else {
+        36
+    }
+}
+
+/// The 64-bit BAR window from `--pci-bars` and `--pci-mmio64-base`: 1 GiB aligned, above
+/// guest RAM and 4 GiB, and inside the guest's physical address width.
+fn pci_mmio64(
+    a: &VmArgs,
+    memory: u64,
+    phys_bits: u32,
+) -> Result<Option<(u64, u64)>, ConfigError> {
+    use crate::vmm::layout::{ram_end, HIGH_RAM_START, PCI_MMIO64_ALIGN, PCI_MMIO64_SIZE};
+    let high = match a.pci_bars.as_str() {
+        "low" => a.pci_mmio64_base.is_some(),
+        "high" => true,
+        _ => return Err(ConfigError::PciBars(a.pci_bars.clone())),
+    };
+    if !high {
+        return Ok(None);
+    }
+    let lowest = ram_end(memory)
+        .max(HIGH_RAM_START)
+        .next_multiple_of(PCI_MMIO64_ALIGN);
+    let Some(value) = &a.pci_mmio64_base else {
+        return Ok(Some((lowest, PCI_MMIO64_SIZE)));
+    };
+    let bad = |reason: String| ConfigError::PciMmio64Base {
+        value: value.clone(),
+        reason,
+    };
+    let base = match value.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(&hex.replace('_', ""), 16)
+            .map_err(|_| bad("not a hexadecimal address".into()))?,
+        None => parse_size(value).map_err(|_| bad("expected an address like 256G or 0x4000000000".into()))?,
+    };
+    if base % PCI_MMIO64_ALIGN != 0 {
+        return Err(bad("not a multiple of 1 GiB".into()));
+    }
+    if base < lowest {
+        return Err(bad(format!(
+            "below {lowest:#x}, where guest RAM and the 32-bit MMIO hole end"
+        )));
+    }
+    let limit = 1u64 << phys_bits.min(63);
+    if base.checked_add(PCI_MMIO64_SIZE).is_none_or(|end| end > limit) {
+        return Err(bad(format!(
+            "the {} GiB window would end beyond the CPU's {phys_bits}-bit physical addresses",
+            PCI_MMIO64_SIZE >> 30
+        )));
+    }
+    Ok(Some((base, PCI_MMIO64_SIZE)))
 }
 
 fn parse_serial(s: &str) -> Result<SerialMode, ConfigError> {
@@ -304,6 +370,7 @@ impl VmConfig {
             hlog: a.hlog.clone(),
             cpu_features,
             seccomp: a.seccomp.parse().map_err(ConfigError::Seccomp)?,
+            pci_mmio64: pci_mmio64(a, memory, host_phys_bits())?,
         })
     }
 }
@@ -321,6 +388,49 @@ mod tests {
             panic!("parsed as run")
         };
         VmConfig::from_args(&r)
+    }
+
+    #[test]
+    fn test_pci_bars_high_window_above_ram_and_4g() {
+        assert_eq!(args(&[]).unwrap().pci_mmio64, None, "low by default");
+        let w = args(&["--pci-bars", "high", "--memory", "64M"]).unwrap();
+        assert_eq!(w.pci_mmio64, Some((1 << 32, crate::vmm::layout::PCI_MMIO64_SIZE)));
+        // 5 GiB of RAM: 3 GiB below the hole, 2 GiB from 4 GiB up, so RAM ends at 6 GiB.
+        let (base, _) = args(&["--pci-bars", "high", "--memory", "5G", "--hugepages", "none"])
+            .unwrap()
+            .pci_mmio64
+            .unwrap();
+        assert_eq!(base, 6 << 30);
+        let given = args(&["--pci-mmio64-base", "0x40_0000_0000"]).unwrap();
+        assert_eq!(given.pci_mmio64.map(|w| w.0), Some(256 << 30), "a base implies high");
+    }
+
+    #[test]
+    fn test_pci_bars_bad_values_name_the_problem() {
+        let msg = |a: &[&str]| args(a).unwrap_err().to_string();
+        assert!(msg(&["--pci-bars", "middle"]).contains("expected low or high"));
+        assert!(msg(&["--pci-mmio64-base", "300M"]).contains("multiple of 1 GiB"));
+        assert!(msg(&["--pci-mmio64-base", "2G"]).contains("below 0x100000000"));
+        assert!(msg(&["--pci-mmio64-base", "0xzz"]).contains("hexadecimal"));
+        let e = pci_mmio64(
+            &VmArgs {
+                pci_mmio64_base: Some("1T".into()),
+                ..vm_args()
+            },
+            64 << 20,
+            40,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("40-bit physical addresses"), "{e}");
+    }
+
+    fn vm_args() -> VmArgs {
+        let cli = crate::cli::Cli::try_parse_from(["ringvm", "run", "--kernel", "k"]).unwrap();
+        let crate::cli::Command::Run(r) = cli.command else {
+            panic!("parsed as run")
+        };
+        r.vm
     }
 
     #[test]

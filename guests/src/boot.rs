@@ -255,6 +255,7 @@ ring3_start:
 
     .section .data.boot, "aw", @progbits
     .balign 4096
+    .globl boot_pml4            /* mem::map_mmio adds BARs above 4 GiB from ring 3 */
 boot_pml4:
     .quad boot_pdpt + 0x7
     .fill 510, 8, 0

@@ -1,6 +1,6 @@
 //! PCI configuration mechanism #1 (ports 0xCF8/0xCFC), bus-0 enumeration,
-//! BAR sizing and moving 64-bit BARs that firmware put above 4 GiB into the
-//! identity-mapped MMIO hole.
+//! BAR sizing, placing unassigned BARs in the identity-mapped MMIO hole, and
+//! moving 64-bit BARs to a given address (blkbench `bar64=`).
 
 use crate::arch::{inb, inl, inw, outb, outl, outw};
 
@@ -222,6 +222,25 @@ pub fn place_bars_below_4g(target: Function, bars: &mut [Bar], reserved: &[(u64,
     }
     target.write16(COMMAND, cmd);
     true
+}
+
+/// Moves every 64-bit BAR in `bars` to `at` and up (each naturally aligned, in
+/// order), with memory decoding off meanwhile; returns whether any moved. The
+/// caller maps the new addresses.
+pub fn place_bars_at(target: Function, bars: &mut [Bar], at: u64) -> bool {
+    let cmd = target.read16(COMMAND);
+    target.write16(COMMAND, cmd & !COMMAND_MEMORY);
+    let mut next = at;
+    let mut moved = false;
+    for b in bars.iter_mut().filter(|b| b.is64) {
+        let addr = next.next_multiple_of(b.size.max(16));
+        target.set_memory_bar(b, addr);
+        moved |= addr != b.addr;
+        b.addr = addr;
+        next = addr + b.size;
+    }
+    target.write16(COMMAND, cmd);
+    moved
 }
 
 /// Lowest naturally aligned `size` range in the MMIO hole overlapping nothing in `used`.

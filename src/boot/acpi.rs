@@ -3,7 +3,8 @@
 //!
 //! Hardware-reduced ACPI (no PM1 blocks, SCI or PM timer to emulate), as Firecracker and
 //! Cloud Hypervisor do: RSDP → XSDT → FADT (→ DSDT), MADT, MCFG. The DSDT describes the PCI
-//! host bridge (bus 0, the 32-bit BAR window), COM1 and the CMOS RTC, whose IRQs the guest
+//! host bridge (bus 0, the 32-bit BAR window and, with `--pci-bars high`, the 64-bit one
+//! above guest RAM as a QWordMemory range), COM1 and the CMOS RTC, whose IRQs the guest
 //! maps from there because a hardware-reduced platform has no legacy PIC. Power-off and reset stay the
 //! i8042 route (`reboot=k`), so the FADT advertises the 8042.
 
@@ -82,7 +83,8 @@ fn isa_device(name: &str, hid: &str, uid: Option<u32>, port: u16, ports: u8, irq
     bytes(&Device::new(Path::new(name), children))
 }
 
-fn dsdt() -> Vec<u8> {
+/// `mmio64`: the 64-bit BAR window (start, size), if devices' BARs live there.
+fn dsdt(mmio64: Option<(u64, u64)>) -> Vec<u8> {
     let pci_hid = EISAName::new("PNP0A08");
     let pci_cid = EISAName::new("PNP0A03");
     let zero = 0u32;
@@ -97,7 +99,22 @@ fn dsdt() -> Vec<u8> {
         (PCI_MMIO_START + PCI_MMIO_SIZE - 1) as u32,
         None,
     );
-    let pci_crs = ResourceTemplate::new(vec![&buses, &cf8, &io_low, &io_high, &mmio]);
+    // Not cacheable, so Linux treats it as a non-prefetchable window, which the
+    // non-prefetchable 64-bit BARs of virtio-pci (registers with side effects) may use.
+    let mmio_high = mmio64.map(|(start, size)| {
+        AddressSpace::new_memory(
+            AddressSpaceCacheable::NotCacheable,
+            true,
+            start,
+            start + size - 1,
+            None,
+        )
+    });
+    let mut windows: Vec<&dyn Aml> = vec![&buses, &cf8, &io_low, &io_high, &mmio];
+    if let Some(w) = &mmio_high {
+        windows.push(w);
+    }
+    let pci_crs = ResourceTemplate::new(windows);
     let hid = Name::new(Path::new("_HID"), &pci_hid);
     let cid = Name::new(Path::new("_CID"), &pci_cid);
     let seg = Name::new(Path::new("_SEG"), &zero);
@@ -178,13 +195,13 @@ fn mcfg() -> Vec<u8> {
 }
 
 /// Builds every table for `vcpus` CPUs and lays them out from [`ACPI_START`].
-pub fn build(vcpus: u8) -> Tables {
+pub fn build(vcpus: u8, mmio64: Option<(u64, u64)>) -> Tables {
     let align = |a: u64| (a + 15) & !15;
     let rsdp_at = ACPI_START;
     let xsdt_len = 36 + 3 * 8;
     let xsdt_at = align(rsdp_at + Rsdp::len() as u64);
     let dsdt_at = align(xsdt_at + xsdt_len);
-    let dsdt = dsdt();
+    let dsdt = dsdt(mmio64);
     let fadt_at = align(dsdt_at + dsdt.len() as u64);
     let fadt = fadt(dsdt_at);
     let madt_at = align(fadt_at + fadt.len() as u64);
@@ -211,8 +228,12 @@ pub fn build(vcpus: u8) -> Tables {
 }
 
 /// Writes the tables into guest memory; returns the RSDP's address.
-pub fn write(mem: &GuestMemory, vcpus: u8) -> Result<u64, BootError> {
-    let t = build(vcpus);
+pub fn write(
+    mem: &GuestMemory,
+    vcpus: u8,
+    mmio64: Option<(u64, u64)>,
+) -> Result<u64, BootError> {
+    let t = build(vcpus, mmio64);
     if ACPI_START + t.span() > HIGH_MEMORY_START {
         return Err(BootError::Params(format!(
             "ACPI tables ({} bytes) do not fit below 1 MiB",
@@ -277,7 +298,7 @@ mod tests {
 
     #[test]
     fn test_acpi_checksums_and_lengths() {
-        let t = build(4);
+        let t = build(4, None);
         let rsdp = get(&t, b"RSD ");
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(sum(&rsdp[..20]), 0, "RSDP v1 checksum");
@@ -292,7 +313,7 @@ mod tests {
 
     #[test]
     fn test_acpi_madt_lists_every_cpu_and_the_ioapic() {
-        let t = build(3);
+        let t = build(3, None);
         let madt = follow(&t, b"APIC");
         assert_eq!(u32_at(madt, 36), LAPIC_START as u32);
         let (mut cpus, mut ioapics, mut overrides) = (Vec::new(), Vec::new(), Vec::new());
@@ -316,7 +337,7 @@ mod tests {
 
     #[test]
     fn test_acpi_fadt_is_hardware_reduced_and_points_at_dsdt() {
-        let t = build(1);
+        let t = build(1, None);
         let fadt = follow(&t, b"FACP");
         assert_ne!(u32_at(fadt, 112) & Flags::HwReducedAcpi as u32, 0);
         let iapc = u16::from_le_bytes([fadt[109], fadt[110]]);
@@ -331,9 +352,45 @@ mod tests {
         assert!(has(&[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
     }
 
+    /// The DSDT's `_CRS` for the host bridge, as AML bytes.
+    fn dsdt_of(t: &Tables) -> Vec<u8> {
+        let fadt = follow(t, b"FACP");
+        let at = u64_at(fadt, 140);
+        t.blobs.iter().find(|(a, _)| *a == at).unwrap().1.clone()
+    }
+
+    /// QWordMemory descriptors (tag 0x8a) in `aml`: (min, max, length).
+    fn qword_memory(aml: &[u8]) -> Vec<(u64, u64, u64)> {
+        let mut found = Vec::new();
+        for i in 0..aml.len().saturating_sub(46) {
+            // tag, length 43, resource type 0 (memory)
+            if aml[i] == 0x8a && aml[i + 1] == 43 && aml[i + 2] == 0 && aml[i + 3] == 0 {
+                let (min, max, len) = (u64_at(aml, i + 14), u64_at(aml, i + 22), u64_at(aml, i + 38));
+                found.push((min, max, len));
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn test_acpi_dsdt_reports_the_64bit_window_only_when_there_is_one() {
+        assert_eq!(qword_memory(&dsdt_of(&build(1, None))), vec![]);
+        let start = 0x40_0000_0000u64;
+        let size = crate::vmm::layout::PCI_MMIO64_SIZE;
+        let t = build(1, Some((start, size)));
+        assert_eq!(
+            qword_memory(&dsdt_of(&t)),
+            vec![(start, start + size - 1, size)],
+            "a QWordMemory range for the high window"
+        );
+        let dsdt = dsdt_of(&t);
+        assert_eq!(sum(&dsdt), 0, "checksum still holds");
+        assert_eq!(u32_at(&dsdt, 4) as usize, dsdt.len());
+    }
+
     #[test]
     fn test_acpi_mcfg_maps_bus0_ecam() {
-        let t = build(1);
+        let t = build(1, None);
         let mcfg = follow(&t, b"MCFG");
         assert_eq!(u64_at(mcfg, 44), PCI_ECAM_START);
         assert_eq!(&mcfg[52..56], &[0, 0, 0, 0], "segment 0, buses 0-0");
@@ -341,7 +398,7 @@ mod tests {
 
     #[test]
     fn test_acpi_fits_below_1mib_and_clear_of_mptable() {
-        let t = build(MAX_VCPUS);
+        let t = build(MAX_VCPUS, None);
         assert!(ACPI_START + t.span() <= HIGH_MEMORY_START);
         let mp_end = crate::vmm::layout::MPTABLE_ADDR as usize
             + crate::boot::mptable::build(MAX_VCPUS).len();

@@ -89,6 +89,7 @@ mod tests {
             vcpus: 2,
             pvm_quirks: false,
             tsc_khz: None,
+            pci_mmio64: None,
         };
         let initrd = Initrd {
             addr: GuestAddress(0x0f00_0000),

@@ -96,6 +96,8 @@ pub struct BootSpec<'a> {
     /// ringvm's table (which carries the rate in leaf 0x40000010), so a PVH guest that is
     /// not Linux (ringvm's bare-metal guests) gets it as `tsc_khz=` on its command line.
     pub tsc_khz: Option<u32>,
+    /// The 64-bit PCI BAR window (start, size) the DSDT reports, with `--pci-bars high`.
+    pub pci_mmio64: Option<(u64, u64)>,
 }
 
 /// Kernel parameters a Linux guest gets on the PVM host, each unless the command line
@@ -244,7 +246,7 @@ fn load_from<R: Read + ReadVolatile + Seek>(
     };
     write_cmdline(mem, spec.cmdline)?;
     // Every guest gets ACPI tables (Linux finds its CPUs there); bare-metal guests ignore them.
-    let rsdp = acpi::write(mem, spec.vcpus)?;
+    let rsdp = acpi::write(mem, spec.vcpus, spec.pci_mmio64)?;
     let initrd = match spec.initrd {
         Some(path) => Some(load_initrd(mem, path, result.kernel_end, spec.mem_size)?),
         None => None,
@@ -409,6 +411,7 @@ mod tests {
             vcpus: 1,
             pvm_quirks: false,
             tsc_khz: None,
+            pci_mmio64: None,
         }
     }
 

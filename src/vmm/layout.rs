@@ -5,6 +5,7 @@
 //! 0xC000_0000  32-bit MMIO hole     PCI BARs (0xC000_0000..0xE000_0000), ECAM,
 //!                                   IOAPIC, LAPIC, KVM's TSS and identity map
 //! 0x1_0000_0000 RAM (high)          whatever did not fit below the hole
+//! above RAM    64-bit PCI BARs      only with --pci-bars high (64 GiB window)
 //! ```
 
 /// Start of the 32-bit MMIO hole; RAM below it is "low" memory.
@@ -15,6 +16,10 @@ pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
 /// Window for 32-bit PCI BARs.
 pub const PCI_MMIO_START: u64 = 0xC000_0000;
 pub const PCI_MMIO_SIZE: u64 = 0x2000_0000;
+/// Size of the window for 64-bit PCI BARs (`--pci-bars high`), placed above guest RAM.
+pub const PCI_MMIO64_SIZE: u64 = 1 << 36;
+/// Alignment of that window's base.
+pub const PCI_MMIO64_ALIGN: u64 = 1 << 30;
 /// PCI Express enhanced configuration space (ECAM); ringvm emulates bus 0 only.
 pub const PCI_ECAM_START: u64 = 0xE000_0000;
 pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
@@ -52,3 +57,12 @@ pub const CMDLINE_MAX_SIZE: usize = 0x1_0000;
 pub const SERIAL_IRQ: u32 = 4;
 /// First GSI handed to MSI routes; below it are the 24 IOAPIC pins.
 pub const MSI_GSI_START: u32 = 24;
+
+/// End of guest RAM for `mem_size` bytes: below the hole, or continued from 4 GiB.
+pub fn ram_end(mem_size: u64) -> u64 {
+    if mem_size <= MMIO_HOLE_START {
+        mem_size
+    } else {
+        HIGH_RAM_START + (mem_size - MMIO_HOLE_START)
+    }
+}

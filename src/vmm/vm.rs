@@ -150,8 +150,16 @@ impl DeviceContext<'_> {
     }
 }
 
-fn attach_pci(pio: &Arc<Bus>, mmio: &Arc<Bus>) -> Result<Arc<Mutex<PciRoot>>, VmError> {
-    let root = Arc::new(Mutex::new(PciRoot::new(mmio)));
+fn attach_pci(
+    pio: &Arc<Bus>,
+    mmio: &Arc<Bus>,
+    mmio64: Option<(u64, u64)>,
+) -> Result<Arc<Mutex<PciRoot>>, VmError> {
+    let mut root = PciRoot::new(mmio);
+    if let Some((start, size)) = mmio64 {
+        root.set_mmio64_window(start, size);
+    }
+    let root = Arc::new(Mutex::new(root));
     pio.insert(
         Arc::new(Mutex::new(PciConfigIo(root.clone()))),
         root::CONFIG_IO_BASE,
@@ -254,7 +262,7 @@ pub fn run(config: &VmConfig, ext: &mut dyn VmExtension) -> Result<RunOutcome, V
     let mmio = Arc::new(Bus::new());
     let serial_override = ext.serial_out();
     let serial = attach_legacy(&vm, &pio, &exit, &config.serial, serial_override)?;
-    let pci = attach_pci(&pio, &mmio)?;
+    let pci = attach_pci(&pio, &mmio, config.pci_mmio64)?;
 
     let entry = boot::load(
         &mem,
@@ -266,6 +274,7 @@ pub fn run(config: &VmConfig, ext: &mut dyn VmExtension) -> Result<RunOutcome, V
             vcpus: config.vcpus as u8,
             pvm_quirks: kvm::is_pvm_host(),
             tsc_khz: kvm::vm_tsc_khz(&vm),
+            pci_mmio64: config.pci_mmio64,
         },
     )?;
 

@@ -62,6 +62,8 @@ pub struct Params {
     pub run: u64,
     /// verify_only: the newest flushed generation the writer reported.
     pub upto: u64,
+    /// Move the device's 64-bit BARs here (above 4 GiB, 1 GiB aligned) before using them.
+    pub bar64: Option<u64>,
 }
 
 pub const DEFAULT_RUNTIME_NS: u64 = 5_000_000_000;
@@ -99,6 +101,7 @@ impl Default for Params {
             verify_only: false,
             run: 0,
             upto: 0,
+            bar64: None,
         }
     }
 }
@@ -206,6 +209,13 @@ impl Params {
                         return Err(bad("must be below 2^31"));
                     }
                 }
+                "bar64" => {
+                    let at = cmdline::parse_size(value).ok_or(bad("not an address"))?;
+                    if at < 1 << 32 || at % (1 << 30) != 0 || at >= 1 << 47 {
+                        return Err(bad("must be a multiple of 1 GiB from 4 GiB up to 2^47"));
+                    }
+                    p.bar64 = Some(at);
+                }
                 _ => return Err(ParamError { key, value, reason: "unknown parameter" }),
             }
         }
@@ -264,6 +274,16 @@ mod tests {
         assert_eq!(p.size, Some(1 << 30));
         assert_eq!((p.seed, p.verify, p.flush_every), (7, true, 8));
         assert_eq!((p.tsc_khz, p.qsize, p.progress), (Some(2_000_000), Some(512), true));
+    }
+
+    #[test]
+    fn test_parse_bar64_takes_a_high_gib_aligned_address() {
+        assert_eq!(Params::parse("bar64=256g").unwrap().bar64, Some(256 << 30));
+        assert_eq!(Params::parse("bar64=0x1000000000").unwrap().bar64, Some(64 << 30));
+        for bad in ["bar64=1g", "bar64=0x148000000", "bar64=256t", "bar64=x"] {
+            let e = Params::parse(bad).unwrap_err();
+            assert_eq!(e.key, "bar64", "{bad}");
+        }
     }
 
     #[test]

@@ -65,6 +65,10 @@ fn transport_error(e: TransportError) -> ! {
             exit::exit(EXIT_NO_DEVICE)
         }
         TransportError::NoBarSpace => device_error("no room below 4 GiB for the device's BARs"),
+        TransportError::BarUnmappable { addr, error } => {
+            println!("device error: BAR at {:#x} cannot be mapped ({:?})", addr, error);
+            exit::exit(EXIT_DEVICE_ERROR)
+        }
         TransportError::ResetTimeout => device_error("reset did not complete"),
         TransportError::FeaturesRefused => device_error("FEATURES_OK refused"),
         TransportError::NoQueue(q) => {
@@ -100,7 +104,7 @@ fn main(si: &StartInfo) -> ! {
     for (r, m) in reserved.iter_mut().zip(&si.memmap[..si.memmap_entries]) {
         *r = (m.addr, m.addr.saturating_add(m.size));
     }
-    let dev = VirtioPci::new(func, &reserved[..si.memmap_entries]).unwrap_or_else(|e| transport_error(e));
+    let dev = VirtioPci::new_at(func, &reserved[..si.memmap_entries], p.bar64).unwrap_or_else(|e| transport_error(e));
 
     // Reset → ACKNOWLEDGE → DRIVER → FEATURES_OK → queues → DRIVER_OK.
     dev.reset().unwrap_or_else(|e| transport_error(e));
@@ -207,7 +211,7 @@ fn main(si: &StartInfo) -> ! {
     println!(
         "blkbench: {:02x}:{:02x}.{} {} sectors blk_size {} queues {}/{} qsize {} features {:#x} cfg {:#x}{} tsc {} kHz ({}) ring0 {} us",
         func.bus, func.dev, func.func, cfg.capacity_sectors, cfg.blk_size, p.queues, cfg.num_queues, qsize,
-        features, dev.common, if dev.relocated { " (BAR moved below 4 GiB)" } else { "" }, khz, tsc_source.name(), ring0_ns / 1000
+        features, dev.common, if dev.relocated { " (BAR moved by the driver)" } else { "" }, khz, tsc_source.name(), ring0_ns / 1000
     );
 
     if let Err(RunError::Timeout) = result {

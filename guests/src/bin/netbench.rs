@@ -65,6 +65,10 @@ fn transport_error(e: TransportError) -> ! {
             exit::exit(EXIT_NO_DEVICE)
         }
         TransportError::NoBarSpace => device_error("no room below 4 GiB for the device's BARs"),
+        TransportError::BarUnmappable { addr, error } => {
+            println!("device error: BAR at {:#x} cannot be mapped ({:?})", addr, error);
+            exit::exit(EXIT_DEVICE_ERROR)
+        }
         TransportError::ResetTimeout => device_error("reset did not complete"),
         TransportError::FeaturesRefused => device_error("FEATURES_OK refused"),
         TransportError::NoQueue(q) => {

@@ -53,8 +53,11 @@ const RESET_TIMEOUT_SPINS: u32 = 100_000;
 pub enum TransportError {
     /// No common/notify/device capability (a legacy-only device).
     NoModernCaps,
-    /// A BAR is above 4 GiB and there is no room to move it.
+    /// A BAR is unassigned and there is no room for it below 4 GiB.
     NoBarSpace,
+    /// A BAR above 4 GiB cannot be mapped (beyond the physical address width, or out
+    /// of page tables).
+    BarUnmappable { addr: u64, error: crate::mem::MapError },
     /// The device did not finish a reset.
     ResetTimeout,
     /// The device refused the feature set (FEATURES_OK did not stick).
@@ -68,7 +71,7 @@ pub struct VirtioPci {
     pub func: Function,
     /// Address of the common configuration (tells where the BAR ended up).
     pub common: u64,
-    /// A BAR had to be moved below 4 GiB.
+    /// The driver moved a BAR (an unassigned one below 4 GiB, or with `bar64=` high).
     pub relocated: bool,
     notify_base: u64,
     notify_mult: u32,
@@ -82,10 +85,17 @@ struct CapRef {
 }
 
 impl VirtioPci {
-    /// Parses the virtio capabilities, places the BARs they use below 4 GiB,
-    /// and enables memory decoding and bus mastering. `reserved` lists
-    /// address ranges a moved BAR must avoid (the VM's memory map).
+    /// Parses the virtio capabilities, gives unassigned BARs a place below 4 GiB,
+    /// maps BARs above 4 GiB wherever the VMM put them, and enables memory decoding
+    /// and bus mastering. `reserved` lists address ranges a moved BAR must avoid
+    /// (the VM's memory map).
     pub fn new(func: Function, reserved: &[(u64, u64)]) -> Result<Self, TransportError> {
+        Self::new_at(func, reserved, None)
+    }
+
+    /// As [`VirtioPci::new`], and with `bar64_at` moves the device's 64-bit BARs to that
+    /// address and up first (blkbench `bar64=`: tests a VMM's 64-bit BAR relocation).
+    pub fn new_at(func: Function, reserved: &[(u64, u64)], bar64_at: Option<u64>) -> Result<Self, TransportError> {
         let mut common = None;
         let mut notify = None;
         let mut isr = None;
@@ -117,7 +127,7 @@ impl VirtioPci {
         };
         let isr = isr.unwrap_or(CapRef { bar: common.bar, offset: common.offset });
 
-        // Size every BAR a capability uses; move any that firmware left above 4 GiB.
+        // Size every BAR a capability uses; place the unassigned ones.
         let cmd = func.read16(pci::COMMAND);
         func.write16(pci::COMMAND, cmd & !(pci::COMMAND_MEMORY | pci::COMMAND_IO));
         let mut bars: [Bar; 6] = [Bar { index: 0, addr: 0, size: 0, is64: false }; 6];
@@ -132,9 +142,19 @@ impl VirtioPci {
             }
         }
         func.write16(pci::COMMAND, cmd);
-        let relocated = bars[..nbars].iter().any(|b| b.addr == 0 || b.addr + b.size > 1 << 32);
-        if relocated && !pci::place_bars_below_4g(func, &mut bars[..nbars], reserved) {
+        let unassigned = bars[..nbars].iter().any(|b| b.addr == 0);
+        if unassigned && !pci::place_bars_below_4g(func, &mut bars[..nbars], reserved) {
             return Err(TransportError::NoBarSpace);
+        }
+        let mut relocated = unassigned;
+        if let Some(at) = bar64_at {
+            relocated |= pci::place_bars_at(func, &mut bars[..nbars], at);
+        }
+        for b in &bars[..nbars] {
+            if b.addr + b.size > 1 << 32 {
+                crate::mem::map_mmio(b.addr, b.size)
+                    .map_err(|error| TransportError::BarUnmappable { addr: b.addr, error })?;
+            }
         }
         let base = |r: &CapRef| -> u64 {
             bars[..nbars].iter().find(|b| b.index == r.bar).map_or(0, |b| b.addr) + u64::from(r.offset)

@@ -9,6 +9,9 @@ const CAP_PTR_REG: usize = 13;
 const STATUS_CAP_LIST: u32 = 1 << 20;
 const FIRST_CAP_OFFSET: usize = 0x40;
 const BAR_MEM_64: u32 = 0x4;
+/// x86-64's architectural limit on physical addresses (52 bits): a BAR ending above it is a
+/// sizing pattern, not an address.
+const MAX_BAR_END: u64 = 1 << 52;
 
 /// A BAR the guest asked to move.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,15 +81,13 @@ impl PciConfig {
         );
         self.bars[idx] = Some(Bar { addr, size, is64 });
         let flags = if is64 { BAR_MEM_64 } else { 0 };
-        self.regs[BAR0_REG + idx] = (addr as u32 & !(size as u32 - 1)) | flags;
-        self.wmask[BAR0_REG + idx] = !(size as u32 - 1) & !0xf;
+        // Address bits are those above the size; a 64-bit BAR's high half holds the rest.
+        let mask = !(size - 1);
+        self.regs[BAR0_REG + idx] = (addr & mask) as u32 | flags;
+        self.wmask[BAR0_REG + idx] = mask as u32 & !0xf;
         if is64 {
-            self.regs[BAR0_REG + idx + 1] = (addr >> 32) as u32;
-            self.wmask[BAR0_REG + idx + 1] = if size > 1 << 32 {
-                !((size >> 32) as u32 - 1)
-            } else {
-                0xffff_ffff
-            };
+            self.regs[BAR0_REG + idx + 1] = ((addr & mask) >> 32) as u32;
+            self.wmask[BAR0_REG + idx + 1] = (mask >> 32) as u32;
         }
     }
 
@@ -156,25 +157,27 @@ impl PciConfig {
         if !(BAR0_REG..BAR0_REG + NUM_BARS).contains(&reg) {
             return None;
         }
-        let (idx, hi) = match self.bars[reg - BAR0_REG] {
-            Some(_) => (reg - BAR0_REG, false),
+        let idx = match self.bars[reg - BAR0_REG] {
+            Some(_) => reg - BAR0_REG,
             None if reg > BAR0_REG && self.bars[reg - BAR0_REG - 1].is_some_and(|b| b.is64) => {
-                (reg - BAR0_REG - 1, true)
+                reg - BAR0_REG - 1
             }
             None => return None,
         };
         let bar = self.bars[idx]?;
         let lo = (self.regs[BAR0_REG + idx] & !0xf) as u64;
-        let hi_val = if bar.is64 {
+        let hi = if bar.is64 {
             self.regs[BAR0_REG + idx + 1] as u64
         } else {
             0
         };
-        let new = hi_val << 32 | lo;
+        let new = hi << 32 | lo;
         let probing = (self.regs[BAR0_REG + idx] | 0xf) == (self.wmask[BAR0_REG + idx] | 0xf);
-        // Sizing writes all-ones; the upper half of a 64-bit BAR is written separately, so
-        // only move once the low half holds an address.
-        if probing || new == bar.addr || (bar.is64 && !hi && lo == 0) {
+        // Sizing writes all-ones to each half in turn and then restores them, so between
+        // the two halves a 64-bit BAR reads as an address above any CPU's physical address
+        // width: that is no move. A move written low half first passes through one
+        // in-between address, which is mapped like any other (QEMU does the same).
+        if probing || new == bar.addr || new == 0 || new.saturating_add(bar.size) > MAX_BAR_END {
             return None;
         }
         self.bars[idx] = Some(Bar { addr: new, ..bar });
@@ -247,6 +250,83 @@ mod tests {
             }
         );
         assert_eq!(c.bars(), vec![(0, 0xd000_0000, 0x8000)]);
+    }
+
+    /// Writes `v` to configuration register `reg` as a driver does (one dword).
+    fn w(c: &mut PciConfig, reg: usize, v: u32) -> Option<BarMove> {
+        c.write(reg, 0, &v.to_le_bytes())
+    }
+
+    #[test]
+    fn test_bar64_sizing_both_halves_reads_mask_and_does_not_move() {
+        let mut c = cfg();
+        c.add_mem_bar(0, 0x1_0000_0000, 0x8000, true);
+        assert_eq!(c.read(4), BAR_MEM_64, "low half: address bits 0 and the 64-bit type");
+        assert_eq!(c.read(5), 1);
+        // Linux's order: low half to all-ones, read, restore; then the high half.
+        assert_eq!(w(&mut c, 4, 0xffff_ffff), None);
+        assert_eq!(c.read(4), 0xffff_8000 | BAR_MEM_64);
+        assert_eq!(w(&mut c, 4, 0), None, "restoring the low half");
+        assert_eq!(w(&mut c, 5, 0xffff_ffff), None);
+        assert_eq!(c.read(5), 0xffff_ffff, "a 32 KiB BAR: the whole high half is address");
+        assert_eq!(w(&mut c, 5, 1), None, "restoring the high half");
+        // Both halves at all-ones at once, then restored low half first.
+        assert_eq!(w(&mut c, 4, 0xffff_ffff), None);
+        assert_eq!(w(&mut c, 5, 0xffff_ffff), None);
+        assert_eq!(w(&mut c, 4, 0), None, "0xffffffff_00000000 is no address");
+        assert_eq!(w(&mut c, 5, 1), None);
+        assert_eq!(c.bars(), vec![(0, 0x1_0000_0000, 0x8000)]);
+    }
+
+    #[test]
+    fn test_bar64_relocation_low_then_high_ends_at_the_full_address() {
+        let mut c = cfg();
+        c.add_mem_bar(2, 0x1_0000_0000, 0x8000, true);
+        // 256 GiB (where Firecracker puts its BARs): the low half is 0, only the high moves.
+        assert_eq!(w(&mut c, 6, 0), None, "low half unchanged");
+        let m = w(&mut c, 7, 0x40).expect("the high half moves the BAR");
+        assert_eq!(
+            m,
+            BarMove {
+                bar: 2,
+                old: 0x1_0000_0000,
+                new: 0x40_0000_0000,
+                len: 0x8000
+            }
+        );
+        // Low half first: one move through (old high : new low), then the final one.
+        let a = w(&mut c, 6, 0xc000_0000).expect("low half moves");
+        assert_eq!((a.old, a.new), (0x40_0000_0000, 0x40_c000_0000));
+        let b = w(&mut c, 7, 0).expect("high half moves");
+        assert_eq!((b.old, b.new), (0x40_c000_0000, 0xc000_0000));
+        assert_eq!(c.bars(), vec![(2, 0xc000_0000, 0x8000)]);
+        assert_eq!(c.read(6), 0xc000_0000 | BAR_MEM_64);
+        assert_eq!(c.read(7), 0);
+    }
+
+    #[test]
+    fn test_bar64_byte_writes_and_address_zero_do_not_move() {
+        let mut c = cfg();
+        c.add_mem_bar(0, 0x2_0000_0000, 0x8000, true);
+        // Unaligned address bits are not writable: the BAR stays aligned to its size.
+        assert_eq!(c.write(4, 1, &[0x12]), None, "bits 8-15 of a 32 KiB BAR are not address");
+        assert_eq!(c.read(4), BAR_MEM_64);
+        assert_eq!(w(&mut c, 5, 0), None, "0 means unassigned");
+        let m = w(&mut c, 5, 3).expect("a move within the high half");
+        assert_eq!(m.new, 0x3_0000_0000);
+        // The upper byte of the high half alone puts it beyond 52 bits: no move.
+        assert_eq!(c.write(5, 3, &[0xff]), None);
+        assert_eq!(c.bars(), vec![(0, 0x3_0000_0000, 0x8000)]);
+    }
+
+    #[test]
+    fn test_bar64_larger_than_4g_masks_high_half() {
+        let mut c = cfg();
+        c.add_mem_bar(0, 0x100_0000_0000, 1 << 33, true);
+        assert_eq!(w(&mut c, 4, 0xffff_ffff), None);
+        assert_eq!(w(&mut c, 5, 0xffff_ffff), None);
+        assert_eq!(c.read(4), BAR_MEM_64, "no address bits in the low half");
+        assert_eq!(c.read(5), 0xffff_fffe, "8 GiB: bit 0 of the high half is size");
     }
 
     #[test]

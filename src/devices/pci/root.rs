@@ -1,5 +1,6 @@
 //! The root complex of bus 0: a host bridge at 00:00.0, configuration mechanism #1 on
-//! ports 0xCF8/0xCFC, ECAM in MMIO, BAR allocation in the 32-bit window, and BAR moves.
+//! ports 0xCF8/0xCFC, ECAM in MMIO, BAR allocation in the 32-bit window or (with
+//! `--pci-bars high`) the 64-bit window above guest RAM, and BAR moves.
 
 use std::sync::{Arc, Mutex, Weak};
 
@@ -44,6 +45,8 @@ pub struct PciRoot {
     /// VM stops.
     mmio: Weak<Bus>,
     next_bar: u64,
+    /// The 64-bit window's next free address and end, when device BARs go there.
+    mmio64: Option<(u64, u64)>,
     address: Mutex<u32>,
     /// Where each device's BARs are mapped on the MMIO bus now: (device, BAR, address). A
     /// BAR the guest moved onto an occupied range is not mapped, and moving it again must
@@ -87,6 +90,7 @@ impl PciRoot {
             slots: vec![Arc::new(Mutex::new(HostBridge(bridge)))],
             mmio: Arc::downgrade(mmio),
             next_bar: PCI_MMIO_START,
+            mmio64: None,
             address: Mutex::new(0),
             mapped: Mutex::new(Vec::new()),
         }
@@ -100,6 +104,26 @@ impl PciRoot {
         }
         self.next_bar = addr + size;
         Ok(addr)
+    }
+
+    /// Places device BARs in `[start, start + size)` as 64-bit BARs from now on.
+    pub fn set_mmio64_window(&mut self, start: u64, size: u64) {
+        self.mmio64 = Some((start, start + size));
+    }
+
+    /// Reserves a memory BAR of `size` bytes where devices' BARs go: in the 64-bit window
+    /// when there is one, else the 32-bit one. Returns the address and whether the BAR
+    /// must be declared 64-bit.
+    pub fn allocate_mem_bar(&mut self, size: u64) -> Result<(u64, bool), PciError> {
+        let Some((next, end)) = self.mmio64 else {
+            return self.allocate_bar(size).map(|a| (a, false));
+        };
+        let addr = next.next_multiple_of(size);
+        if addr.checked_add(size).is_none_or(|e| e > end) {
+            return Err(PciError::NoBarSpace { size });
+        }
+        self.mmio64 = Some((addr + size, end));
+        Ok((addr, true))
     }
 
     /// Plugs `dev` into the next free slot and maps its BARs; returns the slot number.
@@ -372,6 +396,98 @@ mod tests {
         assert!(
             !bus.read(bar, &mut b),
             "nothing left at the BAR's first address"
+        );
+    }
+
+    #[test]
+    fn test_mem_bar_allocation_uses_the_64bit_window_when_set() {
+        let mut root = PciRoot::new(&Arc::new(Bus::new()));
+        assert_eq!(root.allocate_mem_bar(0x8000).unwrap(), (PCI_MMIO_START, false));
+        let base = 0x40_0000_0000;
+        root.set_mmio64_window(base, 0x10000);
+        assert_eq!(root.allocate_mem_bar(0x8000).unwrap(), (base, true));
+        assert_eq!(root.allocate_mem_bar(0x4000).unwrap(), (base + 0x8000, true));
+        assert!(
+            matches!(
+                root.allocate_mem_bar(0x8000),
+                Err(PciError::NoBarSpace { size: 0x8000 })
+            ),
+            "the window is full"
+        );
+    }
+
+    /// A 64-bit BAR the guest moves high and back, one dword at a time, answers at each
+    /// final address through ECAM and the MMIO bus, and nowhere else.
+    #[test]
+    fn test_bar64_moved_by_both_dwords_is_mapped_at_the_full_address() {
+        use crate::devices::pci::config::{PciConfig, PciIds};
+        struct OneBar(PciConfig, Vec<(u64, u64)>);
+        impl PciDevice for OneBar {
+            fn read_config(&mut self, reg: usize) -> u32 {
+                self.0.read(reg)
+            }
+            fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarMove> {
+                self.0.write(reg, offset, data)
+            }
+            fn read_bar(&mut self, _: usize, offset: u64, data: &mut [u8]) {
+                data.fill(offset as u8 | 0x40);
+            }
+            fn write_bar(&mut self, _: usize, _: u64, _: &[u8]) {}
+            fn bar_moved(&mut self, _: usize, old: u64, new: u64) {
+                self.1.push((old, new));
+            }
+            fn bars(&self) -> Vec<(usize, u64, u64)> {
+                self.0.bars()
+            }
+        }
+        let bus = Arc::new(Bus::new());
+        let mut root = PciRoot::new(&bus);
+        root.set_mmio64_window(1 << 32, 1 << 30);
+        let mut cfg = PciConfig::new(PciIds {
+            vendor: 0x1af4,
+            device: 0x1042,
+            class: 1,
+            subclass: 0,
+            prog_if: 0,
+            revision: 1,
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x40,
+        });
+        let (first, is64) = root.allocate_mem_bar(0x8000).unwrap();
+        cfg.add_mem_bar(0, first, 0x8000, is64);
+        let dev = Arc::new(Mutex::new(OneBar(cfg, Vec::new())));
+        root.add(dev.clone()).unwrap();
+        let ecam = 0xe000_0000u64;
+        bus.insert(
+            Arc::new(Mutex::new(PciConfigMmio(Arc::new(Mutex::new(root))))),
+            ecam,
+            1 << 20,
+        )
+        .unwrap();
+        let (lo, hi) = (ecam | 1 << 15 | 0x10, ecam | 1 << 15 | 0x14);
+        let mut b = [0u8; 4];
+        assert!(bus.read(first + 4, &mut b), "mapped where it was placed");
+        // To 256 GiB: the low dword stays 0, the high one moves it.
+        bus.write(lo, &0u32.to_le_bytes());
+        bus.write(hi, &0x40u32.to_le_bytes());
+        let high = 0x40_0000_0000u64;
+        assert!(bus.read(high + 4, &mut b));
+        assert_eq!(b, [0x44; 4], "offset 4 inside the BAR at 256 GiB");
+        assert!(!bus.read(first, &mut b), "gone from the first address");
+        // Back below 4 GiB, low dword first (through 0x40_c000_0000).
+        bus.write(lo, &0xc000_0000u32.to_le_bytes());
+        bus.write(hi, &0u32.to_le_bytes());
+        assert!(bus.read(0xc000_0000, &mut b));
+        assert!(!bus.read(high, &mut b) && !bus.read(0x40_c000_0000, &mut b));
+        let moves = &dev.lock().unwrap().1;
+        assert_eq!(
+            moves,
+            &vec![
+                (first, high),
+                (high, 0x40_c000_0000),
+                (0x40_c000_0000, 0xc000_0000)
+            ],
+            "the device saw every move (its ioeventfds follow)"
         );
     }
 

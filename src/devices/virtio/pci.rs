@@ -1,6 +1,7 @@
 //! The virtio-pci modern transport (virtio 1.2, 4.1; no legacy interface).
 //!
-//! BAR 0 (32-bit memory, 32 KiB) holds every structure the driver touches:
+//! BAR 0 (memory, 32 KiB; 32-bit, or 64-bit above guest RAM with `--pci-bars high`) holds
+//! every structure the driver touches:
 //!
 //! | offset | structure |
 //! |--------|-----------|
@@ -130,7 +131,7 @@ impl VirtioPci {
         if nq == 0 || nq > MAX_QUEUES {
             return Err(VirtioPciError::TooManyQueues(nq));
         }
-        let bar = root.allocate_bar(BAR_SIZE)?;
+        let (bar, bar64) = root.allocate_mem_bar(BAR_SIZE)?;
         let ty = device.device_type();
         let (class, subclass) = match ty {
             super::TYPE_BLOCK => (0x01, 0x00),
@@ -147,7 +148,7 @@ impl VirtioPci {
             subsystem_vendor: 0x1af4,
             subsystem: 0x40,
         });
-        config.add_mem_bar(0, bar, BAR_SIZE, false);
+        config.add_mem_bar(0, bar, BAR_SIZE, bar64);
         config.add_capability(&vendor_cap(CFG_COMMON, COMMON_OFFSET, COMMON_SIZE, None));
         config.add_capability(&vendor_cap(
             CFG_NOTIFY,
@@ -543,7 +544,10 @@ impl PciDevice for VirtioPci {
         }
     }
 
-    fn bar_moved(&mut self, _bar: usize, old: u64, new: u64) {
+    fn bar_moved(&mut self, _bar: usize, _old: u64, new: u64) {
+        // The ioeventfds sit where the BAR was last mapped, which is not `old` when the
+        // guest moved it through an address that could not be mapped.
+        let old = self.bar;
         for (q, fd) in self.kicks.iter().enumerate() {
             let off = NOTIFY_OFFSET + q as u64 * NOTIFY_MULTIPLIER as u64;
             let _ = self.irq.unregister_ioevent(fd, old + off);
