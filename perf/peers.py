@@ -124,13 +124,12 @@ def run_until_result(name, cmd, console_path, rules, cores, timeout_s, log=print
         while time.time() < deadline:
             if not all_pinned:
                 all_pinned = pinner.pass_()
-            text = _read(path)
-            line = next((l for l in text.splitlines() if l.startswith(RESULT_PREFIX)), None)
-            if line is not None and line.rstrip().endswith("}"):
+            # Only a line that ends in a newline is complete (the serial writes byte by byte).
+            line = _result_line(_read(path), complete=True)
+            if line is not None:
                 break
             if proc.poll() is not None:
-                text = _read(path)
-                line = next((l for l in text.splitlines() if l.startswith(RESULT_PREFIX)), None)
+                line = _result_line(_read(path), complete=False)
                 break
             time.sleep(0.01 if not all_pinned else 0.05)
         log(pinner.report(name))
@@ -148,6 +147,14 @@ def run_until_result(name, cmd, console_path, rules, cores, timeout_s, log=print
         return json.loads(line), console
     except json.JSONDecodeError as e:
         raise PeerError(f"{name}: blkbench's result line is not JSON ({e})") from e
+
+
+def _result_line(text, complete):
+    """blkbench's JSON line in `text`; with `complete`, only once its newline has arrived."""
+    for l in text.splitlines(keepends=True):
+        if l.startswith(RESULT_PREFIX) and (l.endswith("\n") or not complete):
+            return l.strip()
+    return None
 
 
 def _read(path):
