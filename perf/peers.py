@@ -80,7 +80,9 @@ class Pinner:
                 if not pat.match(comm):
                     continue
                 seen.add(role)
-                if tid in self.pinned:
+                # A new thread carries its parent's name until it names itself: pin again
+                # when the name changed (Firecracker's "fc_vcpu 0" starts as "firecracker").
+                if self.pinned.get(tid, ("",))[0] == comm:
                     continue
                 core = self.cores[role]
                 p = subprocess.run(["taskset", "-p", "-c", str(core), str(tid)],
@@ -122,8 +124,8 @@ def run_until_result(name, cmd, console_path, rules, cores, timeout_s, log=print
     line = None
     try:
         while time.time() < deadline:
-            if not all_pinned:
-                all_pinned = pinner.pass_()
+            # Scanned through the whole run: threads appear and rename themselves late.
+            all_pinned = pinner.pass_()
             # Only a line that ends in a newline is complete (the serial writes byte by byte).
             line = _result_line(_read(path), complete=True)
             if line is not None:
@@ -131,7 +133,7 @@ def run_until_result(name, cmd, console_path, rules, cores, timeout_s, log=print
             if proc.poll() is not None:
                 line = _result_line(_read(path), complete=False)
                 break
-            time.sleep(0.01 if not all_pinned else 0.05)
+            time.sleep(0.01 if not all_pinned else 0.1)
         log(pinner.report(name))
     finally:
         _stop(proc)

@@ -161,11 +161,7 @@ fn host_phys_bits() -> u32 {
 
 /// The 64-bit BAR window from `--pci-bars` and `--pci-mmio64-base`: 1 GiB aligned, above
 /// guest RAM and 4 GiB, and inside the guest's physical address width.
-fn pci_mmio64(
-    a: &VmArgs,
-    memory: u64,
-    phys_bits: u32,
-) -> Result<Option<(u64, u64)>, ConfigError> {
+fn pci_mmio64(a: &VmArgs, memory: u64, phys_bits: u32) -> Result<Option<(u64, u64)>, ConfigError> {
     use crate::vmm::layout::{ram_end, HIGH_RAM_START, PCI_MMIO64_ALIGN, PCI_MMIO64_SIZE};
     let high = match a.pci_bars.as_str() {
         "low" => a.pci_mmio64_base.is_some(),
@@ -188,7 +184,8 @@ fn pci_mmio64(
     let base = match value.strip_prefix("0x") {
         Some(hex) => u64::from_str_radix(&hex.replace('_', ""), 16)
             .map_err(|_| bad("not a hexadecimal address".into()))?,
-        None => parse_size(value).map_err(|_| bad("expected an address like 256G or 0x4000000000".into()))?,
+        None => parse_size(value)
+            .map_err(|_| bad("expected an address like 256G or 0x4000000000".into()))?,
     };
     if base % PCI_MMIO64_ALIGN != 0 {
         return Err(bad("not a multiple of 1 GiB".into()));
@@ -199,7 +196,10 @@ fn pci_mmio64(
         )));
     }
     let limit = 1u64 << phys_bits.min(63);
-    if base.checked_add(PCI_MMIO64_SIZE).is_none_or(|end| end > limit) {
+    if base
+        .checked_add(PCI_MMIO64_SIZE)
+        .is_none_or(|end| end > limit)
+    {
         return Err(bad(format!(
             "the {} GiB window would end beyond the CPU's {phys_bits}-bit physical addresses",
             PCI_MMIO64_SIZE >> 30
@@ -394,15 +394,29 @@ mod tests {
     fn test_pci_bars_high_window_above_ram_and_4g() {
         assert_eq!(args(&[]).unwrap().pci_mmio64, None, "low by default");
         let w = args(&["--pci-bars", "high", "--memory", "64M"]).unwrap();
-        assert_eq!(w.pci_mmio64, Some((1 << 32, crate::vmm::layout::PCI_MMIO64_SIZE)));
+        assert_eq!(
+            w.pci_mmio64,
+            Some((1 << 32, crate::vmm::layout::PCI_MMIO64_SIZE))
+        );
         // 5 GiB of RAM: 3 GiB below the hole, 2 GiB from 4 GiB up, so RAM ends at 6 GiB.
-        let (base, _) = args(&["--pci-bars", "high", "--memory", "5G", "--hugepages", "none"])
-            .unwrap()
-            .pci_mmio64
-            .unwrap();
+        let (base, _) = args(&[
+            "--pci-bars",
+            "high",
+            "--memory",
+            "5G",
+            "--hugepages",
+            "none",
+        ])
+        .unwrap()
+        .pci_mmio64
+        .unwrap();
         assert_eq!(base, 6 << 30);
         let given = args(&["--pci-mmio64-base", "0x40_0000_0000"]).unwrap();
-        assert_eq!(given.pci_mmio64.map(|w| w.0), Some(256 << 30), "a base implies high");
+        assert_eq!(
+            given.pci_mmio64.map(|w| w.0),
+            Some(256 << 30),
+            "a base implies high"
+        );
     }
 
     #[test]

@@ -83,8 +83,15 @@ fn test_bar64_ringvm_high_window_default_base_verifies() {
     let (w, r) = write_then_verify_ringvm(&["--pci-bars", "high"], "");
     for j in [&w, &r] {
         // 256 MiB of RAM: the window starts at the first GiB above 4 GiB.
-        assert_eq!(common_cfg(j), 4 * GIB, "BAR 0 (common config at offset 0): {j}");
-        assert_eq!(j["device"]["bar_relocated"], false, "the guest kept it: {j}");
+        assert_eq!(
+            common_cfg(j),
+            4 * GIB,
+            "BAR 0 (common config at offset 0): {j}"
+        );
+        assert_eq!(
+            j["device"]["bar_relocated"], false,
+            "the guest kept it: {j}"
+        );
     }
 }
 
@@ -116,13 +123,7 @@ fn test_bar64_ringvm_honours_guest_move_to_1t() {
 
 #[test]
 fn test_bar64_bad_window_base_is_a_one_line_error() {
-    let r = run(&[
-        "run",
-        "--kernel",
-        "/nonexistent",
-        "--pci-mmio64-base",
-        "1G",
-    ]);
+    let r = run(&["run", "--kernel", "/nonexistent", "--pci-mmio64-base", "1G"]);
     assert_ne!(r.status, 0);
     assert!(
         r.stderr.contains("--pci-mmio64-base '1G'") && r.stderr.contains("below 0x100000000"),
@@ -159,27 +160,30 @@ fn test_bar64_qemu_guest_moves_bar_to_256g_and_verifies() {
     let d = disk();
     let kernel = guest("blkbench");
     for rw in ["randwrite", "randread"] {
-        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/perf/qemu-blkbench.sh"))
-            .args([
-                &format!("rw={rw}"),
-                "bs=4k",
-                "qd=8",
-                "ios=2000",
-                "size=16m",
-                "verify=1",
-                "bar64=256g",
-            ])
-            .env("IMG", d.path())
-            .env("KERNEL", &kernel)
-            .env("PIN", "0")
-            .env("TIMEOUT", "120")
-            .env(
-                "LOG",
-                std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-                    .join(format!("bar64-qemu-{}.log", std::process::id())),
-            )
-            .output()
-            .expect("run perf/qemu-blkbench.sh");
+        let out = Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/perf/qemu-blkbench.sh"
+        ))
+        .args([
+            &format!("rw={rw}"),
+            "bs=4k",
+            "qd=8",
+            "ios=2000",
+            "size=16m",
+            "verify=1",
+            "bar64=256g",
+        ])
+        .env("IMG", d.path())
+        .env("KERNEL", &kernel)
+        .env("PIN", "0")
+        .env("TIMEOUT", "120")
+        .env(
+            "LOG",
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("bar64-qemu-{}.log", std::process::id())),
+        )
+        .output()
+        .expect("run perf/qemu-blkbench.sh");
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert_eq!(
             out.status.code(),

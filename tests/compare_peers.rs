@@ -30,14 +30,25 @@ fn dry_line<'a>(stdout: &'a str, name: &str) -> &'a str {
 
 #[test]
 fn test_compare_vmm_without_peer_paths_skips_them_with_a_message() {
-    let (code, stdout, stderr) = compare(&["--dry-run", "--rounds", "1", "--vmm", "ringvm,qemu,fio,ch,fc"]);
+    let (code, stdout, stderr) = compare(&[
+        "--dry-run",
+        "--rounds",
+        "1",
+        "--vmm",
+        "ringvm,qemu,fio,ch,fc",
+    ]);
     assert_eq!(code, 0, "{stderr}");
     for skipped in ["ch", "fc"] {
         assert!(
-            stderr.contains(&format!("skip {skipped}: no binary given (--vmm {skipped}=PATH)")),
+            stderr.contains(&format!(
+                "skip {skipped}: no binary given (--vmm {skipped}=PATH)"
+            )),
             "{stderr}"
         );
-        assert!(!stdout.contains(&format!("round 1/1 {skipped}:")), "{stdout}");
+        assert!(
+            !stdout.contains(&format!("round 1/1 {skipped}:")),
+            "{stdout}"
+        );
     }
     assert!(dry_line(&stdout, "ringvm").contains(" bench "));
     assert!(dry_line(&stdout, "qemu").contains("qemu-blkbench.sh rw=randread"));
@@ -101,7 +112,10 @@ fn test_compare_bad_vmm_lists_are_one_line_errors() {
     assert!(stderr.contains("unknown contender bhyve"), "{stderr}");
     let (code, _, stderr) = compare(&["--vmm", "ch=/nonexistent/ch"]);
     assert_ne!(code, 0);
-    assert!(stderr.contains("ch=/nonexistent/ch: not an executable file"), "{stderr}");
+    assert!(
+        stderr.contains("ch=/nonexistent/ch: not an executable file"),
+        "{stderr}"
+    );
     let (code, _, stderr) = compare(&["--dry-run", "--vmm", "qemu=/usr/bin/qemu"]);
     assert_ne!(code, 0);
     assert!(stderr.contains("only ch and fc take a path"), "{stderr}");
@@ -110,7 +124,9 @@ fn test_compare_bad_vmm_lists_are_one_line_errors() {
 /// One short verified round under the peer whose binary `var` names.
 fn real_round(var: &str, name: &str) {
     let Some(bin) = std::env::var_os(var) else {
-        eprintln!("SKIP: set {var}=PATH to run blkbench under {name} (perf/compare --vmm {name}=PATH)");
+        eprintln!(
+            "SKIP: set {var}=PATH to run blkbench under {name} (perf/compare --vmm {name}=PATH)"
+        );
         return;
     };
     if !std::path::Path::new("/dev/kvm").exists() {
@@ -119,7 +135,10 @@ fn real_round(var: &str, name: &str) {
     }
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let disk = dir.path().join("disk.img");
-    std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
     let vmm = format!("{name}={}", bin.to_string_lossy());
     let (code, stdout, stderr) = compare(&[
         "--vmm",
@@ -145,9 +164,21 @@ fn real_round(var: &str, name: &str) {
         .lines()
         .find(|l| l.starts_with(&format!("| {name} |")))
         .unwrap_or_else(|| panic!("no {name} row: {stdout}"));
-    let iops: f64 = row.split('|').nth(2).unwrap().split_whitespace().next().unwrap().replace(',', "").parse().unwrap();
+    let iops: f64 = row
+        .split('|')
+        .nth(2)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .replace(',', "")
+        .parse()
+        .unwrap();
     assert!(iops > 0.0, "{row}");
-    assert!(stderr.contains(&format!("{name}: pinned ")), "the adapter reports its pinning: {stderr}");
+    assert!(
+        stderr.contains(&format!("{name}: pinned ")),
+        "the adapter reports its pinning: {stderr}"
+    );
 }
 
 #[test]

@@ -228,11 +228,7 @@ pub fn build(vcpus: u8, mmio64: Option<(u64, u64)>) -> Tables {
 }
 
 /// Writes the tables into guest memory; returns the RSDP's address.
-pub fn write(
-    mem: &GuestMemory,
-    vcpus: u8,
-    mmio64: Option<(u64, u64)>,
-) -> Result<u64, BootError> {
+pub fn write(mem: &GuestMemory, vcpus: u8, mmio64: Option<(u64, u64)>) -> Result<u64, BootError> {
     let t = build(vcpus, mmio64);
     if ACPI_START + t.span() > HIGH_MEMORY_START {
         return Err(BootError::Params(format!(
@@ -365,7 +361,11 @@ mod tests {
         for i in 0..aml.len().saturating_sub(46) {
             // tag, length 43, resource type 0 (memory)
             if aml[i] == 0x8a && aml[i + 1] == 43 && aml[i + 2] == 0 && aml[i + 3] == 0 {
-                let (min, max, len) = (u64_at(aml, i + 14), u64_at(aml, i + 22), u64_at(aml, i + 38));
+                let (min, max, len) = (
+                    u64_at(aml, i + 14),
+                    u64_at(aml, i + 22),
+                    u64_at(aml, i + 38),
+                );
                 found.push((min, max, len));
             }
         }

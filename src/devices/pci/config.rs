@@ -261,14 +261,22 @@ mod tests {
     fn test_bar64_sizing_both_halves_reads_mask_and_does_not_move() {
         let mut c = cfg();
         c.add_mem_bar(0, 0x1_0000_0000, 0x8000, true);
-        assert_eq!(c.read(4), BAR_MEM_64, "low half: address bits 0 and the 64-bit type");
+        assert_eq!(
+            c.read(4),
+            BAR_MEM_64,
+            "low half: address bits 0 and the 64-bit type"
+        );
         assert_eq!(c.read(5), 1);
         // Linux's order: low half to all-ones, read, restore; then the high half.
         assert_eq!(w(&mut c, 4, 0xffff_ffff), None);
         assert_eq!(c.read(4), 0xffff_8000 | BAR_MEM_64);
         assert_eq!(w(&mut c, 4, 0), None, "restoring the low half");
         assert_eq!(w(&mut c, 5, 0xffff_ffff), None);
-        assert_eq!(c.read(5), 0xffff_ffff, "a 32 KiB BAR: the whole high half is address");
+        assert_eq!(
+            c.read(5),
+            0xffff_ffff,
+            "a 32 KiB BAR: the whole high half is address"
+        );
         assert_eq!(w(&mut c, 5, 1), None, "restoring the high half");
         // Both halves at all-ones at once, then restored low half first.
         assert_eq!(w(&mut c, 4, 0xffff_ffff), None);
@@ -309,7 +317,11 @@ mod tests {
         let mut c = cfg();
         c.add_mem_bar(0, 0x2_0000_0000, 0x8000, true);
         // Unaligned address bits are not writable: the BAR stays aligned to its size.
-        assert_eq!(c.write(4, 1, &[0x12]), None, "bits 8-15 of a 32 KiB BAR are not address");
+        assert_eq!(
+            c.write(4, 1, &[0x12]),
+            None,
+            "bits 8-15 of a 32 KiB BAR are not address"
+        );
         assert_eq!(c.read(4), BAR_MEM_64);
         assert_eq!(w(&mut c, 5, 0), None, "0 means unassigned");
         let m = w(&mut c, 5, 3).expect("a move within the high half");
@@ -326,7 +338,11 @@ mod tests {
         assert_eq!(w(&mut c, 4, 0xffff_ffff), None);
         assert_eq!(w(&mut c, 5, 0xffff_ffff), None);
         assert_eq!(c.read(4), BAR_MEM_64, "no address bits in the low half");
-        assert_eq!(c.read(5), 0xffff_fffe, "8 GiB: bit 0 of the high half is size");
+        assert_eq!(
+            c.read(5),
+            0xffff_fffe,
+            "8 GiB: bit 0 of the high half is size"
+        );
     }
 
     #[test]

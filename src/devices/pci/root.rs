@@ -402,11 +402,17 @@ mod tests {
     #[test]
     fn test_mem_bar_allocation_uses_the_64bit_window_when_set() {
         let mut root = PciRoot::new(&Arc::new(Bus::new()));
-        assert_eq!(root.allocate_mem_bar(0x8000).unwrap(), (PCI_MMIO_START, false));
+        assert_eq!(
+            root.allocate_mem_bar(0x8000).unwrap(),
+            (PCI_MMIO_START, false)
+        );
         let base = 0x40_0000_0000;
         root.set_mmio64_window(base, 0x10000);
         assert_eq!(root.allocate_mem_bar(0x8000).unwrap(), (base, true));
-        assert_eq!(root.allocate_mem_bar(0x4000).unwrap(), (base + 0x8000, true));
+        assert_eq!(
+            root.allocate_mem_bar(0x4000).unwrap(),
+            (base + 0x8000, true)
+        );
         assert!(
             matches!(
                 root.allocate_mem_bar(0x8000),
