@@ -21,7 +21,8 @@ CH_THREADS = [(re.compile(r"^vcpu\d+$"), "vcpu"), (re.compile(r"^_disk\d+_q\d+$"
 # Firecracker serves every device from its main thread's event loop ("firecracker"); the
 # vCPUs are "fc_vcpu N".
 FC_THREADS = [(re.compile(r"^fc_vcpu \d+$"), "vcpu"), (re.compile(r"^firecracker$"), "io")]
-START_TIMEOUT_S = 60
+# How long threads are still scanned after every role was seen.
+PIN_SETTLE_S = 1.0
 
 
 class PeerError(Exception):
@@ -115,17 +116,24 @@ def run_until_result(name, cmd, console_path, rules, cores, timeout_s, log=print
     `console_path` (the VMM's serial output; None: the VMM's stdout), then stops the VMM
     (SIGTERM, then SIGKILL): neither peer has isa-debug-exit, and on the guest's exit they
     reset (Cloud Hypervisor reboots it) or stop. Returns (result dict, console text)."""
-    out = tempfile.NamedTemporaryFile(prefix=f"compare-{name}-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    # stdout (the serial console where `console_path` is None) apart from stderr (the VMM's
+    # log), so no log line lands inside the JSON line.
+    out = tempfile.NamedTemporaryFile(prefix=f"compare-{name}-", suffix=".out", delete=False)
+    err = tempfile.NamedTemporaryFile(prefix=f"compare-{name}-", suffix=".err", delete=False)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
     pinner = Pinner(proc.pid, rules, cores)
     path = console_path or out.name
     deadline = time.time() + timeout_s
-    all_pinned = False
+    all_pinned, settled = False, None
     line = None
     try:
         while time.time() < deadline:
-            # Scanned through the whole run: threads appear and rename themselves late.
-            all_pinned = pinner.pass_()
+            # Scanned until a while after every role has a thread: a new thread carries its
+            # parent's name until it names itself. Then only the console is read.
+            if settled is None or time.time() < settled:
+                all_pinned = pinner.pass_()
+                if all_pinned and settled is None:
+                    settled = time.time() + PIN_SETTLE_S
             # Only a line that ends in a newline is complete (the serial writes byte by byte).
             line = _result_line(_read(path), complete=True)
             if line is not None:
@@ -138,9 +146,11 @@ def run_until_result(name, cmd, console_path, rules, cores, timeout_s, log=print
     finally:
         _stop(proc)
         out.close()
+        err.close()
     console = _read(path)
-    vmm_log = _read(out.name)
+    vmm_log = _read(out.name) + _read(err.name)
     os.unlink(out.name)
+    os.unlink(err.name)
     if line is None:
         why = "timed out" if proc.returncode in (None, -signal.SIGTERM, -signal.SIGKILL) else f"exited {proc.returncode}"
         tail = "\n".join((console + "\n" + vmm_log).strip().splitlines()[-8:])
@@ -178,9 +188,11 @@ def _stop(proc):
         proc.wait()
 
 
-def ch_command(binary, kernel, params, disk, queues, qsize, memory_mib, cores, serial, direct=True):
+def ch_command(binary, kernel, params, disk, queues, qsize, memory_mib, cores, direct=True):
     """Cloud Hypervisor: PVH --kernel, one vCPU pinned by --cpus affinity, each queue's
-    thread pinned by the disk's queue_affinity, COM1 to a file, no virtio console."""
+    thread pinned by the disk's queue_affinity, COM1 on its stdout (`tty`; a `file=` is
+    created anew when the guest's triple fault reboots the VM, which can take the result
+    line with it), no virtio console."""
     affinity = ",".join(f"{q}@[{cores['io']}]" for q in range(queues))
     disk_opt = (f"path={disk},num_queues={queues},queue_size={qsize},direct={'on' if direct else 'off'},"
                 f"queue_affinity=[{affinity}]")
@@ -188,7 +200,7 @@ def ch_command(binary, kernel, params, disk, queues, qsize, memory_mib, cores, s
             "--cpus", f"boot=1,affinity=[0@[{cores['vcpu']}]]",
             "--memory", f"size={memory_mib}M",
             "--disk", disk_opt,
-            "--serial", f"file={serial}", "--console", "off"]
+            "--serial", "tty", "--console", "off"]
 
 
 def fc_config(kernel, params, disk, memory_mib, io_engine="Async"):
