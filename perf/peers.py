@@ -98,7 +98,9 @@ class Pinner:
     def report(self, name):
         """One line: what was pinned where, and what was not (threads no rule names)."""
         done = sorted({f"{c}→{core}" for c, core in self.pinned.values() if core is not None})
-        others = sorted({comm for tid, comm in threads(self.pid) if tid not in self.pinned})
+        # Threads no rule names (a rebooted guest's new vCPU threads are not "others").
+        others = sorted({comm for _, comm in threads(self.pid)
+                         if not any(pat.match(comm) for pat, _ in self.rules)})
         missing = [role for pat, role in self.rules
                    if not any(pat.match(c) for c, _ in self.pinned.values())]
         msg = f"{name}: pinned {', '.join(done) or 'nothing'}"
