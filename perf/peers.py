@@ -196,8 +196,10 @@ def ch_command(binary, kernel, params, disk, queues, qsize, memory_mib, cores, d
     created anew when the guest's triple fault reboots the VM, which can take the result
     line with it), no virtio console."""
     affinity = ",".join(f"{q}@[{cores['io']}]" for q in range(queues))
+    # image_type=raw: with an autodetected raw image Cloud Hypervisor fails writes to
+    # sector 0 (a guard against format probing).
     disk_opt = (f"path={disk},num_queues={queues},queue_size={qsize},direct={'on' if direct else 'off'},"
-                f"queue_affinity=[{affinity}]")
+                f"image_type=raw,queue_affinity=[{affinity}]")
     return [binary, "--kernel", kernel, "--cmdline", params,
             "--cpus", f"boot=1,affinity=[0@[{cores['vcpu']}]]",
             "--memory", f"size={memory_mib}M",

@@ -81,7 +81,7 @@ fn test_compare_peer_commands_carry_job_guest_params_and_pinning() {
         "qd=8 queues=1",
         "verify=1 qsize=128 tsc_khz=",
         "boot=1,affinity=[0@[0]]",
-        "num_queues=1,queue_size=256,direct=on,queue_affinity=[0@[1]]",
+        "num_queues=1,queue_size=256,direct=on,image_type=raw,queue_affinity=[0@[1]]",
         "--serial tty",
     ] {
         assert!(ch.contains(want), "ch command lacks {want}: {ch}");
