@@ -151,7 +151,8 @@ impl VirtioPci {
             relocated |= pci::place_bars_at(func, &mut bars[..nbars], at);
         }
         for b in &bars[..nbars] {
-            if b.addr + b.size > 1 << 32 {
+            // Saturating: a hostile VMM's BAR near 2^64 is refused by map_mmio, not wrapped.
+            if b.addr.saturating_add(b.size) > 1 << 32 {
                 crate::mem::map_mmio(b.addr, b.size)
                     .map_err(|error| TransportError::BarUnmappable { addr: b.addr, error })?;
             }
