@@ -166,6 +166,9 @@ pub(super) struct QueueSlot {
     pub(super) last_activity: Instant,
     /// When the queue last stopped polling and re-enabled guest notifications.
     pub(super) slept_at: Option<Instant>,
+    /// Notifications were turned on for a reactor's wait on in-flight I/O while the queue
+    /// polls; they go off again as the wait returns.
+    pub(super) notify_in_wait: bool,
     pub(super) draining: bool,
     pub(super) cancel_sent: bool,
     pub(super) has_file: bool,
@@ -185,6 +188,7 @@ impl QueueSlot {
             kick_dead: false,
             // Requests may already sit in the ring from before activation.
             pending: true,
+            notify_in_wait: false,
             polling: false,
             poll_until: now,
             completed: false,
@@ -223,7 +227,6 @@ pub struct Reactor {
     in_flight_policy: InFlightPolicy,
     adaptive_poll: bool,
     /// Moving average of how long a wait for in-flight I/O took, ns.
-    io_wait_ewma_ns: u64,
     /// Since when I/O has been in flight without a break.
     busy_since: Option<Instant>,
     /// Moving average of those stretches, ns.
@@ -267,7 +270,6 @@ impl Reactor {
             started: Instant::now(),
             in_flight_policy: opts.in_flight,
             adaptive_poll: opts.adaptive_poll,
-            io_wait_ewma_ns: 0,
             busy_since: None,
             service_ewma_ns: 0,
             bufs: FixedBuffers::new(opts.fixed_buffers),
@@ -530,7 +532,6 @@ impl Reactor {
             wake_armed,
             in_flight_policy,
             adaptive_poll,
-            io_wait_ewma_ns,
             busy_since,
             service_ewma_ns,
             bufs,
@@ -548,7 +549,7 @@ impl Reactor {
         }
         let adaptive = *adaptive_poll;
         let mut more = false;
-        let mut deadline: Option<Instant> = None;
+        let mut polls = false;
         let mut in_flight = 0;
         for (i, slot) in queues.iter_mut().enumerate() {
             let Some(q) = slot else { continue };
@@ -586,9 +587,7 @@ impl Reactor {
             );
             match state {
                 QueueState::More => more = true,
-                QueueState::Poll(until) => {
-                    deadline = Some(deadline.map_or(until, |d| d.min(until)));
-                }
+                QueueState::Poll => polls = true,
                 QueueState::Idle => {}
             }
             in_flight += q.handler.io_in_flight();
@@ -613,10 +612,9 @@ impl Reactor {
         let t1 = Instant::now();
         self.metrics.busy_ns += (t1 - t0).as_nanos() as u64;
         let mut blocked = false;
-        let mut waited_for_io = false;
         let r = if !may_wait || more {
             Some(submitter.submit_and_wait(0))
-        } else if let Some(until) = deadline {
+        } else if polls {
             let policy = choose_in_flight(
                 *in_flight_policy,
                 in_flight,
@@ -627,18 +625,18 @@ impl Reactor {
                 unsafe { libc::sched_yield() };
                 Some(submitter.submit_and_wait(0))
             } else if in_flight > 0 && policy == InFlightPolicy::Wait {
-                blocked = true;
-                waited_for_io = true;
-                let left = until.saturating_duration_since(t1);
-                if Duration::from_nanos(*io_wait_ewma_ns) < left {
-                    // Completions have been arriving within the window: wait for one without
-                    // a timer (a timed wait costs ~15 µs more per wake-up on the lab's host).
-                    Some(submitter.submit_and_wait(1))
+                // Sleep in the kernel until the completion, a kick or a control message,
+                // with no timer: an armed timer costs about 15 µs a wait on the lab's nested
+                // host, and timed waits fed that cost back into the estimate that chose them
+                // (a control-plane request's hiccup left the reactor in timed waits with 19k
+                // timer interrupts a second; perf/RESULTS.md, "Control plane"). Polling
+                // queues turn guest notifications on first, so a request added meanwhile
+                // kicks (and wakes the wait) instead of waiting for the I/O to complete.
+                if notify_for_wait(queues) {
+                    Some(submitter.submit_and_wait(0))
                 } else {
-                    let ts = types::Timespec::new()
-                        .sec(left.as_secs())
-                        .nsec(left.subsec_nanos());
-                    Some(submitter.submit_with_args(1, &types::SubmitArgs::new().timespec(&ts)))
+                    blocked = true;
+                    Some(submitter.submit_and_wait(1))
                 }
             } else {
                 (to_submit > 0 || taskrun).then(|| submitter.submit_and_wait(0))
@@ -660,11 +658,14 @@ impl Reactor {
             }
         }
         let t2 = Instant::now();
-        let waited = (t2 - t1).as_nanos() as u64;
-        if waited_for_io {
-            // How long completions take to arrive, as seen by a waiting reactor.
-            self.io_wait_ewma_ns = ewma(self.io_wait_ewma_ns, waited);
+        // Notifications off again before any completion is published: the driver answers a
+        // completion with its next request at once, and must not kick for it.
+        for q in self.queues.iter_mut().flatten() {
+            if std::mem::take(&mut q.notify_in_wait) {
+                q.handler.set_notify(false);
+            }
         }
+        let waited = (t2 - t1).as_nanos() as u64;
         if blocked {
             self.metrics.idle_ns += waited;
         } else {
@@ -769,6 +770,23 @@ impl Reactor {
 }
 
 /// A moving average that gives each new sample 1/8 of the weight.
+/// Turns guest notifications on for every polling queue before the reactor waits for
+/// in-flight I/O (each queue's next turn turns them off again); returns true when a queue
+/// has new requests already, so the reactor must not sleep.
+fn notify_for_wait(queues: &mut [Option<QueueSlot>]) -> bool {
+    let mut arrived = false;
+    for q in queues.iter_mut().flatten() {
+        if q.polling && !q.draining && !q.notify_in_wait {
+            q.notify_in_wait = true;
+            if q.handler.set_notify(true) {
+                q.pending = true;
+                arrived = true;
+            }
+        }
+    }
+    arrived
+}
+
 fn ewma(avg: u64, sample: u64) -> u64 {
     avg - avg / 8 + sample / 8
 }

@@ -12,8 +12,8 @@ pub(super) enum QueueState {
     Idle,
     /// More requests wait than one batch took: come back without waiting.
     More,
-    /// Busy-polling the avail ring with notifications off until this instant.
-    Poll(Instant),
+    /// Busy-polling the avail ring with notifications off (until `QueueSlot::poll_until`).
+    Poll,
 }
 
 /// Longest a queue keeps polling while its I/O is in flight with no pop or completion.
@@ -99,10 +99,10 @@ pub(super) fn run_queue(
         if n > 0 || completed || waiting {
             q.polling = true;
             q.poll_until = now + window;
-            return QueueState::Poll(q.poll_until);
+            return QueueState::Poll;
         }
         if q.polling && now < q.poll_until {
-            return QueueState::Poll(q.poll_until);
+            return QueueState::Poll;
         }
     }
     q.polling = false;
@@ -237,10 +237,10 @@ mod tests {
         let (mut q, s) = fake();
         let t = Instant::now();
         s.avail.set(1);
-        assert!(matches!(turn(&mut q, t), QueueState::Poll(_)));
+        assert!(matches!(turn(&mut q, t), QueueState::Poll));
         assert!(!s.notify.get(), "notifications are off while polling");
         s.in_flight.set(0);
-        assert!(matches!(turn(&mut q, t + MAX / 2), QueueState::Poll(_)));
+        assert!(matches!(turn(&mut q, t + MAX / 2), QueueState::Poll));
         assert!(matches!(turn(&mut q, t + MAX * 2), QueueState::Idle));
         assert!(s.notify.get(), "a sleeping queue has notifications on");
         assert!(q.slept_at.is_some());
@@ -251,17 +251,17 @@ mod tests {
         let (mut q, s) = fake();
         let t = Instant::now();
         s.avail.set(4);
-        assert!(matches!(turn(&mut q, t), QueueState::Poll(_)));
+        assert!(matches!(turn(&mut q, t), QueueState::Poll));
         // Far past the window, the I/O is still out: keep polling (no kick needed for the
         // guest's answer to its completion)...
-        assert!(matches!(turn(&mut q, t + MAX * 8), QueueState::Poll(_)));
+        assert!(matches!(turn(&mut q, t + MAX * 8), QueueState::Poll));
         // ...but not past the cap: then sleep, and let the completion wake the queue.
         let late = t + IN_FLIGHT_POLL_MAX + MAX * 2;
         assert!(matches!(turn(&mut q, late), QueueState::Idle));
         assert!(s.notify.get());
         s.in_flight.set(0);
         q.completed = true;
-        assert!(matches!(turn(&mut q, late + MAX), QueueState::Poll(_)));
+        assert!(matches!(turn(&mut q, late + MAX), QueueState::Poll));
         assert!(!s.notify.get(), "a completion turns polling back on");
     }
 

@@ -411,7 +411,11 @@ impl QueueHandler for BlockQueue {
             self.p
                 .queue
                 .disable_notification(&self.p.mem)
-                .map(|_| false)
+                .and_then(|()| {
+                    crate::devices::virtio::suppress_kicks(&self.p.queue, &self.p.mem)
+                        .map_err(virtio_queue::Error::GuestMemory)
+                })
+                .map(|()| false)
         };
         r.unwrap_or_else(|e| {
             self.fail_queue(
