@@ -4,14 +4,17 @@
 //! Hardware-reduced ACPI (no PM1 blocks, SCI or PM timer to emulate), as Firecracker and
 //! Cloud Hypervisor do: RSDP → XSDT → FADT (→ DSDT), MADT, MCFG. The DSDT describes the PCI
 //! host bridge (bus 0, the 32-bit BAR window), COM1 and the CMOS RTC, whose IRQs the guest
-//! maps from there because a hardware-reduced platform has no legacy PIC. Power-off and reset stay the
-//! i8042 route (`reboot=k`), so the FADT advertises the 8042.
+//! maps from there because a hardware-reduced platform has no legacy PIC. Reset stays the
+//! i8042 route (`reboot=k`), so the FADT advertises the 8042. Power-off is ACPI S5: the
+//! FADT names the sleep control and status registers (src/devices/legacy/acpi_sleep.rs)
+//! and the DSDT's `\_S5` package gives the sleep type to write there.
 
 use acpi_tables::aml::{
-    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Name, Path, ResourceTemplate,
-    Scope, IO,
+    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Name, Package, Path,
+    ResourceTemplate, Scope, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
 use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
@@ -20,6 +23,9 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::BootError;
+use crate::devices::legacy::acpi_sleep::{
+    ACPI_SLEEP_BASE, SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET, SLP_TYP_S5,
+};
 use crate::devices::legacy::cmos::CMOS_BASE;
 use crate::devices::legacy::serial::SERIAL_PORT;
 use crate::devices::virtio::GuestMemory;
@@ -128,7 +134,22 @@ fn dsdt() -> Vec<u8> {
     let sb = Scope::raw(Path::new("\\_SB_"), body);
     let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"RINGDSDT", OEM_REVISION);
     t.append_slice(&sb);
+    t.append_slice(&s5());
     t.as_slice().to_vec()
+}
+
+/// `Name (\_S5, Package () { SLP_TYPa, SLP_TYPb, 0, 0 })` in the root scope: the value a
+/// guest writes to the sleep control register to power off (a hardware-reduced platform
+/// uses SLP_TYPa only).
+fn s5() -> Vec<u8> {
+    let (typ, zero) = (SLP_TYP_S5, 0u8);
+    let pkg = Package::new(vec![&typ, &typ, &zero, &zero]);
+    bytes(&Name::new(Path::new("\\_S5_"), &pkg))
+}
+
+/// One byte-wide I/O port register for the FADT.
+fn io_byte_register(port: u64) -> GAS {
+    GAS::new(GasSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
 }
 
 fn fadt(dsdt_at: u64) -> Vec<u8> {
@@ -136,6 +157,8 @@ fn fadt(dsdt_at: u64) -> Vec<u8> {
         .dsdt_64(dsdt_at)
         .flag(Flags::HwReducedAcpi);
     b.iapc_boot_arch = (IAPC_8042 | IAPC_NO_VGA).into();
+    b.sleep_control_reg = io_byte_register(ACPI_SLEEP_BASE + SLEEP_CONTROL_OFFSET);
+    b.sleep_status_reg = io_byte_register(ACPI_SLEEP_BASE + SLEEP_STATUS_OFFSET);
     bytes(&b.finalize())
 }
 
@@ -329,6 +352,69 @@ mod tests {
         assert!(has(b"PCI0") && has(b"COM1") && has(b"RTC_") && has(b"_CRS"));
         // EisaId("PNP0A08"), the PCIe host bridge
         assert!(has(&[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
+    }
+
+    /// FADT offsets of SLEEP_CONTROL_REG and SLEEP_STATUS_REG (ACPI 6.5, table 5.9).
+    const FADT_SLEEP_CONTROL: usize = 244;
+    const FADT_SLEEP_STATUS: usize = 256;
+
+    #[test]
+    fn test_acpi_fadt_sleep_registers_name_the_sleep_ports() {
+        let t = build(1);
+        let fadt = follow(&t, b"FACP");
+        assert!(
+            fadt.len() >= FADT_SLEEP_STATUS + 12,
+            "FADT too short for the sleep registers"
+        );
+        for (at, port) in [
+            (FADT_SLEEP_CONTROL, ACPI_SLEEP_BASE + SLEEP_CONTROL_OFFSET),
+            (FADT_SLEEP_STATUS, ACPI_SLEEP_BASE + SLEEP_STATUS_OFFSET),
+        ] {
+            let gas = &fadt[at..at + 12];
+            // space id (system I/O), bit width 8, bit offset 0, byte access
+            assert_eq!(&gas[..4], &[1, 8, 0, 1], "GAS at {at}");
+            assert_eq!(u64_at(gas, 4), port, "GAS at {at}");
+        }
+        assert_ne!(
+            u64_at(fadt, FADT_SLEEP_CONTROL + 4),
+            u64_at(fadt, FADT_SLEEP_STATUS + 4),
+            "control and status are different registers"
+        );
+    }
+
+    #[test]
+    fn test_acpi_dsdt_s5_package_gives_the_device_sleep_type() {
+        let t = build(1);
+        let fadt = follow(&t, b"FACP");
+        let dsdt_at = u64_at(fadt, 140);
+        let dsdt = &t.blobs.iter().find(|(a, _)| *a == dsdt_at).unwrap().1;
+        // NameOp, root prefix, "_S5_", PackageOp: in the root scope, not under \_SB_.
+        let name = [&[0x08, b'\\'][..], b"_S5_", &[0x12]].concat();
+        let at = dsdt
+            .windows(name.len())
+            .position(|w| w == name.as_slice())
+            .expect("\\_S5_ package in the DSDT");
+        let pkg = &dsdt[at + name.len()..];
+        // PkgLength (one byte: short package), NumElements 4, then BytePrefix SLP_TYP twice
+        let len = usize::from(pkg[0]);
+        assert!(
+            len < 0x40 && at + name.len() + len <= dsdt.len(),
+            "package length {len}"
+        );
+        assert_eq!(pkg[1], 4, "four elements");
+        assert_eq!(
+            &pkg[2..6],
+            &[0x0a, SLP_TYP_S5, 0x0a, SLP_TYP_S5],
+            "SLP_TYPa, SLP_TYPb"
+        );
+        // What a guest writes from this package powers the sleep device off.
+        use crate::devices::legacy::acpi_sleep::{sleep_control_value, AcpiSleep};
+        use crate::vmm::bus::BusDevice;
+        use crate::vmm::exit::{ExitHandle, ExitReason};
+        let exit = ExitHandle::new().unwrap();
+        let mut dev = AcpiSleep::new(exit.clone());
+        dev.write(SLEEP_CONTROL_OFFSET, &[sleep_control_value(pkg[3])]);
+        assert_eq!(exit.reason(), Some(ExitReason::PowerOff));
     }
 
     #[test]
