@@ -224,7 +224,12 @@ pub fn run(config: &VmConfig, ext: &mut dyn VmExtension) -> Result<RunOutcome, V
         });
     }
     let exit = ExitHandle::new()?;
-    let mem = memory::create(config.memory, config.hugepages, config.prefault)?;
+    let mem = memory::create(
+        config.memory,
+        config.hugepages,
+        config.prefault,
+        config.memory_merge,
+    )?;
     let vm = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
     register_memory(&vm, &mem)?;
     vm.set_tss_address(KVM_TSS_ADDR as usize)
