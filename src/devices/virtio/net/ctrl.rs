@@ -101,7 +101,7 @@ pub fn answer(c: &CtrlCmd, max_pairs: u16, mq: bool, pairs: &ActivePairs) -> u8 
                 match pairs.set(n) {
                     Ok(()) => ACK_OK,
                     Err(e) => {
-                        log::error!("{}", crate::vmm::devices::error_chain(&e));
+                        pairs.log_refusal(&e);
                         ACK_ERR
                     }
                 }

@@ -11,7 +11,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 
 use super::tap::{Tap, TapError};
@@ -26,6 +26,8 @@ pub struct ActivePairs {
     /// never touch a closed or reused descriptor. Empty: no tap (fuzzing), count only.
     files: Vec<OwnedFd>,
     tap: String,
+    /// A refusal was logged: a guest repeating the command does not flood the log.
+    refusal_logged: AtomicBool,
 }
 
 impl ActivePairs {
@@ -39,6 +41,7 @@ impl ActivePairs {
             attached: AtomicU16::new(files.len() as u16),
             files,
             tap: tap.name().to_string(),
+            refusal_logged: AtomicBool::new(false),
         })
     }
 
@@ -49,6 +52,7 @@ impl ActivePairs {
             attached: AtomicU16::new(0),
             files: Vec::new(),
             tap: String::new(),
+            refusal_logged: AtomicBool::new(false),
         }
     }
 
@@ -81,6 +85,17 @@ impl ActivePairs {
         }
         self.count.store(n, Ordering::Release);
         Ok(())
+    }
+
+    /// Logs the first time the tap refused to follow a new pair count (the guest's command
+    /// is answered VIRTIO_NET_ERR every time).
+    pub fn log_refusal(&self, e: &TapError) {
+        if !self.refusal_logged.swap(true, Ordering::Relaxed) {
+            log::error!(
+                "{} (logged once; the driver's VQ_PAIRS_SET gets VIRTIO_NET_ERR)",
+                crate::vmm::devices::error_chain(e)
+            );
+        }
     }
 
     /// Tap queues attached (for tests and logs).
