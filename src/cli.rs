@@ -180,6 +180,9 @@ pub struct VmArgs {
     /// Populate all guest memory before the guest starts.
     #[arg(long, default_value_t = false)]
     pub prefault: bool,
+    /// Let the kernel's KSM merge identical guest pages across VMs (madvise MADV_MERGEABLE, as QEMU's mem-merge); needs --hugepages none or thp, and KSM running (/sys/kernel/mm/ksm/run = 1).
+    #[arg(long, default_value_t = false)]
+    pub memory_merge: bool,
     /// Serial console output: stdio, file:PATH or none.
     #[arg(long, default_value = "stdio")]
     pub serial: String,

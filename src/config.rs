@@ -32,6 +32,11 @@ pub enum ConfigError {
     AffinityCount { given: usize, vcpus: u32 },
     #[error("{0}")]
     HugePages(String),
+    #[error(
+        "--memory-merge cannot merge --hugepages {0} memory (KSM merges only 4 KiB and \
+         transparent huge pages): use --hugepages none or thp"
+    )]
+    MergeHugetlb(String),
     #[error("Invalid --serial '{0}': expected stdio, file:PATH or none")]
     Serial(String),
     #[error("Invalid --cpu-features entry '{0}': expected -name or +name with name one of {1}")]
@@ -74,6 +79,8 @@ pub struct VmConfig {
     pub io_cores: Vec<usize>,
     pub hugepages: HugePages,
     pub prefault: bool,
+    /// `--memory-merge`: guest RAM is offered to KSM (MADV_MERGEABLE).
+    pub memory_merge: bool,
     pub serial: SerialMode,
     pub disks: Vec<DiskConfig>,
     /// `--net` devices (set by `from_args`; `build` leaves it empty).
@@ -309,6 +316,9 @@ impl VmConfig {
                 reason: format!("not a multiple of the {} KiB page size", page >> 10),
             });
         }
+        if a.memory_merge && matches!(hugepages, HugePages::Huge2M | HugePages::Huge1G) {
+            return Err(ConfigError::MergeHugetlb(a.hugepages.clone()));
+        }
         if a.vcpus == 0 {
             return Err(ConfigError::NoVcpus(0));
         }
@@ -362,6 +372,7 @@ impl VmConfig {
             io_cores,
             hugepages,
             prefault: a.prefault,
+            memory_merge: a.memory_merge,
             serial: parse_serial(&a.serial)?,
             disks,
             nets: Vec::new(),
@@ -482,6 +493,15 @@ mod tests {
         );
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn test_config_memory_merge_with_hugetlb_rejected_with_thp_kept() {
+        let e = args(&["--memory-merge", "--hugepages", "2M"]).unwrap_err();
+        assert!(e.to_string().contains("--hugepages 2M"), "{e}");
+        let c = args(&["--memory-merge", "--hugepages", "thp"]).unwrap();
+        assert!(c.memory_merge);
+        assert!(!args(&[]).unwrap().memory_merge);
     }
 
     #[test]

@@ -222,6 +222,29 @@ fn test_linux_dd_on_virtio_blk_reads_back_what_it_wrote() {
     assert_eq!(b.host_sum("errors"), 0, "host stats: {:?}", b.stats);
 }
 
+/// `poweroff -f` in a Linux guest ends the VM through ACPI S5 (the FADT's sleep control
+/// register and the DSDT's `\_S5`): status 0, "guest powered off".
+#[test]
+fn test_linux_poweroff_ends_vm_through_acpi_s5() {
+    if !enabled() {
+        return;
+    }
+    let b = boot("console=ttyS0 ringvm.test=dd ringvm.poweroff");
+    eprintln!(
+        "Linux poweroff test: {:?}, status {:?}",
+        b.elapsed, b.status
+    );
+    b.check("no RINGVM-DD-OK", b.console.contains("RINGVM-DD-OK"));
+    b.check(
+        "the kernel did not power down",
+        b.console.contains("reboot: Power down"),
+    );
+    b.check(
+        "ringvm did not stop on the ACPI power-off",
+        b.stderr.contains("guest powered off (ACPI S5)") && b.status == Some(0),
+    );
+}
+
 #[test]
 fn test_linux_fio_json_agrees_with_host_stats() {
     if !enabled() {

@@ -235,3 +235,51 @@ fn test_missing_tap_named_at_startup() {
     assert_ne!(out.status.code(), Some(0));
     assert!(err.contains("this-tap-name-is-too-long"), "stderr: {err}");
 }
+
+/// `queues=2` with a driver that negotiates no MQ (netbench uses pair 0 only): the tap's
+/// second queue is detached at activation by TUNSETQUEUE from the vCPU, under its seccomp
+/// filter (a refused call would stop ringvm), and pair 0 goes on serving; `mtu=` is set on
+/// the tap. (The kernel's view of the detached queue is checked in net/tests/pairs.rs: here
+/// tun's flow learning sends the replies back to pair 0 either way.)
+#[test]
+fn test_guest_pings_host_on_two_queue_tap_without_mq_and_mtu_set() {
+    if !have_kvm() {
+        return;
+    }
+    let Some(ns) = Netns::new("q") else {
+        return;
+    };
+    ns.script("routed.sh", &["rvtap0", "10.213.0.1", "10.213.0.2"]);
+    let cmdline = "mode=ping ip=10.213.0.2 peer=10.213.0.1 count=50 interval_us=200";
+    let out = ns
+        .ringvm(&[
+            "run",
+            "--kernel",
+            &netbench(),
+            "--memory",
+            "64M",
+            "--net",
+            "tap=rvtap0,queues=2,mtu=4000",
+            "--cmdline",
+            cmdline,
+        ])
+        .output()
+        .unwrap();
+    let v = result(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "netbench exit 0; stderr: {stderr}"
+    );
+    assert!(
+        v["received"].as_u64().unwrap() >= 45,
+        "replies reached pair 0: {v}; stderr: {stderr}"
+    );
+    // The tap is persistent (routed.sh made it): the MTU ringvm set is still there.
+    let mtu = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "cat", "/sys/class/net/rvtap0/mtu"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&mtu.stdout).trim(), "4000");
+}

@@ -5,14 +5,17 @@
 //! Cloud Hypervisor do: RSDP → XSDT → FADT (→ DSDT), MADT, MCFG. The DSDT describes the PCI
 //! host bridge (bus 0, the 32-bit BAR window and, with `--pci-bars high`, the 64-bit one
 //! above guest RAM as a QWordMemory range), COM1 and the CMOS RTC, whose IRQs the guest
-//! maps from there because a hardware-reduced platform has no legacy PIC. Power-off and reset stay the
-//! i8042 route (`reboot=k`), so the FADT advertises the 8042.
+//! maps from there because a hardware-reduced platform has no legacy PIC. Reset stays the
+//! i8042 route (`reboot=k`), so the FADT advertises the 8042. Power-off is ACPI S5: the
+//! FADT names the sleep control and status registers (src/devices/legacy/acpi_sleep.rs)
+//! and the DSDT's `\_S5` package gives the sleep type to write there.
 
 use acpi_tables::aml::{
-    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Name, Path, ResourceTemplate,
-    Scope, IO,
+    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Name, Package, Path,
+    ResourceTemplate, Scope, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
 use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
@@ -21,6 +24,9 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::BootError;
+use crate::devices::legacy::acpi_sleep::{
+    ACPI_SLEEP_BASE, SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET, SLP_TYP_S5,
+};
 use crate::devices::legacy::cmos::CMOS_BASE;
 use crate::devices::legacy::serial::SERIAL_PORT;
 use crate::devices::virtio::GuestMemory;
@@ -145,7 +151,22 @@ fn dsdt(mmio64: Option<(u64, u64)>) -> Vec<u8> {
     let sb = Scope::raw(Path::new("\\_SB_"), body);
     let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"RINGDSDT", OEM_REVISION);
     t.append_slice(&sb);
+    t.append_slice(&s5());
     t.as_slice().to_vec()
+}
+
+/// `Name (\_S5, Package () { SLP_TYPa, SLP_TYPb, 0, 0 })` in the root scope: the value a
+/// guest writes to the sleep control register to power off (a hardware-reduced platform
+/// uses SLP_TYPa only).
+fn s5() -> Vec<u8> {
+    let (typ, zero) = (SLP_TYP_S5, 0u8);
+    let pkg = Package::new(vec![&typ, &typ, &zero, &zero]);
+    bytes(&Name::new(Path::new("\\_S5_"), &pkg))
+}
+
+/// One byte-wide I/O port register for the FADT.
+fn io_byte_register(port: u64) -> GAS {
+    GAS::new(GasSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
 }
 
 fn fadt(dsdt_at: u64) -> Vec<u8> {
@@ -153,6 +174,8 @@ fn fadt(dsdt_at: u64) -> Vec<u8> {
         .dsdt_64(dsdt_at)
         .flag(Flags::HwReducedAcpi);
     b.iapc_boot_arch = (IAPC_8042 | IAPC_NO_VGA).into();
+    b.sleep_control_reg = io_byte_register(ACPI_SLEEP_BASE + SLEEP_CONTROL_OFFSET);
+    b.sleep_status_reg = io_byte_register(ACPI_SLEEP_BASE + SLEEP_STATUS_OFFSET);
     bytes(&b.finalize())
 }
 
@@ -348,44 +371,12 @@ mod tests {
         assert!(has(&[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
     }
 
-    /// The DSDT's `_CRS` for the host bridge, as AML bytes.
-    fn dsdt_of(t: &Tables) -> Vec<u8> {
-        let fadt = follow(t, b"FACP");
-        let at = u64_at(fadt, 140);
-        t.blobs.iter().find(|(a, _)| *a == at).unwrap().1.clone()
-    }
-
-    /// QWordMemory descriptors (tag 0x8a) in `aml`: (min, max, length).
-    fn qword_memory(aml: &[u8]) -> Vec<(u64, u64, u64)> {
-        let mut found = Vec::new();
-        for i in 0..aml.len().saturating_sub(46) {
-            // tag, length 43, resource type 0 (memory)
-            if aml[i] == 0x8a && aml[i + 1] == 43 && aml[i + 2] == 0 && aml[i + 3] == 0 {
-                let (min, max, len) = (
-                    u64_at(aml, i + 14),
-                    u64_at(aml, i + 22),
-                    u64_at(aml, i + 38),
-                );
-                found.push((min, max, len));
-            }
-        }
-        found
-    }
-
-    #[test]
-    fn test_acpi_dsdt_reports_the_64bit_window_only_when_there_is_one() {
-        assert_eq!(qword_memory(&dsdt_of(&build(1, None))), vec![]);
-        let start = 0x40_0000_0000u64;
-        let size = crate::vmm::layout::PCI_MMIO64_SIZE;
-        let t = build(1, Some((start, size)));
-        assert_eq!(
-            qword_memory(&dsdt_of(&t)),
-            vec![(start, start + size - 1, size)],
-            "a QWordMemory range for the high window"
-        );
-        let dsdt = dsdt_of(&t);
-        assert_eq!(sum(&dsdt), 0, "checksum still holds");
-        assert_eq!(u32_at(&dsdt, 4) as usize, dsdt.len());
+//! host bridge (bus 0, the 32-bit BAR window and, with `--pci-bars high`, the 64-bit one
+//! above guest RAM as a QWordMemory range), COM1 and the CMOS RTC, whose IRQs the guest
+//! maps from there because a hardware-reduced platform has no legacy PIC. Reset stays the
+//! i8042 route (`reboot=k`), so the FADT advertises the 8042. Power-off is ACPI S5: the
+//! FADT names the sleep control and status registers (src/devices/legacy/acpi_sleep.rs)
+//! and the DSDT's `\_S5` package gives the sleep type to write there.
     }
 
     #[test]

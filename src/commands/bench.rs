@@ -300,8 +300,9 @@ impl Guest {
     fn result(&self, reason: &ExitReason, console: &str) -> anyhow::Result<GuestResult> {
         match (self, reason) {
             (Guest::Blkbench(_), ExitReason::DebugExit { code: GUEST_OK })
-            // The Linux guest's /init reboots (reboot=k: an i8042 reset) when fio succeeded.
-            | (Guest::Linux { .. }, ExitReason::Reset) => {}
+            // The Linux guest's /init reboots (reboot=k: an i8042 reset) when fio succeeded;
+            // a `poweroff` (ACPI S5) is as orderly.
+            | (Guest::Linux { .. }, ExitReason::Reset | ExitReason::PowerOff) => {}
             (Guest::Blkbench(_), ExitReason::DebugExit { code }) => {
                 bail!("{}", guest_failure(*code, console))
             }

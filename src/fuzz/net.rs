@@ -15,7 +15,6 @@
 //! and the used ring.
 
 use std::cell::RefCell;
-use std::sync::atomic::AtomicU16;
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
@@ -26,6 +25,7 @@ use crate::devices::virtio::block::driver::TestDriver;
 use crate::devices::virtio::net::config::features as f;
 use crate::devices::virtio::net::ctrl::CtrlQueue;
 use crate::devices::virtio::net::handler::{Core, NetQueueParts};
+use crate::devices::virtio::net::pairs::ActivePairs;
 use crate::devices::virtio::net::rx::RxQueue;
 use crate::devices::virtio::net::tx::TxQueue;
 use crate::devices::virtio::{GuestMemory, F_RING_EVENT_IDX, F_VERSION_1};
@@ -175,7 +175,7 @@ impl Harness {
             Kind::Ctrl => Handler::Ctrl(CtrlQueue::new(
                 parts,
                 MAX_PAIRS,
-                Arc::new(AtomicU16::new(1)),
+                Arc::new(ActivePairs::without_tap()),
             )),
         }
     }

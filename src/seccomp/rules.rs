@@ -47,7 +47,8 @@ const NO_EXEC: &[i64] = &[libc::SYS_mmap, libc::SYS_mprotect];
 
 /// A reactor: its ring (set up on the thread: io_uring_setup, the ring's shared mappings),
 /// io_uring_enter and io_uring_register (file and buffer tables), and `openat`, which is
-/// allowed here only so that a second filter can fail it with EACCES (see `openat_fails`).
+/// allowed here only so that a second filter can fail it with EACCES (see `openat_fails`);
+/// `ioctl` with TUNSETQUEUE only (the net control queue, see `rules`).
 const REACTOR: &[i64] = &[
     libc::SYS_io_uring_setup,
     libc::SYS_io_uring_enter,
@@ -69,6 +70,9 @@ const VCPU: &[i64] = &[
 const KVMIO: u64 = 0xae;
 /// TUNSETOFFLOAD (`_IOW('T', 208, unsigned int)`).
 const TUNSETOFFLOAD: u64 = 0x4004_54d0;
+/// TUNSETQUEUE (`_IOW('T', 217, int)`): the net control queue (on a reactor) and activation
+/// or reset (on a vCPU) attach and detach tap queues as the driver's MQ pair count changes.
+const TUNSETQUEUE: u64 = 0x4004_54d9;
 
 /// The main thread, which sets up every VM (`ringvm bench` sets up one per job after its
 /// filter is in place), waits for the vCPUs, kicks them (tgkill), reads its signalfd, tears
@@ -136,15 +140,25 @@ pub fn rules(kind: ThreadKind) -> Rules {
         add(&mut r, nr, vec![no_exec.clone()]);
     }
     match kind {
-        ThreadKind::Reactor => allow(&mut r, REACTOR),
+        ThreadKind::Reactor => {
+            allow(&mut r, REACTOR);
+            let queue = SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, TUNSETQUEUE)]);
+            r.insert(libc::SYS_ioctl, vec![queue.expect("one condition")]);
+        }
         ThreadKind::Vcpu => {
             allow(&mut r, VCPU);
-            // Only KVM's ioctls and TUNSETOFFLOAD: the request (index 1) is 32 bits.
+            // Only KVM's ioctls, TUNSETOFFLOAD and TUNSETQUEUE: the request (index 1) is 32
+            // bits.
             let kvm = SeccompRule::new(vec![cond(1, SeccompCmpOp::MaskedEq(0xff00), KVMIO << 8)]);
             let tun = SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, TUNSETOFFLOAD)]);
+            let queue = SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, TUNSETQUEUE)]);
             r.insert(
                 libc::SYS_ioctl,
-                vec![kvm.expect("one condition"), tun.expect("one condition")],
+                vec![
+                    kvm.expect("one condition"),
+                    tun.expect("one condition"),
+                    queue.expect("one condition"),
+                ],
             );
         }
         ThreadKind::Main => {
@@ -216,14 +230,10 @@ mod tests {
     }
 
     #[test]
-    fn test_rules_reactor_lacks_ioctl_socket_and_exec() {
+    fn test_rules_reactor_lacks_socket_and_exec_and_ioctl_is_tunsetqueue_only() {
         let r = rules(ThreadKind::Reactor);
-        for nr in [
-            libc::SYS_ioctl,
-            libc::SYS_socket,
-            libc::SYS_execve,
-            libc::SYS_clone3,
-        ] {
+        assert_eq!(r[&libc::SYS_ioctl].len(), 1, "ioctl: TUNSETQUEUE only");
+        for nr in [libc::SYS_socket, libc::SYS_execve, libc::SYS_clone3] {
             assert!(!r.contains_key(&nr), "{nr}");
         }
         assert!(r.contains_key(&libc::SYS_io_uring_enter));
@@ -233,7 +243,7 @@ mod tests {
     #[test]
     fn test_rules_vcpu_ioctl_is_filtered_by_request() {
         let r = rules(ThreadKind::Vcpu);
-        assert_eq!(r[&libc::SYS_ioctl].len(), 2);
+        assert_eq!(r[&libc::SYS_ioctl].len(), 3);
         assert!(!r.contains_key(&libc::SYS_io_uring_enter));
     }
 }

@@ -12,6 +12,8 @@ pub enum ExitReason {
     DebugExit { code: u32 },
     /// The guest asked for a reset through the i8042 controller (port 0x64, value 0xfe).
     Reset,
+    /// The guest powered off through the ACPI sleep control register (SLP_TYP S5 + SLP_EN).
+    PowerOff,
     /// KVM reported a shutdown (triple fault) on a vCPU.
     Shutdown { vcpu: usize },
     /// Every vCPU halted with interrupts disabled: the guest can never run again.
@@ -34,7 +36,7 @@ impl ExitReason {
     pub fn status(&self) -> i32 {
         match self {
             ExitReason::DebugExit { code } => ((code << 1) | 1) as i32 & 0xff,
-            ExitReason::Reset => 0,
+            ExitReason::Reset | ExitReason::PowerOff => 0,
             ExitReason::Signal { signal } => 128 + signal,
             ExitReason::ApiStop => 128 + libc::SIGTERM,
             _ => 2,
@@ -48,6 +50,7 @@ impl ExitReason {
                 format!("guest exited through the debug-exit port with code {code}")
             }
             ExitReason::Reset => "guest requested a reset (i8042)".to_string(),
+            ExitReason::PowerOff => "guest powered off (ACPI S5)".to_string(),
             ExitReason::Shutdown { vcpu } => format!("vCPU {vcpu} shut down (triple fault)"),
             ExitReason::AllHalted => "all vCPUs halted with interrupts disabled".to_string(),
             ExitReason::VcpuError { vcpu, message } => format!("vCPU {vcpu} stopped: {message}"),

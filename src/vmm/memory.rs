@@ -99,6 +99,12 @@ pub enum MemoryError {
     Regions(#[source] vm_memory::GuestRegionCollectionError),
     #[error("Failed to prefault guest memory")]
     Prefault(#[source] std::io::Error),
+    #[error(
+        "Cannot offer guest memory to KSM (madvise MADV_MERGEABLE) for --memory-merge; \
+         is KSM built into this kernel ({KSM_DIR} is {})?",
+        if std::path::Path::new(KSM_DIR).exists() { "there" } else { "missing" }
+    )]
+    Merge(#[source] std::io::Error),
 }
 
 /// The RAM ranges of a guest with `size` bytes of memory: below the MMIO hole, then above 4 GiB.
@@ -139,9 +145,19 @@ fn check_hugepages(mode: HugePages, size: u64) -> Result<(), MemoryError> {
     Ok(())
 }
 
+/// The kernel's same-page merging controls and counters.
+pub const KSM_DIR: &str = "/sys/kernel/mm/ksm";
+
 /// Creates guest memory of `size` bytes backed as `mode` asks; with `prefault` every page is
-/// populated before this returns, so the guest never takes a first-touch fault.
-pub fn create(size: u64, mode: HugePages, prefault: bool) -> Result<GuestMemory, MemoryError> {
+/// populated before this returns, so the guest never takes a first-touch fault. With `merge`
+/// the RAM is offered to KSM (MADV_MERGEABLE): identical pages, across VMs too, may then
+/// share one copy-on-write frame.
+pub fn create(
+    size: u64,
+    mode: HugePages,
+    prefault: bool,
+    merge: bool,
+) -> Result<GuestMemory, MemoryError> {
     if size < (16 << 20) {
         return Err(MemoryError::TooSmall(size));
     }
@@ -165,6 +181,9 @@ pub fn create(size: u64, mode: HugePages, prefault: bool) -> Result<GuestMemory,
             .build()
             .map_err(|source| MemoryError::Mmap { size: len, source })?;
         let ptr = mapping.as_ptr();
+        if merge {
+            merge_pages(ptr, len as usize)?;
+        }
         advise(ptr, len as usize, mode, prefault)?;
         let region = GuestRegionMmap::new(mapping, base)
             .expect("RAM ranges never overflow the address space");
@@ -204,6 +223,23 @@ fn advise(ptr: *mut u8, len: usize, mode: HugePages, prefault: bool) -> Result<(
     Ok(())
 }
 
+/// Marks the mapping mergeable (before prefaulting, so KSM sees every page from its first
+/// scan). Warns when KSM is not running: then nothing merges until /sys/kernel/mm/ksm/run is 1.
+fn merge_pages(ptr: *mut u8, len: usize) -> Result<(), MemoryError> {
+    // SAFETY: ptr/len describe a mapping this process just created and owns; MADV_MERGEABLE
+    // changes how the kernel may back the pages, never their contents.
+    if unsafe { libc::madvise(ptr.cast(), len, libc::MADV_MERGEABLE) } != 0 {
+        return Err(MemoryError::Merge(std::io::Error::last_os_error()));
+    }
+    if read_sysfs_u64(&format!("{KSM_DIR}/run")) != Some(1) {
+        log::warn!(
+            "--memory-merge: KSM is not running ({KSM_DIR}/run is not 1), so no page merges \
+             until it is (echo 1 > {KSM_DIR}/run)"
+        );
+    }
+    Ok(())
+}
+
 /// Total bytes of all regions.
 pub fn total_size(mem: &GuestMemory) -> u64 {
     mem.iter().map(|r| r.len()).sum()
@@ -232,17 +268,41 @@ mod tests {
 
     #[test]
     fn test_create_unaligned_size_is_rejected() {
-        let err = create((32 << 20) + 4096, HugePages::Huge2M, false).unwrap_err();
+        let err = create((32 << 20) + 4096, HugePages::Huge2M, false, false).unwrap_err();
         assert!(err.to_string().contains("not a multiple"), "{err}");
     }
 
     #[test]
     fn test_create_anonymous_memory_reads_zero() {
         use vm_memory::Bytes;
-        let mem = create(32 << 20, HugePages::None, true).unwrap();
+        let mem = create(32 << 20, HugePages::None, true, false).unwrap();
         assert_eq!(total_size(&mem), 32 << 20);
         let v: u64 = mem.read_obj(GuestAddress(0x10_0000)).unwrap();
         assert_eq!(v, 0);
+    }
+
+    /// The VmFlags of the mapping that starts at `addr` (/proc/self/smaps).
+    fn vm_flags(addr: usize) -> String {
+        let smaps = fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{addr:x}-");
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+        assert!(lines.next().is_some(), "no mapping at {addr:#x}");
+        lines
+            .find_map(|l| l.strip_prefix("VmFlags:"))
+            .expect("VmFlags line")
+            .to_string()
+    }
+
+    #[test]
+    fn test_create_with_merge_marks_ram_mergeable_and_without_does_not() {
+        for merge in [true, false] {
+            let mem = create(32 << 20, HugePages::None, false, merge).unwrap();
+            let addr = mem.iter().next().unwrap().as_ptr() as usize;
+            let flags = vm_flags(addr);
+            // "mg": VM_MERGEABLE, what MADV_MERGEABLE sets and KSM scans.
+            let mg = flags.split_whitespace().any(|f| f == "mg");
+            assert_eq!(mg, merge, "merge={merge}: VmFlags{flags}");
+        }
     }
 
     #[test]

@@ -25,7 +25,9 @@ use super::vcpu::{self, EntryPoint, VcpuRunner, VcpuShared};
 use super::{cpuid, kvm, memory, thread};
 use crate::boot::{self, BootSpec};
 use crate::config::{cpu_feature, SerialMode, VmConfig};
-use crate::devices::legacy::{cmos, debug_exit, i8042, serial, Cmos, DebugExit, Serial, I8042};
+use crate::devices::legacy::{
+    acpi_sleep, cmos, debug_exit, i8042, serial, AcpiSleep, Cmos, DebugExit, Serial, I8042,
+};
 use crate::devices::pci::root::{self, PciConfigIo, PciConfigMmio};
 use crate::devices::pci::PciRoot;
 use crate::devices::virtio::pci::VirtioPci;
@@ -230,7 +232,12 @@ pub fn run(config: &VmConfig, ext: &mut dyn VmExtension) -> Result<RunOutcome, V
         });
     }
     let exit = ExitHandle::new()?;
-    let mem = memory::create(config.memory, config.hugepages, config.prefault)?;
+    let mem = memory::create(
+        config.memory,
+        config.hugepages,
+        config.prefault,
+        config.memory_merge,
+    )?;
     let vm = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
     register_memory(&vm, &mem)?;
     vm.set_tss_address(KVM_TSS_ADDR as usize)
@@ -329,6 +336,11 @@ fn attach_legacy(
         Arc::new(Mutex::new(I8042::new(exit.clone()))),
         i8042::I8042_BASE,
         i8042::I8042_SIZE,
+    )?;
+    add(
+        Arc::new(Mutex::new(AcpiSleep::new(exit.clone()))),
+        acpi_sleep::ACPI_SLEEP_BASE,
+        acpi_sleep::ACPI_SLEEP_SIZE,
     )?;
     add(
         Arc::new(Mutex::new(Cmos::default())),

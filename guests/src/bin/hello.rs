@@ -1,9 +1,10 @@
 //! ringvm's integration-test guest: proves PVH boot, ring 3, serial, the
 //! memory map and each way a VM can end (exit port, triple fault, halt,
-//! i8042 reset, or never).
+//! i8042 reset, ACPI power-off, or never).
 #![no_std]
 #![no_main]
 
+use ringvm_guests::arch::{mmio, outb};
 use ringvm_guests::start_info::StartInfo;
 use ringvm_guests::{cmdline, entry, exit, println};
 
@@ -39,6 +40,83 @@ fn syscall_round_trip() -> [u64; 4] {
     unsafe { core::ptr::read_volatile(&raw const syscall_cell) }
 }
 
+/// Exit code when `mode=poweroff` finds no way to power off, or the write did not stop the VM.
+const POWEROFF_FAILED: u32 = 9;
+
+fn read64(addr: u64) -> u64 {
+    u64::from(mmio::read32(addr)) | u64::from(mmio::read32(addr + 4)) << 32
+}
+
+/// Finds the table with `sig` among the XSDT's entries (tables and entries are 4-byte
+/// aligned as ringvm lays them out).
+fn xsdt_find(xsdt: u64, sig: &[u8; 4]) -> Option<u64> {
+    let len = u64::from(mmio::read32(xsdt + 4));
+    let entries = len.saturating_sub(36) / 8;
+    (0..entries.min(64))
+        .map(|i| read64(xsdt + 36 + 8 * i))
+        .find(|&at| at != 0 && at < 1 << 32 && mmio::read32(at) == u32::from_le_bytes(*sig))
+}
+
+/// SLP_TYPa from the DSDT's `\_S5` package: `_S5_`, PackageOp, PkgLength, NumElements,
+/// then the first element (Zero, One, or BytePrefix and a byte).
+fn dsdt_s5_type(dsdt: u64) -> Option<u8> {
+    let len = u64::from(mmio::read32(dsdt + 4)).min(1 << 20);
+    // Byte by byte: AML names sit at any alignment.
+    let at = (dsdt + 36..dsdt + len.saturating_sub(8)).find(|&a| {
+        b"_S5_\x12".iter().zip(a..).all(|(&b, x)| mmio::read8(x) == b)
+    })?;
+    // PkgLength: bits 7..6 of the lead byte count the bytes that follow it.
+    let lead = mmio::read8(at + 5);
+    let elem = at + 5 + 1 + u64::from(lead >> 6) + 1;
+    match mmio::read8(elem) {
+        0x00 => Some(0),
+        0x01 => Some(1),
+        0x0a => Some(mmio::read8(elem + 1)),
+        _ => None,
+    }
+}
+
+/// Powers off as Linux does on a hardware-reduced ACPI platform: RSDP (from the PVH start
+/// info) → XSDT → FADT's SLEEP_CONTROL_REG, SLP_TYP from the DSDT's `\_S5`, then
+/// `SLP_TYP << 2 | SLP_EN` written to that register. Returns why it could not.
+fn acpi_poweroff(si: &StartInfo) -> &'static str {
+    let rsdp = read64(si.paddr + 32);
+    if rsdp == 0 || rsdp >= 1 << 32 || read64(rsdp) != u64::from_le_bytes(*b"RSD PTR ") {
+        return "no RSDP in the start info";
+    }
+    let xsdt = read64(rsdp + 24);
+    if xsdt == 0 || xsdt >= 1 << 32 || mmio::read32(xsdt) != u32::from_le_bytes(*b"XSDT") {
+        return "no XSDT";
+    }
+    let Some(fadt) = xsdt_find(xsdt, b"FACP") else {
+        return "no FADT";
+    };
+    // SLEEP_CONTROL_REG is the GAS at offset 244 (FADT revision 5 and later).
+    if mmio::read32(fadt + 4) < 256 {
+        return "FADT too short for SLEEP_CONTROL_REG";
+    }
+    if mmio::read8(fadt + 244) != 1 || mmio::read8(fadt + 245) != 8 {
+        return "SLEEP_CONTROL_REG is not a byte in I/O space";
+    }
+    let port = read64(fadt + 248);
+    if port == 0 || port > 0xffff {
+        return "SLEEP_CONTROL_REG has no port";
+    }
+    let dsdt = read64(fadt + 140);
+    if dsdt == 0 || dsdt >= 1 << 32 || mmio::read32(dsdt) != u32::from_le_bytes(*b"DSDT") {
+        return "no DSDT";
+    }
+    let Some(typ) = dsdt_s5_type(dsdt) else {
+        return "no \\_S5 package in the DSDT";
+    };
+    println!("acpi: sleep control port {:#x}, S5 sleep type {}", port, typ);
+    outb(port as u16, ((typ << 2) & 0x1c) | 0x20);
+    for _ in 0..1_000_000 {
+        core::hint::spin_loop();
+    }
+    "the sleep control register did not stop the VM"
+}
+
 fn main(si: &StartInfo) -> ! {
     let cmd = si.cmdline();
     println!("ringvm-hello: ring3 ok");
@@ -67,6 +145,11 @@ fn main(si: &StartInfo) -> ! {
         // The boot stub halts in ring 0 before we get here; ring 3 cannot `hlt`.
         "halt" => exit::triple_fault(),
         "reset" => exit::i8042_reset(),
+        "poweroff" => {
+            let why = acpi_poweroff(si);
+            println!("poweroff failed: {}", why);
+            exit::exit(POWEROFF_FAILED)
+        }
         "spin" => loop {
             core::hint::spin_loop();
         },

@@ -4,7 +4,6 @@
 //! gets VIRTIO_NET_ERR.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +12,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::handler::{Core, NetQueueParts};
+use super::pairs::ActivePairs;
 use crate::metrics::QueueMetrics;
 use crate::reactor::{QueueHandler, RingCtx};
 
@@ -90,15 +90,21 @@ where
     }))
 }
 
-/// The answer to a command; `pairs` is updated on a valid VQ_PAIRS_SET.
-pub fn answer(c: &CtrlCmd, max_pairs: u16, mq: bool, pairs: &AtomicU16) -> u8 {
+/// The answer to a command; `pairs` is updated on a valid VQ_PAIRS_SET (and the command
+/// fails if the tap refuses to follow).
+pub fn answer(c: &CtrlCmd, max_pairs: u16, mq: bool, pairs: &ActivePairs) -> u8 {
     match c.class {
         CLASS_RX | CLASS_MAC => ACK_OK,
         CLASS_MQ if mq && c.cmd == MQ_VQ_PAIRS_SET && c.data_len >= 2 => {
             let n = u16::from_le_bytes([c.data[0], c.data[1]]);
             if n >= 1 && n <= max_pairs {
-                pairs.store(n, Ordering::Release);
-                ACK_OK
+                match pairs.set(n) {
+                    Ok(()) => ACK_OK,
+                    Err(e) => {
+                        pairs.log_refusal(&e);
+                        ACK_ERR
+                    }
+                }
             } else {
                 ACK_ERR
             }
@@ -111,11 +117,11 @@ pub fn answer(c: &CtrlCmd, max_pairs: u16, mq: bool, pairs: &AtomicU16) -> u8 {
 pub struct CtrlQueue {
     c: Core,
     max_pairs: u16,
-    pairs: Arc<AtomicU16>,
+    pairs: Arc<ActivePairs>,
 }
 
 impl CtrlQueue {
-    pub fn new(p: NetQueueParts, max_pairs: u16, pairs: Arc<AtomicU16>) -> Self {
+    pub fn new(p: NetQueueParts, max_pairs: u16, pairs: Arc<ActivePairs>) -> Self {
         CtrlQueue {
             c: Core::new(p),
             max_pairs,
@@ -129,7 +135,7 @@ impl CtrlQueue {
     /// Serves `queue` from scratch, keeping the allocations, for the fuzz harness.
     pub fn rearm(&mut self, queue: virtio_queue::Queue) {
         self.c.rearm(queue);
-        self.pairs.store(1, std::sync::atomic::Ordering::Release);
+        let _ = self.pairs.set(1);
     }
 
     /// The state the RX, TX and control queues share.

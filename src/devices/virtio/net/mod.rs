@@ -20,6 +20,7 @@ pub mod config;
 pub mod ctrl;
 pub mod frame;
 pub mod handler;
+pub mod pairs;
 pub mod rx;
 pub mod tap;
 pub mod tx;
@@ -27,7 +28,7 @@ pub mod tx;
 pub use config::{NetConfig, NetConfigError};
 pub use tap::{Tap, TapError};
 
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +36,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use config::{features as f, CONFIG_LEN};
 use handler::NetQueueParts;
+use pairs::{ActivePairs, PairGate};
 
 use super::{
     ActivateError, ActiveQueue, GuestMemory, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC,
@@ -50,7 +52,7 @@ const DEVICE_ID_BASE: u64 = 1 << 40;
 /// Errors creating a net device.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    #[error("Failed to open the tap")]
+    #[error("Failed to open or configure the tap")]
     Tap(#[from] TapError),
     #[error("Net option reactors= names reactor {index}, but the pool has {len}")]
     NoSuchReactor { index: usize, len: usize },
@@ -69,7 +71,8 @@ pub struct NetDevice {
     placement: Vec<usize>,
     active: Vec<usize>,
     stops: Vec<EventFd>,
-    pairs: Arc<AtomicU16>,
+    /// Pairs in use (VQ_PAIRS_SET) and the tap queues that follow them.
+    pairs: Arc<ActivePairs>,
 }
 
 /// Maps the guest's acknowledged receive offloads to `TUN_F_*` flags. GSO frames need a
@@ -116,6 +119,10 @@ impl NetDevice {
             });
         }
         let tap = Tap::open(&cfg.tap, cfg.queues)?;
+        if let Some(mtu) = cfg.mtu {
+            tap.set_mtu(mtu)?;
+        }
+        let pairs = Arc::new(ActivePairs::new(&tap)?);
         let n = NEXT_DEVICE.fetch_add(1, Ordering::Relaxed);
         let offset = if cfg.reactors.is_none() {
             n as usize
@@ -174,7 +181,7 @@ impl NetDevice {
             placement,
             active: Vec::new(),
             stops: Vec::new(),
-            pairs: Arc::new(AtomicU16::new(1)),
+            pairs,
         })
     }
 
@@ -201,7 +208,12 @@ impl NetDevice {
 
     /// Queue pairs the driver asked for with VQ_PAIRS_SET (1 until it does).
     pub fn active_pairs(&self) -> u16 {
-        self.pairs.load(Ordering::Acquire)
+        self.pairs.get()
+    }
+
+    /// Tap queues attached (those of the pairs in use once the device is active).
+    pub fn attached_tap_queues(&self) -> u16 {
+        self.pairs.attached()
     }
 
     fn attach_queue(
@@ -244,6 +256,7 @@ impl NetDevice {
             stop,
         };
         let (max_pairs, pairs) = (self.cfg.queues, self.pairs.clone());
+        let gate = PairGate::new(self.pairs.clone(), pair as u16);
         let rx = q.index % 2 == 0;
         if !self.active.contains(&reactor) {
             self.active.push(reactor);
@@ -260,7 +273,7 @@ impl NetDevice {
                     } else if rx {
                         Box::new(rx::RxQueue::new(parts))
                     } else {
-                        Box::new(tx::TxQueue::new(parts))
+                        Box::new(tx::TxQueue::new(parts).with_gate(gate))
                     };
                     Ok(h)
                 }),
@@ -319,7 +332,11 @@ impl VirtioDevice for NetDevice {
         self.tap
             .set_offloads(tap_offloads(acked))
             .map_err(|e| ActivateError::Reactor(crate::vmm::devices::error_chain(&e)))?;
-        self.pairs.store(1, Ordering::Release);
+        // Pair 0 until the driver sets more (without MQ, for good): the other tap queues
+        // are detached so that no flow lands where nobody reads.
+        self.pairs
+            .set(1)
+            .map_err(|e| ActivateError::Reactor(crate::vmm::devices::error_chain(&e)))?;
         for q in queues {
             if let Err(e) = self.attach_queue(&mem, acked, q, ctrl) {
                 self.reset();
@@ -340,7 +357,13 @@ impl VirtioDevice for NetDevice {
                 log::error!("{}: reset: {e}", self.name);
             }
         }
-        self.pairs.store(1, Ordering::Release);
+        if let Err(e) = self.pairs.set(1) {
+            log::warn!(
+                "{}: reset: {}",
+                self.name,
+                crate::vmm::devices::error_chain(&e)
+            );
+        }
     }
 }
 

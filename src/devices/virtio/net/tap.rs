@@ -20,11 +20,17 @@ const IFF_TAP: libc::c_short = 0x0002;
 const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
+const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
+const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
 
 // _IOW('T', 202, int), _IOW('T', 208, unsigned int), _IOW('T', 216, int)
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+/// TUNSETQUEUE (`_IOW('T', 217, int)`): attaches or detaches one queue of a multi-queue tap.
+pub const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
+/// SIOCSIFMTU: a socket ioctl (the tun file does not take it).
+const SIOCSIFMTU: libc::c_ulong = 0x8922;
 
 /// Offloads the tap may hand to us (TUNSETOFFLOAD, `TUN_F_*`).
 pub const TUN_F_CSUM: u32 = 0x01;
@@ -57,6 +63,29 @@ pub enum TapError {
         #[source]
         source: io::Error,
     },
+    #[error("Cannot set MTU {mtu} on tap `{name}`{hint}")]
+    Mtu {
+        name: String,
+        mtu: u16,
+        hint: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Cannot duplicate the file of queue pair {pair} of tap `{name}`")]
+    Dup {
+        name: String,
+        pair: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Cannot {} queue {pair} of tap `{name}`", if *attach { "attach" } else { "detach" })]
+    Steer {
+        name: String,
+        pair: u16,
+        attach: bool,
+        #[source]
+        source: io::Error,
+    },
     #[error("Cannot set offloads {flags:#x} on tap `{name}`")]
     Offload {
         name: String,
@@ -71,6 +100,14 @@ struct IfReq {
     name: [u8; IFNAMSIZ],
     flags: libc::c_short,
     _pad: [u8; 22],
+}
+
+/// `struct ifreq` with `ifr_mtu`.
+#[repr(C)]
+struct IfReqMtu {
+    name: [u8; IFNAMSIZ],
+    mtu: libc::c_int,
+    _pad: [u8; 20],
 }
 
 /// An open tap device: one file per queue pair.
@@ -128,9 +165,55 @@ impl Tap {
         self.fds[pair].as_raw_fd()
     }
 
+    /// A second descriptor for the file of queue pair `pair` (the same tap queue).
+    pub fn dup_queue(&self, pair: usize) -> Result<OwnedFd, TapError> {
+        self.fds[pair].try_clone().map_err(|source| TapError::Dup {
+            name: self.name.clone(),
+            pair,
+            source,
+        })
+    }
+
     /// Number of queue pairs (files).
     pub fn pairs(&self) -> usize {
         self.fds.len()
+    }
+
+    /// Sets the interface's MTU (SIOCSIFMTU), so the host side of the link carries the frames
+    /// the guest is told it may send (VIRTIO_NET_F_MTU). Done once at start-up.
+    pub fn set_mtu(&self, mtu: u16) -> Result<(), TapError> {
+        let fail = |source: io::Error| {
+            let hint = match source.raw_os_error() {
+                Some(libc::EINVAL) => " (outside the range the tap takes, 68 to 65521)",
+                Some(libc::EPERM) => " (setting an MTU needs CAP_NET_ADMIN)",
+                _ => "",
+            };
+            TapError::Mtu {
+                name: self.name.clone(),
+                mtu,
+                hint,
+                source,
+            }
+        };
+        // SAFETY: plain socket(2); the result is checked before it is owned.
+        let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if s < 0 {
+            return Err(fail(io::Error::last_os_error()));
+        }
+        // SAFETY: `s` was just created and is owned by nothing else.
+        let s = unsafe { OwnedFd::from_raw_fd(s) };
+        let mut req = IfReqMtu {
+            name: [0; IFNAMSIZ],
+            mtu: libc::c_int::from(mtu),
+            _pad: [0; 20],
+        };
+        req.name[..self.name.len()].copy_from_slice(self.name.as_bytes());
+        // SAFETY: SIOCSIFMTU reads a `struct ifreq` (40 bytes, laid out by `IfReqMtu`) through
+        // a pointer that is valid for the call.
+        if unsafe { libc::ioctl(s.as_raw_fd(), SIOCSIFMTU, &mut req as *mut IfReqMtu) } < 0 {
+            return Err(fail(io::Error::last_os_error()));
+        }
+        Ok(())
     }
 
     /// `TUN_F_*` offloads this kernel accepts on the tap.
@@ -172,6 +255,26 @@ impl Tap {
         let _ = self.set_offloads(0);
         ok
     }
+}
+
+/// Attaches (or detaches) the tap queue of file `fd` (TUNSETQUEUE): a detached queue gets
+/// no frames, and the kernel spreads flows over the attached ones only.
+pub fn set_queue_attached(fd: RawFd, attach: bool) -> io::Result<()> {
+    let mut req = IfReq {
+        name: [0; IFNAMSIZ],
+        flags: if attach {
+            IFF_ATTACH_QUEUE
+        } else {
+            IFF_DETACH_QUEUE
+        },
+        _pad: [0; 22],
+    };
+    // SAFETY: TUNSETQUEUE reads a `struct ifreq` (laid out by `IfReq`) through a pointer
+    // valid for the call; on a descriptor that is not a tap queue it fails with an error.
+    if unsafe { libc::ioctl(fd, TUNSETQUEUE, &mut req as *mut IfReq) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn open_one(name: &str, flags: libc::c_short) -> Result<OwnedFd, TapError> {
@@ -249,5 +352,54 @@ mod tests {
     #[test]
     fn test_ifreq_has_kernel_layout() {
         assert_eq!(std::mem::size_of::<IfReq>(), 40);
+        assert_eq!(std::mem::size_of::<IfReqMtu>(), 40);
+    }
+
+    /// A fresh tap of this test process (removed when the Tap drops); None: SKIP printed.
+    fn fresh_tap(tag: &str) -> Option<Tap> {
+        let name = format!("rvm{tag}{}", std::process::id() % 100_000);
+        match Tap::open(&name, 1) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let msg = crate::vmm::devices::error_chain(&e);
+                eprintln!("SKIP: cannot create tap {name}: {msg}");
+                None
+            }
+        }
+    }
+
+    fn sysfs_mtu(name: &str) -> u32 {
+        std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn test_set_mtu_reaches_the_interface() {
+        let Some(tap) = fresh_tap("m") else { return };
+        let before = sysfs_mtu(tap.name());
+        let want = if before == 9000 { 4000 } else { 9000 };
+        tap.set_mtu(want).unwrap();
+        assert_eq!(sysfs_mtu(tap.name()), u32::from(want));
+    }
+
+    #[test]
+    fn test_set_mtu_refused_by_host_names_tap() {
+        let Some(tap) = fresh_tap("r") else { return };
+        let before = sysfs_mtu(tap.name());
+        // Above a tap's maximum (65535 less the Ethernet header): the kernel says EINVAL.
+        let e = tap.set_mtu(u16::MAX).unwrap_err();
+        let msg = crate::vmm::devices::error_chain(&e);
+        assert!(
+            msg.contains(&format!("MTU 65535 on tap `{}`", tap.name())),
+            "{msg}"
+        );
+        assert_eq!(
+            sysfs_mtu(tap.name()),
+            before,
+            "a refused MTU changes nothing"
+        );
     }
 }

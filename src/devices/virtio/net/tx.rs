@@ -9,6 +9,7 @@ use virtio_queue::QueueT;
 
 use super::frame::{self, TxFrame, IOVEC_EMPTY};
 use super::handler::{Core, NetQueueParts};
+use super::pairs::PairGate;
 use super::tap::VNET_HDR_LEN;
 use crate::metrics::QueueMetrics;
 use crate::reactor::{QueueHandler, RingCtx};
@@ -30,6 +31,8 @@ pub struct TxQueue {
     c: Core,
     slots: Box<[Slot]>,
     in_flight: usize,
+    /// Closed while the driver does not use this queue's pair: kicks are ignored.
+    gate: Option<PairGate>,
 }
 
 impl TxQueue {
@@ -50,7 +53,18 @@ impl TxQueue {
             c: Core::new(p),
             slots,
             in_flight: 0,
+            gate: None,
         }
+    }
+
+    /// Serves the queue only while its pair is in use (MQ).
+    pub fn with_gate(mut self, gate: PairGate) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    fn gated(&self) -> bool {
+        self.gate.as_ref().is_some_and(|g| !g.open())
     }
 
     /// Serves `queue` from scratch, keeping the allocations (see [`RxQueue::rearm`](super::rx::RxQueue::rearm)).
@@ -97,11 +111,17 @@ impl QueueHandler for TxQueue {
     }
 
     fn set_notify(&mut self, enable: bool) -> bool {
-        self.c.set_notify(enable)
+        // A closed queue's waiting chains must not keep the reactor spinning: it sleeps
+        // until the next kick.
+        self.c.set_notify(enable) && !self.gated()
     }
 
     fn poll_avail(&mut self, ctx: &mut RingCtx<'_, '_>, budget: usize) -> usize {
         if self.c.broken {
+            return 0;
+        }
+        if self.gated() {
+            self.c.last_kick = None;
             return 0;
         }
         let kick = self.c.last_kick.take().unwrap_or(ctx.now);

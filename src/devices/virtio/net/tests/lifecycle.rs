@@ -3,7 +3,13 @@
 
 use super::*;
 
-fn ctrl_cmd(h: &mut Harness, q: usize, class: u8, cmd: u8, data: &[u8]) -> (u16, GuestAddress) {
+pub(super) fn ctrl_cmd(
+    h: &mut Harness,
+    q: usize,
+    class: u8,
+    cmd: u8,
+    data: &[u8],
+) -> (u16, GuestAddress) {
     let d = &mut h.q(q).drv;
     let c = d.alloc(2 + data.len() as u64);
     d.mem.write_slice(&[class, cmd], c).unwrap();

@@ -20,6 +20,7 @@ use crate::reactor::{ReactorOptions, ReactorPool};
 use crate::vmm::exit::ExitHandle;
 
 mod lifecycle;
+mod pairs;
 
 const MEM: usize = 32 << 20;
 const QUEUE_SPAN: u64 = 4 << 20;
@@ -509,6 +510,11 @@ fn test_tx_on_second_pair_reaches_multiqueue_tap() {
         return;
     };
     let cap = capture(h.dev.tap().name());
+    // Pair 1 is served once the driver asks for two pairs (tests/pairs.rs).
+    let (_, ack) = lifecycle::ctrl_cmd(&mut h, 4, CLASS_MQ, MQ_VQ_PAIRS_SET, &2u16.to_le_bytes());
+    h.kick(4);
+    h.wait_used(4, 1);
+    assert_eq!(h.q(4).drv.mem.read_obj::<u8>(ack).unwrap(), ACK_OK);
     let d = &mut h.q(3).drv;
     let hd = d.alloc(12);
     d.mem
