@@ -371,12 +371,107 @@ mod tests {
         assert!(has(&[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
     }
 
-//! host bridge (bus 0, the 32-bit BAR window and, with `--pci-bars high`, the 64-bit one
-//! above guest RAM as a QWordMemory range), COM1 and the CMOS RTC, whose IRQs the guest
-//! maps from there because a hardware-reduced platform has no legacy PIC. Reset stays the
-//! i8042 route (`reboot=k`), so the FADT advertises the 8042. Power-off is ACPI S5: the
-//! FADT names the sleep control and status registers (src/devices/legacy/acpi_sleep.rs)
-//! and the DSDT's `\_S5` package gives the sleep type to write there.
+    /// The DSDT's `_CRS` for the host bridge, as AML bytes.
+    fn dsdt_of(t: &Tables) -> Vec<u8> {
+        let fadt = follow(t, b"FACP");
+        let at = u64_at(fadt, 140);
+        t.blobs.iter().find(|(a, _)| *a == at).unwrap().1.clone()
+    }
+
+    /// QWordMemory descriptors (tag 0x8a) in `aml`: (min, max, length).
+    fn qword_memory(aml: &[u8]) -> Vec<(u64, u64, u64)> {
+        let mut found = Vec::new();
+        for i in 0..aml.len().saturating_sub(46) {
+            // tag, length 43, resource type 0 (memory)
+            if aml[i] == 0x8a && aml[i + 1] == 43 && aml[i + 2] == 0 && aml[i + 3] == 0 {
+                let (min, max, len) = (
+                    u64_at(aml, i + 14),
+                    u64_at(aml, i + 22),
+                    u64_at(aml, i + 38),
+                );
+                found.push((min, max, len));
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn test_acpi_dsdt_reports_the_64bit_window_only_when_there_is_one() {
+        assert_eq!(qword_memory(&dsdt_of(&build(1, None))), vec![]);
+        let start = 0x40_0000_0000u64;
+        let size = crate::vmm::layout::PCI_MMIO64_SIZE;
+        let t = build(1, Some((start, size)));
+        assert_eq!(
+            qword_memory(&dsdt_of(&t)),
+            vec![(start, start + size - 1, size)],
+            "a QWordMemory range for the high window"
+        );
+        let dsdt = dsdt_of(&t);
+        assert_eq!(sum(&dsdt), 0, "checksum still holds");
+        assert_eq!(u32_at(&dsdt, 4) as usize, dsdt.len());
+    }
+
+    /// FADT offsets of SLEEP_CONTROL_REG and SLEEP_STATUS_REG (ACPI 6.5, table 5.9).
+    const FADT_SLEEP_CONTROL: usize = 244;
+    const FADT_SLEEP_STATUS: usize = 256;
+
+    #[test]
+    fn test_acpi_fadt_sleep_registers_name_the_sleep_ports() {
+        let t = build(1, None);
+        let fadt = follow(&t, b"FACP");
+        assert!(
+            fadt.len() >= FADT_SLEEP_STATUS + 12,
+            "FADT too short for the sleep registers"
+        );
+        for (at, port) in [
+            (FADT_SLEEP_CONTROL, ACPI_SLEEP_BASE + SLEEP_CONTROL_OFFSET),
+            (FADT_SLEEP_STATUS, ACPI_SLEEP_BASE + SLEEP_STATUS_OFFSET),
+        ] {
+            let gas = &fadt[at..at + 12];
+            // space id (system I/O), bit width 8, bit offset 0, byte access
+            assert_eq!(&gas[..4], &[1, 8, 0, 1], "GAS at {at}");
+            assert_eq!(u64_at(gas, 4), port, "GAS at {at}");
+        }
+        assert_ne!(
+            u64_at(fadt, FADT_SLEEP_CONTROL + 4),
+            u64_at(fadt, FADT_SLEEP_STATUS + 4),
+            "control and status are different registers"
+        );
+    }
+
+    #[test]
+    fn test_acpi_dsdt_s5_package_gives_the_device_sleep_type() {
+        let t = build(1, None);
+        let fadt = follow(&t, b"FACP");
+        let dsdt_at = u64_at(fadt, 140);
+        let dsdt = &t.blobs.iter().find(|(a, _)| *a == dsdt_at).unwrap().1;
+        // NameOp, root prefix, "_S5_", PackageOp: in the root scope, not under \_SB_.
+        let name = [&[0x08, b'\\'][..], b"_S5_", &[0x12]].concat();
+        let at = dsdt
+            .windows(name.len())
+            .position(|w| w == name.as_slice())
+            .expect("\\_S5_ package in the DSDT");
+        let pkg = &dsdt[at + name.len()..];
+        // PkgLength (one byte: short package), NumElements 4, then BytePrefix SLP_TYP twice
+        let len = usize::from(pkg[0]);
+        assert!(
+            len < 0x40 && at + name.len() + len <= dsdt.len(),
+            "package length {len}"
+        );
+        assert_eq!(pkg[1], 4, "four elements");
+        assert_eq!(
+            &pkg[2..6],
+            &[0x0a, SLP_TYP_S5, 0x0a, SLP_TYP_S5],
+            "SLP_TYPa, SLP_TYPb"
+        );
+        // What a guest writes from this package powers the sleep device off.
+        use crate::devices::legacy::acpi_sleep::{sleep_control_value, AcpiSleep};
+        use crate::vmm::bus::BusDevice;
+        use crate::vmm::exit::{ExitHandle, ExitReason};
+        let exit = ExitHandle::new().unwrap();
+        let mut dev = AcpiSleep::new(exit.clone());
+        dev.write(SLEEP_CONTROL_OFFSET, &[sleep_control_value(pkg[3])]);
+        assert_eq!(exit.reason(), Some(ExitReason::PowerOff));
     }
 
     #[test]
