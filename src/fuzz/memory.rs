@@ -176,8 +176,15 @@ impl GuestImage {
     /// `allowed` sorted by start, overlapping and touching ranges joined, empty ones dropped.
     fn merge_allowed(&mut self) {
         self.merged.clear();
-        self.merged
-            .extend(self.allowed.iter().copied().filter(|&(s, e)| s < e));
+        // Indirect tables list many descriptors, often repeated or in address order: join
+        // each range with the previous one where they meet, so that little is left to sort.
+        for &(s, e) in &self.allowed {
+            match self.merged.last_mut() {
+                _ if s >= e => {}
+                Some(last) if s <= last.1 && last.0 <= e => *last = (last.0.min(s), last.1.max(e)),
+                _ => self.merged.push((s, e)),
+            }
+        }
         self.merged.sort_unstable();
         let mut w = 0;
         for r in 0..self.merged.len() {
@@ -421,6 +428,11 @@ mod tests {
         img.allowed = vec![(50, 60), (10, 20), (15, 30), (30, 40), (70, 70), (0, 5)];
         img.merge_allowed();
         assert_eq!(img.merged, vec![(0, 5), (10, 40), (50, 60)]);
+        // Joined out of order too: a range that covers the previous one, one that starts
+        // before it, and repeats.
+        img.allowed = vec![(100, 110), (90, 120), (80, 95), (80, 95), (5, 6), (0, 5), (7, 8)];
+        img.merge_allowed();
+        assert_eq!(img.merged, vec![(0, 6), (7, 8), (80, 120)]);
     }
 
     #[test]
