@@ -157,7 +157,7 @@ impl GuestImage {
         }
         // Outside the allowed ranges memory is the padded image: past both, it is zero.
         let n = image.len().min(MEM_SIZE);
-        let last = self.merged.last().map_or(0, |&(_, e)| e.min(MEM_SIZE as u64));
+        let last = self.merged.last().map_or(0, |&(_, e)| e);
         self.clean_from = n.max(last as usize);
     }
 
@@ -173,19 +173,21 @@ impl GuestImage {
         }
     }
 
-    /// `allowed` sorted by start, overlapping and touching ranges joined, empty ones dropped.
+    /// `allowed` inside guest memory (cut at its end), sorted by start, overlapping and
+    /// touching ranges joined, empty ones dropped.
     fn merge_allowed(&mut self) {
         self.merged.clear();
         // Indirect tables list many descriptors, often repeated or in address order: join
         // each range with the previous one where they meet, so that little is left to sort.
         for &(s, e) in &self.allowed {
+            let e = e.min(MEM_SIZE as u64);
             match self.merged.last_mut() {
                 _ if s >= e => {}
                 Some(last) if s <= last.1 && last.0 <= e => *last = (last.0.min(s), last.1.max(e)),
                 _ => self.merged.push((s, e)),
             }
         }
-        self.merged.sort_unstable();
+        self.merged.sort_unstable_by_key(|r| r.0);
         let mut w = 0;
         for r in 0..self.merged.len() {
             let (s, e) = self.merged[r];
@@ -203,17 +205,13 @@ impl GuestImage {
     /// The first byte outside the merged ranges that differs from the padded image:
     /// (address, new value).
     fn writes_outside(&self, image: &[u8]) -> Option<(u64, u8)> {
-        let mut at = 0u64;
+        // The merged ranges are sorted, disjoint and inside memory: compare the gaps.
+        let mut at = 0;
         for &(s, e) in &self.merged {
-            if s > at {
-                if let Some(bad) = self.first_change(image, at, s.min(MEM_SIZE as u64)) {
-                    return Some(bad);
-                }
+            if let Some(bad) = self.first_change(image, at, s) {
+                return Some(bad);
             }
-            at = at.max(e);
-            if at >= MEM_SIZE as u64 {
-                return None;
-            }
+            at = e;
         }
         self.first_change(image, at, MEM_SIZE as u64)
     }
@@ -433,6 +431,11 @@ mod tests {
         img.allowed = vec![(100, 110), (90, 120), (80, 95), (80, 95), (5, 6), (0, 5), (7, 8)];
         img.merge_allowed();
         assert_eq!(img.merged, vec![(0, 6), (7, 8), (80, 120)]);
+        // Past guest memory nothing is compared: such ranges are cut or dropped.
+        let end = MEM_SIZE as u64;
+        img.allowed = vec![(end + 8, end + 16), (end - 4, u64::MAX), (0, 1), (end, end + 1)];
+        img.merge_allowed();
+        assert_eq!(img.merged, vec![(0, 1), (end - 4, end)]);
     }
 
     #[test]
