@@ -168,7 +168,8 @@ impl GuestImage {
         for i in 0..u64::from(size) {
             let (addr, len, flags) = desc_at(image, desc + 16 * i);
             if flags & F_INDIRECT != 0 {
-                self.tables.push((addr, addr.saturating_add(u64::from(len))));
+                self.tables
+                    .push((addr, addr.saturating_add(u64::from(len))));
             }
         }
     }
@@ -231,9 +232,7 @@ impl GuestImage {
             // Below `n` the image, past it zeros.
             let k = n.saturating_sub(s).min(e - s);
             let same = (k == 0 || bytes[..k] == image[s..s + k])
-                && bytes[k..]
-                    .chunks(ZERO.len())
-                    .all(|c| c == &ZERO[..c.len()]);
+                && bytes[k..].chunks(ZERO.len()).all(|c| c == &ZERO[..c.len()]);
             if !same {
                 // A failing input only: walk it to name the byte.
                 let before = |at: usize| image.get(at).copied().unwrap_or(0);
@@ -305,11 +304,7 @@ fn desc_at(image: &[u8], at: u64) -> (u64, u32, u16) {
     }
     let u64_at = |o: usize| u64::from_le_bytes(d[o..o + 8].try_into().expect("8 bytes"));
     let u32_at = |o: usize| u32::from_le_bytes(d[o..o + 4].try_into().expect("4 bytes"));
-    (
-        u64_at(0),
-        u32_at(8),
-        u16::from_le_bytes([d[12], d[13]]),
-    )
+    (u64_at(0), u32_at(8), u16::from_le_bytes([d[12], d[13]]))
 }
 
 #[cfg(test)]
@@ -428,12 +423,25 @@ mod tests {
         assert_eq!(img.merged, vec![(0, 5), (10, 40), (50, 60)]);
         // Joined out of order too: a range that covers the previous one, one that starts
         // before it, and repeats.
-        img.allowed = vec![(100, 110), (90, 120), (80, 95), (80, 95), (5, 6), (0, 5), (7, 8)];
+        img.allowed = vec![
+            (100, 110),
+            (90, 120),
+            (80, 95),
+            (80, 95),
+            (5, 6),
+            (0, 5),
+            (7, 8),
+        ];
         img.merge_allowed();
         assert_eq!(img.merged, vec![(0, 6), (7, 8), (80, 120)]);
         // Past guest memory nothing is compared: such ranges are cut or dropped.
         let end = MEM_SIZE as u64;
-        img.allowed = vec![(end + 8, end + 16), (end - 4, u64::MAX), (0, 1), (end, end + 1)];
+        img.allowed = vec![
+            (end + 8, end + 16),
+            (end - 4, u64::MAX),
+            (0, 1),
+            (end, end + 1),
+        ];
         img.merge_allowed();
         assert_eq!(img.merged, vec![(0, 1), (end - 4, end)]);
     }
