@@ -20,10 +20,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{load_image, writable_ranges, MEM_SIZE};
+use super::memory::GuestImage;
+use super::MEM_SIZE;
 use crate::devices::virtio::block::backend::QueueIo;
 use crate::devices::virtio::block::config::DiskInfo;
 use crate::devices::virtio::block::driver::TestDriver;
@@ -102,7 +103,12 @@ impl Shape {
 
 /// Set up once per thread, reset per input.
 struct Harness {
+    img: GuestImage,
     mem: GuestMemory,
+    /// The queue layout of each size (2, 4, 8, 16), as [`TestDriver`] lays it out.
+    drivers: Vec<TestDriver>,
+    /// The disk of each (size, read-only) for the parser-only pass.
+    disks: Vec<DiskInfo>,
     ring: InlineRing,
     scratch: Vec<Segment>,
     iov: Vec<libc::iovec>,
@@ -112,13 +118,23 @@ struct Harness {
     irq: EventFd,
     /// Stands in for the disk: the made-up results mean nothing is ever submitted to it.
     file: Arc<File>,
-    ranges: Vec<(u64, u64)>,
 }
 
 impl Harness {
     fn new() -> Self {
+        let img = GuestImage::new();
+        let mem = img.mem().clone();
+        let drivers = (0..4)
+            .map(|k| TestDriver::new(&mem, GuestAddress(0), 2 << k, MEM_SIZE as u64))
+            .collect();
+        let disks = (0..8)
+            .map(|k| DiskInfo::new(CAPACITY, k & 4 != 0, 2 << (k & 3), "fuzz"))
+            .collect();
         Harness {
-            mem: super::guest_memory(),
+            img,
+            mem,
+            drivers,
+            disks,
             ring: InlineRing::new().expect("an io_uring (Linux 5.19 or newer)"),
             scratch: vec![Segment::default(); 64],
             iov: vec![IOVEC_EMPTY; 64],
@@ -127,7 +143,6 @@ impl Harness {
             kick: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
             irq: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
             file: Arc::new(File::open("/dev/null").expect("/dev/null")),
-            ranges: Vec::new(),
         }
     }
 
@@ -155,29 +170,23 @@ impl Harness {
     fn run(&mut self, data: &[u8], checks: Checks) -> Option<Outcome> {
         let (&flags, image) = data.split_first()?;
         let s = Shape::from_flags(flags);
-        // The driver lays out the queue (and writes its ring headers), then the image
-        // replaces all of it.
-        let drv = TestDriver::new(&self.mem, GuestAddress(0), s.size, MEM_SIZE as u64);
-        load_image(&self.mem, image);
-        // The used ring belongs to the device: start it clean so the published count is ours.
-        let used_len = 6 + 8 * u64::from(s.size);
-        self.mem
-            .write_slice(&[0u8; 6 + 8 * 16][..used_len as usize], drv.used)
-            .ok()?;
+        // The queue as the driver lays it out; the image replaces all of memory.
+        let drv = &self.drivers[s.size.trailing_zeros() as usize - 1];
+        self.img.load(image, drv);
         if checks.writes {
-            writable_ranges(
-                image,
-                drv.desc.0,
-                s.size,
-                (drv.used.0, drv.used.0 + used_len),
-                &mut self.ranges,
-            );
+            self.img.allow_writable(image, drv);
         }
-        self.parse_only(&s, &drv);
+        Self::parse_only(
+            &self.mem,
+            &self.disks[s.key() & 7],
+            (&mut self.scratch[..], &mut self.iov[..], &mut self.iov2[..]),
+            s.event_idx,
+            drv,
+        );
 
         self.ring.clear();
         if self.handlers[s.key()].is_none() {
-            self.handlers[s.key()] = Some(self.new_handler(&s, &drv));
+            self.handlers[s.key()] = Some(self.new_handler(&s, drv));
         }
         let h = self.handlers[s.key()].as_mut().expect("set above");
         h.rearm(drv.queue(s.event_idx));
@@ -211,32 +220,36 @@ impl Harness {
             "{popped} chains popped, {used} answered, and the queue is not broken"
         );
         if checks.writes {
-            super::assert_writes_within(&self.mem, image, (drv.desc.0, s.size), &self.ranges);
-            super::check_used_ring(&self.mem, image, &drv, used, next_avail, &self.ranges);
+            self.img.assert_writes_within(image, drv);
+            self.img.check_used_ring(image, drv, used, next_avail);
         }
         Some(out)
     }
 
     /// The parser alone, over at most two queue lengths of chains: both chain walkers agree.
-    fn parse_only(&mut self, s: &Shape, drv: &TestDriver) {
-        let disk = DiskInfo::new(CAPACITY, s.readonly, s.size, "fuzz");
-        let mem = &self.mem;
-        let mut q = drv.queue(s.event_idx);
+    fn parse_only(
+        mem: &GuestMemory,
+        disk: &DiskInfo,
+        (scratch, iov, iov2): (&mut [Segment], &mut [libc::iovec], &mut [libc::iovec]),
+        event_idx: bool,
+        drv: &TestDriver,
+    ) {
+        let mut q = drv.queue(event_idx);
         for _ in 0..2 * drv.size {
             let Some(chain) = q.pop_descriptor_chain(mem) else {
                 break;
             };
             let head = chain.head_index();
-            let slow = parse(chain, mem, &disk, &mut self.scratch, &mut self.iov);
+            let slow = parse(chain, mem, disk, scratch, iov);
             let fast = Chain::new(mem, GuestAddress(q.desc_table()), q.size(), head);
-            let r = parse(fast, mem, &disk, &mut self.scratch, &mut self.iov2);
+            let r = parse(fast, mem, disk, scratch, iov2);
             assert_eq!(
                 slow, r,
                 "the device's chain walker disagrees with virtio-queue's"
             );
             if let Ok(req) = r {
-                assert!(req.niov <= self.iov2.len());
-                let total: usize = self.iov2[..req.niov].iter().map(|v| v.iov_len).sum();
+                assert!(req.niov <= iov2.len());
+                let total: usize = iov2[..req.niov].iter().map(|v| v.iov_len).sum();
                 assert!(
                     total as u64 >= u64::from(req.data_len),
                     "iovecs cover the data"
@@ -267,7 +280,7 @@ pub fn fuzz_one(data: &[u8]) -> u16 {
 mod tests {
     use std::path::Path;
 
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestMemoryMmap};
 
     use super::super::REGION;
     use super::*;

@@ -17,10 +17,11 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{load_image, writable_ranges, MEM_SIZE};
+use super::memory::GuestImage;
+use super::MEM_SIZE;
 use crate::devices::virtio::block::driver::TestDriver;
 use crate::devices::virtio::net::config::features as f;
 use crate::devices::virtio::net::ctrl::CtrlQueue;
@@ -107,14 +108,16 @@ impl Handler {
 
 /// Set up once per thread, reset per input.
 struct Harness {
+    img: GuestImage,
     mem: GuestMemory,
+    /// The queue layout of each size (2, 4, 8, 16), as [`TestDriver`] lays it out.
+    drivers: Vec<TestDriver>,
     ring: InlineRing,
     /// One per (size, kind, features).
     handlers: Vec<Option<Handler>>,
     kick: EventFd,
     irq: EventFd,
     stop: EventFd,
-    ranges: Vec<(u64, u64)>,
 }
 
 fn kind_of(flags: u8) -> Kind {
@@ -143,14 +146,20 @@ fn acked(flags: u8) -> u64 {
 
 impl Harness {
     fn new() -> Self {
+        let img = GuestImage::new();
+        let mem = img.mem().clone();
+        let drivers = (0..4)
+            .map(|k| TestDriver::new(&mem, GuestAddress(0), 2 << k, MEM_SIZE as u64))
+            .collect();
         Harness {
-            mem: super::guest_memory(),
+            img,
+            mem,
+            drivers,
             ring: InlineRing::new().expect("an io_uring (Linux 5.19 or newer)"),
             handlers: (0..32).map(|_| None).collect(),
             kick: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
             irq: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
             stop: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-            ranges: Vec::new(),
         }
     }
 
@@ -182,28 +191,18 @@ impl Harness {
 
     fn run(&mut self, data: &[u8], writes: bool) -> Option<Outcome> {
         let (&flags, image) = data.split_first()?;
-        let size = 2u16 << (flags >> 2 & 3);
         let kind = kind_of(flags);
-        let drv = TestDriver::new(&self.mem, GuestAddress(0), size, MEM_SIZE as u64);
-        load_image(&self.mem, image);
-        let used_len = 6 + 8 * u64::from(size);
-        self.mem
-            .write_slice(&[0u8; 6 + 8 * 16][..used_len as usize], drv.used)
-            .ok()?;
+        // The queue as the driver lays it out; the image replaces all of memory.
+        let drv = &self.drivers[usize::from(flags >> 2 & 3)];
+        self.img.load(image, drv);
         if writes {
-            writable_ranges(
-                image,
-                drv.desc.0,
-                size,
-                (drv.used.0, drv.used.0 + used_len),
-                &mut self.ranges,
-            );
+            self.img.allow_writable(image, drv);
         }
         // Features, queue size and kind pick the handler; EVENT_IDX is the queue's.
         let key = usize::from(flags >> 2 & 3) | usize::from(flags & 2) << 1 | (kind as usize) << 3;
         self.ring.clear();
         if self.handlers[key].is_none() {
-            self.handlers[key] = Some(self.new_handler(flags, &drv));
+            self.handlers[key] = Some(self.new_handler(flags, drv));
         }
         let h = self.handlers[key].as_mut().expect("set above");
         h.rearm(drv.queue(flags & 1 != 0));
@@ -237,8 +236,8 @@ impl Harness {
             "{kind:?}: {popped} chains popped, {used} answered, and the queue is not broken"
         );
         if writes {
-            super::assert_writes_within(&self.mem, image, (drv.desc.0, size), &self.ranges);
-            super::check_used_ring(&self.mem, image, &drv, used, popped, &self.ranges);
+            self.img.assert_writes_within(image, drv);
+            self.img.check_used_ring(image, drv, used, popped);
         }
         Some(out)
     }
@@ -267,7 +266,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::block::driver::Buf;
     use crate::devices::virtio::net::frame::VnetHdr;
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestMemoryMmap};
 
     /// Seed inputs: an RX buffer, TX frames (with and without offloads), control commands.
     pub(crate) fn seeds() -> Vec<(&'static str, Vec<u8>)> {
