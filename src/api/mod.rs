@@ -59,6 +59,8 @@ pub enum ApiError {
     Thread(#[source] crate::vmm::thread::ThreadError),
     #[error("The API thread stopped while starting")]
     Gone,
+    #[error("Cannot set up the API thread's seccomp filter")]
+    Seccomp(#[source] crate::seccomp::SeccompError),
 }
 
 /// A device whose poll window the API can change.
@@ -365,13 +367,18 @@ fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, ApiError> {
 }
 
 impl ApiServer {
-    /// Serves `path` from a new thread `api`, pinned to `core` when given. `command` names
-    /// the ringvm command in `GET /vm`. Returns once the socket accepts connections.
+    /// Serves `path` from a new thread `api`, pinned to `core` when given, which installs
+    /// the control plane's seccomp filter (`seccomp`) once the socket is bound. `command`
+    /// names the ringvm command in `GET /vm`. Returns once the socket accepts connections.
     pub fn start(
         path: &Path,
         command: &'static str,
         core: Option<usize>,
+        seccomp: crate::seccomp::SeccompMode,
     ) -> Result<ApiServer, ApiError> {
+        let filter =
+            crate::seccomp::ThreadFilter::new(crate::seccomp::ThreadKind::Control, seccomp)
+                .map_err(ApiError::Seccomp)?;
         let shared = Arc::new(Shared {
             command,
             started: Instant::now(),
@@ -385,8 +392,8 @@ impl ApiServer {
             source: e,
         })?;
         let (p, sh) = (path.to_path_buf(), shared.clone());
-        // The API thread starts before the main thread installs its filter and has no list of
-        // its own yet (README "Control plane": what it runs unfiltered).
+        // The thread's own filter goes on after the bind (which needs socket, bind, mkdir,
+        // chmod, rename: calls the running server never makes); the spawn helper installs none.
         let unfiltered = crate::seccomp::ThreadFilter::default();
         let thread = crate::vmm::thread::spawn("api", core, unfiltered, exit, move || {
             // SAFETY: setpriority with PRIO_PROCESS and 0 changes the calling thread's nice
@@ -396,10 +403,16 @@ impl ApiServer {
             }
             tokio_uring::builder().entries(64).start(async move {
                 let listener = match bind(&p) {
-                    Ok(l) => {
-                        let _ = ready_tx.send(Ok(()));
-                        l
-                    }
+                    Ok(l) => match filter.apply("api") {
+                        Ok(()) => {
+                            let _ = ready_tx.send(Ok(()));
+                            l
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(ApiError::Seccomp(e)));
+                            return;
+                        }
+                    },
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;

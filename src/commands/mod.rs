@@ -155,7 +155,7 @@ pub(crate) fn start_api(
         .into_iter()
         .find(|c| !config.vcpu_cores.contains(c) && !config.io_cores.contains(c));
     let core = free.or(config.vcpu_cores.first().copied());
-    Ok(Some(ApiServer::start(path, command, core)?))
+    Ok(Some(ApiServer::start(path, command, core, config.seccomp)?))
 }
 
 #[cfg(test)]

@@ -71,6 +71,9 @@ pub enum ThreadKind {
     Vcpu,
     /// An io_uring reactor (`reactorN`).
     Reactor,
+    /// The control plane (`api`): the tokio-uring runtime serving `--api-socket`, once its
+    /// socket is bound.
+    Control,
 }
 
 /// Errors from building or installing a filter.
@@ -303,7 +306,12 @@ mod tests {
 
     #[test]
     fn test_every_kind_compiles_in_every_mode() {
-        for kind in [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Reactor] {
+        for kind in [
+            ThreadKind::Main,
+            ThreadKind::Vcpu,
+            ThreadKind::Reactor,
+            ThreadKind::Control,
+        ] {
             assert_eq!(
                 ThreadFilter::new(kind, SeccompMode::On)
                     .unwrap()

@@ -66,6 +66,32 @@ const VCPU: &[i64] = &[
     libc::SYS_openat,
 ];
 
+/// The control plane once its socket is bound (src/api): the tokio-uring runtime's ring
+/// (io_uring_enter; the runtime's own ring is not restricted, README "Seccomp"), tokio's
+/// epoll driver and its wake-up eventfd, accepting and shutting down connections, socket
+/// I/O outside the ring, the interval log's writes (`write`, in COMMON), and `openat` as
+/// for reactors (a second filter fails it with EACCES). Found with `strace -f` over every
+/// endpoint, bad requests and a stop (tests/api.rs runs them all under this filter).
+const CONTROL: &[i64] = &[
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_accept4,
+    libc::SYS_shutdown,
+    libc::SYS_fcntl,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_getsockopt,
+    libc::SYS_lseek,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_openat,
+];
+
 /// KVMIO, the type byte of every KVM ioctl.
 const KVMIO: u64 = 0xae;
 /// TUNSETOFFLOAD (`_IOW('T', 208, unsigned int)`).
@@ -161,6 +187,12 @@ pub fn rules(kind: ThreadKind) -> Rules {
                 ],
             );
         }
+        ThreadKind::Control => {
+            allow(&mut r, CONTROL);
+            // FIONBIO only (tokio sets sockets non-blocking that way).
+            let fionbio = SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, libc::FIONBIO as u64)]);
+            r.insert(libc::SYS_ioctl, vec![fionbio.expect("one condition")]);
+        }
         ThreadKind::Main => {
             allow(&mut r, MAIN);
             for other in [ThreadKind::Reactor, ThreadKind::Vcpu] {
@@ -238,6 +270,24 @@ mod tests {
         }
         assert!(r.contains_key(&libc::SYS_io_uring_enter));
         assert_eq!(r[&libc::SYS_mmap].len(), 1, "mmap only without PROT_EXEC");
+    }
+
+    #[test]
+    fn test_rules_control_lacks_kvm_exec_and_new_sockets() {
+        let r = rules(ThreadKind::Control);
+        for nr in [
+            libc::SYS_socket,
+            libc::SYS_bind,
+            libc::SYS_execve,
+            libc::SYS_clone3,
+            libc::SYS_io_uring_setup,
+            libc::SYS_kill,
+        ] {
+            assert!(!r.contains_key(&nr), "{nr}");
+        }
+        assert_eq!(r[&libc::SYS_ioctl].len(), 1, "ioctl: FIONBIO only");
+        assert!(r.contains_key(&libc::SYS_accept4));
+        assert!(r.contains_key(&libc::SYS_epoll_wait));
     }
 
     #[test]

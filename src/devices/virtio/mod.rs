@@ -31,7 +31,10 @@ pub const F_VERSION_1: u64 = 1 << 32;
 /// more: a polling reactor that turns notifications on around a wait (src/reactor) would
 /// take a kick (a VM exit) per request. Without EVENT_IDX the caller sets
 /// `VRING_USED_F_NO_NOTIFY` instead (virtio-queue does that).
-pub fn suppress_kicks(queue: &virtio_queue::Queue, mem: &GuestMemory) -> Result<(), vm_memory::GuestMemoryError> {
+pub fn suppress_kicks(
+    queue: &virtio_queue::Queue,
+    mem: &GuestMemory,
+) -> Result<(), vm_memory::GuestMemoryError> {
     use std::sync::atomic::Ordering;
     use virtio_queue::QueueT;
     use vm_memory::{Address, Bytes, GuestAddress};
@@ -40,7 +43,9 @@ pub fn suppress_kicks(queue: &virtio_queue::Queue, mem: &GuestMemory) -> Result<
     }
     // avail_event follows the used ring's flags, idx and `size` (id, len) elements.
     let at = GuestAddress(queue.used_ring()).checked_add(4 + 8 * u64::from(queue.size()));
-    let at = at.ok_or(vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(queue.used_ring())))?;
+    let at = at.ok_or(vm_memory::GuestMemoryError::InvalidGuestAddress(
+        GuestAddress(queue.used_ring()),
+    ))?;
     let event = queue.next_avail().wrapping_sub(1);
     mem.store(event.to_le(), at, Ordering::Release)
 }
