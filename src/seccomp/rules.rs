@@ -190,7 +190,7 @@ pub fn rules(kind: ThreadKind) -> Rules {
         ThreadKind::Control => {
             allow(&mut r, CONTROL);
             // FIONBIO only (tokio sets sockets non-blocking that way).
-            let fionbio = SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, libc::FIONBIO as u64)]);
+            let fionbio = SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, libc::FIONBIO)]);
             r.insert(libc::SYS_ioctl, vec![fionbio.expect("one condition")]);
         }
         ThreadKind::Main => {
