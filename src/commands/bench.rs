@@ -18,7 +18,7 @@ use ringvm::cli::BenchArgs;
 use ringvm::config::{parse_size, VmConfig};
 use ringvm::devices::legacy::serial::SerialOut;
 use ringvm::devices::virtio::block::DiskConfig;
-use ringvm::vmm::devices::StandardDevices;
+use ringvm::device_manager::StandardDevices;
 use ringvm::vmm::exit::ExitReason;
 use ringvm::vmm::vm::{self, DeviceContext, VmError, VmExtension, TICK_MS};
 

@@ -2,7 +2,6 @@
 
 pub mod bus;
 pub mod cpuid;
-pub mod devices;
 pub mod emulate;
 pub mod exit;
 pub mod irq;

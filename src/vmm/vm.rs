@@ -29,8 +29,8 @@ use crate::devices::legacy::{
     acpi_sleep, cmos, debug_exit, i8042, serial, AcpiSleep, Cmos, DebugExit, Serial, I8042,
 };
 use crate::devices::pci::root::{self, PciConfigIo, PciConfigMmio};
-use crate::devices::pci::PciRoot;
-use crate::devices::virtio::pci::VirtioPci;
+use crate::devices::pci::{PciError, PciRoot};
+use crate::devices::virtio::pci::{VirtioPci, VirtioPciError};
 use crate::devices::virtio::{GuestMemory, VirtioDevice};
 use crate::seccomp::{self, ThreadFilter, ThreadKind};
 
@@ -74,8 +74,16 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
-    #[error("Failed to set up devices: {0}")]
-    Devices(String),
+    #[error("Failed to place a device on the I/O or MMIO bus")]
+    Bus(#[from] super::bus::BusError),
+    #[error("Failed to create the virtio-pci function of a device")]
+    VirtioPci(#[from] VirtioPciError),
+    #[error("Failed to plug a device into PCI bus 0")]
+    Pci(#[from] PciError),
+    /// A [`VmExtension`] could not attach its devices: the extension's own typed error (the
+    /// device manager's), which this module does not name.
+    #[error("Failed to set up devices")]
+    Attach(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
     #[error("I/O error setting up the VM")]
     Io(#[from] std::io::Error),
 }
@@ -145,10 +153,8 @@ impl DeviceContext<'_> {
     /// Plugs `device` into bus 0 behind a virtio-pci function; returns its slot.
     pub fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<usize, VmError> {
         let mut root = self.pci.lock().unwrap_or_else(|e| e.into_inner());
-        let t = VirtioPci::new(device, &mut root, self.irq.clone(), self.mem.clone())
-            .map_err(|e| VmError::Devices(e.to_string()))?;
-        root.add(Arc::new(Mutex::new(t)))
-            .map_err(|e| VmError::Devices(e.to_string()))
+        let t = VirtioPci::new(device, &mut root, self.irq.clone(), self.mem.clone())?;
+        Ok(root.add(Arc::new(Mutex::new(t)))?)
     }
 }
 
@@ -173,8 +179,7 @@ fn attach_pci(
             PCI_ECAM_START,
             PCI_ECAM_BUS0_SIZE,
         )
-    })
-    .map_err(|e| VmError::Devices(e.to_string()))?;
+    })?;
     Ok(root)
 }
 
@@ -323,10 +328,7 @@ fn attach_legacy(
     mode: &SerialMode,
     out: Option<serial::SerialOut>,
 ) -> Result<Option<Arc<Mutex<Serial>>>, VmError> {
-    let add = |dev: Arc<Mutex<dyn BusDevice>>, base, len| {
-        pio.insert(dev, base, len)
-            .map_err(|e| VmError::Devices(e.to_string()))
-    };
+    let add = |dev: Arc<Mutex<dyn BusDevice>>, base, len| pio.insert(dev, base, len);
     add(
         Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
         debug_exit::DEBUG_EXIT_PORT,

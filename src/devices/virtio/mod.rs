@@ -63,8 +63,10 @@ pub struct ActiveQueue {
 pub enum ActivateError {
     #[error("Device expects {expected} queues, the driver enabled {got}")]
     QueueCount { expected: usize, got: usize },
-    #[error("Failed to hand the queues to the reactors: {0}")]
-    Reactor(String),
+    #[error("Failed to hand the queues to the reactors")]
+    Reactor(#[source] crate::reactor::ReactorError),
+    #[error("Failed to configure the tap for the driver's settings")]
+    Tap(#[source] net::tap::TapError),
     #[error("Failed to activate the device")]
     Io(#[source] std::io::Error),
 }

@@ -312,7 +312,7 @@ impl VirtioDevice for BlockDevice {
         for q in queues {
             if let Err(e) = self.attach_queue(&mem, q, None) {
                 self.reset();
-                return Err(ActivateError::Reactor(e.to_string()));
+                return Err(ActivateError::Reactor(e));
             }
         }
         Ok(())

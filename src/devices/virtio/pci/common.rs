@@ -9,7 +9,34 @@ use super::{
     QueueRegs, VirtioPci, COMMON_SIZE, NO_VECTOR, STATUS_DRIVER_OK, STATUS_FAILED,
     STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
 };
-use crate::devices::virtio::{ActiveQueue, F_VERSION_1};
+use crate::devices::virtio::{ActivateError, ActiveQueue, F_VERSION_1};
+
+/// Why DRIVER_OK could not start the device: logged, and the device then reports
+/// DEVICE_NEEDS_RESET (a driver's mistake never stops the VMM).
+#[derive(Debug, thiserror::Error)]
+pub enum ActivationError {
+    #[error("Queue {queue}: invalid {what} {value:#x}")]
+    Queue {
+        queue: usize,
+        what: &'static str,
+        value: u64,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    #[error("Queue {queue}: rings at {desc:#x}/{driver:#x}/{device:#x} are not inside guest memory")]
+    OutsideMemory {
+        queue: usize,
+        desc: u64,
+        driver: u64,
+        device: u64,
+    },
+    #[error("Failed to duplicate a queue's eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("DRIVER_OK with no queue enabled")]
+    NoQueue,
+    #[error("The device refused activation")]
+    Device(#[source] ActivateError),
+}
 
 impl VirtioPci {
     fn status(&self) -> u8 {
@@ -155,7 +182,8 @@ impl VirtioPci {
         }
         self.status = status;
         if new_bits & STATUS_DRIVER_OK != 0 && status & STATUS_FEATURES_OK != 0 && !self.active {
-            if let Err(msg) = self.activate() {
+            if let Err(e) = self.activate() {
+                let msg = crate::error::error_chain(&e);
                 self.warn(format_args!("activation failed: {msg}"));
                 self.status |= STATUS_NEEDS_RESET;
             }
@@ -165,32 +193,43 @@ impl VirtioPci {
         }
     }
 
-    fn activate(&mut self) -> Result<(), String> {
+    fn activate(&mut self) -> Result<(), ActivationError> {
         let event_idx = self.driver_features & crate::devices::virtio::F_RING_EVENT_IDX != 0;
         let mut active = Vec::new();
         for (i, r) in self.queues.iter().enumerate().filter(|(_, r)| r.enabled) {
-            let mut q = Queue::new(self.max_size).map_err(|e| format!("queue {i}: {e:?}"))?;
-            q.try_set_size(r.size)
-                .map_err(|e| format!("queue {i}: size {}: {e:?}", r.size))?;
+            let bad = |what: &'static str, value: u64| {
+                move |source| ActivationError::Queue {
+                    queue: i,
+                    what,
+                    value,
+                    source,
+                }
+            };
+            let mut q = Queue::new(self.max_size).map_err(bad("maximum size", self.max_size.into()))?;
+            q.try_set_size(r.size).map_err(bad("size", r.size.into()))?;
             q.try_set_desc_table_address(GuestAddress(r.desc))
-                .map_err(|e| format!("queue {i}: descriptor table {:#x}: {e:?}", r.desc))?;
+                .map_err(bad("descriptor table address", r.desc))?;
             q.try_set_avail_ring_address(GuestAddress(r.driver))
-                .map_err(|e| format!("queue {i}: driver area {:#x}: {e:?}", r.driver))?;
+                .map_err(bad("driver area address", r.driver))?;
             q.try_set_used_ring_address(GuestAddress(r.device))
-                .map_err(|e| format!("queue {i}: device area {:#x}: {e:?}", r.device))?;
+                .map_err(bad("device area address", r.device))?;
             q.set_event_idx(event_idx);
             q.set_ready(true);
             if !q.is_valid(&self.mem) {
-                return Err(format!(
-                    "queue {i}: rings at {:#x}/{:#x}/{:#x} are not inside guest memory",
-                    r.desc, r.driver, r.device
-                ));
+                return Err(ActivationError::OutsideMemory {
+                    queue: i,
+                    desc: r.desc,
+                    driver: r.driver,
+                    device: r.device,
+                });
             }
             let irq = match self.vectors.get(r.vector as usize) {
-                Some(v) => Some(v.fd.try_clone().map_err(|e| e.to_string())?),
+                Some(v) => Some(v.fd.try_clone().map_err(ActivationError::EventFd)?),
                 None => None,
             };
-            let kick = self.kicks[i].try_clone().map_err(|e| e.to_string())?;
+            let kick = self.kicks[i]
+                .try_clone()
+                .map_err(ActivationError::EventFd)?;
             active.push(ActiveQueue {
                 index: i as u16,
                 queue: q,
@@ -199,11 +238,11 @@ impl VirtioPci {
             });
         }
         if active.is_empty() {
-            return Err("DRIVER_OK with no queue enabled".into());
+            return Err(ActivationError::NoQueue);
         }
         self.device
             .activate(self.mem.clone(), self.driver_features, active)
-            .map_err(|e| e.to_string())?;
+            .map_err(ActivationError::Device)?;
         self.active = true;
         Ok(())
     }
