@@ -20,7 +20,7 @@ use super::irq::IrqRouter;
 use super::layout::{
     KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PCI_ECAM_BUS0_SIZE, PCI_ECAM_START, SERIAL_IRQ,
 };
-use super::syscall_trap::SyscallTrap;
+use super::pvm_host::{self, syscall_trap::SyscallTrap};
 use super::vcpu::{self, EntryPoint, VcpuRunner, VcpuShared};
 use super::{cpuid, kvm, memory, thread};
 use crate::boot::{self, BootSpec};
@@ -284,7 +284,7 @@ pub fn run(config: &VmConfig, ext: &mut dyn VmExtension) -> Result<RunOutcome, V
             cmdline: &config.cmdline,
             mem_size: config.memory,
             vcpus: config.vcpus as u8,
-            pvm_quirks: kvm::is_pvm_host(),
+            pvm_quirks: pvm_host::is_pvm_host(),
             tsc_khz: kvm::vm_tsc_khz(&vm),
             pci_mmio64: config.pci_mmio64,
         },
@@ -394,17 +394,17 @@ fn run_vcpus(
         .filter(|(add, _)| !add)
         .filter_map(|(_, n)| cpu_feature(n))
         .collect();
-    if kvm::is_pvm_host() {
+    if pvm_host::is_pvm_host() {
         // Features whose instructions this host's ring-0 emulator refuses; `+name` keeps one.
-        for (name, bit) in [("cx16", cpuid::FEATURE_CX16), ("smap", cpuid::FEATURE_SMAP)] {
+        for (name, bit) in pvm_host::REFUSED_CPU_FEATURES {
             if !config.cpu_features.iter().any(|(add, n)| *add && n == name) {
                 masked.push(bit);
             }
         }
     }
 
-    // Only this host leaves user-mode `syscall` unfinished (see vmm::syscall_trap).
-    let syscall_trap = kvm::is_pvm_host().then(|| Arc::new(SyscallTrap::new()));
+    // Only this host leaves user-mode `syscall` unfinished (see vmm::pvm_host::syscall_trap).
+    let syscall_trap = pvm_host::is_pvm_host().then(|| Arc::new(SyscallTrap::new()));
     let mut runners = Vec::new();
     for id in 0..config.vcpus as u64 {
         let fd = vm
