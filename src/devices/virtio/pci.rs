@@ -20,6 +20,7 @@
 //! MSI-X routing); `common.rs` is the common configuration structure and the device
 //! status state machine it drives.
 
+use virtio_bindings::virtio_config;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 mod common;
@@ -50,10 +51,10 @@ const CFG_DEVICE: u8 = 4;
 
 pub const NO_VECTOR: u16 = 0xffff;
 
-const STATUS_DRIVER_OK: u8 = 4;
-const STATUS_FEATURES_OK: u8 = 8;
-const STATUS_NEEDS_RESET: u8 = 0x40;
-const STATUS_FAILED: u8 = 0x80;
+const STATUS_DRIVER_OK: u8 = virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8;
+const STATUS_FEATURES_OK: u8 = virtio_config::VIRTIO_CONFIG_S_FEATURES_OK as u8;
+const STATUS_NEEDS_RESET: u8 = virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET as u8;
+const STATUS_FAILED: u8 = virtio_config::VIRTIO_CONFIG_S_FAILED as u8;
 
 /// Guest mistakes logged per device before going quiet.
 const MAX_WARNINGS: u32 = 16;

@@ -26,6 +26,7 @@
 pub mod backend;
 pub mod config;
 #[doc(hidden)]
+#[cfg(any(test, feature = "test-util"))]
 pub mod driver;
 pub mod handler;
 pub mod request;
