@@ -21,8 +21,10 @@ if [ "${RINGVM_SKIP_QEMU:-0}" != 1 ]; then
 fi
 
 # Lints first: clippy with every warning an error (Cargo.toml denies unsafe blocks without
-# a SAFETY comment).
+# a SAFETY comment). Twice: every target (tests and benches see the library with its
+# `test-util` helpers), then the library and binary exactly as released (without them).
 cargo clippy --release --all-targets -- -D warnings 2>&1
+cargo clippy --release -- -D warnings 2>&1
 
 # Unit, integration and corpus-replay tests (integration tests boot the embedded guests).
 cargo test --release --workspace 2>&1

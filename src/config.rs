@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use crate::boot::mptable::MAX_VCPUS;
 use crate::boot::KernelImage;
 use crate::cli::{RunArgs, VmArgs};
-use crate::devices::virtio::block::DiskConfig;
-use crate::devices::virtio::net::NetConfig;
+use crate::devices::virtio::block::{DiskConfig, DiskConfigError};
+use crate::devices::virtio::net::{NetConfig, NetConfigError};
 use crate::seccomp::SeccompMode;
 use crate::vmm::memory::HugePages;
 
@@ -41,10 +41,18 @@ pub enum ConfigError {
     Serial(String),
     #[error("Invalid --cpu-features entry '{0}': expected -name or +name with name one of {1}")]
     CpuFeature(String, String),
-    #[error("Invalid --disk '{spec}': {reason}")]
-    Disk { spec: String, reason: String },
-    #[error("Invalid --net '{spec}': {reason}")]
-    Net { spec: String, reason: String },
+    #[error("Invalid --disk '{spec}'")]
+    Disk {
+        spec: String,
+        #[source]
+        source: DiskConfigError,
+    },
+    #[error("Invalid --net '{spec}'")]
+    Net {
+        spec: String,
+        #[source]
+        source: NetConfigError,
+    },
     #[error("{0}")]
     Seccomp(String),
     #[error("Invalid --pci-bars '{0}': expected low or high")]
@@ -263,9 +271,9 @@ impl VmConfig {
             .disk
             .iter()
             .map(|d| {
-                d.parse::<DiskConfig>().map_err(|e| ConfigError::Disk {
+                d.parse::<DiskConfig>().map_err(|source| ConfigError::Disk {
                     spec: d.clone(),
-                    reason: e.to_string(),
+                    source,
                 })
             })
             .collect::<Result<_, _>>()?;
@@ -273,9 +281,9 @@ impl VmConfig {
             .net
             .iter()
             .map(|n| {
-                n.parse::<NetConfig>().map_err(|e| ConfigError::Net {
+                n.parse::<NetConfig>().map_err(|source| ConfigError::Net {
                     spec: n.clone(),
-                    reason: e.to_string(),
+                    source,
                 })
             })
             .collect::<Result<_, _>>()?;
@@ -468,9 +476,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![("tap0", 2), ("tap1", 1)]
         );
-        let e = args(&["--net", "tap=tap0,queues=0"])
-            .unwrap_err()
-            .to_string();
+        let e = crate::error::error_chain(&args(&["--net", "tap=tap0,queues=0"]).unwrap_err());
         assert!(
             e.starts_with("Invalid --net 'tap=tap0,queues=0': ") && e.contains("`queues`"),
             "{e}"

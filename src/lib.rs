@@ -8,7 +8,9 @@ pub mod bench;
 pub mod boot;
 pub mod cli;
 pub mod config;
+pub mod device_manager;
 pub mod devices;
+pub mod error;
 #[cfg(any(test, feature = "fuzz"))]
 pub mod fuzz;
 pub mod guests;

@@ -63,7 +63,7 @@ fn test_user_mode_syscall_reaches_ring0_and_returns() {
     }
     // hello's ring 3 runs `syscall` into a supervisor-only entry that reads CR3 and
     // `sysretq`s. This lab's host leaves the syscall at CPL 3 and the fetch faults; ringvm
-    // finishes it at the #PF (vmm::syscall_trap). Elsewhere the CPU does it all.
+    // finishes it at the #PF (vmm::pvm_host::syscall_trap). Elsewhere the CPU does it all.
     let r = run(&[
         "run",
         "--kernel",

@@ -123,7 +123,7 @@ long_mode:
 
     /* A guest that defines guest_ring0_cx16_opt_in runs one `lock cmpxchg16b` in ring 0,
        which this lab host's emulator cannot execute: the VMM must complete it (ringvm
-       does, see src/vmm/emulate.rs). Ring 3 reports the outcome (ring0_cx16_cell). */
+       does, see src/vmm/pvm_host/emulate.rs). Ring 3 reports the outcome (ring0_cx16_cell). */
     movabsq $guest_ring0_cx16_opt_in, %rax
     testq %rax, %rax
     jz 7f
@@ -138,7 +138,7 @@ long_mode:
     /* A guest that defines guest_syscall_opt_in lets ring 3 `syscall` into ring 0:
        EFER.SCE, STAR, LSTAR = syscall_entry and a #PF gate, both through the
        supervisor-only alias, so on this lab host the VMM must finish the syscall
-       (ringvm does, see src/vmm/syscall_trap.rs). */
+       (ringvm does, see src/vmm/pvm_host/syscall_trap.rs). */
     movabsq $guest_syscall_opt_in, %rax
     testq %rax, %rax
     jz 8f

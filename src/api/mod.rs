@@ -93,7 +93,7 @@ impl Intervals {
     fn close(&mut self, report: &Report) -> Result<Value, ControlError> {
         if let Some((_, w)) = &mut self.hlog {
             w.append(report)
-                .map_err(|e| ControlError::Hlog(crate::vmm::devices::error_chain(&e)))?;
+                .map_err(|e| ControlError::Hlog(crate::error::error_chain(&e)))?;
         }
         self.count += 1;
         let requests = report.total_requests();

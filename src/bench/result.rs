@@ -239,7 +239,7 @@ pub fn to_json(results: &[JobResult], machine: &Value) -> String {
                 "startup": {"vmm_ns": r.vmm_startup_ns, "first_io_ns": r.first_io_ns()},
                 "guest": r.guest.raw,
                 "iops_per_s": r.guest.iops_per_s,
-                "host": serde_json::from_str::<Value>(&r.host.to_json()).unwrap_or(Value::Null),
+                "host": r.host.to_json_value(),
             })
         })
         .collect();

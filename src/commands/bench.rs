@@ -18,7 +18,7 @@ use ringvm::cli::BenchArgs;
 use ringvm::config::{parse_size, VmConfig};
 use ringvm::devices::legacy::serial::SerialOut;
 use ringvm::devices::virtio::block::DiskConfig;
-use ringvm::vmm::devices::StandardDevices;
+use ringvm::device_manager::StandardDevices;
 use ringvm::vmm::exit::ExitReason;
 use ringvm::vmm::vm::{self, DeviceContext, VmError, VmExtension, TICK_MS};
 
@@ -261,7 +261,7 @@ impl Guest {
                 );
             }
         }
-        if ringvm::vmm::kvm::is_pvm_host() {
+        if ringvm::vmm::pvm_host::is_pvm_host() {
             eprintln!("ringvm: nested PVM host: guest ring 0 is emulated here, so each Linux boot takes 25-50 minutes and each request in the guest about a second: use --runtime 30 or more (see README, Linux guests)");
         }
         Ok(Guest::Linux { kernel, initrd })

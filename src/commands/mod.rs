@@ -17,7 +17,7 @@ use ringvm::api::ApiServer;
 use ringvm::cli::RunArgs;
 use ringvm::config::VmConfig;
 use ringvm::devices::legacy::serial::SerialOut;
-use ringvm::vmm::devices::StandardDevices;
+use ringvm::device_manager::StandardDevices;
 use ringvm::vmm::exit::ExitReason;
 use ringvm::vmm::vm::{self, DeviceContext, VmError, VmExtension};
 

@@ -8,8 +8,9 @@ use std::time::{Duration, SystemTime};
 use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
 use hdrhistogram::serialization::V2Serializer;
 use hdrhistogram::Histogram;
+use serde::Serialize;
 
-use super::{QueueMetrics, Report};
+use super::{QueueCounters, QueueMetrics, ReactorMetrics, Report};
 
 const PERCENTILES: [f64; 4] = [50.0, 90.0, 99.0, 99.9];
 
@@ -31,51 +32,73 @@ pub fn pcts(h: &Histogram<u64>) -> [u64; 5] {
     ]
 }
 
-fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// A histogram in the JSON report: summary and full distribution. `buckets` lists
+/// `[value, count]` for every recorded value bucket (HdrHistogram's equivalent values,
+/// 3 significant digits).
+#[derive(Serialize)]
+struct HistJson {
+    count: u64,
+    min: u64,
+    /// Rounded to 0.1 ns, as the report has always printed it.
+    mean: f64,
+    p50: u64,
+    p90: u64,
+    p99: u64,
+    p99_9: u64,
+    max: u64,
+    buckets: Vec<(u64, u64)>,
 }
 
-/// Summary and full distribution: `buckets` lists `[value, count]` for every recorded value
-/// bucket (HdrHistogram's equivalent values, 3 significant digits).
-fn json_hist(h: &Histogram<u64>) -> String {
-    let p = pcts(h);
-    let mut buckets = String::from("[");
-    for (i, v) in h.iter_recorded().enumerate() {
-        if i > 0 {
-            buckets.push(',');
+impl HistJson {
+    fn new(h: &Histogram<u64>) -> Self {
+        let p = pcts(h);
+        HistJson {
+            count: h.len(),
+            min: if h.is_empty() { 0 } else { h.min() },
+            mean: if h.is_empty() {
+                0.0
+            } else {
+                (h.mean() * 10.0).round() / 10.0
+            },
+            p50: p[0],
+            p90: p[1],
+            p99: p[2],
+            p99_9: p[3],
+            max: p[4],
+            buckets: h
+                .iter_recorded()
+                .map(|v| {
+                    (
+                        h.highest_equivalent(v.value_iterated_to()),
+                        v.count_at_value(),
+                    )
+                })
+                .collect(),
         }
-        let _ = write!(
-            buckets,
-            "[{},{}]",
-            h.highest_equivalent(v.value_iterated_to()),
-            v.count_at_value()
-        );
     }
-    buckets.push(']');
-    format!(
-        "{{\"count\":{},\"min\":{},\"mean\":{:.1},\"p50\":{},\"p90\":{},\"p99\":{},\"p99_9\":{},\"max\":{},\"buckets\":{buckets}}}",
-        h.len(),
-        if h.is_empty() { 0 } else { h.min() },
-        if h.is_empty() { 0.0 } else { h.mean() },
-        p[0],
-        p[1],
-        p[2],
-        p[3],
-        p[4]
-    )
+}
+
+/// One queue in the JSON report: its identity, `requests`, then every counter.
+#[derive(Serialize)]
+struct QueueJson<'a> {
+    device: &'a str,
+    queue: u16,
+    reactor: usize,
+    requests: u64,
+    #[serde(flatten)]
+    counters: &'a QueueCounters,
+    kick_to_complete_ns: HistJson,
+    service_ns: HistJson,
+    batch: HistJson,
+}
+
+/// The JSON report (latencies in ns); field order is the document's.
+#[derive(Serialize)]
+struct ReportJson<'a> {
+    elapsed_ns: u128,
+    busy_ns_per_request: u64,
+    queues: Vec<QueueJson<'a>>,
+    reactors: &'a [ReactorMetrics],
 }
 
 fn tag_of(q: &QueueMetrics, what: &str) -> String {
@@ -175,57 +198,34 @@ impl Report {
 
     /// The report as one JSON object (latencies in ns).
     pub fn to_json(&self) -> String {
-        let mut s = String::from("{");
-        let _ = write!(
-            s,
-            "\"elapsed_ns\":{},\"busy_ns_per_request\":{},\"queues\":[",
-            self.elapsed.as_nanos(),
-            self.busy_ns_per_request()
-        );
-        for (i, q) in self.queues.iter().enumerate() {
-            let c = &q.counters;
-            if i > 0 {
-                s.push(',');
-            }
-            let _ = write!(
-                s,
-                "{{\"device\":{},\"queue\":{},\"reactor\":{},\"requests\":{},\"reads\":{},\"writes\":{},\"flushes\":{},\"get_ids\":{},\"discards\":{},\"write_zeroes\":{},\"unsupported\":{},\"errors\":{},\"bytes_read\":{},\"bytes_written\":{},\"kicks\":{},\"irqs_sent\":{},\"irqs_suppressed\":{},\"poll_hits\":{},\"kick_to_complete_ns\":{},\"service_ns\":{},\"batch\":{}}}",
-                json_str(&q.device),
-                q.queue,
-                q.reactor,
-                c.requests(),
-                c.reads,
-                c.writes,
-                c.flushes,
-                c.get_ids,
-                c.discards,
-                c.write_zeroes,
-                c.unsupported,
-                c.errors,
-                c.bytes_read,
-                c.bytes_written,
-                c.kicks,
-                c.irqs_sent,
-                c.irqs_suppressed,
-                c.poll_hits,
-                json_hist(&q.kick_to_complete),
-                json_hist(&q.service),
-                json_hist(&q.batch)
-            );
+        serde_json::to_string(&self.json_doc()).expect("the report holds only strings and numbers")
+    }
+
+    /// [`Report::to_json`] as a value, to embed in a larger document (`ringvm bench --json`).
+    pub fn to_json_value(&self) -> serde_json::Value {
+        serde_json::to_value(self.json_doc()).expect("the report holds only strings and numbers")
+    }
+
+    fn json_doc(&self) -> ReportJson<'_> {
+        ReportJson {
+            elapsed_ns: self.elapsed.as_nanos(),
+            busy_ns_per_request: self.busy_ns_per_request(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueJson {
+                    device: &q.device,
+                    queue: q.queue,
+                    reactor: q.reactor,
+                    requests: q.counters.requests(),
+                    counters: &q.counters,
+                    kick_to_complete_ns: HistJson::new(&q.kick_to_complete),
+                    service_ns: HistJson::new(&q.service),
+                    batch: HistJson::new(&q.batch),
+                })
+                .collect(),
+            reactors: &self.reactors,
         }
-        s.push_str("],\"reactors\":[");
-        for (i, r) in self.reactors.iter().enumerate() {
-            if i > 0 {
-                s.push(',');
-            }
-            let _ = write!(
-                s,
-                "{{\"index\":{},\"core\":{},\"busy_ns\":{},\"idle_ns\":{},\"passes\":{},\"enters\":{}}}",
-                r.index, r.core, r.busy_ns, r.idle_ns, r.passes, r.enters
-            );
-        }
-        s.push_str("]}");
-        s
     }
 
     /// Writes every histogram as one tagged interval of an HdrHistogram V2 interval log at `path`
@@ -401,6 +401,36 @@ mod tests {
 
     use super::super::{QueueMetrics, ReactorMetrics};
     use super::*;
+
+    /// The exact bytes the hand-built JSON writer produced for this report (captured from it
+    /// before the move to serde): `--stats-json` and `ringvm bench --json` readers see no change.
+    #[test]
+    fn test_json_report_matches_previous_writer_bytewise() {
+        let mut q = QueueMetrics::new("q\"x", 1, 2);
+        q.record_k2c(Duration::from_nanos(1234));
+        q.record_k2c(Duration::from_nanos(7));
+        q.record_batch(8);
+        q.counters.writes = 2;
+        q.counters.bytes_written = 8192;
+        let report = Report {
+            reactors: vec![ReactorMetrics {
+                index: 2,
+                core: 1,
+                busy_ns: 5,
+                idle_ns: 6,
+                passes: 7,
+                enters: 8,
+            }],
+            queues: vec![q],
+            elapsed: Duration::from_nanos(1_234_567_891),
+        };
+        let expected = r#"{"elapsed_ns":1234567891,"busy_ns_per_request":2,"queues":[{"device":"q\"x","queue":1,"reactor":2,"requests":2,"reads":0,"writes":2,"flushes":0,"get_ids":0,"discards":0,"write_zeroes":0,"unsupported":0,"errors":0,"bytes_read":0,"bytes_written":8192,"kicks":0,"irqs_sent":0,"irqs_suppressed":0,"poll_hits":0,"kick_to_complete_ns":{"count":2,"min":7,"mean":620.5,"p50":7,"p90":1234,"p99":1234,"p99_9":1234,"max":1234,"buckets":[[7,1],[1234,1]]},"service_ns":{"count":0,"min":0,"mean":0.0,"p50":0,"p90":0,"p99":0,"p99_9":0,"max":0,"buckets":[]},"batch":{"count":1,"min":8,"mean":8.0,"p50":8,"p90":8,"p99":8,"p99_9":8,"max":8,"buckets":[[8,1]]}}],"reactors":[{"index":2,"core":1,"busy_ns":5,"idle_ns":6,"passes":7,"enters":8}]}"#;
+        assert_eq!(report.to_json(), expected);
+        assert_eq!(
+            report.to_json_value(),
+            serde_json::from_str::<serde_json::Value>(expected).unwrap()
+        );
+    }
 
     fn sample() -> Report {
         let mut q = QueueMetrics::new("disk \"a\"", 0, 0);

@@ -35,7 +35,7 @@ pub const BATCH_MAX: u64 = 4096;
 pub const SIGFIGS: u8 = 3;
 
 /// Counters of one queue. Plain integers: only the owning reactor writes them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct QueueCounters {
     pub reads: u64,
     pub writes: u64,
@@ -229,7 +229,7 @@ fn clamp_ns(d: Duration) -> u64 {
 }
 
 /// Time accounting of one reactor thread.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReactorMetrics {
     pub index: usize,
     /// Core the reactor is pinned to.

@@ -329,7 +329,7 @@ impl VhostUserBackendReqHandlerMut for VhostBlk {
         let table = MemoryTable::new(&specs, files).map_err(|e| {
             refuse(format_args!(
                 "SET_MEM_TABLE: {}",
-                crate::vmm::devices::error_chain(&e)
+                crate::error::error_chain(&e)
             ))
         })?;
         let running: Vec<usize> = (0..self.vrings.len()).filter(|&i| self.stop(i)).collect();

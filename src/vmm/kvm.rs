@@ -67,12 +67,6 @@ pub fn max_vcpus(kvm: &Kvm) -> usize {
     kvm.get_max_vcpus()
 }
 
-/// True on this lab's nested paravirtual KVM (the `kvm_pvm` module), where guest ring 0 is
-/// emulated and some instructions need ringvm's help.
-pub fn is_pvm_host() -> bool {
-    std::path::Path::new("/sys/module/kvm_pvm").exists()
-}
-
 vmm_sys_util::ioctl_io_nr!(KVM_GET_TSC_KHZ, kvm_bindings::KVMIO, 0xa3);
 
 /// The TSC rate new vCPUs of `vm` get (KVM_GET_TSC_KHZ on the VM, Linux 6.0+), if known.

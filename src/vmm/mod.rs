@@ -2,15 +2,13 @@
 
 pub mod bus;
 pub mod cpuid;
-pub mod devices;
-pub mod emulate;
 pub mod exit;
 pub mod irq;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
+pub mod pvm_host;
 pub mod signals;
-pub mod syscall_trap;
 pub mod thread;
 pub mod vcpu;
 pub mod vm;

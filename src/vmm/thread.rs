@@ -49,7 +49,7 @@ where
             if let Err(e) = filter.apply(&thread_name) {
                 exit.request(ExitReason::ThreadPanic {
                     thread: thread_name,
-                    message: crate::vmm::devices::error_chain(&e),
+                    message: crate::error::error_chain(&e),
                 });
                 return None;
             }

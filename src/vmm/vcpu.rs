@@ -8,13 +8,12 @@ use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs, KVM_MP_STATE_HALTED,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::bus::Bus;
-use super::emulate;
 use super::exit::{ExitHandle, ExitReason};
 use super::layout::*;
-use super::syscall_trap::{Completed, SyscallTrap};
+use super::pvm_host::syscall_trap::SyscallTrap;
 use crate::devices::virtio::GuestMemory;
 
 /// Where and how the guest is entered.
@@ -275,11 +274,11 @@ pub struct VcpuRunner {
     pub mmio: Arc<Bus>,
     pub exit: ExitHandle,
     pub shared: Arc<VcpuShared>,
-    /// Instructions completed on behalf of the host's emulator (see `emulate`).
+    /// Instructions completed on behalf of the host's emulator (see `pvm_host::emulate`).
     pub emulated: u64,
     /// Guest memory, for instructions ringvm completes itself.
     pub mem: GuestMemory,
-    /// Finishes guest user-mode `syscall` on the nested PVM host (see `syscall_trap`).
+    /// Finishes guest user-mode `syscall` on the nested PVM host (see `pvm_host::syscall_trap`).
     pub syscall_trap: Option<Arc<SyscallTrap>>,
 }
 
@@ -370,108 +369,6 @@ impl VcpuRunner {
         }
     }
 
-    /// Completes `cmpxchg8b/16b` on guest memory, atomically, as the CPU would.
-    fn complete_cmpxchg(
-        &mut self,
-        op: emulate::CmpXchg,
-        mut regs: kvm_regs,
-        bytes: &[u8],
-    ) -> Result<(), String> {
-        let rip = regs.rip;
-        let what = || format!("`{}` at rip {rip:#x}", emulate::mnemonic(bytes));
-        let sregs = self
-            .fd
-            .get_sregs()
-            .map_err(|e| format!("{}: reading sregs failed: {e}", what()))?;
-        let gva = op.address(&regs, sregs.fs.base, sregs.gs.base);
-        if gva % op.width as u64 != 0 {
-            return Err(format!(
-                "{}: operand {gva:#x} is misaligned (the CPU would raise #GP)",
-                what()
-            ));
-        }
-        let t = self
-            .fd
-            .translate_gva(gva)
-            .map_err(|e| format!("{}: translating {gva:#x} failed: {e}", what()))?;
-        if t.valid == 0 || t.writeable == 0 {
-            return Err(format!(
-                "{}: operand {gva:#x} is not mapped writable (the guest would take #PF)",
-                what()
-            ));
-        }
-        let ptr = self
-            .mem
-            .get_host_address(GuestAddress(t.physical_address))
-            .map_err(|e| {
-                format!(
-                    "{}: operand {gva:#x} -> {:#x} is not RAM: {e}",
-                    what(),
-                    t.physical_address
-                )
-            })?;
-        let half = if op.width == 16 { 64 } else { 32 };
-        let mask = if op.width == 16 {
-            u64::MAX
-        } else {
-            u32::MAX as u64
-        };
-        let expected = ((regs.rdx & mask) as u128) << half | (regs.rax & mask) as u128;
-        let new = ((regs.rcx & mask) as u128) << half | (regs.rbx & mask) as u128;
-        // SAFETY: ptr is the host address of guest RAM at an address aligned to the operand
-        // width, so the whole operand lies in one page of one mapped region.
-        let (swapped, found) = unsafe { emulate::compare_exchange(ptr, op.width, expected, new) };
-        const ZF: u64 = 1 << 6;
-        if swapped {
-            regs.rflags |= ZF;
-        } else {
-            regs.rflags &= !ZF;
-            regs.rax = (found as u64) & mask;
-            regs.rdx = ((found >> half) as u64) & mask;
-        }
-        regs.rip += op.len as u64;
-        self.fd
-            .set_regs(&regs)
-            .map_err(|e| format!("{}: setting registers failed: {e}", what()))?;
-        self.emulated += 1;
-        if self.emulated <= 16 {
-            log::info!(
-                "vcpu{}: completed {} for the host's emulator (#{})",
-                self.id,
-                what(),
-                self.emulated
-            );
-        }
-        Ok(())
-    }
-
-    fn maintain_syscall_trap(&self) {
-        if let Some(trap) = &self.syscall_trap {
-            trap.maintain(&self.fd, &self.mem);
-        }
-    }
-
-    /// An `int3` at the syscall trap: finishes a `syscall` or steps into the #PF handler.
-    fn syscall_trap_int3(
-        &mut self,
-        regs: &mut kvm_bindings::kvm_regs,
-    ) -> Option<Result<(), String>> {
-        let trap = self.syscall_trap.as_ref()?;
-        let rip = regs.rip;
-        let done = trap.on_int3(&self.fd, &self.mem, regs)?;
-        Some(done.map(|c| {
-            if let Completed::Syscall(n) = c {
-                if n <= 4 || n.is_power_of_two() {
-                    log::info!(
-                        "vcpu{}: finished guest syscall #{n} (RAX {:#x}) at the #PF trap {rip:#x}",
-                        self.id,
-                        regs.rax
-                    );
-                }
-            }
-        }))
-    }
-
     fn check_halted(&self) {
         let halted = self
             .fd
@@ -481,95 +378,6 @@ impl VcpuRunner {
         self.shared
             .dead_halted
             .store(halted && if_clear, Ordering::Release);
-    }
-
-    /// Completes an instruction the kernel's emulator gave up on, or explains the stop.
-    fn internal_error(&mut self) -> Result<(), String> {
-        let mut regs = self
-            .fd
-            .get_regs()
-            .map_err(|e| format!("KVM internal error; reading registers failed: {e}"))?;
-        let run = self.fd.get_kvm_run();
-        // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
-        let internal = unsafe { run.__bindgen_anon_1.internal };
-        let n = (internal.ndata as usize).min(internal.data.len());
-        let Some(bytes) = emulate::failing_instruction(internal.suberror, &internal.data[..n])
-        else {
-            return Err(format!(
-                "KVM internal error, suberror {} at rip {:#x}, data {:x?}",
-                internal.suberror,
-                regs.rip,
-                &internal.data[..n]
-            ));
-        };
-        if bytes.first() == Some(&0xcc) {
-            if let Some(done) = self.syscall_trap_int3(&mut regs) {
-                return done;
-            }
-        }
-        match emulate::fixup(&bytes) {
-            Some(emulate::Fixup::InjectBreakpoint) => {
-                // int3 is a trap: the handler sees the address after it.
-                regs.rip += 1;
-                self.fd
-                    .set_regs(&regs)
-                    .map_err(|e| format!("int3 at {:#x}: setting RIP failed: {e}", regs.rip - 1))?;
-                let mut events = self
-                    .fd
-                    .get_vcpu_events()
-                    .map_err(|e| format!("int3: reading vCPU events failed: {e}"))?;
-                events.exception.injected = 1;
-                events.exception.nr = 3;
-                events.exception.has_error_code = 0;
-                self.fd
-                    .set_vcpu_events(&events)
-                    .map_err(|e| format!("int3: injecting #BP failed: {e}"))?;
-                self.emulated += 1;
-                if self.emulated <= 16 {
-                    log::info!("vcpu{}: injected #BP for int3 at {:#x} (the host's emulator refused it; #{})", self.id, regs.rip - 1, self.emulated);
-                }
-                Ok(())
-            }
-            Some(emulate::Fixup::CompareExchange(op)) => self.complete_cmpxchg(op, regs, &bytes),
-            Some(fix @ (emulate::Fixup::SetAc(_) | emulate::Fixup::Skip { .. })) => {
-                let rip = regs.rip;
-                match fix {
-                    emulate::Fixup::SetAc(true) => regs.rflags |= emulate::RFLAGS_AC,
-                    emulate::Fixup::SetAc(false) => regs.rflags &= !emulate::RFLAGS_AC,
-                    _ => {}
-                }
-                regs.rip += match fix {
-                    emulate::Fixup::Skip { len } => len as u64,
-                    _ => 3,
-                };
-                self.fd.set_regs(&regs).map_err(|e| {
-                    format!(
-                        "{} at {rip:#x}: setting registers failed: {e}",
-                        emulate::mnemonic(&bytes)
-                    )
-                })?;
-                self.emulated += 1;
-                if self.emulated <= 16 {
-                    log::info!(
-                        "vcpu{}: completed {} at {rip:#x} for the host's emulator (#{})",
-                        self.id,
-                        emulate::mnemonic(&bytes),
-                        self.emulated
-                    );
-                }
-                Ok(())
-            }
-            None => Err(format!(
-                "the host's instruction emulator cannot run `{}` at rip {:#x} (bytes {})",
-                emulate::mnemonic(&bytes),
-                regs.rip,
-                bytes
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            )),
-        }
     }
 }
 

@@ -20,7 +20,7 @@ use super::irq::IrqRouter;
 use super::layout::{
     KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PCI_ECAM_BUS0_SIZE, PCI_ECAM_START, SERIAL_IRQ,
 };
-use super::syscall_trap::SyscallTrap;
+use super::pvm_host::{self, syscall_trap::SyscallTrap};
 use super::vcpu::{self, EntryPoint, VcpuRunner, VcpuShared};
 use super::{cpuid, kvm, memory, thread};
 use crate::boot::{self, BootSpec};
@@ -29,8 +29,8 @@ use crate::devices::legacy::{
     acpi_sleep, cmos, debug_exit, i8042, serial, AcpiSleep, Cmos, DebugExit, Serial, I8042,
 };
 use crate::devices::pci::root::{self, PciConfigIo, PciConfigMmio};
-use crate::devices::pci::PciRoot;
-use crate::devices::virtio::pci::VirtioPci;
+use crate::devices::pci::{PciError, PciRoot};
+use crate::devices::virtio::pci::{VirtioPci, VirtioPciError};
 use crate::devices::virtio::{GuestMemory, VirtioDevice};
 use crate::seccomp::{self, ThreadFilter, ThreadKind};
 
@@ -74,8 +74,16 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
-    #[error("Failed to set up devices: {0}")]
-    Devices(String),
+    #[error("Failed to place a device on the I/O or MMIO bus")]
+    Bus(#[from] super::bus::BusError),
+    #[error("Failed to create the virtio-pci function of a device")]
+    VirtioPci(#[from] VirtioPciError),
+    #[error("Failed to plug a device into PCI bus 0")]
+    Pci(#[from] PciError),
+    /// A [`VmExtension`] could not attach its devices: the extension's own typed error (the
+    /// device manager's), which this module does not name.
+    #[error("Failed to set up devices")]
+    Attach(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
     #[error("I/O error setting up the VM")]
     Io(#[from] std::io::Error),
 }
@@ -145,10 +153,8 @@ impl DeviceContext<'_> {
     /// Plugs `device` into bus 0 behind a virtio-pci function; returns its slot.
     pub fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<usize, VmError> {
         let mut root = self.pci.lock().unwrap_or_else(|e| e.into_inner());
-        let t = VirtioPci::new(device, &mut root, self.irq.clone(), self.mem.clone())
-            .map_err(|e| VmError::Devices(e.to_string()))?;
-        root.add(Arc::new(Mutex::new(t)))
-            .map_err(|e| VmError::Devices(e.to_string()))
+        let t = VirtioPci::new(device, &mut root, self.irq.clone(), self.mem.clone())?;
+        Ok(root.add(Arc::new(Mutex::new(t)))?)
     }
 }
 
@@ -173,8 +179,7 @@ fn attach_pci(
             PCI_ECAM_START,
             PCI_ECAM_BUS0_SIZE,
         )
-    })
-    .map_err(|e| VmError::Devices(e.to_string()))?;
+    })?;
     Ok(root)
 }
 
@@ -279,7 +284,7 @@ pub fn run(config: &VmConfig, ext: &mut dyn VmExtension) -> Result<RunOutcome, V
             cmdline: &config.cmdline,
             mem_size: config.memory,
             vcpus: config.vcpus as u8,
-            pvm_quirks: kvm::is_pvm_host(),
+            pvm_quirks: pvm_host::is_pvm_host(),
             tsc_khz: kvm::vm_tsc_khz(&vm),
             pci_mmio64: config.pci_mmio64,
         },
@@ -323,10 +328,7 @@ fn attach_legacy(
     mode: &SerialMode,
     out: Option<serial::SerialOut>,
 ) -> Result<Option<Arc<Mutex<Serial>>>, VmError> {
-    let add = |dev: Arc<Mutex<dyn BusDevice>>, base, len| {
-        pio.insert(dev, base, len)
-            .map_err(|e| VmError::Devices(e.to_string()))
-    };
+    let add = |dev: Arc<Mutex<dyn BusDevice>>, base, len| pio.insert(dev, base, len);
     add(
         Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
         debug_exit::DEBUG_EXIT_PORT,
@@ -392,17 +394,17 @@ fn run_vcpus(
         .filter(|(add, _)| !add)
         .filter_map(|(_, n)| cpu_feature(n))
         .collect();
-    if kvm::is_pvm_host() {
+    if pvm_host::is_pvm_host() {
         // Features whose instructions this host's ring-0 emulator refuses; `+name` keeps one.
-        for (name, bit) in [("cx16", cpuid::FEATURE_CX16), ("smap", cpuid::FEATURE_SMAP)] {
+        for (name, bit) in pvm_host::REFUSED_CPU_FEATURES {
             if !config.cpu_features.iter().any(|(add, n)| *add && n == name) {
                 masked.push(bit);
             }
         }
     }
 
-    // Only this host leaves user-mode `syscall` unfinished (see vmm::syscall_trap).
-    let syscall_trap = kvm::is_pvm_host().then(|| Arc::new(SyscallTrap::new()));
+    // Only this host leaves user-mode `syscall` unfinished (see vmm::pvm_host::syscall_trap).
+    let syscall_trap = pvm_host::is_pvm_host().then(|| Arc::new(SyscallTrap::new()));
     let mut runners = Vec::new();
     for id in 0..config.vcpus as u64 {
         let fd = vm

@@ -32,7 +32,7 @@ pub enum PciError {
     NoSlot,
     #[error("No room for a {size:#x}-byte BAR in the PCI MMIO window")]
     NoBarSpace { size: u64 },
-    #[error("Failed to map a BAR on the MMIO bus: {0}")]
+    #[error("Failed to map a BAR on the MMIO bus")]
     Bus(#[from] crate::vmm::bus::BusError),
     #[error("The MMIO bus is gone (the VM is being torn down)")]
     NoBus,

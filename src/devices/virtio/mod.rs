@@ -16,13 +16,13 @@ use vmm_sys_util::eventfd::EventFd;
 pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
 
 /// Virtio device ids (virtio 1.2, 5).
-pub const TYPE_NET: u32 = 1;
-pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+pub const TYPE_BLOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 
-/// Feature bits common to all devices (virtio 1.2, 6).
-pub const F_RING_INDIRECT_DESC: u64 = 1 << 28;
-pub const F_RING_EVENT_IDX: u64 = 1 << 29;
-pub const F_VERSION_1: u64 = 1 << 32;
+/// Feature bits common to all devices (virtio 1.2, 6), as masks.
+pub const F_RING_INDIRECT_DESC: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+pub const F_RING_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+pub const F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
 /// Turns the driver's kicks off for real on an EVENT_IDX queue (virtio 1.2, 2.7.10):
 /// `avail_event` goes one behind the next index the device pops, so no index the driver
@@ -68,8 +68,10 @@ pub struct ActiveQueue {
 pub enum ActivateError {
     #[error("Device expects {expected} queues, the driver enabled {got}")]
     QueueCount { expected: usize, got: usize },
-    #[error("Failed to hand the queues to the reactors: {0}")]
-    Reactor(String),
+    #[error("Failed to hand the queues to the reactors")]
+    Reactor(#[source] crate::reactor::ReactorError),
+    #[error("Failed to configure the tap for the driver's settings")]
+    Tap(#[source] net::tap::TapError),
     #[error("Failed to activate the device")]
     Io(#[source] std::io::Error),
 }

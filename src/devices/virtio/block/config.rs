@@ -214,19 +214,21 @@ impl FromStr for DiskConfig {
     }
 }
 
-/// virtio-blk feature bits (virtio 1.2, 5.2.3).
+/// virtio-blk feature bits (virtio 1.2, 5.2.3), as masks of `virtio_bindings`' bit numbers.
 pub mod features {
-    pub const SIZE_MAX: u64 = 1 << 1;
-    pub const SEG_MAX: u64 = 1 << 2;
-    pub const GEOMETRY: u64 = 1 << 4;
-    pub const RO: u64 = 1 << 5;
-    pub const BLK_SIZE: u64 = 1 << 6;
-    pub const FLUSH: u64 = 1 << 9;
-    pub const TOPOLOGY: u64 = 1 << 10;
-    pub const CONFIG_WCE: u64 = 1 << 11;
-    pub const MQ: u64 = 1 << 12;
-    pub const DISCARD: u64 = 1 << 13;
-    pub const WRITE_ZEROES: u64 = 1 << 14;
+    use virtio_bindings::virtio_blk::*;
+
+    pub const SIZE_MAX: u64 = 1 << VIRTIO_BLK_F_SIZE_MAX;
+    pub const SEG_MAX: u64 = 1 << VIRTIO_BLK_F_SEG_MAX;
+    pub const GEOMETRY: u64 = 1 << VIRTIO_BLK_F_GEOMETRY;
+    pub const RO: u64 = 1 << VIRTIO_BLK_F_RO;
+    pub const BLK_SIZE: u64 = 1 << VIRTIO_BLK_F_BLK_SIZE;
+    pub const FLUSH: u64 = 1 << VIRTIO_BLK_F_FLUSH;
+    pub const TOPOLOGY: u64 = 1 << VIRTIO_BLK_F_TOPOLOGY;
+    pub const CONFIG_WCE: u64 = 1 << VIRTIO_BLK_F_CONFIG_WCE;
+    pub const MQ: u64 = 1 << VIRTIO_BLK_F_MQ;
+    pub const DISCARD: u64 = 1 << VIRTIO_BLK_F_DISCARD;
+    pub const WRITE_ZEROES: u64 = 1 << VIRTIO_BLK_F_WRITE_ZEROES;
 }
 
 /// Size of the configuration space we expose (through `write_zeroes_may_unmap` and padding).

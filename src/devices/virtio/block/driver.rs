@@ -4,15 +4,16 @@
 
 use std::sync::atomic::{fence, Ordering};
 
+use virtio_bindings::virtio_ring;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::request::SECTOR_SIZE;
 use crate::devices::virtio::GuestMemory;
 
-pub const F_NEXT: u16 = 1;
-pub const F_WRITE: u16 = 2;
-pub const F_INDIRECT: u16 = 4;
+pub const F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
+pub const F_WRITE: u16 = virtio_ring::VRING_DESC_F_WRITE as u16;
+pub const F_INDIRECT: u16 = virtio_ring::VRING_DESC_F_INDIRECT as u16;
 
 /// One buffer of a chain: guest address, length, device-writable.
 #[derive(Debug, Clone, Copy)]

@@ -26,6 +26,7 @@
 pub mod backend;
 pub mod config;
 #[doc(hidden)]
+#[cfg(any(test, feature = "test-util"))]
 pub mod driver;
 pub mod handler;
 pub mod request;
@@ -312,7 +313,7 @@ impl VirtioDevice for BlockDevice {
         for q in queues {
             if let Err(e) = self.attach_queue(&mem, q, None) {
                 self.reset();
-                return Err(ActivateError::Reactor(e.to_string()));
+                return Err(ActivateError::Reactor(e));
             }
         }
         Ok(())

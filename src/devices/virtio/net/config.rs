@@ -5,29 +5,31 @@ use std::str::FromStr;
 
 use crate::devices::virtio::{parse_index_list, split_options};
 
-/// virtio-net feature bits (virtio 1.2, 5.1.3).
+/// virtio-net feature bits (virtio 1.2, 5.1.3), as masks of `virtio_bindings`' bit numbers.
 pub mod features {
-    pub const CSUM: u64 = 1 << 0;
-    pub const GUEST_CSUM: u64 = 1 << 1;
-    pub const MTU: u64 = 1 << 3;
-    pub const MAC: u64 = 1 << 5;
-    pub const GUEST_TSO4: u64 = 1 << 7;
-    pub const GUEST_TSO6: u64 = 1 << 8;
-    pub const GUEST_ECN: u64 = 1 << 9;
-    pub const GUEST_UFO: u64 = 1 << 10;
-    pub const HOST_TSO4: u64 = 1 << 11;
-    pub const HOST_TSO6: u64 = 1 << 12;
-    pub const HOST_ECN: u64 = 1 << 13;
-    pub const HOST_UFO: u64 = 1 << 14;
-    pub const MRG_RXBUF: u64 = 1 << 15;
-    pub const STATUS: u64 = 1 << 16;
-    pub const CTRL_VQ: u64 = 1 << 17;
-    pub const CTRL_RX: u64 = 1 << 18;
-    pub const MQ: u64 = 1 << 22;
+    use virtio_bindings::virtio_net::*;
+
+    pub const CSUM: u64 = 1 << VIRTIO_NET_F_CSUM;
+    pub const GUEST_CSUM: u64 = 1 << VIRTIO_NET_F_GUEST_CSUM;
+    pub const MTU: u64 = 1 << VIRTIO_NET_F_MTU;
+    pub const MAC: u64 = 1 << VIRTIO_NET_F_MAC;
+    pub const GUEST_TSO4: u64 = 1 << VIRTIO_NET_F_GUEST_TSO4;
+    pub const GUEST_TSO6: u64 = 1 << VIRTIO_NET_F_GUEST_TSO6;
+    pub const GUEST_ECN: u64 = 1 << VIRTIO_NET_F_GUEST_ECN;
+    pub const GUEST_UFO: u64 = 1 << VIRTIO_NET_F_GUEST_UFO;
+    pub const HOST_TSO4: u64 = 1 << VIRTIO_NET_F_HOST_TSO4;
+    pub const HOST_TSO6: u64 = 1 << VIRTIO_NET_F_HOST_TSO6;
+    pub const HOST_ECN: u64 = 1 << VIRTIO_NET_F_HOST_ECN;
+    pub const HOST_UFO: u64 = 1 << VIRTIO_NET_F_HOST_UFO;
+    pub const MRG_RXBUF: u64 = 1 << VIRTIO_NET_F_MRG_RXBUF;
+    pub const STATUS: u64 = 1 << VIRTIO_NET_F_STATUS;
+    pub const CTRL_VQ: u64 = 1 << VIRTIO_NET_F_CTRL_VQ;
+    pub const CTRL_RX: u64 = 1 << VIRTIO_NET_F_CTRL_RX;
+    pub const MQ: u64 = 1 << VIRTIO_NET_F_MQ;
 }
 
 /// `status` bit: link up.
-pub const S_LINK_UP: u16 = 1;
+pub const S_LINK_UP: u16 = virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP as u16;
 /// Size of the configuration space we expose: mac, status, max_virtqueue_pairs, mtu.
 pub const CONFIG_LEN: usize = 12;
 /// Largest queue size of a split virtqueue.

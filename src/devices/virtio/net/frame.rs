@@ -2,6 +2,7 @@
 //! validates the virtio-net header of TX frames and maps the buffers to host iovecs, but
 //! never does I/O. Every address, length and flag comes from the guest and is checked.
 
+use virtio_bindings::virtio_net;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -14,14 +15,14 @@ use crate::devices::virtio::GuestMemory;
 pub const FRAME_MAX: u32 = 65535 + 14 + 4;
 
 /// `flags` of the header.
-pub const HDR_F_NEEDS_CSUM: u8 = 1;
-pub const HDR_F_DATA_VALID: u8 = 2;
+pub const HDR_F_NEEDS_CSUM: u8 = virtio_net::VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+pub const HDR_F_DATA_VALID: u8 = virtio_net::VIRTIO_NET_HDR_F_DATA_VALID as u8;
 /// `gso_type` of the header.
-pub const GSO_NONE: u8 = 0;
-pub const GSO_TCPV4: u8 = 1;
-pub const GSO_UDP: u8 = 3;
-pub const GSO_TCPV6: u8 = 4;
-pub const GSO_ECN: u8 = 0x80;
+pub const GSO_NONE: u8 = virtio_net::VIRTIO_NET_HDR_GSO_NONE as u8;
+pub const GSO_TCPV4: u8 = virtio_net::VIRTIO_NET_HDR_GSO_TCPV4 as u8;
+pub const GSO_UDP: u8 = virtio_net::VIRTIO_NET_HDR_GSO_UDP as u8;
+pub const GSO_TCPV6: u8 = virtio_net::VIRTIO_NET_HDR_GSO_TCPV6 as u8;
+pub const GSO_ECN: u8 = virtio_net::VIRTIO_NET_HDR_GSO_ECN as u8;
 
 /// `struct virtio_net_hdr_v1` (virtio 1.2, 5.1.6), little endian on the wire.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -43,7 +43,7 @@ use super::{
     F_VERSION_1, TYPE_NET,
 };
 use crate::metrics::QueueMetrics;
-use crate::reactor::{PoolHandle, ReactorError, ReactorPool};
+use crate::reactor::{PoolHandle, ReactorPool};
 
 static NEXT_DEVICE: AtomicU64 = AtomicU64::new(0);
 /// Device ids for the reactors: apart from the block devices' (which count from 0).
@@ -278,7 +278,7 @@ impl NetDevice {
                     Ok(h)
                 }),
             )
-            .map_err(|e: ReactorError| ActivateError::Reactor(e.to_string()))
+            .map_err(ActivateError::Reactor)
     }
 }
 
@@ -331,12 +331,10 @@ impl VirtioDevice for NetDevice {
         super::check_queue_indices(&queues, expected)?;
         self.tap
             .set_offloads(tap_offloads(acked))
-            .map_err(|e| ActivateError::Reactor(crate::vmm::devices::error_chain(&e)))?;
+            .map_err(ActivateError::Tap)?;
         // Pair 0 until the driver sets more (without MQ, for good): the other tap queues
         // are detached so that no flow lands where nobody reads.
-        self.pairs
-            .set(1)
-            .map_err(|e| ActivateError::Reactor(crate::vmm::devices::error_chain(&e)))?;
+        self.pairs.set(1).map_err(ActivateError::Tap)?;
         for q in queues {
             if let Err(e) = self.attach_queue(&mem, acked, q, ctrl) {
                 self.reset();
@@ -361,7 +359,7 @@ impl VirtioDevice for NetDevice {
             log::warn!(
                 "{}: reset: {}",
                 self.name,
-                crate::vmm::devices::error_chain(&e)
+                crate::error::error_chain(&e)
             );
         }
     }

@@ -93,7 +93,7 @@ impl ActivePairs {
         if !self.refusal_logged.swap(true, Ordering::Relaxed) {
             log::error!(
                 "{} (logged once; the driver's VQ_PAIRS_SET gets VIRTIO_NET_ERR)",
-                crate::vmm::devices::error_chain(e)
+                crate::error::error_chain(e)
             );
         }
     }

@@ -345,7 +345,7 @@ mod tests {
         // `lo` exists and is no tap: TUNSETIFF refuses it (EINVAL, or EPERM without
         // CAP_NET_ADMIN); either way the error names the interface.
         let e = Tap::open("lo", 1).unwrap_err();
-        let msg = crate::vmm::devices::error_chain(&e);
+        let msg = crate::error::error_chain(&e);
         assert!(msg.contains("tap `lo`"), "{msg}");
     }
 
@@ -361,7 +361,7 @@ mod tests {
         match Tap::open(&name, 1) {
             Ok(t) => Some(t),
             Err(e) => {
-                let msg = crate::vmm::devices::error_chain(&e);
+                let msg = crate::error::error_chain(&e);
                 eprintln!("SKIP: cannot create tap {name}: {msg}");
                 None
             }
@@ -391,7 +391,7 @@ mod tests {
         let before = sysfs_mtu(tap.name());
         // Above a tap's maximum (65535 less the Ethernet header): the kernel says EINVAL.
         let e = tap.set_mtu(u16::MAX).unwrap_err();
-        let msg = crate::vmm::devices::error_chain(&e);
+        let msg = crate::error::error_chain(&e);
         assert!(
             msg.contains(&format!("MTU 65535 on tap `{}`", tap.name())),
             "{msg}"

@@ -13,8 +13,8 @@ use super::host_range;
 use crate::devices::virtio::GuestMemory;
 
 const DESC_SIZE: u64 = 16;
-const F_NEXT: u16 = 1;
-const F_INDIRECT: u16 = 4;
+const F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+const F_INDIRECT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
 
 /// Iterator over the descriptors of one chain.
 pub struct Chain<'a> {

@@ -82,7 +82,7 @@ fn harness(opts: &str, acked: u64, enabled: &[u16]) -> Option<Harness> {
         Err(e) => {
             eprintln!(
                 "SKIP: cannot create tap {name}: {}",
-                crate::vmm::devices::error_chain(&e)
+                crate::error::error_chain(&e)
             );
             return None;
         }

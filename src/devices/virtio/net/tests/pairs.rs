@@ -151,7 +151,7 @@ fn test_mtu_refused_by_host_is_start_up_error_naming_tap() {
     .unwrap();
     let e = match NetDevice::new(&cfg, &pool) {
         Ok(_) => panic!("a tap does not take MTU 65535"),
-        Err(e) => crate::vmm::devices::error_chain(&e),
+        Err(e) => crate::error::error_chain(&e),
     };
     if e.contains("CAP_NET_ADMIN") && !e.contains("MTU") {
         return eprintln!("SKIP: cannot create tap {name}: {e}");

@@ -1,16 +1,51 @@
-//! The standard device set behind `--disk`: one reactor pool on the I/O cores and a
-//! virtio-blk device per disk, with the statistics report at exit and on SIGUSR1.
+//! The standard device set behind `--disk` and `--net`: one reactor pool on the I/O
+//! cores, a virtio-blk device per disk and a virtio-net device per tap, the control plane
+//! registration, and the statistics report at exit and on SIGUSR1.
+//!
+//! This module sits above `vmm/`: the VM assembly (`vmm::vm`) builds the machine and calls
+//! back through [`VmExtension`], knowing no concrete device; the device manager knows the
+//! devices and their configuration and plugs them in through [`DeviceContext`]. Layers, each
+//! using only the ones below it: `commands` → `device_manager` → `vmm::vm` → `config` →
+//! device configs, `devices/`, `reactor/` → `vmm::{bus, irq, exit, thread, …}`
+//! (`scripts/modcycles.py` checks that no module cycle remains).
 
 use std::time::Duration;
 
 use crate::api::routes::DeviceKind;
 use crate::api::{ApiHook, DeviceEntry, VmLink};
 use crate::config::VmConfig;
-use crate::devices::virtio::block::BlockDevice;
-use crate::metrics::Report;
-use crate::reactor::{ReactorOptions, ReactorPool};
+use crate::devices::virtio::block::{BlockDevice, BlockError};
+use crate::devices::virtio::net::{NetDevice, NetError};
+use crate::metrics::{HlogError, Report};
+use crate::reactor::{ReactorError, ReactorOptions, ReactorPool};
+use crate::vmm::vm::{DeviceContext, VmError, VmExtension};
 
-use super::vm::{DeviceContext, VmError, VmExtension};
+/// Errors from setting up the standard device set.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceManagerError {
+    #[error("Failed to start the I/O reactors")]
+    Reactors(#[source] ReactorError),
+    #[error("Failed to set up disk {index}")]
+    Disk {
+        index: usize,
+        #[source]
+        source: BlockError,
+    },
+    #[error("Failed to set up network device {index}")]
+    Net {
+        index: usize,
+        #[source]
+        source: NetError,
+    },
+    #[error("Cannot attach {name}")]
+    Plug {
+        name: String,
+        #[source]
+        source: VmError,
+    },
+    #[error("Failed to register the VM with the control plane")]
+    Api(#[source] HlogError),
+}
 
 #[derive(Default)]
 pub struct StandardDevices {
@@ -28,8 +63,9 @@ impl StandardDevices {
     }
 }
 
-impl VmExtension for StandardDevices {
-    fn attach(&mut self, ctx: &mut DeviceContext) -> Result<(), VmError> {
+impl StandardDevices {
+    /// Starts the reactor pool and plugs in every `--disk` and `--net` device.
+    pub fn attach_devices(&mut self, ctx: &mut DeviceContext) -> Result<(), DeviceManagerError> {
         let config = ctx.config;
         if config.disks.is_empty() && config.nets.is_empty() {
             return self.join_api(ctx, None, Vec::new());
@@ -42,12 +78,12 @@ impl VmExtension for StandardDevices {
             ..Default::default()
         }
         .with_env_overrides();
-        let pool = ReactorPool::start(opts, ctx.exit.clone())
-            .map_err(|e| VmError::Devices(error_chain(&e)))?;
+        let pool =
+            ReactorPool::start(opts, ctx.exit.clone()).map_err(DeviceManagerError::Reactors)?;
         let mut entries = Vec::new();
-        for disk in &config.disks {
-            let dev =
-                BlockDevice::new(disk, &pool).map_err(|e| VmError::Devices(error_chain(&e)))?;
+        for (index, disk) in config.disks.iter().enumerate() {
+            let dev = BlockDevice::new(disk, &pool)
+                .map_err(|source| DeviceManagerError::Disk { index, source })?;
             entries.push(DeviceEntry {
                 kind: DeviceKind::Disk,
                 name: dev.name().to_string(),
@@ -56,12 +92,19 @@ impl VmExtension for StandardDevices {
                 queues: usize::from(disk.queues),
                 reactors: dev.placement().to_vec(),
             });
-            ctx.add_virtio(Box::new(dev))?;
+            plug(ctx, dev.name().to_string(), Box::new(dev))?;
         }
         attach_nets(ctx, &pool, &mut entries)?;
         let handle = pool.handle();
         self.pool = Some(pool);
         self.join_api(ctx, Some(handle), entries)
+    }
+}
+
+impl VmExtension for StandardDevices {
+    fn attach(&mut self, ctx: &mut DeviceContext) -> Result<(), VmError> {
+        self.attach_devices(ctx)
+            .map_err(|e| VmError::Attach(Box::new(e)))
     }
 
     fn on_report_signal(&mut self) {
@@ -98,7 +141,7 @@ impl StandardDevices {
         ctx: &DeviceContext,
         pool: Option<crate::reactor::PoolHandle>,
         devices: Vec<DeviceEntry>,
-    ) -> Result<(), VmError> {
+    ) -> Result<(), DeviceManagerError> {
         let Some(api) = &self.api else {
             return Ok(());
         };
@@ -108,7 +151,7 @@ impl StandardDevices {
             info: vm_info(ctx.config),
             devices,
         })
-        .map_err(|e| VmError::Devices(error_chain(&e)))
+        .map_err(DeviceManagerError::Api)
     }
 }
 
@@ -126,16 +169,15 @@ fn vm_info(c: &VmConfig) -> serde_json::Value {
     })
 }
 
-/// "error: cause: root cause" for a typed error.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
+/// Plugs `dev` into PCI bus 0 behind its own virtio-pci function.
+fn plug(
+    ctx: &mut DeviceContext,
+    name: String,
+    dev: Box<dyn crate::devices::virtio::VirtioDevice>,
+) -> Result<(), DeviceManagerError> {
+    ctx.add_virtio(dev)
+        .map(|_| ())
+        .map_err(|source| DeviceManagerError::Plug { name, source })
 }
 
 // ---- virtio-net (`--net`) -------------------------------------------------------------
@@ -146,10 +188,10 @@ fn attach_nets(
     ctx: &mut DeviceContext,
     pool: &ReactorPool,
     entries: &mut Vec<DeviceEntry>,
-) -> Result<(), VmError> {
-    for net in &ctx.config.nets {
-        let dev = crate::devices::virtio::net::NetDevice::new(net, pool)
-            .map_err(|e| VmError::Devices(error_chain(&e)))?;
+) -> Result<(), DeviceManagerError> {
+    for (index, net) in ctx.config.nets.iter().enumerate() {
+        let dev = NetDevice::new(net, pool)
+            .map_err(|source| DeviceManagerError::Net { index, source })?;
         entries.push(DeviceEntry {
             kind: DeviceKind::Net,
             name: dev.name().to_string(),
@@ -158,7 +200,7 @@ fn attach_nets(
             queues: usize::from(net.queues),
             reactors: dev.placement().to_vec(),
         });
-        ctx.add_virtio(Box::new(dev))?;
+        plug(ctx, dev.name().to_string(), Box::new(dev))?;
     }
     Ok(())
 }
