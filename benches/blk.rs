@@ -16,10 +16,11 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughpu
 use ringvm::devices::virtio::block::backend::{Backend, OpenOptions, UringBackend};
 use ringvm::devices::virtio::block::config::DiskInfo;
 use ringvm::devices::virtio::block::driver::TestDriver;
-use ringvm::devices::virtio::block::handler::{BlockQueue, QueueParts};
+use ringvm::devices::virtio::block::handler::BlockQueue;
 use ringvm::devices::virtio::block::request::{
     parse, Chain, Segment, IOVEC_EMPTY, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
+use ringvm::devices::virtio::queue::QueueParts;
 use ringvm::metrics::QueueMetrics;
 use ringvm::reactor::{QueueHandler, Reactor, ReactorOptions};
 use virtio_queue::QueueT;
@@ -66,13 +67,13 @@ fn reactor_pass(c: &mut Criterion, name: &str, file: Option<&std::path::Path>) {
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
     let irq_reader = irq.try_clone().unwrap();
+    let disk = Arc::new(DiskInfo::new(1 << 30, false, 256, "bench"));
     let parts = QueueParts {
         name: "bench-q0".into(),
         mem: mem.clone(),
         queue: d.queue(true),
         kick: kick.try_clone().unwrap(),
         irq: Some(irq),
-        disk: Arc::new(DiskInfo::new(1 << 30, false, 256, "bench")),
         needs_reset: Arc::new(AtomicBool::new(false)),
         poll: None,
         metrics: QueueMetrics::new("bench", 0, 0),
@@ -95,7 +96,7 @@ fn reactor_pass(c: &mut Criterion, name: &str, file: Option<&std::path::Path>) {
                     ),
                     None => (None, [None, None]),
                 };
-                Ok(Box::new(BlockQueue::new(parts, io, files)) as Box<dyn QueueHandler>)
+                Ok(Box::new(BlockQueue::new(parts, disk, io, files)) as Box<dyn QueueHandler>)
             }),
         )
         .unwrap();

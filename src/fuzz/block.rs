@@ -28,8 +28,9 @@ use super::MEM_SIZE;
 use crate::devices::virtio::block::backend::QueueIo;
 use crate::devices::virtio::block::config::DiskInfo;
 use crate::devices::virtio::block::driver::TestDriver;
-use crate::devices::virtio::block::handler::{BlockQueue, QueueParts};
+use crate::devices::virtio::block::handler::BlockQueue;
 use crate::devices::virtio::block::request::{parse, Chain, Segment, IOVEC_EMPTY};
+use crate::devices::virtio::queue::QueueParts;
 use crate::devices::virtio::GuestMemory;
 use crate::metrics::QueueMetrics;
 use crate::reactor::inline::InlineRing;
@@ -154,7 +155,6 @@ impl Harness {
             queue: drv.queue(false),
             kick: self.kick.try_clone().expect("dup"),
             irq: Some(self.irq.try_clone().expect("dup")),
-            disk,
             needs_reset: Arc::new(AtomicBool::new(false)),
             poll: None,
             metrics: QueueMetrics::new("fuzz", 0, 0),
@@ -164,7 +164,7 @@ impl Harness {
             let alt = s.buffered.then(|| (1, self.file.clone()));
             QueueIo::new(0, self.file.clone(), alt)
         });
-        BlockQueue::new(parts, io, [None, None])
+        BlockQueue::new(parts, disk, io, [None, None])
     }
 
     fn run(&mut self, data: &[u8], checks: Checks) -> Option<Outcome> {

@@ -15,6 +15,7 @@
 //! and the used ring.
 
 use std::cell::RefCell;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use vm_memory::GuestAddress;
@@ -25,10 +26,11 @@ use super::MEM_SIZE;
 use crate::devices::virtio::block::driver::TestDriver;
 use crate::devices::virtio::net::config::features as f;
 use crate::devices::virtio::net::ctrl::CtrlQueue;
-use crate::devices::virtio::net::handler::{Core, NetQueueParts};
+use crate::devices::virtio::net::handler::NetQueueParts;
 use crate::devices::virtio::net::pairs::ActivePairs;
 use crate::devices::virtio::net::rx::RxQueue;
 use crate::devices::virtio::net::tx::TxQueue;
+use crate::devices::virtio::queue::{QueueCore, QueueParts};
 use crate::devices::virtio::{GuestMemory, F_RING_EVENT_IDX, F_VERSION_1};
 use crate::metrics::QueueMetrics;
 use crate::reactor::inline::InlineRing;
@@ -89,11 +91,11 @@ impl Handler {
         }
     }
 
-    fn core(&self) -> &Core {
+    fn core(&self) -> &QueueCore {
         match self {
-            Handler::Rx(h) => h.core(),
-            Handler::Tx(h) => h.core(),
-            Handler::Ctrl(h) => h.core(),
+            Handler::Rx(h) => &h.core,
+            Handler::Tx(h) => &h.core,
+            Handler::Ctrl(h) => &h.core,
         }
     }
 
@@ -166,14 +168,18 @@ impl Harness {
     fn new_handler(&self, flags: u8, drv: &TestDriver) -> Handler {
         let kind = kind_of(flags);
         let parts = NetQueueParts {
-            name: format!("fuzz-{kind:?}"),
-            mem: self.mem.clone(),
-            queue: drv.queue(false),
-            kick: self.kick.try_clone().expect("dup"),
-            irq: Some(self.irq.try_clone().expect("dup")),
+            queue: QueueParts {
+                name: format!("fuzz-{kind:?}"),
+                mem: self.mem.clone(),
+                queue: drv.queue(false),
+                kick: self.kick.try_clone().expect("dup"),
+                irq: Some(self.irq.try_clone().expect("dup")),
+                needs_reset: Arc::new(AtomicBool::new(false)),
+                poll: None,
+                metrics: QueueMetrics::new("fuzz", 0, 0),
+                final_avail: None,
+            },
             acked: acked(flags),
-            poll: None,
-            metrics: QueueMetrics::new("fuzz", 0, 0),
             tap_fd: None,
             fixed: 0,
             stop: self.stop.try_clone().expect("dup"),
@@ -229,7 +235,7 @@ impl Harness {
             kind,
             popped,
             used,
-            broken: h.core().broken,
+            broken: h.core().is_broken(),
         };
         assert!(
             out.broken || used == popped,

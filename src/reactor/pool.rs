@@ -1,6 +1,7 @@
 //! The pool of reactor threads and the handle devices use to reach them.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -28,6 +29,8 @@ struct Inner {
     /// snapshot, so concurrent callers take turns (the later one usually reuses the
     /// earlier one's result, see [`PoolHandle::snapshot_with`]).
     collector: Mutex<Collector>,
+    /// The next key [`PoolHandle::device_keys`] hands out.
+    next_key: AtomicU64,
 }
 
 /// A cheap, cloneable way for devices to send messages to the reactors. Holds no thread.
@@ -43,6 +46,14 @@ impl PoolHandle {
     /// True when the pool has no reactor (never, for a started pool).
     pub fn is_empty(&self) -> bool {
         self.0.links.is_empty()
+    }
+
+    /// Reserves `count` keys that no other device on this pool uses: a device attaches,
+    /// detaches and tunes its queues by these keys (`device` in [`attach`](Self::attach)).
+    /// The one source of device keys, for block and net alike.
+    pub fn device_keys(&self, count: u64) -> Range<u64> {
+        let start = self.0.next_key.fetch_add(count, Ordering::Relaxed);
+        start..start + count
     }
 
     fn send(&self, index: usize, cmd: Command) -> Result<(), ReactorError> {
@@ -260,6 +271,7 @@ impl ReactorPool {
                 links,
                 started: Instant::now(),
                 collector: Mutex::new(Collector::new(&opts.cores)),
+                next_key: AtomicU64::new(0),
             })),
             threads,
         };

@@ -9,6 +9,7 @@
 pub mod block;
 pub mod net;
 pub mod pci;
+pub mod queue;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -23,32 +24,6 @@ pub const TYPE_BLOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 pub const F_RING_INDIRECT_DESC: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 pub const F_RING_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 pub const F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-
-/// Turns the driver's kicks off for real on an EVENT_IDX queue (virtio 1.2, 2.7.10):
-/// `avail_event` goes one behind the next index the device pops, so no index the driver
-/// publishes crosses it until the ring wraps. virtio-queue's `disable_notification` leaves
-/// `avail_event` where the last enable put it, so the driver's next request kicks once
-/// more: a polling reactor that turns notifications on around a wait (src/reactor) would
-/// take a kick (a VM exit) per request. Without EVENT_IDX the caller sets
-/// `VRING_USED_F_NO_NOTIFY` instead (virtio-queue does that).
-pub fn suppress_kicks(
-    queue: &virtio_queue::Queue,
-    mem: &GuestMemory,
-) -> Result<(), vm_memory::GuestMemoryError> {
-    use std::sync::atomic::Ordering;
-    use virtio_queue::QueueT;
-    use vm_memory::{Address, Bytes, GuestAddress};
-    if !queue.event_idx_enabled() {
-        return Ok(());
-    }
-    // avail_event follows the used ring's flags, idx and `size` (id, len) elements.
-    let at = GuestAddress(queue.used_ring()).checked_add(4 + 8 * u64::from(queue.size()));
-    let at = at.ok_or(vm_memory::GuestMemoryError::InvalidGuestAddress(
-        GuestAddress(queue.used_ring()),
-    ))?;
-    let event = queue.next_avail().wrapping_sub(1);
-    mem.store(event.to_le(), at, Ordering::Release)
-}
 
 /// A queue the driver has configured and enabled, handed to the device at DRIVER_OK.
 pub struct ActiveQueue {
@@ -215,56 +190,5 @@ mod tests {
         assert_eq!(d, [2, 3, 0, 0]);
         read_config_bytes(&[1, 2, 3], u64::MAX, &mut d);
         assert_eq!(d, [0; 4]);
-    }
-
-    /// The driver's side of EVENT_IDX (virtio 1.2, 2.7.10): does publishing `old..new`
-    /// need a kick, given the device's avail_event?
-    fn driver_kicks(mem: &GuestMemory, q: &virtio_queue::Queue, old: u16, new: u16) -> bool {
-        use virtio_queue::QueueT;
-        use vm_memory::{Bytes, GuestAddress};
-        let event: u16 = mem
-            .read_obj(GuestAddress(q.used_ring() + 4 + 8 * u64::from(q.size())))
-            .unwrap();
-        new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
-    }
-
-    #[test]
-    fn test_suppress_kicks_after_enable_driver_does_not_kick_until_enabled_again() {
-        use virtio_queue::QueueT;
-        use vm_memory::{GuestAddress, GuestMemoryMmap};
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let mut d = block::driver::TestDriver::new(&mem, GuestAddress(0x1000), 8, 1 << 20);
-        let mut q = d.queue(true);
-        // Pop a few requests so that the indices are not at zero, across a wrap of u16.
-        for _ in 0..3 {
-            let head = d.write_chain(&[block::driver::Buf::r(GuestAddress(0x8000), 16)]);
-            d.publish(head);
-            q.pop_descriptor_chain(&mem).unwrap();
-        }
-        let next = q.next_avail();
-        q.enable_notification(&mem).unwrap();
-        assert!(driver_kicks(&mem, &q, next, next.wrapping_add(1)));
-        // virtio-queue's disable leaves avail_event where enable put it: one more kick.
-        q.disable_notification(&mem).unwrap();
-        assert!(driver_kicks(&mem, &q, next, next.wrapping_add(1)));
-        suppress_kicks(&q, &mem).unwrap();
-        for n in 1..100u16 {
-            assert!(!driver_kicks(&mem, &q, next, next.wrapping_add(n)), "{n}");
-        }
-        q.enable_notification(&mem).unwrap();
-        assert!(driver_kicks(&mem, &q, next, next.wrapping_add(1)));
-    }
-
-    #[test]
-    fn test_suppress_kicks_without_event_idx_writes_nothing() {
-        use virtio_queue::QueueT;
-        use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let d = block::driver::TestDriver::new(&mem, GuestAddress(0x1000), 8, 1 << 20);
-        let q = d.queue(false);
-        let at = GuestAddress(q.used_ring() + 4 + 8 * 8);
-        mem.write_obj(0x5a5au16, at).unwrap();
-        suppress_kicks(&q, &mem).unwrap();
-        assert_eq!(mem.read_obj::<u16>(at).unwrap(), 0x5a5a);
     }
 }

@@ -1,5 +1,6 @@
-//! virtio-blk: config ([`config`]), pure request parser ([`request`]), per-queue handler on
-//! the reactors ([`handler`]), host-pointer ring access ([`rings`]), back ends ([`backend`]).
+//! virtio-blk: config ([`config`]), pure request parser ([`request`]), the block half of a
+//! queue on the reactors ([`handler`], joined with the shared
+//! [`queue core`](crate::devices::virtio::queue)), back ends and their fallbacks ([`backend`]).
 //!
 //! ```ignore
 //! let pool = reactor::ReactorPool::start(reactor::ReactorOptions { cores: vec![1], ..Default::default() }, exit.clone())?;
@@ -12,7 +13,7 @@
 //! drain and drop the device's queues and returns once they no longer touch guest memory.
 //!
 //! Data path, per queue and reactor pass: read the avail index once, walk at most
-//! [`crate::reactor::BATCH_MAX`] chains through host pointers ([`request::Chain`]), parse
+//! [`crate::reactor::BATCH_MAX`] chains through host pointers ([`Chain`](crate::devices::virtio::queue::Chain)), parse
 //! each into a slot indexed by its head (iovecs point into guest memory), queue one SQE per
 //! request on the reactor's ring (readv/writev, fdatasync, fallocate), and on completion
 //! write the status byte and the used element; the used index is stored once per batch and
@@ -30,7 +31,6 @@ pub mod config;
 pub mod driver;
 pub mod handler;
 pub mod request;
-pub mod rings;
 
 pub use config::{BackendKind, DiskConfig, DiskConfigError, DiskInfo};
 
@@ -40,8 +40,9 @@ use std::time::Duration;
 
 use backend::{Backend, BackendError};
 use config::{features as f, CONFIG_LEN};
-use handler::{BlockQueue, QueueParts};
+use handler::BlockQueue;
 
+use super::queue::QueueParts;
 use super::{
     ActivateError, ActiveQueue, GuestMemory, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC,
     F_VERSION_1, TYPE_BLOCK,
@@ -49,12 +50,9 @@ use super::{
 use crate::metrics::QueueMetrics;
 use crate::reactor::{PoolHandle, ReactorError, ReactorPool};
 
+/// Numbers the disks without `id=` (`blk0`, `blk1`, …) and spreads their first queues over
+/// the pool; the reactors know the queues by keys from the pool ([`PoolHandle::device_keys`]).
 static NEXT_DEVICE: AtomicU64 = AtomicU64::new(0);
-/// Marks the reactor-pool keys of block queues, so they never equal a net device's id.
-const BLOCK_KEY_TAG: u64 = 1 << 62;
-/// The low bits of a block queue's key hold its index (queues ≤ `config::QUEUES_MAX`).
-const QUEUE_KEY_BITS: u32 = 8;
-const _: () = assert!(config::QUEUES_MAX as u64 <= 1 << QUEUE_KEY_BITS);
 
 /// Errors creating a block device.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +66,9 @@ pub enum BlockError {
 /// A virtio-blk device.
 pub struct BlockDevice {
     name: String,
-    id: u64,
+    /// One pool key per queue (the queue's index is its offset), so one queue can be
+    /// stopped alone (vhost-user's GET_VRING_BASE).
+    keys: std::ops::Range<u64>,
     cfg: DiskConfig,
     backend: Arc<Backend>,
     disk: Arc<DiskInfo>,
@@ -77,8 +77,7 @@ pub struct BlockDevice {
     pool: PoolHandle,
     /// Reactor index for each queue index.
     placement: Vec<usize>,
-    /// Reactor and pool key of each queue being served. Every queue has a key of its own, so
-    /// one queue can be stopped alone (vhost-user's GET_VRING_BASE).
+    /// Reactor and pool key of each queue being served.
     active: Vec<(usize, u64)>,
     needs_reset: Arc<AtomicBool>,
 }
@@ -133,7 +132,7 @@ impl BlockDevice {
             config: disk.config_space(cfg.queues),
             disk: Arc::new(disk),
             name,
-            id: n,
+            keys: pool.device_keys(u64::from(cfg.queues)),
             cfg: cfg.clone(),
             backend: Arc::new(backend),
             features,
@@ -147,7 +146,7 @@ impl BlockDevice {
     /// The keys the reactors know the device's queues by, one per queue
     /// (`PoolHandle::set_poll_max`).
     pub fn pool_keys(&self) -> std::ops::Range<u64> {
-        self.queue_key(0)..self.queue_key(0) + (1 << QUEUE_KEY_BITS)
+        self.keys.clone()
     }
 
     /// Device name used in metrics and logs (`id=` or `blkN`).
@@ -176,7 +175,7 @@ impl BlockDevice {
     }
 
     fn queue_key(&self, index: u16) -> u64 {
-        BLOCK_KEY_TAG | self.id << QUEUE_KEY_BITS | u64::from(index)
+        self.keys.start + u64::from(index)
     }
 
     /// Starts serving one queue on its reactor (vhost-user starts and stops queues one by
@@ -241,7 +240,6 @@ impl BlockDevice {
             queue: q.queue,
             kick: q.kick,
             irq: q.irq,
-            disk: self.disk.clone(),
             needs_reset: self.needs_reset.clone(),
             poll: (self.cfg.poll_us > 0)
                 .then(|| Duration::from_micros(u64::from(self.cfg.poll_us))),
@@ -249,6 +247,7 @@ impl BlockDevice {
             final_avail,
         };
         let backend = self.backend.clone();
+        let disk = self.disk.clone();
         self.active.push((reactor, key));
         self.pool.attach(
             reactor,
@@ -257,6 +256,7 @@ impl BlockDevice {
                 let io = backend.queue_io(ctx.fixed_file, ctx.alt_fixed_file);
                 Ok(Box::new(BlockQueue::new(
                     parts,
+                    disk,
                     io,
                     [backend.fd(), backend.alt_fd()],
                 )))

@@ -3,18 +3,16 @@
 //! acknowledged (the tap delivers everything; the guest's stack filters), everything else
 //! gets VIRTIO_NET_ERR.
 
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::handler::{Core, NetQueueParts};
+use super::handler::{drop_chain, NetQueueParts};
 use super::pairs::ActivePairs;
-use crate::metrics::QueueMetrics;
-use crate::reactor::{QueueHandler, RingCtx};
+use crate::devices::virtio::queue::{DeviceQueue, QueueCore, UsedIndex, Virtqueue};
+use crate::reactor::RingCtx;
 
 pub const CLASS_RX: u8 = 0;
 pub const CLASS_MAC: u8 = 1;
@@ -113,138 +111,106 @@ pub fn answer(c: &CtrlCmd, max_pairs: u16, mq: bool, pairs: &ActivePairs) -> u8 
     }
 }
 
-/// The control queue handler.
-pub struct CtrlQueue {
-    c: Core,
+/// The control queue served by a reactor.
+pub type CtrlQueue = Virtqueue<CtrlRequests>;
+
+/// The commands of the control queue.
+pub struct CtrlRequests {
+    acked: u64,
     max_pairs: u16,
     pairs: Arc<ActivePairs>,
 }
 
 impl CtrlQueue {
     pub fn new(p: NetQueueParts, max_pairs: u16, pairs: Arc<ActivePairs>) -> Self {
-        CtrlQueue {
-            c: Core::new(p),
-            max_pairs,
-            pairs,
+        Virtqueue {
+            core: QueueCore::new(p.queue).with_used_index(UsedIndex::PerEntry),
+            dev: CtrlRequests {
+                acked: p.acked,
+                max_pairs,
+                pairs,
+            },
         }
     }
 }
 
-#[cfg(any(test, feature = "fuzz"))]
-impl CtrlQueue {
-    /// Serves `queue` from scratch, keeping the allocations, for the fuzz harness.
-    pub fn rearm(&mut self, queue: virtio_queue::Queue) {
-        self.c.rearm(queue);
-        let _ = self.pairs.set(1);
-    }
-
-    /// The state the RX, TX and control queues share.
-    pub fn core(&self) -> &Core {
-        &self.c
+impl CtrlRequests {
+    /// Answers one well-formed command: writes the ack byte and gives the chain back.
+    fn answer(&self, core: &mut QueueCore, head: u16, cmd: &CtrlCmd, kick: Instant, now: Instant) {
+        let mq = self.acked & super::config::features::MQ != 0;
+        let ack = answer(cmd, self.max_pairs, mq, &self.pairs);
+        let counters = &mut core.metrics_mut().counters;
+        if ack == ACK_OK {
+            counters.writes += 1;
+        } else {
+            counters.unsupported += 1;
+            if core.may_log(now) {
+                log::info!(
+                    "{}: answered class {} command {} with VIRTIO_NET_ERR",
+                    core.name(),
+                    cmd.class,
+                    cmd.cmd
+                );
+            }
+        }
+        if core.mem().write_obj(ack, cmd.ack).is_err() {
+            core.fail("cannot write a control ack", now);
+            return;
+        }
+        core.push_used(head, 1);
+        core.metrics_mut()
+            .record_k2c(now.saturating_duration_since(kick));
     }
 }
 
-impl QueueHandler for CtrlQueue {
-    fn kick_fd(&self) -> RawFd {
-        self.c.p.kick.as_raw_fd()
-    }
-
-    fn file_fd(&self) -> Option<RawFd> {
-        None
-    }
-
-    fn poll_window(&self) -> Option<Duration> {
-        None
-    }
-
+impl DeviceQueue for CtrlRequests {
     fn may_poll(&self) -> bool {
         false
     }
 
-    fn kicked(&mut self, now: Instant) {
-        self.c.kicked(now);
-    }
-
-    fn set_notify(&mut self, enable: bool) -> bool {
-        self.c.set_notify(enable)
-    }
-
-    fn poll_avail(&mut self, ctx: &mut RingCtx<'_, '_>, budget: usize) -> usize {
-        if self.c.broken || !self.c.avail_sane(ctx.now) {
-            return 0;
-        }
+    fn pop(&mut self, core: &mut QueueCore, ctx: &mut RingCtx<'_, '_>, budget: usize) -> usize {
         let now = ctx.now;
-        let kick = self.c.last_kick.take().unwrap_or(now);
-        let mq = self.c.p.acked & super::config::features::MQ != 0;
+        core.avail(now);
+        let kick = core.take_kick(now);
         let mut n = 0;
         while n < budget {
-            let Some(chain) = self.c.p.queue.pop_descriptor_chain(&self.c.p.mem) else {
+            let Some(head) = core.pop(now, |_| false) else {
                 break;
             };
             n += 1;
-            let head = chain.head_index();
-            match parse_ctrl(chain, &self.c.p.mem) {
-                Some(Ok(cmd)) => {
-                    let ack = answer(&cmd, self.max_pairs, mq, &self.pairs);
-                    if ack == ACK_OK {
-                        self.c.p.metrics.counters.writes += 1;
-                    } else {
-                        self.c.p.metrics.counters.unsupported += 1;
-                        if self.c.log.allow(now, &self.c.p.name) {
-                            log::info!(
-                                "{}: answered class {} command {} with VIRTIO_NET_ERR",
-                                self.c.p.name,
-                                cmd.class,
-                                cmd.cmd
-                            );
-                        }
-                    }
-                    if self.c.p.mem.write_obj(ack, cmd.ack).is_err() {
-                        self.c.fail_queue("cannot write a control ack", now);
-                        return n;
-                    }
-                    self.c.add_used(head, 1, now);
-                    self.c
-                        .p
-                        .metrics
-                        .record_k2c(now.saturating_duration_since(kick));
-                }
+            match parse_ctrl(core.chain(head), core.mem()) {
+                Some(Ok(cmd)) => self.answer(core, head, &cmd, kick, now),
                 Some(Err(_)) => {
-                    self.c
-                        .drop_chain(format_args!("malformed control command (head {head})"), now);
-                    self.c.add_used(head, 1, now);
+                    drop_chain(
+                        core,
+                        format_args!("malformed control command (head {head})"),
+                        now,
+                    );
+                    core.push_used(head, 1);
                 }
                 None => {
-                    self.c.drop_chain(
+                    drop_chain(
+                        core,
                         format_args!("control chain without an ack byte (head {head})"),
                         now,
                     );
-                    self.c.add_used(head, 0, now);
+                    core.push_used(head, 0);
                 }
             }
         }
-        self.c.p.metrics.record_batch(n);
         n
     }
 
-    fn poll_hit(&mut self) {}
-
-    fn complete(&mut self, _ctx: &mut RingCtx<'_, '_>, tag: u32, _res: i32) {
-        log::error!("{}: unexpected completion {tag}", self.c.p.name);
-    }
-
-    fn publish(&mut self) {
-        self.c.publish();
+    fn complete(&mut self, core: &mut QueueCore, _ctx: &mut RingCtx<'_, '_>, tag: u32, _res: i32) {
+        log::error!("{}: unexpected completion {tag}", core.name());
     }
 
     fn in_flight(&self) -> usize {
         0
     }
 
-    fn metrics(&self) -> &QueueMetrics {
-        &self.c.p.metrics
-    }
-    fn metrics_mut(&mut self) -> &mut QueueMetrics {
-        &mut self.c.p.metrics
+    #[cfg(any(test, feature = "fuzz"))]
+    fn rearm(&mut self) {
+        let _ = self.pairs.set(1);
     }
 }

@@ -1,6 +1,7 @@
-//! What the RX, TX and control queue handlers share: the queue and its notifications, the
-//! used-ring publish with EVENT_IDX, rate-limited logging of bad chains, and the drain
-//! protocol for reads that only complete when a packet arrives.
+//! What the RX, TX and control queues of a net device share beyond the queue core
+//! ([`crate::devices::virtio::queue`]): their parts (tap file, acknowledged features, the
+//! stop eventfd), a rate-limited drop counter, and the drain protocol for reads that only
+//! complete when a packet arrives.
 //!
 //! **Drain.** A posted tap read has no natural end, but the reactor frees a draining queue
 //! only once [`QueueHandler::in_flight`](crate::reactor::QueueHandler::in_flight) is 0 and
@@ -13,18 +14,13 @@
 //! completed twice.
 
 use std::cell::Cell;
-use std::num::Wrapping;
-use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Instant;
 
 use io_uring::{opcode, types};
-use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::virtio::block::handler::LogLimiter;
-use crate::devices::virtio::GuestMemory;
-use crate::metrics::QueueMetrics;
+use crate::devices::virtio::queue::{QueueCore, QueueParts};
 use crate::reactor::RingCtx;
 
 /// Tags above every descriptor head (heads are below 32768).
@@ -34,156 +30,22 @@ pub const TAG_RX_POLL: u32 = 0xffff_0002;
 
 /// Everything a net queue needs on its reactor, moved there at activation.
 pub struct NetQueueParts {
-    /// `net0-rx0`, for logs.
-    pub name: String,
-    pub mem: GuestMemory,
-    pub queue: Queue,
-    pub kick: EventFd,
-    pub irq: Option<EventFd>,
+    /// What every queue has (`net0-rx0` as its name).
+    pub queue: QueueParts,
     /// Features the driver acknowledged.
     pub acked: u64,
-    pub poll: Option<Duration>,
-    pub metrics: QueueMetrics,
     /// The queue pair's tap file (registered at `fixed`), `None` for the control queue.
-    pub tap_fd: Option<std::os::fd::RawFd>,
+    pub tap_fd: Option<RawFd>,
     pub fixed: u32,
     /// Written to make the handler cancel its reads (see the module docs).
     pub stop: EventFd,
 }
 
-/// Queue state common to the three handlers.
-pub struct Core {
-    pub p: NetQueueParts,
-    pub dirty: bool,
-    pub broken: bool,
-    pub log: LogLimiter,
-    pub last_kick: Option<Instant>,
-}
-
-impl Core {
-    pub fn new(p: NetQueueParts) -> Self {
-        Core {
-            p,
-            dirty: false,
-            broken: false,
-            log: LogLimiter::new(),
-            last_kick: None,
-        }
-    }
-
-    /// Serves `queue` from scratch (see [`RxQueue::rearm`](super::rx::RxQueue::rearm)).
-    #[cfg(any(test, feature = "fuzz"))]
-    pub fn rearm(&mut self, queue: Queue) {
-        self.p.queue = queue;
-        self.dirty = false;
-        self.broken = false;
-        self.last_kick = None;
-    }
-
-    /// (chains popped, used entries written) since the queue was set up.
-    #[cfg(any(test, feature = "fuzz"))]
-    pub fn progress(&self) -> (u16, u16) {
-        (self.p.queue.next_avail(), self.p.queue.next_used())
-    }
-
-    /// Stops serving a queue whose rings cannot be used any more. Unlike virtio-blk there is
-    /// no status byte to fail; the queue goes quiet until the driver resets the device.
-    pub fn fail_queue(&mut self, what: &str, now: Instant) {
-        if self.log.allow(now, &self.p.name) {
-            log::error!(
-                "{}: {what}; the queue stops until the device is reset",
-                self.p.name
-            );
-        }
-        self.broken = true;
-    }
-
-    /// Logs a dropped chain or frame (rate-limited) and counts it.
-    pub fn drop_chain(&mut self, what: std::fmt::Arguments<'_>, now: Instant) {
-        self.p.metrics.counters.errors += 1;
-        if self.log.allow(now, &self.p.name) {
-            log::warn!("{}: dropped: {what}", self.p.name);
-        }
-    }
-
-    pub fn add_used(&mut self, head: u16, len: u32, now: Instant) {
-        if let Err(e) = self.p.queue.add_used(&self.p.mem, head, len) {
-            self.fail_queue(&format!("cannot write the used ring: {e}"), now);
-            return;
-        }
-        self.dirty = true;
-    }
-
-    /// False (and the queue broken) when the avail index runs more than a queue ahead.
-    pub fn avail_sane(&mut self, now: Instant) -> bool {
-        match self.p.queue.avail_idx(&self.p.mem, Ordering::Acquire) {
-            Ok(idx) if (idx - Wrapping(self.p.queue.next_avail())).0 <= self.p.queue.size() => true,
-            Ok(idx) => {
-                self.fail_queue(
-                    &format!(
-                        "avail index {} is more than the queue size ahead of {}",
-                        idx.0,
-                        self.p.queue.next_avail()
-                    ),
-                    now,
-                );
-                false
-            }
-            Err(e) => {
-                self.fail_queue(&format!("cannot read the avail index: {e}"), now);
-                false
-            }
-        }
-    }
-
-    pub fn set_notify(&mut self, enable: bool) -> bool {
-        if self.broken {
-            return false;
-        }
-        let r = if enable {
-            self.p.queue.enable_notification(&self.p.mem)
-        } else {
-            self.p
-                .queue
-                .disable_notification(&self.p.mem)
-                .and_then(|()| {
-                    crate::devices::virtio::suppress_kicks(&self.p.queue, &self.p.mem)
-                        .map_err(virtio_queue::Error::GuestMemory)
-                })
-                .map(|()| false)
-        };
-        r.unwrap_or_else(|e| {
-            self.fail_queue(
-                &format!("cannot update the notification state: {e}"),
-                Instant::now(),
-            );
-            false
-        })
-    }
-
-    pub fn kicked(&mut self, now: Instant) {
-        self.p.metrics.counters.kicks += 1;
-        self.last_kick.get_or_insert(now);
-    }
-
-    pub fn publish(&mut self) {
-        if !self.dirty {
-            return;
-        }
-        self.dirty = false;
-        match self.p.queue.needs_notification(&self.p.mem) {
-            Ok(true) => match &self.p.irq {
-                Some(irq) => {
-                    if let Err(e) = irq.write(1) {
-                        log::error!("{}: cannot signal the irqfd: {e}", self.p.name);
-                    }
-                    self.p.metrics.counters.irqs_sent += 1;
-                }
-                None => self.p.metrics.counters.irqs_suppressed += 1,
-            },
-            Ok(false) => self.p.metrics.counters.irqs_suppressed += 1,
-            Err(e) => self.fail_queue(&format!("cannot read used_event: {e}"), Instant::now()),
-        }
+/// Counts a dropped chain or frame in the `errors` column and logs it (rate-limited).
+pub fn drop_chain(core: &mut QueueCore, what: std::fmt::Arguments<'_>, now: Instant) {
+    core.metrics_mut().counters.errors += 1;
+    if core.may_log(now) {
+        log::warn!("{}: dropped: {what}", core.name());
     }
 }
 

@@ -1,6 +1,7 @@
 //! virtio-net on a tap: options and config space ([`config`]), the pure chain parser
 //! ([`frame`]), the tap back end ([`tap`]) and per-queue handlers on the reactors ([`rx`],
-//! [`tx`], [`ctrl`], sharing [`handler`]).
+//! [`tx`], [`ctrl`]: the net halves of queues whose other half is the shared
+//! [`queue core`](crate::devices::virtio::queue); [`handler`] holds what the three share).
 //!
 //! ```ignore
 //! let dev = NetDevice::new(&"tap=tap0,queues=2".parse()?, &pool)?;
@@ -28,7 +29,7 @@ pub mod tx;
 pub use config::{NetConfig, NetConfigError};
 pub use tap::{Tap, TapError};
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +39,7 @@ use config::{features as f, CONFIG_LEN};
 use handler::NetQueueParts;
 use pairs::{ActivePairs, PairGate};
 
+use super::queue::QueueParts;
 use super::{
     ActivateError, ActiveQueue, GuestMemory, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC,
     F_VERSION_1, TYPE_NET,
@@ -45,9 +47,9 @@ use super::{
 use crate::metrics::QueueMetrics;
 use crate::reactor::{PoolHandle, ReactorPool};
 
+/// Numbers the devices (`net0`, `net1`, …, and their default MACs); the reactors know a
+/// device's queues by a key from the pool ([`PoolHandle::device_keys`]).
 static NEXT_DEVICE: AtomicU64 = AtomicU64::new(0);
-/// Device ids for the reactors: apart from the block devices' (which count from 0).
-const DEVICE_ID_BASE: u64 = 1 << 40;
 
 /// Errors creating a net device.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +63,8 @@ pub enum NetError {
 /// A virtio-net device backed by a tap.
 pub struct NetDevice {
     name: String,
-    id: u64,
+    /// The pool key all the device's queues are attached under.
+    key: u64,
     cfg: NetConfig,
     tap: Tap,
     config: [u8; CONFIG_LEN],
@@ -73,6 +76,7 @@ pub struct NetDevice {
     stops: Vec<EventFd>,
     /// Pairs in use (VQ_PAIRS_SET) and the tap queues that follow them.
     pairs: Arc<ActivePairs>,
+    needs_reset: Arc<AtomicBool>,
 }
 
 /// Maps the guest's acknowledged receive offloads to `TUN_F_*` flags. GSO frames need a
@@ -172,7 +176,7 @@ impl NetDevice {
         }
         Ok(NetDevice {
             name: format!("net{n}"),
-            id: DEVICE_ID_BASE + n,
+            key: pool.device_keys(1).start,
             config: config::config_space(mac, cfg.queues, cfg.mtu.unwrap_or(0)),
             cfg: cfg.clone(),
             tap,
@@ -182,13 +186,14 @@ impl NetDevice {
             active: Vec::new(),
             stops: Vec::new(),
             pairs,
+            needs_reset: Arc::new(AtomicBool::new(false)),
         })
     }
 
     /// The keys the reactors know the device's queues by: all of them share the device's
     /// id (`PoolHandle::set_poll_max`).
     pub fn pool_keys(&self) -> std::ops::Range<u64> {
-        self.id..self.id + 1
+        self.key..self.key + 1
     }
 
     /// Device name used in metrics and logs (`netN`).
@@ -242,15 +247,19 @@ impl NetDevice {
             format!("tx{pair}")
         };
         let mut parts = NetQueueParts {
-            name: format!("{}-{role}", self.name),
-            mem: mem.clone(),
-            queue: q.queue,
-            kick: q.kick,
-            irq: q.irq,
+            queue: QueueParts {
+                name: format!("{}-{role}", self.name),
+                mem: mem.clone(),
+                queue: q.queue,
+                kick: q.kick,
+                irq: q.irq,
+                needs_reset: self.needs_reset.clone(),
+                poll: (self.cfg.poll_us > 0 && !is_ctrl)
+                    .then(|| Duration::from_micros(u64::from(self.cfg.poll_us))),
+                metrics: QueueMetrics::new(&self.name, q.index, reactor),
+                final_avail: None,
+            },
             acked,
-            poll: (self.cfg.poll_us > 0 && !is_ctrl)
-                .then(|| Duration::from_micros(u64::from(self.cfg.poll_us))),
-            metrics: QueueMetrics::new(&self.name, q.index, reactor),
             tap_fd: (!is_ctrl).then(|| self.tap.fd(pair)),
             fixed: 0,
             stop,
@@ -265,7 +274,7 @@ impl NetDevice {
         self.pool
             .attach(
                 reactor,
-                self.id,
+                self.key,
                 Box::new(move |ctx| {
                     parts.fixed = ctx.fixed_file;
                     let h: Box<dyn crate::reactor::QueueHandler> = if is_ctrl {
@@ -335,6 +344,7 @@ impl VirtioDevice for NetDevice {
         // Pair 0 until the driver sets more (without MQ, for good): the other tap queues
         // are detached so that no flow lands where nobody reads.
         self.pairs.set(1).map_err(ActivateError::Tap)?;
+        self.needs_reset.store(false, Ordering::Release);
         for q in queues {
             if let Err(e) = self.attach_queue(&mem, acked, q, ctrl) {
                 self.reset();
@@ -351,7 +361,7 @@ impl VirtioDevice for NetDevice {
             let _ = s.write(1);
         }
         for r in std::mem::take(&mut self.active) {
-            if let Err(e) = self.pool.detach(r, self.id) {
+            if let Err(e) = self.pool.detach(r, self.key) {
                 log::error!("{}: reset: {e}", self.name);
             }
         }
@@ -362,6 +372,11 @@ impl VirtioDevice for NetDevice {
                 crate::error::error_chain(&e)
             );
         }
+        self.needs_reset.store(false, Ordering::Release);
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire)
     }
 }
 

@@ -4,10 +4,12 @@
 //! A back end is opened once by the device on the VMM thread ([`Backend::open`]); each queue
 //! then gets a [`QueueIo`] on its reactor, which turns requests into SQEs.
 
+pub mod fallback;
 pub mod lock;
 pub mod null;
 pub mod uring;
 
+pub use fallback::Retry;
 pub use null::NullBackend;
 pub use uring::{OpenOptions, QueueIo, UringBackend};
 

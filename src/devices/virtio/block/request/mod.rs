@@ -8,9 +8,7 @@
 //! chain has a usable one) and which virtio status to write.
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
-};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use virtio_bindings::virtio_blk;
 
@@ -156,18 +154,6 @@ pub const IOVEC_EMPTY: libc::iovec = libc::iovec {
     iov_base: std::ptr::null_mut(),
     iov_len: 0,
 };
-
-/// Host address of `addr..addr+len` when the range lies inside one guest memory region (the
-/// common case, and far cheaper than vm-memory's slice iterators); `None` otherwise.
-#[inline]
-pub(crate) fn host_range(mem: &GuestMemory, addr: u64, len: u64) -> Option<*mut u8> {
-    let r = mem.find_region(GuestAddress(addr))?;
-    let off = addr - r.start_addr().raw_value();
-    if off.checked_add(len)? > r.len() {
-        return None;
-    }
-    r.get_host_address(MemoryRegionAddress(off)).ok()
-}
 
 /// Parses one chain. `scratch` bounds the number of descriptors (seg_max + 2 is right);
 /// `iov` receives the data buffers as host iovecs and bounds their number.
@@ -467,8 +453,8 @@ fn parse_body(
     Ok(req)
 }
 
-mod chain;
-pub use chain::Chain;
+pub(crate) use crate::devices::virtio::queue::host_range;
+pub use crate::devices::virtio::queue::Chain;
 
 #[cfg(test)]
 mod tests;
