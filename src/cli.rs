@@ -62,6 +62,10 @@ pub struct VhostUserBlkArgs {
     /// Exit after the first front end disconnects (for scripts that start one back end per VM).
     #[arg(long, default_value_t = false)]
     pub once: bool,
+    /// seccomp filters of the reactors and the vhost-user control thread: on (a forbidden
+    /// call stops the back end), log (the kernel logs it), off.
+    #[arg(long, default_value = "on")]
+    pub seccomp: String,
 }
 
 #[derive(Args, Debug, Clone)]

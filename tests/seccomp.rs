@@ -278,3 +278,101 @@ fn test_bench_matrix_passes_with_seccomp_on() {
     // The hlog of the last job was written after the main filter went in.
     assert!(dir.path().join("b.4.hlog").exists());
 }
+
+/// Samples the filters of `c`'s threads until `ready` holds for a sample (or 30 s pass).
+fn sample_until(
+    c: &mut std::process::Child,
+    ready: impl Fn(&[(String, u32)]) -> bool,
+) -> Vec<(String, u32)> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if c.try_wait().unwrap().is_some() {
+            break;
+        }
+        let now = filters(c.id());
+        if ready(&now) {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Vec::new()
+}
+
+#[test]
+fn test_run_with_api_socket_api_thread_filtered_and_answers() {
+    if !have_kvm() {
+        return;
+    }
+    let d = disk(32 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let kernel = guest("blkbench").to_string_lossy().into_owned();
+    let mut c = ringvm()
+        .args(["run", "--kernel", &kernel, "--memory", "64M", "--disk"])
+        .arg(format!("path={}", d.path().display()))
+        .args([
+            "--cmdline",
+            "rw=randread bs=4k qd=1 runtime=3",
+            "--api-socket",
+        ])
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seen = sample_until(&mut c, |t| {
+        t.iter().any(|(n, _)| n == "api") && t.iter().any(|(n, _)| n.starts_with("vcpu"))
+    });
+    // The socket answers under the filter (GET /vm through a plain HTTP/1.1 request).
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.write_all(b"GET /vm HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    let out = c.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(!stderr.contains("seccomp"), "{stderr}");
+    let api = seen.iter().find(|(n, _)| n == "api");
+    assert_eq!(
+        api.map(|a| a.1),
+        Some(2),
+        "api: Control list + openat filter: {seen:?}"
+    );
+}
+
+/// Starts `ringvm vhost-user-blk --seccomp mode` and returns its threads' filter counts.
+fn vhost_filters(mode: &str) -> Vec<(String, u32)> {
+    let d = disk(16 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = ringvm()
+        .args(["vhost-user-blk", "--socket"])
+        .arg(dir.path().join("vu.sock"))
+        .arg("--disk")
+        .arg(format!("path={}", d.path().display()))
+        .args(["--io-cores", "1", "--seccomp", mode])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seen = sample_until(&mut c, |t| {
+        t.iter().any(|(n, _)| n == "vhost-ctl") && t.iter().any(|(n, _)| n == "reactor0")
+    });
+    let _ = c.kill();
+    let _ = c.wait();
+    seen
+}
+
+#[test]
+fn test_vhost_user_blk_reactor_and_protocol_thread_filtered() {
+    let on = vhost_filters("on");
+    for name in ["vhost-ctl", "reactor0"] {
+        let n = on.iter().find(|(t, _)| t == name).map(|t| t.1);
+        assert_eq!(n, Some(2), "{name}: {on:?}");
+    }
+    let off = vhost_filters("off");
+    assert!(
+        !off.is_empty() && off.iter().all(|(_, n)| *n == 0),
+        "{off:?}"
+    );
+}

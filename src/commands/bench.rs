@@ -16,9 +16,9 @@ use ringvm::bench::{fio, GuestResult, Job, Rw};
 use ringvm::boot::KernelImage;
 use ringvm::cli::BenchArgs;
 use ringvm::config::{parse_size, VmConfig};
+use ringvm::device_manager::StandardDevices;
 use ringvm::devices::legacy::serial::SerialOut;
 use ringvm::devices::virtio::block::DiskConfig;
-use ringvm::device_manager::StandardDevices;
 use ringvm::vmm::exit::ExitReason;
 use ringvm::vmm::vm::{self, DeviceContext, VmError, VmExtension, TICK_MS};
 

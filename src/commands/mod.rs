@@ -16,8 +16,8 @@ use anyhow::Context;
 use ringvm::api::ApiServer;
 use ringvm::cli::RunArgs;
 use ringvm::config::VmConfig;
-use ringvm::devices::legacy::serial::SerialOut;
 use ringvm::device_manager::StandardDevices;
+use ringvm::devices::legacy::serial::SerialOut;
 use ringvm::vmm::exit::ExitReason;
 use ringvm::vmm::vm::{self, DeviceContext, VmError, VmExtension};
 

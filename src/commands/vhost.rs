@@ -23,9 +23,15 @@ pub fn vhost_user_blk(args: &VhostUserBlkArgs) -> anyhow::Result<u8> {
         _ => vec![std::thread::available_parallelism().map_or(1, |n| n.get()) - 1],
     };
     let exit = ExitHandle::new().context("Cannot create the exit eventfd")?;
+    let seccomp: ringvm::seccomp::SeccompMode = args
+        .seccomp
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
     let opts = ReactorOptions {
         cores: cores.clone(),
         sqpoll: args.sqpoll,
+        seccomp,
+        restrict_ring: seccomp != ringvm::seccomp::SeccompMode::Off,
         ..Default::default()
     }
     .with_env_overrides();
@@ -41,11 +47,11 @@ pub fn vhost_user_blk(args: &VhostUserBlkArgs) -> anyhow::Result<u8> {
     );
     let session = Arc::new(Mutex::new(VhostBlk::new(dev)));
     let (s, ex, once) = (session.clone(), exit.clone(), args.once);
-    // No seccomp list has been written for the vhost-user control thread yet (it accepts
-    // connections and maps the front end's memory); README "Serving a disk to QEMU" says so.
-    // The reactors' rings are restricted as in `ringvm run`.
-    let unfiltered = ThreadFilter::default();
-    let ctl = thread::spawn("vhost-ctl", None, unfiltered, exit.clone(), move || {
+    // The protocol thread's own filter (the socket is bound above, on this thread); the
+    // reactors installed theirs when the pool started.
+    let filter = ThreadFilter::new(ringvm::seccomp::ThreadKind::Vhost, seccomp)
+        .context("Cannot build the vhost-ctl seccomp filter")?;
+    let ctl = thread::spawn("vhost-ctl", None, filter, exit.clone(), move || {
         let r = vhost::serve(listener, s, ex.clone(), once);
         ex.request(ExitReason::Reset);
         r

@@ -74,6 +74,9 @@ pub enum ThreadKind {
     /// The control plane (`api`): the tokio-uring runtime serving `--api-socket`, once its
     /// socket is bound.
     Control,
+    /// The vhost-user back end's protocol thread (`vhost-ctl`): accepts a front end, reads
+    /// its messages and file descriptors, maps its memory.
+    Vhost,
 }
 
 /// Errors from building or installing a filter.
@@ -311,6 +314,7 @@ mod tests {
             ThreadKind::Vcpu,
             ThreadKind::Reactor,
             ThreadKind::Control,
+            ThreadKind::Vhost,
         ] {
             assert_eq!(
                 ThreadFilter::new(kind, SeccompMode::On)

@@ -373,10 +373,10 @@ impl VirtioPci {
 mod tests {
     use super::*;
     use crate::devices::virtio::{ActivateError, ActiveQueue, F_VERSION_1};
-    use vm_memory::GuestAddress;
     use crate::vmm::bus::Bus;
     use crate::vmm::irq::IrqRouter;
     use std::sync::{Arc, Mutex};
+    use vm_memory::GuestAddress;
 
     #[derive(Default)]
     struct Log {

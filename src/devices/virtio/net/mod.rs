@@ -366,11 +366,7 @@ impl VirtioDevice for NetDevice {
             }
         }
         if let Err(e) = self.pairs.set(1) {
-            log::warn!(
-                "{}: reset: {}",
-                self.name,
-                crate::error::error_chain(&e)
-            );
+            log::warn!("{}: reset: {}", self.name, crate::error::error_chain(&e));
         }
         self.needs_reset.store(false, Ordering::Release);
     }

@@ -23,7 +23,9 @@ pub enum ActivationError {
         #[source]
         source: virtio_queue::Error,
     },
-    #[error("Queue {queue}: rings at {desc:#x}/{driver:#x}/{device:#x} are not inside guest memory")]
+    #[error(
+        "Queue {queue}: rings at {desc:#x}/{driver:#x}/{device:#x} are not inside guest memory"
+    )]
     OutsideMemory {
         queue: usize,
         desc: u64,
@@ -205,7 +207,8 @@ impl VirtioPci {
                     source,
                 }
             };
-            let mut q = Queue::new(self.max_size).map_err(bad("maximum size", self.max_size.into()))?;
+            let mut q =
+                Queue::new(self.max_size).map_err(bad("maximum size", self.max_size.into()))?;
             q.try_set_size(r.size).map_err(bad("size", r.size.into()))?;
             q.try_set_desc_table_address(GuestAddress(r.desc))
                 .map_err(bad("descriptor table address", r.desc))?;
