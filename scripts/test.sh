@@ -26,6 +26,9 @@ fi
 cargo clippy --release --all-targets -- -D warnings 2>&1
 cargo clippy --release -- -D warnings 2>&1
 
+# No module cycle (issue 17): every crate::/super:: path resolved to its module file.
+python3 scripts/modcycles.py
+
 # Unit, integration and corpus-replay tests (integration tests boot the embedded guests).
 cargo test --release --workspace 2>&1
 

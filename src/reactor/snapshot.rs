@@ -10,12 +10,12 @@
 //! A queue that detaches between two snapshots is moved whole into the reactor's `retired`
 //! list (samples since the previous snapshot, counters as a delta) and shipped with the
 //! next snapshot or the stop.
+//!
+//! The reactor's side (filling a buffer, retiring a queue) is in `event_loop/snapshot.rs`;
+//! this module holds only the data both sides share, so it depends on no reactor internals.
 
-use std::sync::mpsc::Receiver;
-use std::time::Duration;
-
-use super::event_loop::QueueSlot;
 use crate::metrics::{QueueMetrics, ReactorMetrics, Report};
+use std::sync::mpsc::Receiver;
 
 /// What one reactor recorded since its previous snapshot, in a buffer that travels between
 /// the control side and the reactor and back, and is reused.
@@ -28,69 +28,6 @@ pub(crate) struct Interval {
     pub used: usize,
     /// Queues retired since the previous snapshot, moved whole.
     pub retired: Vec<QueueMetrics>,
-}
-
-/// Reactor side: fills `buf` from the reactor's queues and retired list, without copying a
-/// histogram or allocating (unless `buf` has fewer entries than there are queues).
-pub(super) fn fill(
-    buf: &mut Interval,
-    queues: &mut [Option<QueueSlot>],
-    retired: &mut Vec<QueueMetrics>,
-    metrics: &ReactorMetrics,
-) {
-    buf.used = 0;
-    for q in queues.iter_mut().flatten() {
-        if buf.used == buf.queues.len() {
-            // More queues than the control side knew of: the one allocation of a new shape.
-            let m = q.handler.metrics();
-            buf.queues
-                .push(QueueMetrics::new(&m.device, m.queue, m.reactor));
-        }
-        buf.queues[buf.used].take_interval(q.handler.metrics_mut(), &mut q.reported);
-        buf.used += 1;
-    }
-    // Moves the entries; `retired` keeps its capacity for the next detach.
-    buf.retired.append(retired);
-    buf.reactor.clone_from(metrics);
-}
-
-/// Reactor side: keeps the metrics of a queue that was just drained and dropped, as what it
-/// recorded since the previous snapshot. Sums with an earlier retired queue of the same
-/// device and queue index, so a guest that resets its device in a loop between snapshots
-/// leaves one entry, not one per reset.
-pub(super) fn retire(retired: &mut Vec<QueueMetrics>, q: &mut QueueSlot) {
-    let mut m = std::mem::replace(q.handler.metrics_mut(), QueueMetrics::placeholder());
-    m.counters = m.counters.since(&q.reported);
-    match retired
-        .iter_mut()
-        .find(|r| r.device == m.device && r.queue == m.queue)
-    {
-        Some(r) => r.merge(&m),
-        None => retired.push(m),
-    }
-}
-
-/// Reactor side: what the reactor recorded since its previous snapshot, as a new [`Report`]
-/// (copies: for a reactor driven inline, which nothing snapshots, that is everything; and
-/// for the answer to a stop).
-pub(super) fn report(
-    queues: &[Option<QueueSlot>],
-    retired: &[QueueMetrics],
-    metrics: &ReactorMetrics,
-    elapsed: Duration,
-) -> Report {
-    let mut r = Report::default();
-    for m in retired {
-        r.add_interval(m);
-    }
-    for q in queues.iter().flatten() {
-        let mut m = q.handler.metrics().clone();
-        m.counters = m.counters.since(&q.reported);
-        r.add_queue(m);
-    }
-    r.reactors.push(metrics.clone());
-    r.elapsed = elapsed;
-    r
 }
 
 /// Control side: the cumulative report of a pool and the buffers lent to its reactors.

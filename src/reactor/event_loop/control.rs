@@ -6,9 +6,10 @@ use std::ops::Range;
 use std::sync::mpsc::{SyncSender, TryRecvError};
 use std::time::Duration;
 
+use super::snapshot;
 use super::Reactor;
 use crate::metrics::Report;
-use crate::reactor::snapshot::{self, Interval};
+use crate::reactor::snapshot::Interval;
 use crate::reactor::HandlerFactory;
 
 /// Messages to a reactor.

@@ -2,8 +2,8 @@
 //! once its last operation came back its slot, files and metrics are released and the
 //! detach (or the stop) is answered.
 
+use super::snapshot;
 use super::Reactor;
-use crate::reactor::snapshot;
 use crate::reactor::MAX_QUEUES_PER_REACTOR;
 
 impl Reactor {

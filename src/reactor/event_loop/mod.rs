@@ -12,6 +12,7 @@ mod ctx;
 mod drain;
 mod pass;
 mod setup;
+mod snapshot;
 
 pub(crate) use control::Command;
 pub use ctx::RingCtx;
@@ -25,7 +26,6 @@ use io_uring::IoUring;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::buffers::FixedBuffers;
-use super::snapshot;
 use super::{HandlerFactory, InFlightPolicy, QueueHandler, ReactorOptions, MAX_QUEUES_PER_REACTOR};
 use crate::metrics::{QueueCounters, QueueMetrics, ReactorMetrics, Report};
 
