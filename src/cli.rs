@@ -132,6 +132,9 @@ pub struct BenchArgs {
     /// Guest writes stamp every block and reads check them (fails the job on a mismatch).
     #[arg(long, default_value_t = false)]
     pub verify: bool,
+    /// How blkbench learns of completions: off (it polls the used rings), on (blkbench irq=1: each queue's MSI-X vector into a minimal ring-0 handler, ring 3 waits for its flag) or both (every job twice, polled then with interrupts, side by side). `--irq` alone means on.
+    #[arg(long, default_value = "off", default_missing_value = "on", num_args = 0..=1)]
+    pub irq: String,
     /// Write the full results (guest and host histograms) as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,

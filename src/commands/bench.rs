@@ -184,6 +184,7 @@ fn jobs(args: &BenchArgs) -> anyhow::Result<Vec<Job>> {
             runtime_s: args.runtime,
             ramp_s: 0.5,
             verify: false,
+            irq: false,
         }]
     } else {
         Job::default_matrix(args.runtime)
@@ -191,7 +192,42 @@ fn jobs(args: &BenchArgs) -> anyhow::Result<Vec<Job>> {
     for j in &mut list {
         j.verify = args.verify;
     }
-    Ok(list)
+    let irq = IrqMode::parse(&args.irq)?;
+    if args.linux && irq != IrqMode::Off {
+        bail!("--irq is blkbench's switch; fio in the Linux guest always completes by interrupt");
+    }
+    Ok(irq.apply(list))
+}
+
+/// `--irq off|on|both`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IrqMode {
+    Off,
+    On,
+    Both,
+}
+
+impl IrqMode {
+    fn parse(s: &str) -> anyhow::Result<IrqMode> {
+        Ok(match s {
+            "off" | "0" => IrqMode::Off,
+            "on" | "1" => IrqMode::On,
+            "both" => IrqMode::Both,
+            other => bail!("Invalid --irq '{other}': expected off, on or both"),
+        })
+    }
+
+    /// The jobs to run: as given, all with interrupts, or each polled then with interrupts.
+    fn apply(self, list: Vec<Job>) -> Vec<Job> {
+        match self {
+            IrqMode::Off => list,
+            IrqMode::On => list.into_iter().map(|j| Job { irq: true, ..j }).collect(),
+            IrqMode::Both => list
+                .into_iter()
+                .flat_map(|j| [j.clone(), Job { irq: true, ..j }])
+                .collect(),
+        }
+    }
 }
 
 fn machine() -> serde_json::Value {
@@ -515,5 +551,30 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
     match failure {
         Some(e) => Err(e),
         None => Ok(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_irq_mode_both_runs_each_job_polled_then_with_interrupts() {
+        let m = Job::default_matrix(1.0);
+        let both = IrqMode::parse("both").unwrap().apply(m.clone());
+        assert_eq!(both.len(), 2 * m.len());
+        for (pair, j) in both.chunks(2).zip(&m) {
+            assert_eq!(pair[0], *j);
+            assert_eq!(pair[1], Job { irq: true, ..j.clone() });
+        }
+        let on = IrqMode::parse("on").unwrap().apply(m.clone());
+        assert!(on.iter().all(|j| j.irq) && on.len() == m.len());
+        assert_eq!(IrqMode::parse("off").unwrap().apply(m.clone()), m);
+    }
+
+    #[test]
+    fn test_irq_mode_bad_value_is_named() {
+        let e = IrqMode::parse("sometimes").unwrap_err().to_string();
+        assert!(e.contains("'sometimes'") && e.contains("off, on or both"), "{e}");
     }
 }
