@@ -14,7 +14,7 @@ use ringvm::bench::result::{
 };
 use ringvm::bench::{fio, GuestResult, Job, Rw};
 use ringvm::boot::KernelImage;
-use ringvm::cli::BenchArgs;
+use ringvm::cli::{BenchArgs, IrqMode};
 use ringvm::config::{parse_size, VmConfig};
 use ringvm::devices::legacy::serial::SerialOut;
 use ringvm::devices::virtio::block::DiskConfig;
@@ -192,41 +192,22 @@ fn jobs(args: &BenchArgs) -> anyhow::Result<Vec<Job>> {
     for j in &mut list {
         j.verify = args.verify;
     }
-    let irq = IrqMode::parse(&args.irq)?;
-    if args.linux && irq != IrqMode::Off {
+    if args.linux && args.irq != IrqMode::Off {
         bail!("--irq is blkbench's switch; fio in the Linux guest always completes by interrupt");
     }
-    Ok(irq.apply(list))
+    Ok(with_irq(args.irq, list))
 }
 
-/// `--irq off|on|both`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum IrqMode {
-    Off,
-    On,
-    Both,
-}
-
-impl IrqMode {
-    fn parse(s: &str) -> anyhow::Result<IrqMode> {
-        Ok(match s {
-            "off" | "0" => IrqMode::Off,
-            "on" | "1" => IrqMode::On,
-            "both" => IrqMode::Both,
-            other => bail!("Invalid --irq '{other}': expected off, on or both"),
-        })
-    }
-
-    /// The jobs to run: as given, all with interrupts, or each polled then with interrupts.
-    fn apply(self, list: Vec<Job>) -> Vec<Job> {
-        match self {
-            IrqMode::Off => list,
-            IrqMode::On => list.into_iter().map(|j| Job { irq: true, ..j }).collect(),
-            IrqMode::Both => list
-                .into_iter()
-                .flat_map(|j| [j.clone(), Job { irq: true, ..j }])
-                .collect(),
-        }
+/// The jobs to run under `--irq`: as given, all with interrupts, or each polled then with
+/// interrupts, next to each other.
+fn with_irq(mode: IrqMode, list: Vec<Job>) -> Vec<Job> {
+    match mode {
+        IrqMode::Off => list,
+        IrqMode::On => list.into_iter().map(|j| Job { irq: true, ..j }).collect(),
+        IrqMode::Both => list
+            .into_iter()
+            .flat_map(|j| [j.clone(), Job { irq: true, ..j }])
+            .collect(),
     }
 }
 
@@ -558,23 +539,36 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
 mod tests {
     use super::*;
 
+    use clap::Parser;
+
+    fn bench_args(extra: &[&str]) -> BenchArgs {
+        let argv = ["ringvm", "bench"].iter().chain(extra);
+        match ringvm::cli::Cli::try_parse_from(argv).unwrap().command {
+            ringvm::cli::Command::Bench(b) => b,
+            other => panic!("not bench: {other:?}"),
+        }
+    }
+
     #[test]
-    fn test_irq_mode_both_runs_each_job_polled_then_with_interrupts() {
-        let m = Job::default_matrix(1.0);
-        let both = IrqMode::parse("both").unwrap().apply(m.clone());
+    fn test_irq_both_runs_each_job_polled_then_with_interrupts() {
+        let m = Job::default_matrix(3.0);
+        let both = jobs(&bench_args(&["--irq", "both"])).unwrap();
         assert_eq!(both.len(), 2 * m.len());
         for (pair, j) in both.chunks(2).zip(&m) {
             assert_eq!(pair[0], *j);
             assert_eq!(pair[1], Job { irq: true, ..j.clone() });
         }
-        let on = IrqMode::parse("on").unwrap().apply(m.clone());
+        let on = jobs(&bench_args(&["--irq"])).unwrap();
         assert!(on.iter().all(|j| j.irq) && on.len() == m.len());
-        assert_eq!(IrqMode::parse("off").unwrap().apply(m.clone()), m);
+        assert_eq!(jobs(&bench_args(&[])).unwrap(), m);
     }
 
     #[test]
-    fn test_irq_mode_bad_value_is_named() {
-        let e = IrqMode::parse("sometimes").unwrap_err().to_string();
-        assert!(e.contains("'sometimes'") && e.contains("off, on or both"), "{e}");
+    fn test_irq_bad_value_or_with_linux_is_refused() {
+        let argv = ["ringvm", "bench", "--irq", "sometimes"];
+        let e = ringvm::cli::Cli::try_parse_from(argv).unwrap_err().to_string();
+        assert!(e.contains("sometimes") && e.contains("both"), "{e}");
+        let e = jobs(&bench_args(&["--linux", "--irq", "on"])).unwrap_err().to_string();
+        assert!(e.contains("--irq is blkbench's"), "{e}");
     }
 }
