@@ -164,6 +164,10 @@ fn test_bench_irq_both_runs_each_job_polled_and_with_interrupts() {
     assert_eq!(jobs[0]["job"]["irq"], false);
     assert!(jobs[0]["guest"].get("irq").is_none(), "{}", jobs[0]["guest"]);
     assert_eq!(jobs[1]["job"]["irq"], true);
-    assert!(jobs[1]["guest"]["irq"]["interrupts"].as_u64().unwrap() > 0);
-    assert!(jobs[1]["guest"]["irq"]["handler_ns"]["p50"].as_u64().unwrap() > 0);
+    // At QD1 every request is announced by exactly one interrupt (EVENT_IDX: the device
+    // interrupts once per armed completion), give or take the window's two edges.
+    let g = &jobs[1]["guest"];
+    let (interrupts, ios) = (g["irq"]["interrupts"].as_i64().unwrap(), g["ios"].as_i64().unwrap());
+    assert!(ios > 0 && (interrupts - ios).abs() <= 2, "{} interrupts for {ios} requests", interrupts);
+    assert!(g["irq"]["handler_ns"]["p50"].as_u64().unwrap() > 0);
 }

@@ -48,7 +48,7 @@ pub struct GuestResult {
 /// stamp.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct IrqLatency {
-    /// Interrupts taken (ramp included).
+    /// Interrupts taken in the measured window.
     pub interrupts: u64,
     /// Measured completions announced by no interrupt (found when re-arming).
     pub without_interrupt: u64,

@@ -74,7 +74,8 @@ pub struct Stats {
     pub verify_errors: u64,
     pub verify_sectors: u64,
     pub kicks: u64,
-    /// irq=1: interrupts taken over the whole run (ramp included), over all queues.
+    /// irq=1: interrupts taken in the measured window (ring 3 saw their count move after
+    /// the ramp, stamped after it), over all queues.
     pub interrupts: u64,
     /// irq=1: measured completions no interrupt announced: found by the check after
     /// re-arming a queue's interrupt (published before the re-arm took effect), or seen
@@ -437,11 +438,13 @@ impl<'h> Engine<'h> {
             return 0;
         }
         let seen = rdtsc();
-        self.stats.interrupts += count - self.queues[qi].irq_seen;
-        self.queues[qi].irq_seen = count;
-        if recording && handler_tsc >= measure_from && seen >= handler_tsc {
-            self.hists.irq_wake.record(self.clock.cycles_to_ns(seen - handler_tsc));
+        if recording && handler_tsc >= measure_from {
+            self.stats.interrupts += count - self.queues[qi].irq_seen;
+            if seen >= handler_tsc {
+                self.hists.irq_wake.record(self.clock.cycles_to_ns(seen - handler_tsc));
+            }
         }
+        self.queues[qi].irq_seen = count;
         let mut n = self.poll(qi, measure_from, recording, Some(handler_tsc));
         while self.queues[qi].q.arm_interrupt() {
             n += self.poll(qi, measure_from, recording, None);
