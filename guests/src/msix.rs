@@ -14,7 +14,7 @@ const ENTRY_SIZE: u64 = 16;
 pub enum MsixError {
     /// The function has no MSI-X capability.
     NoCapability,
-    /// The table's BAR is unassigned, an I/O BAR, or above 4 GiB (not mapped).
+    /// The table's BAR is unassigned, an I/O BAR, or where the page tables do not reach.
     TableNotMapped,
     /// The function has fewer vectors than asked for.
     TooFewVectors { have: u16 },
@@ -32,7 +32,8 @@ pub struct Msix {
 
 impl Msix {
     /// Finds the capability and the table's address (read from its BAR as assigned).
-    pub fn find(func: Function) -> Result<Msix, MsixError> {
+    /// `mapped(start, end)` says whether the guest's page tables cover that range.
+    pub fn find(func: Function, mapped: impl Fn(u64, u64) -> bool) -> Result<Msix, MsixError> {
         let cap = func.capabilities().find(|&(_, id)| id == CAP_MSIX).map(|(off, _)| off).ok_or(MsixError::NoCapability)?;
         let vectors = (func.read16(cap + 2) & 0x7ff) + 1;
         let table_reg = func.read32(cap + 4);
@@ -48,7 +49,7 @@ impl Msix {
         let base = (u64::from(hi) << 32) | u64::from(lo & !0xf);
         let table = base + u64::from(table_reg & !7);
         let end = table + ENTRY_SIZE * u64::from(vectors);
-        if base == 0 || end > 1 << 32 {
+        if base == 0 || !mapped(table, end) {
             return Err(MsixError::TableNotMapped);
         }
         Ok(Msix { func, cap, table, vectors })

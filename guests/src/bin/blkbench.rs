@@ -96,7 +96,8 @@ fn setup_interrupts(func: ringvm_guests::pci::Function, queues: u16) -> Result<u
         irq::IrqError::TooManyQueues => "more queues than the 64 interrupt handlers",
         irq::IrqError::StubLayout => "the interrupt handlers are not 64 bytes apart (a build error)",
     })?;
-    let msix = Msix::find(func).map_err(|e| match e {
+    // The boot page tables identity-map 0-4 GiB; VirtioPci moved the device's BARs there.
+    let msix = Msix::find(func, |_, end| end <= 1 << 32).map_err(|e| match e {
         MsixError::NoCapability => "the device has no MSI-X capability",
         MsixError::TableNotMapped => "the MSI-X table's BAR is unassigned or above 4 GiB",
         MsixError::TooFewVectors { .. } => "fewer MSI-X vectors than queues",
