@@ -38,21 +38,31 @@ if [ -n "${RINGVM_FUZZ_RUNS:-}" ]; then
 fi
 
 # The same blkbench ELF under QEMU 10, the baseline VMM (perf/qemu-blkbench.sh installs QEMU
-# from bookworm-backports when missing): write+verify, then read+verify, and check the JSON.
+# from bookworm-backports when missing): write+verify, then read+verify, and check the JSON;
+# polled and with interrupts (blkbench irq=1).
 if [ "${RINGVM_SKIP_QEMU:-0}" != 1 ]; then
     img=$(mktemp /var/tmp/ringvm-qemu-ci.XXXXXX.img)
     trap 'rm -f "$img"' EXIT
     truncate -s 64M "$img"
+    # Polled, then (irq=1) by MSI-X interrupt on one and two queues.
+    for mode in "irq=0 queues=1" "irq=1 queues=1" "irq=1 queues=2"; do
     for rw in randwrite randread; do
-        out=$(IMG="$img" KERNEL=target/guests/blkbench perf/qemu-blkbench.sh rw=$rw bs=4k qd=8 ios=2000 size=16m verify=1)
-        python3 - "$rw" "$out" <<'PY'
+        out=$(IMG="$img" KERNEL=target/guests/blkbench perf/qemu-blkbench.sh rw=$rw bs=4k qd=8 ios=2000 size=16m verify=1 $mode)
+        python3 - "$rw $mode" "$out" <<'PY'
 import json, sys
-rw, out = sys.argv[1], sys.argv[2]
+what, out = sys.argv[1], sys.argv[2]
 line = next(l for l in out.splitlines() if l.startswith('{"blkbench":'))
 r = json.loads(line)
 assert r["ios"] == 2000 and r["errors"] == 0 and r["verify"] == "ok", r
-print(f"qemu blkbench {rw}: ios {r['ios']}, errors {r['errors']}, verify {r['verify']}")
+irq = ""
+if "irq=1" in what:
+    i = r["irq"]
+    assert r["params"]["irq"] == 1 and i["interrupts"] > 0, i
+    assert i["handler_ns"]["count"] + i["without_interrupt"] == r["ios"], i
+    irq = f", interrupts {i['interrupts']}, handler p50 {i['handler_ns']['p50']} ns, wake p50 {i['wake_ns']['p50']} ns"
+print(f"qemu blkbench {what}: ios {r['ios']}, errors {r['errors']}, verify {r['verify']}{irq}")
 PY
+    done
     done
     # Hostile driver (blkbench chaos=1, issue 13 item 4): the same cases under ringvm and
     # QEMU, on a writable and a read-only disk, side by side. ringvm must pass every case

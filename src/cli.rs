@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// ringvm: a KVM virtual machine monitor for I/O performance labs.
 #[derive(Parser, Debug)]
@@ -136,6 +136,9 @@ pub struct BenchArgs {
     /// Guest writes stamp every block and reads check them (fails the job on a mismatch).
     #[arg(long, default_value_t = false)]
     pub verify: bool,
+    /// How blkbench learns of completions: off (it polls the used rings), on (blkbench irq=1: each queue's MSI-X vector into a minimal ring-0 handler, ring 3 waits for its flag) or both (every job twice, polled then with interrupts, side by side). `--irq` alone means on.
+    #[arg(long, value_enum, default_value_t = IrqMode::Off, default_missing_value = "on", num_args = 0..=1)]
+    pub irq: IrqMode,
     /// Write the full results (guest and host histograms) as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -159,6 +162,17 @@ pub struct BenchArgs {
     pub console_log: Option<PathBuf>,
     #[command(flatten)]
     pub vm: VmArgs,
+}
+
+/// `ringvm bench --irq`: how blkbench learns of completions.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqMode {
+    /// Poll the used rings (no interrupts).
+    Off,
+    /// MSI-X interrupts (blkbench irq=1).
+    On,
+    /// Every job twice: polled, then with interrupts.
+    Both,
 }
 
 /// Options shared by every command that starts a VM.

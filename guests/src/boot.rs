@@ -168,6 +168,14 @@ long_mode:
     xorl %edx, %edx
     wrmsr
 8:
+    /* A guest that defines guest_irq_opt_in gets the 256-entry IDT of guests/src/irq.rs:
+       every gate empty (an interrupt or exception is still a triple fault) until ring 3
+       fills the ones it uses; ring 3 turns interrupts on itself (irq::enable). */
+    movabsq $guest_irq_opt_in, %rax
+    testq %rax, %rax
+    jz 11f
+    lidt irq_idt_ptr
+11:
     pushq $(USER_DS | 3)
     movabsq $ring3_stack_top, %rax
     pushq %rax
@@ -329,7 +337,7 @@ guest_entry_tsc:
     .balign 16
 guest_tss:
     .long 0
-    .quad ring0_stack_top       /* RSP0: unused (no interrupts, no gates) */
+    .quad ring0_stack_top       /* RSP0: the stack of interrupts taken in ring 3 (irq.rs) */
     .quad 0, 0                  /* RSP1, RSP2 */
     .quad 0                     /* reserved */
     .quad 0, 0, 0, 0, 0, 0, 0   /* IST1-7 */

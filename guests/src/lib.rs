@@ -3,14 +3,17 @@
 //! helpers. Everything after the boot stub runs in ring 3.
 #![cfg_attr(not(test), no_std)]
 
+pub mod apic;
 pub mod arch;
 pub mod bench;
 pub mod boot;
 pub mod cmdline;
 pub mod exit;
 pub mod hist;
+pub mod irq;
 pub mod json;
 pub mod mem;
+pub mod msix;
 pub mod netproto;
 pub mod pci;
 pub mod rng;

@@ -119,6 +119,7 @@ pub fn parse(console: &str) -> Result<GuestResult, ResultError> {
             max,
         ],
         iops_per_s: Vec::new(),
+        irq: None,
         raw: v,
     })
 }
@@ -136,6 +137,7 @@ mod tests {
             runtime_s: 3.0,
             ramp_s: 0.5,
             verify: false,
+            irq: false,
         }
     }
 
@@ -215,6 +217,7 @@ mod tests {
             runtime_s: 0.3,
             ramp_s: 0.0,
             verify: false,
+            irq: false,
         };
         let mut cmd = std::process::Command::new("fio");
         cmd.args(fio_args(&j).split(' '));

@@ -51,6 +51,8 @@ pub struct Job {
     pub runtime_s: f64,
     pub ramp_s: f64,
     pub verify: bool,
+    /// The guest waits for each queue's MSI-X interrupt instead of polling (blkbench irq=1).
+    pub irq: bool,
 }
 
 impl Job {
@@ -64,6 +66,7 @@ impl Job {
             runtime_s,
             ramp_s: 0.5,
             verify: false,
+            irq: false,
         };
         vec![
             j(Rw::RandRead, 4096, 1),
@@ -87,6 +90,9 @@ impl Job {
         if self.verify {
             s.push_str(" verify=1");
         }
+        if self.irq {
+            s.push_str(" irq=1");
+        }
         s
     }
 
@@ -102,7 +108,8 @@ impl Job {
         } else {
             String::new()
         };
-        format!("{bs} {} qd{}{q}", self.rw.as_str(), self.qd)
+        let irq = if self.irq { " irq" } else { "" };
+        format!("{bs} {} qd{}{q}{irq}", self.rw.as_str(), self.qd)
     }
 }
 
@@ -140,10 +147,19 @@ mod tests {
             runtime_s: 1.5,
             ramp_s: 0.0,
             verify: true,
+            irq: true,
         };
         assert_eq!(
             j.cmdline(),
-            "rw=randwrite bs=8192 qd=4 queues=2 runtime=1.5 ramp=0 verify=1"
+            "rw=randwrite bs=8192 qd=4 queues=2 runtime=1.5 ramp=0 verify=1 irq=1"
         );
+        assert_eq!(j.label(), "8k randwrite qd4 x2q irq");
+    }
+
+    #[test]
+    fn test_polled_job_cmdline_and_label_have_no_irq() {
+        let j = &Job::default_matrix(1.0)[0];
+        assert!(!j.cmdline().contains("irq"), "{}", j.cmdline());
+        assert!(!j.label().contains("irq"), "{}", j.label());
     }
 }

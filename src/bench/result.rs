@@ -40,6 +40,39 @@ pub struct GuestResult {
     /// IOPS in each second of the measured run, from blkbench's `progress=1` lines (empty
     /// without them).
     pub iops_per_s: Vec<f64>,
+    /// blkbench irq=1: what its interrupt handlers measured.
+    pub irq: Option<IrqLatency>,
+}
+
+/// blkbench irq=1's `irq` object: the interrupt path, split at the ring-0 handler's TSC
+/// stamp.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IrqLatency {
+    /// Interrupts taken in the measured window.
+    pub interrupts: u64,
+    /// Measured completions announced by no interrupt (found when re-arming).
+    pub without_interrupt: u64,
+    /// Per request, submit → the handler of the interrupt that announced it: p50, p99 (ns).
+    pub handler_ns: [u64; 2],
+    /// Per interrupt, the handler's stamp → ring 3 sees it: p50, p99 (ns).
+    pub wake_ns: [u64; 2],
+}
+
+impl IrqLatency {
+    fn parse(irq: &Value) -> Result<IrqLatency, ResultError> {
+        let n = |k: &'static str| irq.get(k).and_then(Value::as_u64).ok_or(ResultError::Field(k));
+        let pcts = |k: &'static str| -> Result<[u64; 2], ResultError> {
+            let h = irq.get(k).ok_or(ResultError::Field(k))?;
+            let p = |q: &str| h.get(q).and_then(Value::as_u64).ok_or(ResultError::Field(k));
+            Ok([p("p50")?, p("p99")?])
+        };
+        Ok(IrqLatency {
+            interrupts: n("interrupts")?,
+            without_interrupt: n("without_interrupt")?,
+            handler_ns: pcts("handler_ns")?,
+            wake_ns: pcts("wake_ns")?,
+        })
+    }
 }
 
 impl GuestResult {
@@ -136,6 +169,10 @@ pub fn parse_guest(console: &str) -> Result<GuestResult, ResultError> {
             .to_string(),
         lat_ns: [l("p50")?, l("p90")?, l("p99")?, l("p99_9")?, l("max")?],
         iops_per_s: parse_progress(console),
+        irq: match v.get("irq") {
+            Some(i) if !i.is_null() => Some(IrqLatency::parse(i)?),
+            _ => None,
+        },
         raw: v,
     })
 }
@@ -185,16 +222,27 @@ fn us(ns: u64) -> String {
     }
 }
 
-/// The summary table for all jobs.
+/// The summary table for all jobs. With any irq=1 job, three more columns: the guest's
+/// interrupt path split at the ring-0 handler (`-` for polled jobs).
 pub fn table(results: &[JobResult]) -> String {
+    let irq = results.iter().any(|r| r.guest.irq.is_some());
+    let w = results.iter().map(|r| r.job.label().chars().count()).max().unwrap_or(0).max(22);
     let mut s = format!(
-        "{:<22} {:>9} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>7}\n",
+        "{:<w$} {:>9} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>7}",
         "job", "IOPS", "MiB/s", "p50", "p90", "p99", "p99.9", "max", "k2c p50", "k2c p99", "k2c p99.9", "svc p50", "svc p99", "ns/req"
     );
+    if irq {
+        s.push_str(&format!(" | {:>8} {:>8} {:>8}", "hnd p50", "wake p50", "wake p99"));
+    }
+    s.push('\n');
     s.push_str(&format!(
-        "{:<22} {:>9} {:>8} | {:^44} | {:^26} | {:^17} | {:>7}\n",
+        "{:<w$} {:>9} {:>8} | {:^44} | {:^26} | {:^17} | {:>7}",
         "", "", "", "guest latency (µs)", "host kick→complete (µs)", "host service (µs)", "VMM CPU"
     ));
+    if irq {
+        s.push_str(&format!(" | {:^26}", "guest interrupt (µs)"));
+    }
+    s.push('\n');
     for r in results {
         let (k2c, svc) = r.host_merged();
         // p50, p99, p99.9 of the merged queues.
@@ -202,7 +250,7 @@ pub fn table(results: &[JobResult]) -> String {
         let (k, v) = ([k[0], k[2], k[3]], [v[0], v[2]]);
         let g = &r.guest.lat_ns;
         s.push_str(&format!(
-            "{:<22} {:>9.0} {:>8.1} | {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>7}\n",
+            "{:<w$} {:>9.0} {:>8.1} | {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>7}",
             r.job.label(),
             r.guest.iops,
             r.guest.mib_s,
@@ -218,6 +266,17 @@ pub fn table(results: &[JobResult]) -> String {
             us(v[1]),
             r.host.busy_ns_per_request()
         ));
+        match (&r.guest.irq, irq) {
+            (Some(i), _) => s.push_str(&format!(
+                " | {:>8} {:>8} {:>8}",
+                us(i.handler_ns[0]),
+                us(i.wake_ns[0]),
+                us(i.wake_ns[1])
+            )),
+            (None, true) => s.push_str(&format!(" | {:>8} {:>8} {:>8}", "-", "-", "-")),
+            (None, false) => {}
+        }
+        s.push('\n');
     }
     s
 }
@@ -235,6 +294,7 @@ pub fn to_json(results: &[JobResult], machine: &Value) -> String {
                     "qd": r.job.qd,
                     "queues": r.job.queues,
                     "runtime_s": r.job.runtime_s,
+                    "irq": r.job.irq,
                 },
                 "startup": {"vmm_ns": r.vmm_startup_ns, "first_io_ns": r.first_io_ns()},
                 "guest": r.guest.raw,
@@ -276,6 +336,47 @@ mod tests {
         assert_eq!(h.len(), 10);
         assert_eq!(h.value_at_quantile(0.5), h.highest_equivalent(52000));
         assert!(parse_guest(LINE).unwrap().histogram().is_none());
+    }
+
+    const IRQ: &str = r#""irq":{"vector_base":64,"apic_id":0,"interrupts":12,"without_interrupt":2,"handler_ns":{"count":10,"p50":56000,"p99":70000},"wake_ns":{"count":12,"p50":17000,"p99":43000}},"#;
+
+    fn job_result(line: &str, irq: bool) -> JobResult {
+        let mut job = Job::default_matrix(1.0).remove(1);
+        job.irq = irq;
+        JobResult {
+            job,
+            guest: parse_guest(line).unwrap(),
+            host: Report::default(),
+            vmm_startup_ns: 0,
+        }
+    }
+
+    #[test]
+    fn test_parse_guest_reads_the_irq_object() {
+        let line = LINE.replace("\"lat_ns\"", &format!("{IRQ}\"lat_ns\""));
+        let i = parse_guest(&line).unwrap().irq.unwrap();
+        assert_eq!((i.interrupts, i.without_interrupt), (12, 2));
+        assert_eq!(i.handler_ns, [56000, 70000]);
+        assert_eq!(i.wake_ns, [17000, 43000]);
+        assert!(parse_guest(LINE).unwrap().irq.is_none());
+        let broken = LINE.replace("\"lat_ns\"", "\"irq\":{\"interrupts\":1},\"lat_ns\"");
+        let e = parse_guest(&broken).unwrap_err();
+        assert!(e.to_string().contains("without_interrupt"), "{e}");
+    }
+
+    #[test]
+    fn test_table_has_interrupt_columns_only_with_an_irq_job() {
+        let polled = job_result(LINE, false);
+        let plain = table(std::slice::from_ref(&polled));
+        assert!(!plain.contains("hnd p50"), "{plain}");
+        assert!(plain.lines().all(|l| l.matches('|').count() == 4), "{plain}");
+        let line = LINE.replace("\"lat_ns\"", &format!("{IRQ}\"lat_ns\""));
+        let t = table(&[polled, job_result(&line, true)]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].contains("hnd p50") && lines[1].contains("guest interrupt (µs)"), "{t}");
+        assert!(lines[2].trim_end().ends_with("|        -        -        -"), "{t}");
+        assert!(lines[3].starts_with("4k randread qd32 irq"), "{t}");
+        assert!(lines[3].trim_end().ends_with("|     56.0     17.0     43.0"), "{t}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use ringvm::bench::result::{
 };
 use ringvm::bench::{fio, GuestResult, Job, Rw};
 use ringvm::boot::KernelImage;
-use ringvm::cli::BenchArgs;
+use ringvm::cli::{BenchArgs, IrqMode};
 use ringvm::config::{parse_size, VmConfig};
 use ringvm::device_manager::StandardDevices;
 use ringvm::devices::legacy::serial::SerialOut;
@@ -184,6 +184,7 @@ fn jobs(args: &BenchArgs) -> anyhow::Result<Vec<Job>> {
             runtime_s: args.runtime,
             ramp_s: 0.5,
             verify: false,
+            irq: false,
         }]
     } else {
         Job::default_matrix(args.runtime)
@@ -191,7 +192,23 @@ fn jobs(args: &BenchArgs) -> anyhow::Result<Vec<Job>> {
     for j in &mut list {
         j.verify = args.verify;
     }
-    Ok(list)
+    if args.linux && args.irq != IrqMode::Off {
+        bail!("--irq is blkbench's switch; fio in the Linux guest always completes by interrupt");
+    }
+    Ok(with_irq(args.irq, list))
+}
+
+/// The jobs to run under `--irq`: as given, all with interrupts, or each polled then with
+/// interrupts, next to each other.
+fn with_irq(mode: IrqMode, list: Vec<Job>) -> Vec<Job> {
+    match mode {
+        IrqMode::Off => list,
+        IrqMode::On => list.into_iter().map(|j| Job { irq: true, ..j }).collect(),
+        IrqMode::Both => list
+            .into_iter()
+            .flat_map(|j| [j.clone(), Job { irq: true, ..j }])
+            .collect(),
+    }
 }
 
 fn machine() -> serde_json::Value {
@@ -516,5 +533,43 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
     match failure {
         Some(e) => Err(e),
         None => Ok(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use clap::Parser;
+
+    fn bench_args(extra: &[&str]) -> BenchArgs {
+        let argv = ["ringvm", "bench"].iter().chain(extra);
+        match ringvm::cli::Cli::try_parse_from(argv).unwrap().command {
+            ringvm::cli::Command::Bench(b) => b,
+            other => panic!("not bench: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_irq_both_runs_each_job_polled_then_with_interrupts() {
+        let m = Job::default_matrix(3.0);
+        let both = jobs(&bench_args(&["--irq", "both"])).unwrap();
+        assert_eq!(both.len(), 2 * m.len());
+        for (pair, j) in both.chunks(2).zip(&m) {
+            assert_eq!(pair[0], *j);
+            assert_eq!(pair[1], Job { irq: true, ..j.clone() });
+        }
+        let on = jobs(&bench_args(&["--irq"])).unwrap();
+        assert!(on.iter().all(|j| j.irq) && on.len() == m.len());
+        assert_eq!(jobs(&bench_args(&[])).unwrap(), m);
+    }
+
+    #[test]
+    fn test_irq_bad_value_or_with_linux_is_refused() {
+        let argv = ["ringvm", "bench", "--irq", "sometimes"];
+        let e = ringvm::cli::Cli::try_parse_from(argv).unwrap_err().to_string();
+        assert!(e.contains("sometimes") && e.contains("both"), "{e}");
+        let e = jobs(&bench_args(&["--linux", "--irq", "on"])).unwrap_err().to_string();
+        assert!(e.contains("--irq is blkbench's"), "{e}");
     }
 }

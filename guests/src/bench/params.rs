@@ -64,6 +64,8 @@ pub struct Params {
     pub upto: u64,
     /// Move the device's 64-bit BARs here (above 4 GiB, 1 GiB aligned) before using them.
     pub bar64: Option<u64>,
+    /// Wait for each queue's MSI-X interrupt instead of polling the used rings.
+    pub irq: bool,
 }
 
 pub const DEFAULT_RUNTIME_NS: u64 = 5_000_000_000;
@@ -102,6 +104,7 @@ impl Default for Params {
             run: 0,
             upto: 0,
             bar64: None,
+            irq: false,
         }
     }
 }
@@ -199,6 +202,7 @@ impl Params {
                     p.qsize = Some(n as u16);
                 }
                 "progress" => p.progress = boolean()?,
+                "irq" => p.irq = boolean()?,
                 "chaos" => p.chaos = boolean()?,
                 "durable" => p.durable = boolean()?,
                 "verify_only" => p.verify_only = boolean()?,
@@ -226,6 +230,10 @@ impl Params {
         if p.chaos && p.verify_only {
             let value = cmdline::get(cmd, "chaos").unwrap_or("");
             return Err(ParamError { key: "chaos", value, reason: "chaos=1 and verify_only=1 exclude each other" });
+        }
+        if p.irq && (p.chaos || p.verify_only) {
+            let value = cmdline::get(cmd, "irq").unwrap_or("");
+            return Err(ParamError { key: "irq", value, reason: "irq=1 drives the benchmark, not chaos=1 or verify_only=1" });
         }
         // Run time and I/O count: either bounds the run; neither means 5 s.
         p.runtime_ns = match (runtime, p.ios) {
@@ -263,7 +271,7 @@ mod tests {
     #[test]
     fn test_parse_full_cmdline_reads_every_key() {
         let p = Params::parse(
-            "rw=randrw rwmix=70 bs=128k qd=32 queues=2 runtime=250ms ramp=1 size=1g seed=7 verify=1 flush_every=8 tsc_khz=2000000 qsize=512 progress=1",
+            "rw=randrw rwmix=70 bs=128k qd=32 queues=2 runtime=250ms ramp=1 size=1g seed=7 verify=1 flush_every=8 tsc_khz=2000000 qsize=512 progress=1 irq=1",
         )
         .unwrap();
         assert_eq!(p.rw, Rw::RandRw);
@@ -274,6 +282,17 @@ mod tests {
         assert_eq!(p.size, Some(1 << 30));
         assert_eq!((p.seed, p.verify, p.flush_every), (7, true, 8));
         assert_eq!((p.tsc_khz, p.qsize, p.progress), (Some(2_000_000), Some(512), true));
+        assert!(p.irq);
+    }
+
+    #[test]
+    fn test_parse_irq_with_a_mode_that_is_no_benchmark_is_rejected() {
+        assert!(!Params::parse("").unwrap().irq);
+        assert!(!Params::parse("irq=0").unwrap().irq);
+        for cmd in ["irq=1 chaos=1", "irq=1 verify_only=1"] {
+            assert_eq!(Params::parse(cmd).unwrap_err().key, "irq", "{cmd}");
+        }
+        assert_eq!(Params::parse("irq=2").unwrap_err().key, "irq");
     }
 
     #[test]

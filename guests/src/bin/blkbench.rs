@@ -1,5 +1,6 @@
 //! blkbench: a bare-metal virtio-blk benchmark. PVH boot, modern virtio-pci
-//! driven by polling from ring 3, per-request TSC latency into a log-linear
+//! driven from ring 3 by polling (or, with irq=1, by one MSI-X interrupt per queue
+//! into a minimal ring-0 handler), per-request TSC latency into a log-linear
 //! histogram, one JSON report line on the serial console. Runs unchanged
 //! under QEMU, ringvm, Cloud Hypervisor and Firecracker (PCI only).
 //!
@@ -18,9 +19,11 @@ mod engine;
 #[path = "blkbench/report.rs"]
 mod report;
 
-use engine::{Engine, Layout, RunError};
+use engine::{Engine, Hists, Layout, RunError};
 use ringvm_guests::bench::params::Params;
 use ringvm_guests::hist::Histogram;
+use ringvm_guests::msix::{Msix, MsixError};
+use ringvm_guests::{apic, irq};
 use ringvm_guests::start_info::{StartInfo, MEMMAP_MAX};
 use ringvm_guests::tsc::{self, Clock, TscSource};
 use ringvm_guests::virtio::blk::{self, BlkConfig, SECTOR_SIZE};
@@ -46,7 +49,14 @@ const VIRTIO_BLK_TRANSITIONAL: u16 = 0x1001;
 
 entry!(main);
 
+/// Asks the boot stub for the interrupt IDT of guests/src/irq.rs (used with irq=1).
+#[no_mangle]
+#[used]
+static guest_irq_opt_in: u8 = 1;
+
 static mut HIST: Histogram = Histogram::new();
+static mut IRQ_HANDLER_HIST: Histogram = Histogram::new();
+static mut IRQ_WAKE_HIST: Histogram = Histogram::new();
 
 fn bad_param(key: &str, value: &str, reason: &str) -> ! {
     println!("bad parameter: {}={}: {}", key, value, reason);
@@ -75,7 +85,34 @@ fn transport_error(e: TransportError) -> ! {
             println!("device error: queue {} missing", q);
             exit::exit(EXIT_DEVICE_ERROR)
         }
+        TransportError::VectorRefused(q) => {
+            println!("device error: queue {} refused its MSI-X vector", q);
+            exit::exit(EXIT_DEVICE_ERROR)
+        }
     }
+}
+
+/// irq=1: the IDT gates, the local APIC (software-enabled, local interrupts and the
+/// PICs masked) and one MSI-X entry per queue, pointed at this CPU's APIC. Interrupts stay
+/// off until the queues are set up. Returns the APIC id.
+fn setup_interrupts(func: ringvm_guests::pci::Function, queues: u16) -> Result<u8, &'static str> {
+    irq::install(usize::from(queues)).map_err(|e| match e {
+        irq::IrqError::TooManyQueues => "more queues than the 64 interrupt handlers",
+        irq::IrqError::StubLayout => "the interrupt handlers are not 64 bytes apart (a build error)",
+    })?;
+    // The boot page tables identity-map 0-4 GiB; VirtioPci moved the device's BARs there.
+    let msix = Msix::find(func, |_, end| end <= 1 << 32).map_err(|e| match e {
+        MsixError::NoCapability => "the device has no MSI-X capability",
+        MsixError::TableNotMapped => "the MSI-X table's BAR is unassigned or above 4 GiB",
+        MsixError::TooFewVectors { .. } => "fewer MSI-X vectors than queues",
+    })?;
+    apic::mask_pics();
+    let apic_id = apic::enable(irq::SPURIOUS_VECTOR);
+    if !apic::is_enabled() {
+        return Err("the local APIC did not enable (xAPIC MMIO at 0xfee00000)");
+    }
+    msix.enable(queues, apic::msi_address(apic_id), irq::VECTOR_BASE).map_err(|_| "fewer MSI-X vectors than queues")?;
+    Ok(apic_id)
 }
 
 fn main(si: &StartInfo) -> ! {
@@ -177,6 +214,7 @@ fn main(si: &StartInfo) -> ! {
         fail("qd", "buffers (queues*qd*bs) do not fit in guest memory");
     }
     let event_idx = features & virtio::F_EVENT_IDX != 0;
+    let apic_id = p.irq.then(|| setup_interrupts(func, p.queues).unwrap_or_else(|why| fail("irq", why)));
     let mut rings: [Option<SplitQueue>; 64] = [const { None }; 64];
     if usize::from(p.queues) > rings.len() {
         fail("queues", "more than 64");
@@ -185,14 +223,23 @@ fn main(si: &StartInfo) -> ! {
         let Some(mut q) = SplitQueue::alloc(&mut bump, qi, qsize, event_idx) else {
             fail("qsize", "rings do not fit in guest memory")
         };
-        let notify = dev.setup_queue(qi, qsize, q.desc, q.avail, q.used).unwrap_or_else(|e| transport_error(e));
+        // With irq=1, MSI-X table entry qi (vector VECTOR_BASE + qi) is queue qi's.
+        let vector = if p.irq { qi } else { virtio::pci::NO_VECTOR };
+        let notify =
+            dev.setup_queue_vector(qi, qsize, [q.desc, q.avail, q.used], vector).unwrap_or_else(|e| transport_error(e));
         q.set_notify_addr(notify);
         rings[usize::from(qi)] = Some(q);
     }
-    // SAFETY: HIST is only touched here, on the only thread.
-    let hist = unsafe { &mut *(&raw mut HIST) };
+    // SAFETY: the histograms are only touched here, on the only thread.
+    let hists = unsafe {
+        Hists {
+            lat: &mut *(&raw mut HIST),
+            irq_handler: &mut *(&raw mut IRQ_HANDLER_HIST),
+            irq_wake: &mut *(&raw mut IRQ_WAKE_HIST),
+        }
+    };
     let layout = Layout { indirect, size_bytes: size };
-    let Some(mut engine) = Engine::new(p, clock, &mut rings, layout, &mut bump, hist) else {
+    let Some(mut engine) = Engine::new(p, clock, &mut rings, layout, &mut bump, hists) else {
         fail("qd", "buffers do not fit in guest memory")
     };
     if p.durable && !engine.verify_table {
@@ -201,6 +248,12 @@ fn main(si: &StartInfo) -> ! {
     dev.add_status(status::DRIVER_OK);
     if dev.status() & (status::NEEDS_RESET | status::FAILED) != 0 {
         device_error("device needs reset after DRIVER_OK");
+    }
+    if p.irq {
+        irq::enable();
+        if !irq::enabled() {
+            device_error("irq=1: RFLAGS.IF is still clear after the int3 that sets it");
+        }
     }
 
     // Guest entry to the first submission: the guest's share of "start to first I/O".
@@ -215,6 +268,11 @@ fn main(si: &StartInfo) -> ! {
     );
 
     if let Err(RunError::Timeout) = result {
+        let waiting = engine.completions_waiting();
+        if p.irq && waiting > 0 {
+            println!("device error: timeout: {} completions in the used rings, no interrupt for 10 s", waiting);
+            exit::exit(EXIT_DEVICE_ERROR)
+        }
         device_error("timeout (no completion for 10 s)");
     }
     let info = report::DeviceInfo {
@@ -229,6 +287,7 @@ fn main(si: &StartInfo) -> ! {
         tsc_source,
         ring0_ns,
         first_io_ns,
+        apic_id,
     };
     report::print(&p, size, &engine, &info);
     let code = if engine.stats.errors > 0 {

@@ -75,6 +75,10 @@ fn transport_error(e: TransportError) -> ! {
             println!("device error: queue {} missing", q);
             exit::exit(EXIT_DEVICE_ERROR)
         }
+        TransportError::VectorRefused(q) => {
+            println!("device error: queue {} refused its MSI-X vector", q);
+            exit::exit(EXIT_DEVICE_ERROR)
+        }
     }
 }
 

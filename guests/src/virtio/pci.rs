@@ -42,7 +42,7 @@ const QUEUE_DESC: u64 = 32;
 const QUEUE_DRIVER: u64 = 40;
 const QUEUE_DEVICE: u64 = 48;
 
-/// MSI-X "no vector": we poll, the device must not interrupt.
+/// MSI-X "no vector": the device must not interrupt (polling, or no config interrupt).
 pub const NO_VECTOR: u16 = 0xffff;
 
 /// Status reads (each a VM exit, ~29 µs) before a reset is declared stuck: ~3 s.
@@ -64,6 +64,8 @@ pub enum TransportError {
     FeaturesRefused,
     /// A queue the driver wanted does not exist (size 0).
     NoQueue(u16),
+    /// The device did not accept an MSI-X vector for this queue (reads back NO_VECTOR).
+    VectorRefused(u16),
 }
 
 /// A modern virtio-pci function with its configuration structures mapped.
@@ -230,14 +232,26 @@ impl VirtioPci {
         mmio::read16(self.common + QUEUE_SIZE)
     }
 
-    /// Programs and enables queue `q`; returns its notify address.
+    /// Programs and enables queue `q` without an interrupt (we poll); returns its notify
+    /// address.
     pub fn setup_queue(&self, q: u16, size: u16, desc: u64, driver: u64, device: u64) -> Result<u64, TransportError> {
+        self.setup_queue_vector(q, size, [desc, driver, device], NO_VECTOR)
+    }
+
+    /// Programs and enables queue `q` (rings at `[desc, driver, device]`) with MSI-X vector
+    /// `vector` (an entry of the function's MSI-X table, or NO_VECTOR); returns its notify
+    /// address. A vector the device cannot use reads back as NO_VECTOR: an error.
+    pub fn setup_queue_vector(&self, q: u16, size: u16, rings: [u64; 3], vector: u16) -> Result<u64, TransportError> {
+        let [desc, driver, device] = rings;
         mmio::write16(self.common + QUEUE_SELECT, q);
         if mmio::read16(self.common + QUEUE_SIZE) == 0 {
             return Err(TransportError::NoQueue(q));
         }
         mmio::write16(self.common + QUEUE_SIZE, size);
-        mmio::write16(self.common + QUEUE_MSIX_VECTOR, NO_VECTOR);
+        mmio::write16(self.common + QUEUE_MSIX_VECTOR, vector);
+        if vector != NO_VECTOR && mmio::read16(self.common + QUEUE_MSIX_VECTOR) != vector {
+            return Err(TransportError::VectorRefused(q));
+        }
         mmio::write64_split(self.common + QUEUE_DESC, desc);
         mmio::write64_split(self.common + QUEUE_DRIVER, driver);
         mmio::write64_split(self.common + QUEUE_DEVICE, device);

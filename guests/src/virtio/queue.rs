@@ -170,6 +170,28 @@ impl SplitQueue {
         }
     }
 
+    /// Asks the device to interrupt for the next used entry (used_event = the next index
+    /// to consume, or AVAIL_F_NO_INTERRUPT cleared), then reads the used index once:
+    /// entries published before the request took effect raise no interrupt, so `true`
+    /// (entries waiting) means the caller must consume them itself (as Linux's
+    /// `virtqueue_enable_cb` does).
+    #[inline(always)]
+    pub fn arm_interrupt(&self) -> bool {
+        if self.event_idx {
+            self.set_used_event(self.last_used);
+        } else {
+            mmio::write16(self.avail, 0);
+        }
+        // The used_event/flags store before the used index load.
+        fence(Ordering::SeqCst);
+        mmio::read16(self.used + 2) != self.last_used
+    }
+
+    /// Used entries published and not consumed yet (for diagnosing a lost interrupt).
+    pub fn used_pending(&self) -> u16 {
+        mmio::read16(self.used + 2).wrapping_sub(self.last_used)
+    }
+
     fn set_used_event(&self, v: u16) {
         mmio::write16(self.avail + 4 + 2 * u64::from(self.size), v);
     }

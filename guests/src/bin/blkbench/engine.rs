@@ -1,12 +1,14 @@
-//! The polling I/O engine: per-queue request slots with fixed descriptor
-//! chains, batched submission gated by EVENT_IDX, completion polling in
-//! guest RAM, per-request TSC latency, verify bookkeeping and the watchdog.
+//! The I/O engine: per-queue request slots with fixed descriptor chains, batched
+//! submission gated by EVENT_IDX, completions found by polling the used rings in guest
+//! RAM or (irq=1) after each queue's interrupt, per-request TSC latency, verify
+//! bookkeeping and the watchdog.
 
 use ringvm_guests::bench::params::{Params, Rw};
 use ringvm_guests::bench::durable;
 use ringvm_guests::bench::stamp::{self, Expect, Mismatch};
 use ringvm_guests::arch::{mmio, rdtsc};
 use ringvm_guests::hist::Histogram;
+use ringvm_guests::irq;
 use ringvm_guests::mem::Bump;
 use ringvm_guests::{print, println};
 use ringvm_guests::rng::Rng;
@@ -55,6 +57,8 @@ pub struct QueueState {
     slots: &'static mut [Slot],
     free: &'static mut [u16],
     nfree: usize,
+    /// irq=1: the handler's interrupt count as last seen.
+    irq_seen: u64,
     /// Ring head → slot: head / 3 for direct chains, head for indirect.
     head_shift_div3: bool,
 }
@@ -70,6 +74,13 @@ pub struct Stats {
     pub verify_errors: u64,
     pub verify_sectors: u64,
     pub kicks: u64,
+    /// irq=1: interrupts taken in the measured window (ring 3 saw their count move after
+    /// the ramp, stamped after it), over all queues.
+    pub interrupts: u64,
+    /// irq=1: measured completions no interrupt announced: found by the check after
+    /// re-arming a queue's interrupt (published before the re-arm took effect), or seen
+    /// after an interrupt older than their submission.
+    pub without_interrupt: u64,
     /// Measured window, TSC.
     pub start_tsc: u64,
     pub end_tsc: u64,
@@ -81,6 +92,16 @@ pub enum RunError {
 }
 
 /// Everything the run loop needs.
+/// The histograms a run records into.
+pub struct Hists<'h> {
+    /// Per request: submit → ring 3 sees the completion (both modes).
+    pub lat: &'h mut Histogram,
+    /// irq=1, per request: submit → the ring-0 handler of the interrupt that announced it.
+    pub irq_handler: &'h mut Histogram,
+    /// irq=1, per interrupt: the handler's TSC stamp → ring 3 sees the flag.
+    pub irq_wake: &'h mut Histogram,
+}
+
 pub struct Engine<'h> {
     p: Params,
     clock: Clock,
@@ -96,7 +117,7 @@ pub struct Engine<'h> {
     writes_since_flush: u64,
     /// durable=1: flushes completed (the sequence number printed).
     flushes_done: u64,
-    hist: &'h mut Histogram,
+    hists: Hists<'h>,
     pub stats: Stats,
     pub indirect: bool,
     pub verify_table: bool,
@@ -128,7 +149,7 @@ impl<'h> Engine<'h> {
         rings: &mut [Option<SplitQueue>],
         layout: Layout,
         bump: &mut Bump,
-        hist: &'h mut Histogram,
+        hists: Hists<'h>,
     ) -> Option<Self> {
         let Layout { indirect: use_indirect, size_bytes } = layout;
         let nqueues = rings.iter().filter(|r| r.is_some()).count();
@@ -171,7 +192,9 @@ impl<'h> Engine<'h> {
                 }
             }
             // SAFETY: queues_ptr has room for nqueues states; slot i written once.
-            unsafe { queues_ptr.add(i).write(QueueState { q, slots, free, nfree: qd, head_shift_div3: !use_indirect }) };
+            unsafe {
+                queues_ptr.add(i).write(QueueState { q, slots, free, nfree: qd, irq_seen: 0, head_shift_div3: !use_indirect })
+            };
         }
         // SAFETY: all nqueues entries were initialised above.
         let queues = unsafe { core::slice::from_raw_parts_mut(queues_ptr, nqueues) };
@@ -192,7 +215,7 @@ impl<'h> Engine<'h> {
             run_id: rdtsc() | 1,
             writes_since_flush: 0,
             flushes_done: 0,
-            hist,
+            hists,
             stats: Stats::default(),
             indirect: use_indirect,
             verify_table,
@@ -287,8 +310,9 @@ impl<'h> Engine<'h> {
         added
     }
 
-    /// Consumes completions on queue `qi`. Returns how many.
-    fn poll(&mut self, qi: usize, measure_from: u64, recording: bool) -> u32 {
+    /// Consumes completions on queue `qi`. Returns how many. `handler_tsc`: the TSC of
+    /// the interrupt that announced them (irq=1).
+    fn poll(&mut self, qi: usize, measure_from: u64, recording: bool, handler_tsc: Option<u64>) -> u32 {
         let mut n = 0;
         let mut now = 0;
         while let Some((id, _len)) = self.queues[qi].q.pop_used() {
@@ -341,7 +365,16 @@ impl<'h> Engine<'h> {
                 }
                 if slot.op != OP_FLUSH {
                     self.stats.bytes += self.p.bs;
-                    self.hist.record(self.clock.cycles_to_ns(now.wrapping_sub(slot.submit_tsc)));
+                    self.hists.lat.record(self.clock.cycles_to_ns(now.wrapping_sub(slot.submit_tsc)));
+                    match handler_tsc {
+                        Some(h) if h >= slot.submit_tsc => {
+                            self.hists.irq_handler.record(self.clock.cycles_to_ns(h - slot.submit_tsc))
+                        }
+                        // Found when re-arming, or completed so fast that the latest
+                        // interrupt predates its submission: no interrupt announced it.
+                        _ if self.p.irq => self.stats.without_interrupt += 1,
+                        _ => {}
+                    }
                 }
                 self.stats.end_tsc = now;
             }
@@ -396,8 +429,45 @@ impl<'h> Engine<'h> {
         oldest.unwrap_or(self.next_gen) - 1
     }
 
-    pub fn hist(&self) -> &Histogram {
-        self.hist
+    /// irq=1: consumes queue `qi`'s completions if its handler has run since the last
+    /// look (the used ring is not read before), then re-arms the interrupt and consumes
+    /// whatever was published before the re-arm took effect. Returns completions.
+    fn poll_irq(&mut self, qi: usize, measure_from: u64, recording: bool) -> u32 {
+        let (count, handler_tsc) = irq::cell(qi);
+        if count == self.queues[qi].irq_seen {
+            return 0;
+        }
+        let seen = rdtsc();
+        if recording && handler_tsc >= measure_from {
+            self.stats.interrupts += count - self.queues[qi].irq_seen;
+            if seen >= handler_tsc {
+                self.hists.irq_wake.record(self.clock.cycles_to_ns(seen - handler_tsc));
+            }
+        }
+        self.queues[qi].irq_seen = count;
+        let mut n = self.poll(qi, measure_from, recording, Some(handler_tsc));
+        while self.queues[qi].q.arm_interrupt() {
+            n += self.poll(qi, measure_from, recording, None);
+        }
+        n
+    }
+
+    /// Arms every queue's interrupt before the first submission (irq=1).
+    fn arm_all(&mut self) {
+        for st in self.queues.iter_mut() {
+            st.irq_seen = irq::cell(usize::from(st.q.index)).0;
+            st.q.arm_interrupt();
+        }
+    }
+
+    /// Used entries waiting with no interrupt taken for them, over all queues (after a
+    /// watchdog timeout: an interrupt that never came).
+    pub fn completions_waiting(&self) -> u64 {
+        self.queues.iter().map(|st| u64::from(st.q.used_pending())).sum()
+    }
+
+    pub fn hists(&self) -> &Hists<'h> {
+        &self.hists
     }
 
     fn in_flight(&self) -> usize {
@@ -420,6 +490,9 @@ impl<'h> Engine<'h> {
         let mut last_progress = start;
         let mut next_report = measure_from + second;
         let mut stopping = false;
+        if self.p.irq {
+            self.arm_all();
+        }
         if self.p.durable {
             // Before the first write, so a host that kills the VMM early knows the run.
             println!("durable: run {:#x} seed {} blocks {} bs {}", self.run_id, self.p.seed, self.blocks, self.p.bs);
@@ -438,10 +511,16 @@ impl<'h> Engine<'h> {
                     let budget = if recording { &mut measured_budget } else { &mut ramp_budget };
                     self.submit(qi, now, budget);
                 }
-                progress += self.poll(qi, measure_from, recording);
+                progress += if self.p.irq {
+                    self.poll_irq(qi, measure_from, recording)
+                } else {
+                    self.poll(qi, measure_from, recording, None)
+                };
             }
             if progress > 0 {
                 last_progress = now;
+            } else if self.p.irq && self.in_flight() > 0 && now.wrapping_sub(last_progress) <= watchdog {
+                core::hint::spin_loop();
             } else if self.in_flight() == 0 {
                 if stopping {
                     break;

@@ -3,6 +3,8 @@
 
 use super::engine::Engine;
 use ringvm_guests::bench::params::Params;
+use ringvm_guests::hist::Histogram;
+use ringvm_guests::irq;
 use ringvm_guests::json::{Buf, Json};
 use ringvm_guests::pci::Function;
 use ringvm_guests::serial;
@@ -24,16 +26,18 @@ pub struct DeviceInfo {
     pub ring0_ns: u64,
     /// Guest entry to the first I/O submission.
     pub first_io_ns: u64,
+    /// irq=1: the local APIC id the MSI-X messages go to.
+    pub apic_id: Option<u8>,
 }
 
-/// Room for the JSON line (a full histogram is ~4000 buckets).
-static mut JSON_BUF: [u8; 128 * 1024] = [0; 128 * 1024];
+/// Room for the JSON line (a full histogram is ~4000 buckets; irq=1 adds a second).
+static mut JSON_BUF: [u8; 192 * 1024] = [0; 192 * 1024];
 
 const PERCENTILES: [(&str, u64); 6] =
     [("p50", 50_000), ("p90", 90_000), ("p99", 99_000), ("p99_9", 99_900), ("p99_99", 99_990), ("p99_999", 99_999)];
 
 pub fn print(p: &Params, size: u64, e: &Engine, d: &DeviceInfo) {
-    let h = e.hist();
+    let h: &Histogram = e.hists().lat;
     let st = &e.stats;
     let ios = st.reads + st.writes;
     let secs = e_seconds(e, d);
@@ -78,6 +82,7 @@ pub fn print(p: &Params, size: u64, e: &Engine, d: &DeviceInfo) {
     j.u64("seed", p.seed);
     j.u64("verify", u64::from(p.verify));
     j.u64("flush_every", p.flush_every);
+    j.u64("irq", u64::from(p.irq));
     j.u64("qsize", u64::from(d.qsize));
     j.bool("indirect", e.indirect);
     j.end_object();
@@ -108,6 +113,22 @@ pub fn print(p: &Params, size: u64, e: &Engine, d: &DeviceInfo) {
     j.u64("verify_sectors", st.verify_sectors);
     j.str("verify_mode", if !p.verify { "off" } else if e.verify_table { "exact" } else { "stamp" });
     j.u64("kicks", st.kicks);
+    if let Some(apic_id) = d.apic_id.filter(|_| p.irq) {
+        let hs = e.hists();
+        j.begin_object_field("irq");
+        j.u64("vector_base", u64::from(irq::VECTOR_BASE));
+        j.u64("apic_id", u64::from(apic_id));
+        j.u64("interrupts", st.interrupts);
+        j.u64("without_interrupt", st.without_interrupt);
+        summary(&mut j, "handler_ns", hs.irq_handler);
+        summary(&mut j, "wake_ns", hs.irq_wake);
+        j.begin_array_field("handler_hist");
+        for (v, c) in hs.irq_handler.buckets() {
+            j.pair(v, c);
+        }
+        j.end_array();
+        j.end_object();
+    }
     j.begin_object_field("device");
     let mut pci = [0u8; 8];
     j.str("pci", bdf(d.func, &mut pci));
@@ -132,6 +153,19 @@ pub fn print(p: &Params, size: u64, e: &Engine, d: &DeviceInfo) {
     }
     serial::write_bytes(out.as_bytes());
     print!("\n");
+}
+
+/// `"key": {count, min, mean, p50 … p99_999, max}` of one histogram.
+fn summary<W: core::fmt::Write>(j: &mut Json<'_, W>, key: &str, h: &Histogram) {
+    j.begin_object_field(key);
+    j.u64("count", h.total);
+    j.u64("min", if h.total == 0 { 0 } else { h.min });
+    j.u64("mean", h.mean());
+    for (name, pct) in PERCENTILES {
+        j.u64(name, h.percentile(pct));
+    }
+    j.u64("max", h.max);
+    j.end_object();
 }
 
 fn e_seconds(e: &Engine, d: &DeviceInfo) -> f64 {
