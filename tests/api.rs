@@ -338,12 +338,20 @@ fn test_api_bad_requests_get_4xx_json_and_a_slow_client_blocks_no_one() {
     );
     let cases: Vec<(Vec<u8>, u16, &str)> = vec![
         (
-            b"GET /nope HTTP/1.1\r\n\r\n".to_vec(),
+            b"GET /nope HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(),
             404,
             "No endpoint /nope",
         ),
-        (b"POST /metrics HTTP/1.1\r\n\r\n".to_vec(), 405, "use GET"),
-        (b"GET /vm/stop HTTP/1.1\r\n\r\n".to_vec(), 405, "use PUT"),
+        (
+            b"POST /metrics HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(),
+            405,
+            "use GET",
+        ),
+        (
+            b"GET /vm/stop HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(),
+            405,
+            "use PUT",
+        ),
         (b"GARBAGE\r\n\r\n".to_vec(), 400, "Malformed request line"),
         (big_header.into_bytes(), 431, "exceed"),
         (big_body.into_bytes(), 413, "exceeds the limit"),

@@ -45,8 +45,7 @@ fn blkbench(disk_spec: &str, cmdline: &str) -> (serde_json::Value, Vec<u64>) {
         "blkbench should exit 0 (status 1); stdout: {} stderr: {}",
         r.stdout, r.stderr
     );
-    let stats: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
     let sent = stats["queues"]
         .as_array()
         .unwrap_or_else(|| panic!("no queues in {stats}"))
@@ -79,14 +78,18 @@ fn check_irq(r: &serde_json::Value, ios: u64, host_sent: &[u64], queues: usize) 
     assert_eq!(host_sent.len(), queues, "{host_sent:?}");
     assert!(host_sent.iter().all(|&n| n > 0), "{host_sent:?}");
     let sent: u64 = host_sent.iter().sum();
-    assert!(sent >= interrupts, "host sent {sent}, guest took {interrupts}");
+    assert!(
+        sent >= interrupts,
+        "host sent {sent}, guest took {interrupts}"
+    );
 }
 
 fn write_then_verify_with_interrupts(queues: u32) {
     let d = disk(64 << 20);
     let spec = format!("path={},queues={queues}", d.path().display());
     let ios = 2000;
-    let common = format!("bs=4k qd=8 queues={queues} ios={ios} size=16m verify=1 irq=1 seed={queues}");
+    let common =
+        format!("bs=4k qd=8 queues={queues} ios={ios} size=16m verify=1 irq=1 seed={queues}");
     let (w, sent) = blkbench(&spec, &format!("rw=randwrite {common}"));
     assert_eq!(w["verify"], "ok", "{w}");
     assert_eq!(w["writes"], ios);
@@ -155,19 +158,38 @@ fn test_bench_irq_both_runs_each_job_polled_and_with_interrupts() {
     ]);
     assert_eq!(r.status, 0, "{} {}", r.stdout, r.stderr);
     let lines: Vec<&str> = r.stdout.lines().collect();
-    assert!(lines[0].contains("hnd p50") && lines[0].contains("wake p50"), "{}", r.stdout);
-    assert!(lines[2].starts_with("4k randread qd1 ") && lines[2].ends_with("-"), "{}", r.stdout);
+    assert!(
+        lines[0].contains("hnd p50") && lines[0].contains("wake p50"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        lines[2].starts_with("4k randread qd1 ") && lines[2].ends_with("-"),
+        "{}",
+        r.stdout
+    );
     assert!(lines[3].starts_with("4k randread qd1 irq"), "{}", r.stdout);
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let jobs = doc["jobs"].as_array().unwrap();
     assert_eq!(jobs.len(), 2);
     assert_eq!(jobs[0]["job"]["irq"], false);
-    assert!(jobs[0]["guest"].get("irq").is_none(), "{}", jobs[0]["guest"]);
+    assert!(
+        jobs[0]["guest"].get("irq").is_none(),
+        "{}",
+        jobs[0]["guest"]
+    );
     assert_eq!(jobs[1]["job"]["irq"], true);
     // At QD1 every request is announced by exactly one interrupt (EVENT_IDX: the device
     // interrupts once per armed completion), give or take the window's two edges.
     let g = &jobs[1]["guest"];
-    let (interrupts, ios) = (g["irq"]["interrupts"].as_i64().unwrap(), g["ios"].as_i64().unwrap());
-    assert!(ios > 0 && (interrupts - ios).abs() <= 2, "{} interrupts for {ios} requests", interrupts);
+    let (interrupts, ios) = (
+        g["irq"]["interrupts"].as_i64().unwrap(),
+        g["ios"].as_i64().unwrap(),
+    );
+    assert!(
+        ios > 0 && (interrupts - ios).abs() <= 2,
+        "{} interrupts for {ios} requests",
+        interrupts
+    );
     assert!(g["irq"]["handler_ns"]["p50"].as_u64().unwrap() > 0);
 }

@@ -60,10 +60,18 @@ pub struct IrqLatency {
 
 impl IrqLatency {
     fn parse(irq: &Value) -> Result<IrqLatency, ResultError> {
-        let n = |k: &'static str| irq.get(k).and_then(Value::as_u64).ok_or(ResultError::Field(k));
+        let n = |k: &'static str| {
+            irq.get(k)
+                .and_then(Value::as_u64)
+                .ok_or(ResultError::Field(k))
+        };
         let pcts = |k: &'static str| -> Result<[u64; 2], ResultError> {
             let h = irq.get(k).ok_or(ResultError::Field(k))?;
-            let p = |q: &str| h.get(q).and_then(Value::as_u64).ok_or(ResultError::Field(k));
+            let p = |q: &str| {
+                h.get(q)
+                    .and_then(Value::as_u64)
+                    .ok_or(ResultError::Field(k))
+            };
             Ok([p("p50")?, p("p99")?])
         };
         Ok(IrqLatency {
@@ -226,13 +234,21 @@ fn us(ns: u64) -> String {
 /// interrupt path split at the ring-0 handler (`-` for polled jobs).
 pub fn table(results: &[JobResult]) -> String {
     let irq = results.iter().any(|r| r.guest.irq.is_some());
-    let w = results.iter().map(|r| r.job.label().chars().count()).max().unwrap_or(0).max(22);
+    let w = results
+        .iter()
+        .map(|r| r.job.label().chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(22);
     let mut s = format!(
         "{:<w$} {:>9} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>7}",
         "job", "IOPS", "MiB/s", "p50", "p90", "p99", "p99.9", "max", "k2c p50", "k2c p99", "k2c p99.9", "svc p50", "svc p99", "ns/req"
     );
     if irq {
-        s.push_str(&format!(" | {:>8} {:>8} {:>8}", "hnd p50", "wake p50", "wake p99"));
+        s.push_str(&format!(
+            " | {:>8} {:>8} {:>8}",
+            "hnd p50", "wake p50", "wake p99"
+        ));
     }
     s.push('\n');
     s.push_str(&format!(
@@ -369,14 +385,30 @@ mod tests {
         let polled = job_result(LINE, false);
         let plain = table(std::slice::from_ref(&polled));
         assert!(!plain.contains("hnd p50"), "{plain}");
-        assert!(plain.lines().all(|l| l.matches('|').count() == 4), "{plain}");
+        assert!(
+            plain.lines().all(|l| l.matches('|').count() == 4),
+            "{plain}"
+        );
         let line = LINE.replace("\"lat_ns\"", &format!("{IRQ}\"lat_ns\""));
         let t = table(&[polled, job_result(&line, true)]);
         let lines: Vec<&str> = t.lines().collect();
-        assert!(lines[0].contains("hnd p50") && lines[1].contains("guest interrupt (µs)"), "{t}");
-        assert!(lines[2].trim_end().ends_with("|        -        -        -"), "{t}");
+        assert!(
+            lines[0].contains("hnd p50") && lines[1].contains("guest interrupt (µs)"),
+            "{t}"
+        );
+        assert!(
+            lines[2]
+                .trim_end()
+                .ends_with("|        -        -        -"),
+            "{t}"
+        );
         assert!(lines[3].starts_with("4k randread qd32 irq"), "{t}");
-        assert!(lines[3].trim_end().ends_with("|     56.0     17.0     43.0"), "{t}");
+        assert!(
+            lines[3]
+                .trim_end()
+                .ends_with("|     56.0     17.0     43.0"),
+            "{t}"
+        );
     }
 
     #[test]

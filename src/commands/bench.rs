@@ -557,7 +557,13 @@ mod tests {
         assert_eq!(both.len(), 2 * m.len());
         for (pair, j) in both.chunks(2).zip(&m) {
             assert_eq!(pair[0], *j);
-            assert_eq!(pair[1], Job { irq: true, ..j.clone() });
+            assert_eq!(
+                pair[1],
+                Job {
+                    irq: true,
+                    ..j.clone()
+                }
+            );
         }
         let on = jobs(&bench_args(&["--irq"])).unwrap();
         assert!(on.iter().all(|j| j.irq) && on.len() == m.len());
@@ -567,9 +573,13 @@ mod tests {
     #[test]
     fn test_irq_bad_value_or_with_linux_is_refused() {
         let argv = ["ringvm", "bench", "--irq", "sometimes"];
-        let e = ringvm::cli::Cli::try_parse_from(argv).unwrap_err().to_string();
+        let e = ringvm::cli::Cli::try_parse_from(argv)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sometimes") && e.contains("both"), "{e}");
-        let e = jobs(&bench_args(&["--linux", "--irq", "on"])).unwrap_err().to_string();
+        let e = jobs(&bench_args(&["--linux", "--irq", "on"]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--irq is blkbench's"), "{e}");
     }
 }
