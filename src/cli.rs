@@ -88,7 +88,16 @@ pub enum CtlAction {
         json: bool,
     },
     /// The Prometheus exposition (GET /metrics).
-    Metrics,
+    Metrics {
+        /// Scrape again every this many milliseconds on one kept-alive connection (a steady
+        /// scraper: deadlines do not drift), printing each answer, until --count or the VM
+        /// ends; then a summary of the answer times on stderr.
+        #[arg(long, value_name = "MS")]
+        every_ms: Option<f64>,
+        /// With --every-ms: stop after this many scrapes.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Close the current statistics interval and start a new one (PUT /stats/interval).
     Interval,
     /// Change a device's polling window live: `set disk=ID poll-us=N` or `set net=ID poll-us=N`.
@@ -216,6 +225,9 @@ pub struct VmArgs {
     /// Serve the control plane (HTTP/1.1 + JSON, Prometheus /metrics) on this Unix socket, mode 0600; see `ringvm ctl` and README "Control plane".
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+    /// Core for the control-plane thread [default: a core with no vCPU or reactor, else the last reactor's core].
+    #[arg(long, value_name = "CORE")]
+    pub api_core: Option<usize>,
     /// Mask (-name) or add (+name) CPUID feature bits for every vCPU, e.g. -cx16.
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     pub cpu_features: Vec<String>,

@@ -239,6 +239,50 @@ fn test_api_metrics_rise_parse_and_stop_removes_socket() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // The steady scraper: 20 answers on one connection, each a whole exposition whose
+    // buckets only grow, end at `_count`, and whose exact `_sum` gives a mean inside the
+    // histogram's range.
+    let watch = ringvm()
+        .args(["ctl", "--api-socket", vm.sock.to_str().unwrap()])
+        .args(["metrics", "--every-ms", "5", "--count", "20"])
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&watch.stdout),
+        String::from_utf8_lossy(&watch.stderr),
+    );
+    assert!(watch.status.success(), "{err}");
+    assert!(err.contains("20 scrapes of /metrics"), "{err}");
+    assert_eq!(
+        out.matches("# TYPE ringvm_uptime_seconds gauge").count(),
+        20
+    );
+    let last = &out[out.rfind("# HELP ringvm_uptime_seconds").unwrap()..];
+    let family = "ringvm_queue_kick_to_complete_seconds";
+    let buckets: Vec<f64> = last
+        .lines()
+        .filter(|l| l.starts_with(&format!("{family}_bucket{{")))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(buckets.len(), 20, "{last}");
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+    let value = |suffix: &str| -> f64 {
+        last.lines()
+            .find_map(|l| l.strip_prefix(&format!("{family}_{suffix}{{")))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or_else(|| panic!("no {family}_{suffix} in\n{last}"))
+            .parse()
+            .unwrap()
+    };
+    let (count, sum) = (value("count"), value("sum"));
+    assert_eq!(buckets[19], count);
+    let h = &st["queues"][0]["kick_to_complete_ns"];
+    let mean_ns = sum * 1e9 / count;
+    assert!(
+        h["min"].as_f64().unwrap() * 0.99 <= mean_ns && mean_ns <= 1e10,
+        "mean {mean_ns} ns from the exposition vs {h}"
+    );
+
     let ctl = ringvm()
         .args(["ctl", "--api-socket", vm.sock.to_str().unwrap(), "stats"])
         .output()
@@ -417,6 +461,24 @@ fn test_api_bad_requests_get_4xx_json_and_a_slow_client_blocks_no_one() {
     assert!(s == 200 && v.contains("\"state\":\"running\""), "{v}");
     let (status, _) = stop(vm);
     assert_eq!(status, 143);
+}
+
+#[test]
+fn test_api_core_not_on_this_host_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let r = common::run(&[
+        "run",
+        "--kernel",
+        guest("hello").to_str().unwrap(),
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--api-core",
+        "4095",
+    ]);
+    assert_eq!(r.status, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("--api-core 4095"), "{}", r.stderr);
+    assert!(!sock.exists(), "no socket is left behind");
 }
 
 #[test]

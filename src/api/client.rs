@@ -1,4 +1,5 @@
-//! A blocking client for the API socket (`ringvm ctl`, tests): one request per connection.
+//! A blocking client for the API socket (`ringvm ctl`, tests): one request per connection
+//! ([`request`]), or many on one kept-alive connection ([`Session`], `ringvm ctl … --every`).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -67,6 +68,85 @@ pub fn request(
     parse_reply(&raw)
 }
 
+/// One kept-alive connection for repeated `GET`s (a scraper): the request bytes and the
+/// receive buffer are reused, so a scrape costs one write and the reads of its answer.
+pub struct Session {
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl Session {
+    /// Connects to `socket`.
+    pub fn connect(socket: &Path) -> Result<Session, ClientError> {
+        let stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+            path: socket.to_path_buf(),
+            source,
+        })?;
+        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+        stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+        Ok(Session {
+            stream,
+            buf: vec![0; 64 << 10],
+        })
+    }
+
+    /// Sends `GET path` and returns the status and the body (valid until the next call).
+    pub fn get(&mut self, path: &str) -> Result<(u16, &[u8]), ClientError> {
+        let bad = |m: &str| ClientError::Malformed(m.to_string());
+        write!(self.stream, "GET {path} HTTP/1.1\r\nHost: ringvm\r\n\r\n")?;
+        let mut filled = 0;
+        let (end, len) = loop {
+            if let Some(end) = self.buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..end])
+                    .map_err(|_| bad("headers are not UTF-8"))?;
+                let len = content_length(head).ok_or_else(|| bad("no Content-Length"))?;
+                break (end, len);
+            }
+            filled = self.fill(filled)?;
+        };
+        let want = end + 4 + len;
+        if want as u64 > MAX_RESPONSE_BYTES {
+            return Err(bad("response larger than the client reads"));
+        }
+        while filled < want {
+            filled = self.fill(filled)?;
+        }
+        let head =
+            std::str::from_utf8(&self.buf[..end]).map_err(|_| bad("headers are not UTF-8"))?;
+        let status = status_of(head).ok_or_else(|| bad("no status code"))?;
+        if filled > want {
+            return Err(bad("more bytes than one answer"));
+        }
+        Ok((status, &self.buf[end + 4..want]))
+    }
+
+    /// Reads more of the answer after the `filled` bytes already in the buffer.
+    fn fill(&mut self, filled: usize) -> Result<usize, ClientError> {
+        if self.buf.len() < filled + 16384 {
+            let grown = (filled + 16384).max(2 * self.buf.len());
+            self.buf.resize(grown, 0);
+        }
+        match self.stream.read(&mut self.buf[filled..])? {
+            0 => Err(ClientError::Malformed(
+                "the VM closed the API connection".to_string(),
+            )),
+            n => Ok(filled + n),
+        }
+    }
+}
+
+fn status_of(head: &str) -> Option<u16> {
+    head.split(' ').nth(1).and_then(|s| s.parse().ok())
+}
+
+fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())?
+    })
+}
+
 fn parse_reply(raw: &[u8]) -> Result<Reply, ClientError> {
     let bad = |m: &str| ClientError::Malformed(m.to_string());
     let end = raw
@@ -74,19 +154,8 @@ fn parse_reply(raw: &[u8]) -> Result<Reply, ClientError> {
         .position(|w| w == b"\r\n\r\n")
         .ok_or_else(|| bad("no end of headers"))?;
     let head = std::str::from_utf8(&raw[..end]).map_err(|_| bad("headers are not UTF-8"))?;
-    let status: u16 = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad("no status code"))?;
-    let len = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse::<usize>().ok())?
-        })
-        .ok_or_else(|| bad("no Content-Length"))?;
+    let status = status_of(head).ok_or_else(|| bad("no status code"))?;
+    let len = content_length(head).ok_or_else(|| bad("no Content-Length"))?;
     let body = raw
         .get(end + 4..end + 4 + len)
         .ok_or_else(|| bad("body shorter than Content-Length"))?;

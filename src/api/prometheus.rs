@@ -7,38 +7,22 @@
 //!
 //! Histogram buckets come from the reactors' HdrHistograms (3 significant digits): a
 //! sample counts in the bucket `le` when its HdrHistogram bucket's highest equivalent value
-//! is at most `le`, so a bucket bound can be off by 0.1 % of its value. `_sum` adds each
-//! sample at its HdrHistogram bucket's middle value (HdrHistogram keeps no exact sum), the
-//! same way its `mean()` does. One pass over each histogram's recorded buckets does both.
+//! is at most `le`, so a bucket bound can be off by 0.1 % of its value. The cumulative
+//! report keeps these bucket counts as it merges each interval ([`crate::metrics::Buckets`]),
+//! so a scrape costs the same after an hour as after a second. `_sum` is exact: the
+//! reactors add each sample to a counter as they record it.
 
 use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
 
-use crate::metrics::{QueueCounters, QueueMetrics, Report};
+use crate::metrics::{Buckets, QueueCounters, QueueMetrics, Report, LATENCY_BUCKETS_NS};
 
-/// Upper bounds of the latency histogram buckets, ns (then `+Inf`): 1-2-5 steps from 1 µs
-/// to 1 s, which covers a RAM disk at QD1 up to a saturated spinning disk.
-pub const LATENCY_BUCKETS_NS: [u64; 19] = [
-    1_000,
-    2_000,
-    5_000,
-    10_000,
-    20_000,
-    50_000,
-    100_000,
-    200_000,
-    500_000,
-    1_000_000,
-    2_000_000,
-    5_000_000,
-    10_000_000,
-    20_000_000,
-    50_000_000,
-    100_000_000,
-    200_000_000,
-    500_000_000,
-    1_000_000_000,
+/// The `le` label of each bound of [`LATENCY_BUCKETS_NS`] (seconds, as `{}` prints the
+/// bound / 1e9; a test checks each against that).
+const LE: [&str; LATENCY_BUCKETS_NS.len()] = [
+    "0.000001", "0.000002", "0.000005", "0.00001", "0.00002", "0.00005", "0.0001", "0.0002",
+    "0.0005", "0.001", "0.002", "0.005", "0.01", "0.02", "0.05", "0.1", "0.2", "0.5", "1",
 ];
 
 type Counter = (&'static str, &'static str, fn(&QueueCounters) -> u64);
@@ -79,8 +63,8 @@ const QUEUE_COUNTERS: [Counter; 11] = [
     ),
 ];
 
-fn escape(v: &str) -> String {
-    let mut s = String::with_capacity(v.len());
+/// Writes `v` escaped as a label value.
+fn escape_into(s: &mut String, v: &str) {
     for c in v.chars() {
         match c {
             '\\' => s.push_str("\\\\"),
@@ -89,69 +73,57 @@ fn escape(v: &str) -> String {
             c => s.push(c),
         }
     }
+}
+
+/// The label set of `q` (written once per queue and reused for each of its lines).
+fn queue_labels(q: &QueueMetrics) -> String {
+    let mut s = String::with_capacity(48 + q.device.len());
+    s.push_str("device=\"");
+    escape_into(&mut s, &q.device);
+    let _ = write!(s, "\",queue=\"{}\",reactor=\"{}\"", q.queue, q.reactor);
     s
 }
 
-fn queue_labels(q: &QueueMetrics) -> String {
-    format!(
-        "device=\"{}\",queue=\"{}\",reactor=\"{}\"",
-        escape(&q.device),
-        q.queue,
-        q.reactor
-    )
+fn seconds(ns: u64) -> f64 {
+    ns as f64 / 1e9
 }
 
-fn seconds(ns: u64) -> String {
-    format!("{}", ns as f64 / 1e9)
-}
-
-/// Cumulative counts of `h` at each bound of [`LATENCY_BUCKETS_NS`], and the sum of its
-/// samples in ns (each at its bucket's middle value), in one pass over the recorded buckets.
-fn cumulative(h: &Histogram<u64>) -> ([u64; LATENCY_BUCKETS_NS.len()], f64) {
-    let mut per = [0u64; LATENCY_BUCKETS_NS.len() + 1];
-    let mut sum = 0.0;
-    for v in h.iter_recorded() {
-        let top = h.highest_equivalent(v.value_iterated_to());
-        let n = v.count_at_value();
-        per[LATENCY_BUCKETS_NS.partition_point(|&b| b < top)] += n;
-        sum += h.median_equivalent(top) as f64 * n as f64;
-    }
-    let mut out = [0u64; LATENCY_BUCKETS_NS.len()];
-    let mut acc = 0;
-    for (o, p) in out.iter_mut().zip(per) {
-        acc += p;
-        *o = acc;
-    }
-    (out, sum)
-}
-
+/// One latency histogram family. Bucket counts come from the fixed buckets the cumulative
+/// report keeps (so a scrape does not walk the 25,600 counters of each histogram), or from
+/// the histogram itself where those do not count every sample (a report not built by
+/// merging intervals); `_sum` is the exact sum the reactor counts.
 fn histogram(
     s: &mut String,
     name: &str,
     help: &str,
-    report: &Report,
-    pick: fn(&QueueMetrics) -> &Histogram<u64>,
+    queues: &[(String, &QueueMetrics)],
+    pick: fn(&QueueMetrics) -> (&Histogram<u64>, &Buckets, u64),
 ) {
     let _ = writeln!(s, "# HELP ringvm_queue_{name}_seconds {help}");
     let _ = writeln!(s, "# TYPE ringvm_queue_{name}_seconds histogram");
-    for q in &report.queues {
-        let h = pick(q);
-        let l = queue_labels(q);
-        let (counts, sum_ns) = cumulative(h);
-        for (bound, count) in LATENCY_BUCKETS_NS.iter().zip(counts) {
+    for (l, q) in queues {
+        let (h, kept, sum_ns) = pick(q);
+        let n = h.len();
+        let counts = if kept.total() == n {
+            kept.cumulative()
+        } else {
+            Buckets::of(h).cumulative()
+        };
+        for (le, count) in LE.iter().zip(counts) {
             let _ = writeln!(
                 s,
-                "ringvm_queue_{name}_seconds_bucket{{{l},le=\"{}\"}} {count}",
-                seconds(*bound)
+                "ringvm_queue_{name}_seconds_bucket{{{l},le=\"{le}\"}} {count}"
             );
         }
-        let n = h.len();
-        let sum = sum_ns / 1e9;
         let _ = writeln!(
             s,
             "ringvm_queue_{name}_seconds_bucket{{{l},le=\"+Inf\"}} {n}"
         );
-        let _ = writeln!(s, "ringvm_queue_{name}_seconds_sum{{{l}}} {sum}");
+        let _ = writeln!(
+            s,
+            "ringvm_queue_{name}_seconds_sum{{{l}}} {}",
+            seconds(sum_ns)
+        );
         let _ = writeln!(s, "ringvm_queue_{name}_seconds_count{{{l}}} {n}");
     }
 }
@@ -165,36 +137,33 @@ pub fn exposition(report: &Report, uptime_s: f64) -> String {
     );
     let _ = writeln!(s, "# TYPE ringvm_uptime_seconds gauge");
     let _ = writeln!(s, "ringvm_uptime_seconds {uptime_s}");
+    let queues: Vec<(String, &QueueMetrics)> =
+        report.queues.iter().map(|q| (queue_labels(q), q)).collect();
     for (name, help, get) in QUEUE_COUNTERS {
         let _ = writeln!(s, "# HELP ringvm_queue_{name}_total {help}");
         let _ = writeln!(s, "# TYPE ringvm_queue_{name}_total counter");
-        for q in &report.queues {
-            let _ = writeln!(
-                s,
-                "ringvm_queue_{name}_total{{{}}} {}",
-                queue_labels(q),
-                get(&q.counters)
-            );
+        for (l, q) in &queues {
+            let _ = writeln!(s, "ringvm_queue_{name}_total{{{l}}} {}", get(&q.counters));
         }
     }
     histogram(
         &mut s,
         "kick_to_complete",
         "Kick seen by the reactor (or pop, for polled requests) to used-ring publish.",
-        report,
-        |q| &q.kick_to_complete,
+        &queues,
+        |q| (&q.kick_to_complete, &q.k2c_buckets, q.counters.k2c_sum_ns),
     );
     histogram(
         &mut s,
         "service",
         "Pop from the avail ring to completion.",
-        report,
-        |q| &q.service,
+        &queues,
+        |q| (&q.service, &q.service_buckets, q.counters.service_sum_ns),
     );
     type ReactorCounter = (
         &'static str,
         &'static str,
-        fn(&crate::metrics::ReactorMetrics) -> String,
+        fn(&crate::metrics::ReactorMetrics) -> f64,
     );
     let reactor: [ReactorCounter; 4] = [
         (
@@ -207,8 +176,8 @@ pub fn exposition(report: &Report, uptime_s: f64) -> String {
             "Time blocked in io_uring_enter waiting for work.",
             |r| seconds(r.idle_ns),
         ),
-        ("passes", "Event-loop passes.", |r| r.passes.to_string()),
-        ("enters", "io_uring_enter calls.", |r| r.enters.to_string()),
+        ("passes", "Event-loop passes.", |r| r.passes as f64),
+        ("enters", "io_uring_enter calls.", |r| r.enters as f64),
     ];
     for (name, help, get) in reactor {
         let _ = writeln!(s, "# HELP ringvm_reactor_{name}_total {help}");
@@ -259,6 +228,42 @@ mod tests {
             .unwrap_or_else(|| panic!("no {series} in\n{text}"))
             .parse()
             .unwrap()
+    }
+
+    #[test]
+    fn test_le_labels_print_each_bound_in_seconds() {
+        for (le, ns) in LE.iter().zip(LATENCY_BUCKETS_NS) {
+            assert_eq!(*le, format!("{}", ns as f64 / 1e9));
+        }
+    }
+
+    #[test]
+    fn test_exposition_uses_kept_buckets_and_falls_back_to_the_histogram() {
+        // Built by merging (as the API's cumulative report is): the kept buckets count.
+        let mut merged = Report {
+            reactors: report().reactors,
+            ..Default::default()
+        };
+        merged.add_interval(&report().queues[0]);
+        merged.add_interval(&report().queues[0]);
+        let q = &merged.queues[0];
+        assert_eq!(q.service_buckets.total(), 12);
+        let (a, b) = (exposition(&merged, 1.0), {
+            // The same samples recorded directly: the histogram is walked instead.
+            let mut direct = report();
+            let once = direct.queues[0].clone();
+            direct.queues[0].merge(&once);
+            exposition(&direct, 1.0)
+        });
+        assert_eq!(a, b);
+        let l = "device=\"disk\\\"1\",queue=\"0\",reactor=\"1\"";
+        assert_eq!(
+            value(
+                &a,
+                &format!("ringvm_queue_kick_to_complete_seconds_bucket{{{l},le=\"0.000005\"}}")
+            ),
+            6.0
+        );
     }
 
     #[test]

@@ -412,7 +412,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
         }
         if api.is_none() {
             // One socket for the whole run: each job's VM joins it in turn.
-            api = super::start_api(args.vm.api_socket.as_deref(), "bench", &config)?;
+            api = super::start_api(&args.vm, "bench", &config)?;
         }
         let hlog_path = args.vm.hlog.as_ref().map(|hlog| {
             if jobs.len() == 1 {

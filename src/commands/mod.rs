@@ -92,7 +92,7 @@ impl VmExtension for RunVm {
 /// per-queue statistics when the VM had disks.
 pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     let config = VmConfig::from_args(args)?;
-    let api = start_api(args.vm.api_socket.as_deref(), "run", &config)?;
+    let api = start_api(&args.vm, "run", &config)?;
     let found = Arc::new(Mutex::new(None));
     let tap = match &config.hlog {
         Some(_) => Some(ResultTap {
@@ -140,21 +140,31 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
     Ok(outcome.reason.status() as u8)
 }
 
-/// Starts the control plane on `path`, if given. Its thread goes on a core that neither a
-/// vCPU nor a reactor is pinned to, else on the first vCPU's core: a reactor's core is
-/// never shared with it, and a vCPU loses only the few microseconds a request costs.
+/// Starts the control plane on `--api-socket`, if given, pinned to `--api-core`, else to
+/// a core that neither a vCPU nor a reactor is pinned to, else to the last reactor's core.
+/// Never a vCPU's core by default: a vCPU busy in its guest pays a VM exit and entry each
+/// time the control thread preempts it, while a reactor waiting for I/O lets it run in its
+/// gaps and preempts it back on wake-up (perf/RESULTS.md, "Control plane").
 pub(crate) fn start_api(
-    path: Option<&std::path::Path>,
+    vm: &ringvm::cli::VmArgs,
     command: &'static str,
     config: &VmConfig,
 ) -> anyhow::Result<Option<ApiServer>> {
-    let Some(path) = path else {
+    let Some(path) = vm.api_socket.as_deref() else {
         return Ok(None);
     };
-    let free = ringvm::config::host_cores()
+    let cores = ringvm::config::host_cores();
+    if let Some(c) = vm.api_core.filter(|c| !cores.contains(c)) {
+        anyhow::bail!("--api-core {c}: no such core on this host (cores: {cores:?})");
+    }
+    let free = cores
         .into_iter()
         .find(|c| !config.vcpu_cores.contains(c) && !config.io_cores.contains(c));
-    let core = free.or(config.vcpu_cores.first().copied());
+    let core = vm
+        .api_core
+        .or(free)
+        .or(config.io_cores.last().copied())
+        .or(config.vcpu_cores.first().copied());
     Ok(Some(ApiServer::start(path, command, core, config.seccomp)?))
 }
 

@@ -403,7 +403,8 @@ mod tests {
     use super::*;
 
     /// The exact bytes the hand-built JSON writer produced for this report (captured from it
-    /// before the move to serde): `--stats-json` and `ringvm bench --json` readers see no change.
+    /// before the move to serde), plus the latency sums added after the poll hits since:
+    /// `--stats-json` and `ringvm bench --json` readers see only that addition.
     #[test]
     fn test_json_report_matches_previous_writer_bytewise() {
         let mut q = QueueMetrics::new("q\"x", 1, 2);
@@ -424,7 +425,7 @@ mod tests {
             queues: vec![q],
             elapsed: Duration::from_nanos(1_234_567_891),
         };
-        let expected = r#"{"elapsed_ns":1234567891,"busy_ns_per_request":2,"queues":[{"device":"q\"x","queue":1,"reactor":2,"requests":2,"reads":0,"writes":2,"flushes":0,"get_ids":0,"discards":0,"write_zeroes":0,"unsupported":0,"errors":0,"bytes_read":0,"bytes_written":8192,"kicks":0,"irqs_sent":0,"irqs_suppressed":0,"poll_hits":0,"kick_to_complete_ns":{"count":2,"min":7,"mean":620.5,"p50":7,"p90":1234,"p99":1234,"p99_9":1234,"max":1234,"buckets":[[7,1],[1234,1]]},"service_ns":{"count":0,"min":0,"mean":0.0,"p50":0,"p90":0,"p99":0,"p99_9":0,"max":0,"buckets":[]},"batch":{"count":1,"min":8,"mean":8.0,"p50":8,"p90":8,"p99":8,"p99_9":8,"max":8,"buckets":[[8,1]]}}],"reactors":[{"index":2,"core":1,"busy_ns":5,"idle_ns":6,"passes":7,"enters":8}]}"#;
+        let expected = r#"{"elapsed_ns":1234567891,"busy_ns_per_request":2,"queues":[{"device":"q\"x","queue":1,"reactor":2,"requests":2,"reads":0,"writes":2,"flushes":0,"get_ids":0,"discards":0,"write_zeroes":0,"unsupported":0,"errors":0,"bytes_read":0,"bytes_written":8192,"kicks":0,"irqs_sent":0,"irqs_suppressed":0,"poll_hits":0,"k2c_sum_ns":1241,"service_sum_ns":0,"kick_to_complete_ns":{"count":2,"min":7,"mean":620.5,"p50":7,"p90":1234,"p99":1234,"p99_9":1234,"max":1234,"buckets":[[7,1],[1234,1]]},"service_ns":{"count":0,"min":0,"mean":0.0,"p50":0,"p90":0,"p99":0,"p99_9":0,"max":0,"buckets":[]},"batch":{"count":1,"min":8,"mean":8.0,"p50":8,"p90":8,"p99":8,"p99_9":8,"max":8,"buckets":[[8,1]]}}],"reactors":[{"index":2,"core":1,"busy_ns":5,"idle_ns":6,"passes":7,"enters":8}]}"#;
         assert_eq!(report.to_json(), expected);
         assert_eq!(
             report.to_json_value(),

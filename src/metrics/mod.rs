@@ -18,9 +18,11 @@
 //!   HdrHistogram's `HistogramLogProcessor` and `hdr-plot`; [`HlogWriter`] appends one
 //!   interval per snapshot instead (what was recorded since the previous one).
 
+mod buckets;
 mod format;
 mod parse;
 
+pub use buckets::{Buckets, LATENCY_BUCKETS_NS};
 pub use format::{pcts, HlogError, HlogWriter};
 
 use std::time::Duration;
@@ -57,6 +59,10 @@ pub struct QueueCounters {
     pub irqs_suppressed: u64,
     /// Passes in busy-poll mode that found new requests without a kick.
     pub poll_hits: u64,
+    /// Sum of the kick-to-completion samples, ns (exact; the histogram keeps none).
+    pub k2c_sum_ns: u64,
+    /// Sum of the service-time samples, ns.
+    pub service_sum_ns: u64,
 }
 
 impl QueueCounters {
@@ -86,6 +92,8 @@ impl QueueCounters {
         self.irqs_sent += o.irqs_sent;
         self.irqs_suppressed += o.irqs_suppressed;
         self.poll_hits += o.poll_hits;
+        self.k2c_sum_ns = self.k2c_sum_ns.wrapping_add(o.k2c_sum_ns);
+        self.service_sum_ns = self.service_sum_ns.wrapping_add(o.service_sum_ns);
     }
 
     /// What was counted since `before` (an earlier copy of the same counters).
@@ -105,6 +113,8 @@ impl QueueCounters {
             irqs_sent: self.irqs_sent.wrapping_sub(before.irqs_sent),
             irqs_suppressed: self.irqs_suppressed.wrapping_sub(before.irqs_suppressed),
             poll_hits: self.poll_hits.wrapping_sub(before.poll_hits),
+            k2c_sum_ns: self.k2c_sum_ns.wrapping_sub(before.k2c_sum_ns),
+            service_sum_ns: self.service_sum_ns.wrapping_sub(before.service_sum_ns),
         }
     }
 }
@@ -124,6 +134,12 @@ pub struct QueueMetrics {
     pub service: Histogram<u64>,
     /// Requests popped per pass.
     pub batch: Histogram<u64>,
+    /// [`kick_to_complete`](Self::kick_to_complete) in fixed buckets, kept by
+    /// [`merge`](Self::merge) only (a cumulative report's entries); the reactor records into
+    /// the histograms alone, so readers check [`Buckets::total`] against the histogram.
+    pub k2c_buckets: Buckets,
+    /// [`service`](Self::service) in fixed buckets, kept like `k2c_buckets`.
+    pub service_buckets: Buckets,
 }
 
 fn latency_histogram() -> Histogram<u64> {
@@ -143,19 +159,25 @@ impl QueueMetrics {
             service: latency_histogram(),
             batch: Histogram::new_with_bounds(1, BATCH_MAX, SIGFIGS)
                 .expect("constant histogram bounds are valid"),
+            k2c_buckets: Buckets::default(),
+            service_buckets: Buckets::default(),
         }
     }
 
     /// Records a kick-to-completion latency.
     #[inline]
     pub fn record_k2c(&mut self, d: Duration) {
-        self.kick_to_complete.saturating_record(clamp_ns(d));
+        let ns = clamp_ns(d);
+        self.kick_to_complete.saturating_record(ns);
+        self.counters.k2c_sum_ns = self.counters.k2c_sum_ns.wrapping_add(ns);
     }
 
     /// Records a service time.
     #[inline]
     pub fn record_service(&mut self, d: Duration) {
-        self.service.saturating_record(clamp_ns(d));
+        let ns = clamp_ns(d);
+        self.service.saturating_record(ns);
+        self.counters.service_sum_ns = self.counters.service_sum_ns.wrapping_add(ns);
     }
 
     /// Records the size of a batch (zero-sized batches are not recorded).
@@ -179,6 +201,8 @@ impl QueueMetrics {
             kick_to_complete: tiny(),
             service: tiny(),
             batch: tiny(),
+            k2c_buckets: Buckets::default(),
+            service_buckets: Buckets::default(),
         }
     }
 
@@ -204,6 +228,8 @@ impl QueueMetrics {
     /// Empties the histograms and zeroes the counters, keeping their memory.
     pub fn clear_samples(&mut self) {
         self.counters = QueueCounters::default();
+        self.k2c_buckets = Buckets::default();
+        self.service_buckets = Buckets::default();
         self.kick_to_complete.reset();
         self.service.reset();
         self.batch.reset();
@@ -213,9 +239,12 @@ impl QueueMetrics {
         (&self.device, self.queue)
     }
 
-    /// Adds `o` into `self` (same device and queue).
+    /// Adds `o` into `self` (same device and queue), and `o`'s latency samples into
+    /// `self`'s fixed buckets (from `o`'s histograms: an interval's span only).
     pub fn merge(&mut self, o: &QueueMetrics) {
         self.counters.add(&o.counters);
+        self.k2c_buckets.add(&o.kick_to_complete);
+        self.service_buckets.add(&o.service);
         // Same bounds on both sides, so `add` cannot fail.
         let _ = self.kick_to_complete.add(&o.kick_to_complete);
         let _ = self.service.add(&o.service);
@@ -267,22 +296,22 @@ impl Report {
 
     /// Adds one queue's metrics, summing with an existing entry for the same device and queue.
     pub fn add_queue(&mut self, q: QueueMetrics) {
-        match self.queues.iter_mut().find(|e| e.key() == q.key()) {
-            Some(e) => e.merge(&q),
-            None => {
-                self.queues.push(q);
-                self.queues
-                    .sort_by(|a, b| a.device.cmp(&b.device).then(a.queue.cmp(&b.queue)));
-            }
-        }
+        self.add_interval(&q);
     }
 
     /// Adds `q` (what one queue recorded over an interval) into the entry of the same device
-    /// and queue, without allocating when that entry exists; otherwise appends a copy.
+    /// and queue, without allocating when that entry exists; otherwise into a new entry
+    /// (merged into an empty one, so its fixed buckets count every sample).
     pub fn add_interval(&mut self, q: &QueueMetrics) {
         match self.queues.iter_mut().find(|e| e.key() == q.key()) {
             Some(e) => e.merge(q),
-            None => self.add_queue(q.clone()),
+            None => {
+                let mut e = QueueMetrics::new(&q.device, q.queue, q.reactor);
+                e.merge(q);
+                self.queues.push(e);
+                self.queues
+                    .sort_by(|a, b| a.device.cmp(&b.device).then(a.queue.cmp(&b.queue)));
+            }
         }
     }
 

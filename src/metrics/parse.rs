@@ -55,6 +55,9 @@ impl Report {
                 irqs_sent: u(q, "irqs_sent")?,
                 irqs_suppressed: u(q, "irqs_suppressed")?,
                 poll_hits: u(q, "poll_hits")?,
+                // Absent from reports written before the sums were counted.
+                k2c_sum_ns: q["k2c_sum_ns"].as_u64().unwrap_or(0),
+                service_sum_ns: q["service_sum_ns"].as_u64().unwrap_or(0),
             };
             fill(&mut m.kick_to_complete, q, "kick_to_complete_ns")?;
             fill(&mut m.service, q, "service_ns")?;

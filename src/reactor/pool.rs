@@ -71,6 +71,25 @@ impl PoolHandle {
         self.0.collector.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Like [`wait`](Self::wait), polling the channel for up to `spin` first: a reactor
+    /// answers a snapshot within one pass, and parking for it would cost the caller two
+    /// context switches and the reactor a cross-core wake-up per snapshot.
+    fn wait_spinning<T>(index: usize, rx: &Receiver<T>, spin: Duration) -> Result<T, ReactorError> {
+        let start = Instant::now();
+        loop {
+            match rx.try_recv() {
+                Ok(v) => return Ok(v),
+                Err(mpsc::TryRecvError::Disconnected) => return Err(ReactorError::Gone { index }),
+                Err(mpsc::TryRecvError::Empty) if start.elapsed() < spin => {
+                    for _ in 0..64 {
+                        std::hint::spin_loop();
+                    }
+                }
+                Err(mpsc::TryRecvError::Empty) => return Self::wait(index, rx),
+            }
+        }
+    }
+
     fn wait<T>(index: usize, rx: &Receiver<T>) -> Result<T, ReactorError> {
         rx.recv_timeout(CONTROL_TIMEOUT).map_err(|e| match e {
             mpsc::RecvTimeoutError::Timeout => ReactorError::Timeout {
@@ -203,7 +222,7 @@ impl PoolHandle {
             let Some(rx) = c.pending[i].take() else {
                 continue;
             };
-            match Self::wait(i, &rx) {
+            match Self::wait_spinning(i, &rx, SNAPSHOT_SPIN) {
                 Ok(mut buf) => {
                     c.absorb(i, &mut buf);
                     c.bufs[i] = Some(buf);
@@ -225,6 +244,9 @@ impl PoolHandle {
         Ok(f(&c.merged))
     }
 }
+
+/// How long a snapshot polls for each reactor's answer before it parks.
+const SNAPSHOT_SPIN: Duration = Duration::from_micros(50);
 
 /// The reactor threads. Dropping the pool without [`stop`](Self::stop) lets the threads drain
 /// and exit on their own.
