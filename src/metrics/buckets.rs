@@ -107,6 +107,42 @@ impl Buckets {
     }
 }
 
+/// Adds `src`'s samples into `dst` (same bounds and precision), reading only `src`'s
+/// `[min, max]` range: empty stretches are skipped 64 sub-buckets at a time with
+/// `count_between`, and only non-empty values are recorded. `Histogram::add` reads and
+/// writes all 25,600 counters of both instead, which costs each scrape about as much cache
+/// as the vCPU it shares a core with holds. Falls back to `add` when the histograms differ.
+pub fn add_range(dst: &mut Histogram<u64>, src: &Histogram<u64>) {
+    if src.is_empty() {
+        return;
+    }
+    if dst.low() != src.low() || dst.high() != src.high() || dst.sigfig() != src.sigfig() {
+        // Cannot fail for histograms of the same range once auto-resize is off.
+        let _ = dst.add(src);
+        return;
+    }
+    let max = src.max();
+    let mut v = src.min();
+    while v <= max {
+        let step = src.next_non_equivalent(v) - v;
+        let end = v.saturating_add(64 * step - 1).min(max);
+        if src.count_between(v, end) != 0 {
+            while v <= end {
+                let c = src.count_at(v);
+                if c != 0 {
+                    dst.saturating_record_n(v, c);
+                }
+                v = src.next_non_equivalent(v);
+            }
+        } else {
+            v = end + 1;
+        }
+        if end == max {
+            break;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +188,20 @@ mod tests {
         assert_eq!(b, Buckets::of(&whole));
         assert_eq!(b.cumulative()[0], 1, "only 900 ns is at most 1 µs");
         assert_eq!(b.cumulative()[LATENCY_BUCKETS_NS.len() - 1], 5);
+    }
+
+    #[test]
+    fn test_add_range_equals_add() {
+        let mut values: Vec<u64> = (0..5000u64).map(|i| 5_000 + (i * 7919) % 3_000).collect();
+        values.extend([1, 999, 45_000, 3_000_000, LATENCY_MAX_NS]);
+        for src in [hist(&values), hist(&[20_001]), hist(&[]), hist(&[0, 0, 7])] {
+            let mut a = hist(&[40, 6_000, 7_000_000]);
+            let mut b = a.clone();
+            a.add(&src).unwrap();
+            add_range(&mut b, &src);
+            assert_eq!(a, b);
+            assert_eq!((a.min(), a.max(), a.len()), (b.min(), b.max(), b.len()));
+        }
     }
 
     #[test]
