@@ -26,7 +26,7 @@ mod ring;
 mod snapshot;
 
 pub use event_loop::{LocalControl, Reactor, RingCtx};
-pub use pool::{PoolHandle, ReactorPool};
+pub use pool::{DeviceKindOrdinal, PoolHandle, ReactorPool};
 pub use ring::{build_ring, ring_restrictions};
 
 use std::os::fd::RawFd;

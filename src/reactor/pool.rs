@@ -31,6 +31,19 @@ struct Inner {
     collector: Mutex<Collector>,
     /// The next key [`PoolHandle::device_keys`] hands out.
     next_key: AtomicU64,
+    /// The next ordinal per device kind ([`PoolHandle::ordinal`]).
+    next_ordinal: [AtomicU64; DeviceKindOrdinal::COUNT],
+}
+
+/// The device kinds numbered separately for their names (`blk0`, `net0`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKindOrdinal {
+    Block = 0,
+    Net = 1,
+}
+
+impl DeviceKindOrdinal {
+    const COUNT: usize = 2;
 }
 
 /// A cheap, cloneable way for devices to send messages to the reactors. Holds no thread.
@@ -54,6 +67,13 @@ impl PoolHandle {
     pub fn device_keys(&self, count: u64) -> Range<u64> {
         let start = self.0.next_key.fetch_add(count, Ordering::Relaxed);
         start..start + count
+    }
+
+    /// The next ordinal of a device of `kind` on this pool (0, 1, … per kind): names a
+    /// device without an `id=` (`blk0`, `net1`) and spreads its first queue over the
+    /// reactors. Per pool, so per VM: every `ringvm bench` job's first disk is `blk0`.
+    pub fn ordinal(&self, kind: DeviceKindOrdinal) -> u64 {
+        self.0.next_ordinal[kind as usize].fetch_add(1, Ordering::Relaxed)
     }
 
     fn send(&self, index: usize, cmd: Command) -> Result<(), ReactorError> {
@@ -294,6 +314,7 @@ impl ReactorPool {
                 started: Instant::now(),
                 collector: Mutex::new(Collector::new(&opts.cores)),
                 next_key: AtomicU64::new(0),
+                next_ordinal: Default::default(),
             })),
             threads,
         };
@@ -497,6 +518,26 @@ mod tests {
             ExitHandle::new().unwrap(),
         );
         assert!(matches!(r, Err(ReactorError::NoCores)));
+    }
+
+    #[test]
+    fn test_ordinals_count_per_kind_and_per_pool() {
+        let (a, b) = (start(1), start(1));
+        let (ha, hb) = (a.handle(), b.handle());
+        assert_eq!(ha.ordinal(DeviceKindOrdinal::Block), 0);
+        assert_eq!(ha.ordinal(DeviceKindOrdinal::Block), 1);
+        assert_eq!(ha.ordinal(DeviceKindOrdinal::Net), 0);
+        assert_eq!(
+            hb.ordinal(DeviceKindOrdinal::Block),
+            0,
+            "a new VM starts again at 0"
+        );
+        assert_eq!(ha.device_keys(2), 0..2);
+        assert_eq!(
+            ha.device_keys(1),
+            2..3,
+            "keys stay one sequence for every kind"
+        );
     }
 
     #[test]

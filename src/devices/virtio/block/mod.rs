@@ -34,7 +34,7 @@ pub mod request;
 
 pub use config::{BackendKind, DiskConfig, DiskConfigError, DiskInfo};
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,11 +48,7 @@ use super::{
     F_VERSION_1, TYPE_BLOCK,
 };
 use crate::metrics::QueueMetrics;
-use crate::reactor::{PoolHandle, ReactorError, ReactorPool};
-
-/// Numbers the disks without `id=` (`blk0`, `blk1`, …) and spreads their first queues over
-/// the pool; the reactors know the queues by keys from the pool ([`PoolHandle::device_keys`]).
-static NEXT_DEVICE: AtomicU64 = AtomicU64::new(0);
+use crate::reactor::{DeviceKindOrdinal, PoolHandle, ReactorError, ReactorPool};
 
 /// Errors creating a block device.
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +87,9 @@ impl BlockDevice {
     /// Like [`new`](Self::new), with a pool handle.
     pub fn with_handle(cfg: &DiskConfig, pool: PoolHandle) -> Result<BlockDevice, BlockError> {
         let backend = Backend::open(cfg)?;
-        let n = NEXT_DEVICE.fetch_add(1, Ordering::Relaxed);
+        // Disks without `id=` are `blk0`, `blk1`, … in the VM; the reactors know the
+        // queues by keys from the pool ([`PoolHandle::device_keys`]).
+        let n = pool.ordinal(DeviceKindOrdinal::Block);
         let name = cfg.id.clone().unwrap_or_else(|| format!("blk{n}"));
         let list: Vec<usize> = cfg
             .reactors

@@ -29,7 +29,7 @@ pub mod tx;
 pub use config::{NetConfig, NetConfigError};
 pub use tap::{Tap, TapError};
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,11 +45,7 @@ use super::{
     F_VERSION_1, TYPE_NET,
 };
 use crate::metrics::QueueMetrics;
-use crate::reactor::{PoolHandle, ReactorPool};
-
-/// Numbers the devices (`net0`, `net1`, …, and their default MACs); the reactors know a
-/// device's queues by a key from the pool ([`PoolHandle::device_keys`]).
-static NEXT_DEVICE: AtomicU64 = AtomicU64::new(0);
+use crate::reactor::{DeviceKindOrdinal, PoolHandle, ReactorPool};
 
 /// Errors creating a net device.
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +123,9 @@ impl NetDevice {
             tap.set_mtu(mtu)?;
         }
         let pairs = Arc::new(ActivePairs::new(&tap)?);
-        let n = NEXT_DEVICE.fetch_add(1, Ordering::Relaxed);
+        // `net0`, `net1`, … in the VM, and their default MACs; the reactors know a device's
+        // queues by a key from the pool ([`PoolHandle::device_keys`]).
+        let n = pool.ordinal(DeviceKindOrdinal::Net);
         let offset = if cfg.reactors.is_none() {
             n as usize
         } else {
