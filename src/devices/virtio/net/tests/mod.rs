@@ -20,6 +20,7 @@ use crate::reactor::{ReactorOptions, ReactorPool};
 use crate::vmm::exit::ExitHandle;
 
 mod lifecycle;
+mod mrg;
 mod pairs;
 
 const MEM: usize = 32 << 20;
