@@ -77,6 +77,9 @@ pub struct NetDevice {
     /// Pairs in use (VQ_PAIRS_SET) and the tap queues that follow them.
     pairs: Arc<ActivePairs>,
     needs_reset: Arc<AtomicBool>,
+    /// The tap's MTU, read at start-up (the vCPU threads that activate the device may not
+    /// open sockets under seccomp): an MTU raised later sees larger frames dropped.
+    tap_mtu: u32,
     /// The largest frame the tap delivers with the offloads set at activation
     /// ([`rx_frame_max`]): RX reads are sized for it.
     rx_frame_max: u32,
@@ -150,6 +153,10 @@ impl NetDevice {
         let mac = cfg
             .mac
             .unwrap_or([0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(n as u8)]);
+        let tap_mtu = tap.mtu().unwrap_or_else(|| {
+            log::warn!("net{n}: cannot read the MTU of tap {}; RX reads sized for 1500", cfg.tap);
+            1500
+        });
         let sup = tap.supported_offloads();
         let mut features = F_VERSION_1
             | F_RING_EVENT_IDX
@@ -198,6 +205,7 @@ impl NetDevice {
             stops: Vec::new(),
             pairs,
             needs_reset: Arc::new(AtomicBool::new(false)),
+            tap_mtu,
             rx_frame_max: rx::FRAME_MAX_MTU1500,
         })
     }
@@ -355,11 +363,7 @@ impl VirtioDevice for NetDevice {
         self.tap
             .set_offloads(offloads)
             .map_err(ActivateError::Tap)?;
-        let mtu = self.tap.mtu().unwrap_or_else(|| {
-            log::warn!("{}: cannot read the tap's MTU; RX reads sized for 1500", self.name);
-            1500
-        });
-        self.rx_frame_max = rx_frame_max(offloads, mtu);
+        self.rx_frame_max = rx_frame_max(offloads, self.tap_mtu);
         // Pair 0 until the driver sets more (without MQ, for good): the other tap queues
         // are detached so that no flow lands where nobody reads.
         self.pairs.set(1).map_err(ActivateError::Tap)?;

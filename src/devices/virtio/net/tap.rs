@@ -217,8 +217,8 @@ impl Tap {
         Ok(())
     }
 
-    /// The interface's MTU now (SIOCGIFMTU), `None` when it cannot be read. Read once per
-    /// activation: it sizes the RX reads (`rx::RxQueue::with_frame_max`).
+    /// The interface's MTU now (SIOCGIFMTU), `None` when it cannot be read. Read once at
+    /// start-up (it opens a socket): it sizes the RX reads (`rx::RxQueue::with_frame_max`).
     pub fn mtu(&self) -> Option<u32> {
         // SAFETY: plain socket(2); the result is checked before it is owned.
         let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };

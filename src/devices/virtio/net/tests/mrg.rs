@@ -222,3 +222,21 @@ fn test_rx_without_mrg_large_frame_dropped_small_buffer_kept() {
     let f = h.frames(&bufs, 1);
     assert_eq!((f.len(), f[0].num_buffers), (1, 1));
 }
+
+#[test]
+fn test_rx_mrg_recycled_buffers_keep_receiving() {
+    let Some(mut h) = harness(MTU_OPTS, ACKED | F_RING_EVENT_IDX, &[0, 1]) else {
+        return;
+    };
+    let p = peer(&h);
+    let bufs = h.post_rx(100, 1526);
+    for i in 0..40u8 {
+        p.send(&payload(64, i));
+        let f = h.wait_used(0, 1);
+        assert_eq!(f.len(), 1, "frame {i}: {:?}", h.rx_counters());
+        // The driver hands the buffer back, as netbench does.
+        h.q(0).drv.publish(f[0].0 as u16);
+        h.kick(0);
+    }
+    let _ = bufs;
+}
