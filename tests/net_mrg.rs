@@ -136,15 +136,24 @@ fn test_jumbo_frames_reach_guest_over_several_mrg_buffers() {
     let out = vm.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(up, "the guest never answered a ping\nstdout: {stdout}\nstderr: {stderr}");
-    assert!(small_after, "no answer after the jumbo frames\nstdout: {stdout}");
+    assert!(
+        up,
+        "the guest never answered a ping\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        small_after,
+        "no answer after the jumbo frames\nstdout: {stdout}"
+    );
     let line = stdout
         .lines()
         .find(|l| l.starts_with("{\"netbench\":"))
         .unwrap_or_else(|| panic!("no netbench result\nstdout: {stdout}\nstderr: {stderr}"));
     let v: serde_json::Value = serde_json::from_str(line).unwrap();
     let rx = &v["rx"];
-    assert_eq!(rx["echo_too_big"], JUMBO_PINGS, "jumbo requests with good checksums: {v}");
+    assert_eq!(
+        rx["echo_too_big"], JUMBO_PINGS,
+        "jumbo requests with good checksums: {v}"
+    );
     assert_eq!(rx["multi_buffer"], JUMBO_PINGS, "{v}");
     assert_eq!(rx["max_buffers"], BUFFERS, "{v}");
     assert_eq!(rx["multi_missing"], 0, "{v}");

@@ -154,7 +154,10 @@ impl NetDevice {
             .mac
             .unwrap_or([0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(n as u8)]);
         let tap_mtu = tap.mtu().unwrap_or_else(|| {
-            log::warn!("net{n}: cannot read the MTU of tap {}; RX reads sized for 1500", cfg.tap);
+            log::warn!(
+                "net{n}: cannot read the MTU of tap {}; RX reads sized for 1500",
+                cfg.tap
+            );
             1500
         });
         let sup = tap.supported_offloads();

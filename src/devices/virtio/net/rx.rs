@@ -256,8 +256,8 @@ impl RxRequests {
             iov_len: self.overflow.len(),
         };
         (r.n, r.cap) = (n, cap);
-        let e = opcode::Readv::new(types::Fixed(self.fixed), r.iov.as_ptr(), niov as u32 + 1)
-            .build();
+        let e =
+            opcode::Readv::new(types::Fixed(self.fixed), r.iov.as_ptr(), niov as u32 + 1).build();
         // SAFETY: the read fills the read's iovecs: guest buffers of chains the device holds
         // until the completion, and `overflow`, a boxed slice that never moves, lives as long
         // as the queue and is written only by reads. The iovec array is boxed, stays with
@@ -394,7 +394,11 @@ impl RxRequests {
             }
             // tun writes the 10-byte legacy header and skips num_buffers.
             let nb = (k as u16).to_le_bytes();
-            for (i, at) in self.chains[usize::from(first)].num_buffers.iter().enumerate() {
+            for (i, at) in self.chains[usize::from(first)]
+                .num_buffers
+                .iter()
+                .enumerate()
+            {
                 if core.mem().write_obj(nb[i], *at).is_err() {
                     core.fail("cannot write num_buffers", now);
                     return;

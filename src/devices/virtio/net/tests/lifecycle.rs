@@ -206,7 +206,10 @@ fn test_rx_frame_max_follows_offloads_and_mtu() {
     use super::tap::*;
     assert_eq!(rx_frame_max(TUN_F_CSUM, 1500), 1518);
     assert_eq!(rx_frame_max(TUN_F_CSUM, 9000), 9018);
-    assert_eq!(rx_frame_max(TUN_F_CSUM | TUN_F_TSO4, 1500), frame::FRAME_MAX);
+    assert_eq!(
+        rx_frame_max(TUN_F_CSUM | TUN_F_TSO4, 1500),
+        frame::FRAME_MAX
+    );
     assert_eq!(rx_frame_max(TUN_F_CSUM | TUN_F_UFO, 1500), frame::FRAME_MAX);
     assert_eq!(rx_frame_max(0, 65521), 65521 + 18);
     assert_eq!(rx_frame_max(0, u32::MAX), frame::FRAME_MAX);

@@ -539,7 +539,12 @@ fn test_tx_on_second_pair_reaches_multiqueue_tap() {
 #[ignore]
 fn rx_flood() {
     let gso = std::env::var("RX_FLOOD_GSO").is_ok_and(|v| v == "1");
-    let acked = ACKED | if gso { f::GUEST_CSUM | f::GUEST_TSO4 } else { 0 };
+    let acked = ACKED
+        | if gso {
+            f::GUEST_CSUM | f::GUEST_TSO4
+        } else {
+            0
+        };
     let Some(mut h) = harness("", acked, &[0, 1]) else {
         return;
     };
