@@ -3,7 +3,8 @@
 //!
 //! Input: a flags byte, then an image of guest memory from address 0 laid out as
 //! [`TestDriver`] lays out a queue. Flags: bit 0 EVENT_IDX, bit 1 the driver acknowledged
-//! every offload (CSUM, TSO, UFO, MRG_RXBUF, MQ; else VERSION_1 alone), bits 2-3 queue size
+//! every offload (CSUM, TSO, UFO, MRG_RXBUF and GUEST_TSO4, so that an RX read spans every
+//! chain there is, MQ; else VERSION_1 alone), bits 2-3 queue size
 //! (2, 4, 8, 16), bits 4-5 the queue (0 RX, 1 TX, 2 control, 3 TX), bits 6-7 pick the
 //! made-up results of the tap reads and writes.
 //!
@@ -137,6 +138,7 @@ fn acked(flags: u8) -> u64 {
     }
     base | f::CSUM
         | f::GUEST_CSUM
+        | f::GUEST_TSO4
         | f::HOST_TSO4
         | f::HOST_TSO6
         | f::HOST_ECN

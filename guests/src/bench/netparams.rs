@@ -48,6 +48,9 @@ pub struct NetParams {
     pub tsc_khz: Option<u64>,
     /// Queue size (power of two, 16..=1024, ≤ the device's maximum); `None` = device max, capped.
     pub qsize: Option<u16>,
+    /// Bytes per receive buffer (`rxbuf=`, 256..=2048): smaller than a frame, the device
+    /// spreads frames over several buffers (MRG_RXBUF).
+    pub rx_buf: u32,
 }
 
 pub const DEFAULT_IP: Ip = [10, 0, 2, 15];
@@ -64,6 +67,9 @@ pub const DEFAULT_FLOOD_RUNTIME_NS: u64 = 5_000_000_000;
 pub const DEFAULT_ECHO_RUNTIME_NS: u64 = 10_000_000_000;
 /// Largest queue the driver sets up (2 KiB of buffer per descriptor).
 pub const MAX_QSIZE: u64 = 1024;
+/// Receive buffer sizes accepted (`rxbuf=`); the largest is the default.
+pub const RX_BUF_MIN: u64 = 256;
+pub const RX_BUF_MAX: u32 = 2048;
 /// Longest interval and timeout accepted (1 minute).
 const MAX_WAIT_NS: u64 = 60_000_000_000;
 
@@ -91,6 +97,7 @@ impl NetParams {
             timeout_ns: DEFAULT_TIMEOUT_MS * 1_000_000,
             tsc_khz: None,
             qsize: None,
+            rx_buf: RX_BUF_MAX,
         };
         let mut size = None;
         let mut peer_given = None;
@@ -182,6 +189,13 @@ impl NetParams {
                     }
                     p.qsize = Some(n as u16);
                 }
+                "rxbuf" => {
+                    let n = num()?;
+                    if !(RX_BUF_MIN..=u64::from(RX_BUF_MAX)).contains(&n) {
+                        return Err(bad("must be 256..2048"));
+                    }
+                    p.rx_buf = n as u32;
+                }
                 _ => return Err(ParamError { key, value, reason: "unknown parameter" }),
             }
         }
@@ -266,6 +280,8 @@ mod tests {
             ("qsize=100", "qsize"),
             ("qsize=8", "qsize"),
             ("qsize=2048", "qsize"),
+            ("rxbuf=255", "rxbuf"),
+            ("rxbuf=2049", "rxbuf"),
             ("bs=4k", "bs"),
             ("nokey", "nokey"),
         ] {

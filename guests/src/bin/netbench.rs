@@ -140,6 +140,9 @@ fn main(si: &StartInfo) -> ! {
             fail("size", "the packet exceeds the device's MTU");
         }
     }
+    if p.rx_buf < ringvm_guests::bench::netparams::RX_BUF_MAX && features & net::F_MRG_RXBUF == 0 {
+        fail("rxbuf", "buffers smaller than 2048 bytes need MRG_RXBUF, which the device did not offer");
+    }
     let (mac, mac_source) = match (p.mac, cfg.mac) {
         (Some(m), _) => (m, "cmdline"),
         (None, Some(m)) if netproto::is_unicast_mac(&m) => (m, "device"),
@@ -178,7 +181,7 @@ fn main(si: &StartInfo) -> ! {
     };
     let rx = queue(RX_QUEUE, rx_size);
     let tx = queue(TX_QUEUE, tx_size);
-    let Some(nic) = Nic::new(&mut bump, rx, tx, features & net::F_MRG_RXBUF != 0) else {
+    let Some(nic) = Nic::new(&mut bump, rx, tx, features & net::F_MRG_RXBUF != 0, p.rx_buf) else {
         fail("qsize", "buffers do not fit in guest memory")
     };
     dev.add_status(status::DRIVER_OK);

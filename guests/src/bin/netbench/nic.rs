@@ -1,6 +1,8 @@
 //! The polled virtio-net driver: one receive and one transmit split queue,
-//! a 2 KiB buffer bound to each descriptor for good. Receive buffers are
-//! handed back in place after each frame; transmit descriptors come from two
+//! a 2 KiB buffer bound to each descriptor for good (receive descriptors may
+//! offer less of it, `rxbuf=`). Receive buffers are handed back in place after
+//! each frame; a frame over several buffers (MRG_RXBUF) is gathered into one
+//! scratch buffer, as Linux's `receive_mergeable` does; transmit descriptors come from two
 //! pools, one for control frames (ARP, echo) and one for the flood, so a
 //! full ring of UDP never starves an ARP reply.
 
@@ -16,6 +18,11 @@ pub const BUF_SIZE: u64 = 2048;
 pub const MAX_QSIZE: u16 = ringvm_guests::bench::netparams::MAX_QSIZE as u16;
 /// Transmit descriptors kept for control frames.
 const CTRL_SLOTS: u16 = 8;
+/// Room for a gathered frame: the largest the device may spread over buffers (64 KiB of
+/// GSO payload with its headers).
+const SCRATCH_SIZE: u64 = 72 * 1024;
+/// `RxFrame::id` of a frame in the scratch buffer (its buffers went back already).
+const GATHERED: u16 = u16::MAX;
 
 /// Counters kept by the driver.
 #[derive(Default, Clone, Copy)]
@@ -27,8 +34,13 @@ pub struct NicStats {
     pub rx_frames: u64,
     /// Frame bytes received (without the virtio header).
     pub rx_bytes: u64,
-    /// Frames that spanned more than one buffer (MRG_RXBUF num_buffers > 1): dropped.
+    /// Frames that spanned more than one buffer (MRG_RXBUF num_buffers > 1), gathered.
     pub rx_multi_buffer: u64,
+    /// The most buffers one frame spanned.
+    pub rx_max_buffers: u64,
+    /// Frames whose later buffers were not in the used ring with the first (the device
+    /// must publish them together): dropped.
+    pub rx_multi_missing: u64,
     /// Used entries shorter than a header plus an Ethernet header, or longer than the buffer.
     pub rx_bad_len: u64,
     /// Used entries naming a descriptor the driver had not made available.
@@ -49,7 +61,8 @@ impl RxFrame {
     pub fn data(&self) -> &[u8] {
         // The device wrote the buffer before publishing the used entry and leaves it alone
         // until `recycle` (which takes `self`) makes the descriptor available again.
-        // SAFETY: `addr..addr+len` lies in a receive buffer this driver allocated (len <= BUF_SIZE).
+        // SAFETY: `addr..addr+len` lies in a receive buffer this driver allocated (len <= BUF_SIZE)
+        // or in the scratch buffer (len <= SCRATCH_SIZE), which only `poll_rx` writes.
         unsafe { core::slice::from_raw_parts(self.addr as *const u8, self.len) }
     }
 }
@@ -74,6 +87,9 @@ pub struct Nic {
     tx: SplitQueue,
     rx_bufs: u64,
     tx_bufs: u64,
+    /// Bytes each receive descriptor offers (at most BUF_SIZE).
+    rx_len: u32,
+    scratch: u64,
     mrg_rxbuf: bool,
     /// Buffers still to drop from a multi-buffer frame.
     merge_skip: u16,
@@ -91,11 +107,12 @@ pub struct Nic {
 impl Nic {
     /// Allocates buffers and writes every descriptor; receive buffers are
     /// pushed but not published (`start` does that after DRIVER_OK).
-    pub fn new(bump: &mut Bump, rx: SplitQueue, tx: SplitQueue, mrg_rxbuf: bool) -> Option<Nic> {
-        if rx.size > MAX_QSIZE || tx.size > MAX_QSIZE || tx.size < 2 {
+    pub fn new(bump: &mut Bump, rx: SplitQueue, tx: SplitQueue, mrg_rxbuf: bool, rx_len: u32) -> Option<Nic> {
+        if rx.size > MAX_QSIZE || tx.size > MAX_QSIZE || tx.size < 2 || u64::from(rx_len) > BUF_SIZE {
             return None;
         }
         let rx_bufs = bump.alloc(BUF_SIZE * u64::from(rx.size), 4096)?;
+        let scratch = bump.alloc(SCRATCH_SIZE, 4096)?;
         let tx_bufs = bump.alloc(BUF_SIZE * u64::from(tx.size), 4096)?;
         let ctrl_slots = CTRL_SLOTS.min(tx.size / 2);
         let mut nic = Nic {
@@ -103,6 +120,8 @@ impl Nic {
             tx,
             rx_bufs,
             tx_bufs,
+            rx_len,
+            scratch,
             mrg_rxbuf,
             merge_skip: 0,
             ctrl_slots,
@@ -115,7 +134,7 @@ impl Nic {
             stats: NicStats::default(),
         };
         for i in 0..nic.rx.size {
-            nic.rx.write_desc(i, nic.rx_addr(i), BUF_SIZE as u32, DESC_F_WRITE, 0);
+            nic.rx.write_desc(i, nic.rx_addr(i), rx_len, DESC_F_WRITE, 0);
             nic.rx.push(i);
             nic.rx_posted[usize::from(i)] = true;
         }
@@ -232,18 +251,16 @@ impl Nic {
         u64::from(self.tx.size) - (self.nctrl + self.nbulk) as u64
     }
 
-    /// The next received frame, if any. Frames that span several buffers
-    /// (cannot happen with 2 KiB buffers and a 1514-byte MTU) are dropped.
+    /// The next received frame, if any. A frame over several buffers
+    /// (MRG_RXBUF, `num_buffers` > 1) is copied into the scratch buffer and its
+    /// buffers are handed back at once.
     pub fn poll_rx(&mut self) -> Option<RxFrame> {
         loop {
             let (id, len) = self.rx.pop_used()?;
             let tsc = ringvm_guests::arch::rdtsc();
-            let Some(posted) = self.rx_posted.get_mut(id as usize).filter(|p| **p) else {
-                self.stats.bad_used += 1;
+            let Some(id) = self.take_posted(id) else {
                 continue;
             };
-            *posted = false;
-            let id = id as u16;
             let addr = self.rx_addr(id);
             if self.merge_skip > 0 {
                 self.merge_skip -= 1;
@@ -251,29 +268,84 @@ impl Nic {
                 continue;
             }
             let len = len as usize;
-            if len < HDR_SIZE + ETH_HLEN || len > BUF_SIZE as usize {
+            if len < HDR_SIZE + ETH_HLEN || len > self.rx_len as usize {
                 self.stats.rx_bad_len += 1;
                 self.repost(id);
                 continue;
             }
             self.stats.rx_frames += 1;
-            if self.mrg_rxbuf {
-                let nbuf = mmio::read16(addr + HDR_NUM_BUFFERS as u64);
-                if nbuf > 1 {
-                    self.merge_skip = nbuf - 1;
-                    self.stats.rx_multi_buffer += 1;
-                    self.repost(id);
-                    continue;
-                }
+            let nbuf = if self.mrg_rxbuf { mmio::read16(addr + HDR_NUM_BUFFERS as u64) } else { 1 };
+            if nbuf <= 1 {
+                self.stats.rx_bytes += (len - HDR_SIZE) as u64;
+                return Some(RxFrame { id, addr: addr + HDR_SIZE as u64, len: len - HDR_SIZE, tsc });
             }
-            self.stats.rx_bytes += (len - HDR_SIZE) as u64;
-            return Some(RxFrame { id, addr: addr + HDR_SIZE as u64, len: len - HDR_SIZE, tsc });
+            self.stats.rx_multi_buffer += 1;
+            self.stats.rx_max_buffers = self.stats.rx_max_buffers.max(u64::from(nbuf));
+            let mut total = 0usize;
+            self.gather(addr + HDR_SIZE as u64, len - HDR_SIZE, &mut total);
+            self.repost(id);
+            let mut ok = true;
+            for rest in 1..nbuf {
+                let Some((id2, len2)) = self.rx.pop_used() else {
+                    // The device published part of a frame: skip the rest when it comes.
+                    self.stats.rx_multi_missing += 1;
+                    self.merge_skip = nbuf - rest;
+                    ok = false;
+                    break;
+                };
+                let Some(id2) = self.take_posted(id2) else {
+                    ok = false;
+                    continue;
+                };
+                let len2 = len2 as usize;
+                if len2 > self.rx_len as usize || total + len2 > SCRATCH_SIZE as usize {
+                    self.stats.rx_bad_len += 1;
+                    ok = false;
+                } else {
+                    self.gather(self.rx_addr(id2), len2, &mut total);
+                }
+                self.repost(id2);
+            }
+            if !ok {
+                continue;
+            }
+            self.stats.rx_bytes += total as u64;
+            return Some(RxFrame { id: GATHERED, addr: self.scratch, len: total, tsc });
         }
     }
 
-    /// Gives a frame's buffer back to the device (visible at `flush_rx`).
+    /// Marks a used descriptor as back from the device; `None` (counted) when the driver
+    /// had not made it available.
+    fn take_posted(&mut self, id: u32) -> Option<u16> {
+        match self.rx_posted.get_mut(id as usize).filter(|p| **p) {
+            Some(posted) => {
+                *posted = false;
+                Some(id as u16)
+            }
+            None => {
+                self.stats.bad_used += 1;
+                None
+            }
+        }
+    }
+
+    /// Appends `len` bytes at `from` to the scratch buffer at offset `*at`.
+    fn gather(&mut self, from: u64, len: usize, at: &mut usize) {
+        if *at + len > SCRATCH_SIZE as usize {
+            return;
+        }
+        // SAFETY: `from..from+len` is a receive buffer the device handed back (len <= rx_len),
+        // the destination lies inside the scratch buffer (checked above); they never overlap.
+        unsafe { core::ptr::copy_nonoverlapping(from as *const u8, (self.scratch + *at as u64) as *mut u8, len) };
+        *at += len;
+    }
+
+    /// Gives a frame's buffer back to the device (visible at `flush_rx`); a gathered
+    /// frame's buffers went back already.
     pub fn recycle(&mut self, f: RxFrame) {
-        self.repost(f.id);
+        if f.id != GATHERED {
+            self.repost(f.id);
+        }
     }
 
     fn repost(&mut self, id: u16) {

@@ -147,6 +147,9 @@ pub fn print(b: &Bench, d: &DeviceInfo) {
     j.u64("other", st.rx_other);
     j.u64("bad", st.rx_bad);
     j.u64("multi_buffer", ns.rx_multi_buffer);
+    j.u64("max_buffers", ns.rx_max_buffers);
+    j.u64("multi_missing", ns.rx_multi_missing);
+    j.u64("echo_too_big", st.echo_too_big);
     j.u64("bad_len", ns.rx_bad_len);
     j.end_object();
     match b.peer_mac {

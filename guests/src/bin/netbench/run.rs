@@ -45,6 +45,9 @@ pub struct Stats {
     pub arp_requests_sent: u64,
     pub arp_replies_sent: u64,
     pub echo_replies_sent: u64,
+    /// Echo requests too large to answer from one transmit buffer (jumbo frames): counted,
+    /// checksums verified, not answered.
+    pub echo_too_big: u64,
     /// Control frames not sent because every control descriptor was in flight.
     pub tx_dropped: u64,
     /// flood: datagrams completed by the device, their payload and frame bytes.
@@ -160,6 +163,10 @@ impl<'h> Bench<'h> {
                     }
                 }
                 Rx::ArpOther => self.stats.rx_arp += 1,
+                Rx::EchoRequest { payload, .. } if payload.len() > MAX_PAYLOAD => {
+                    self.stats.rx_icmp += 1;
+                    self.stats.echo_too_big += 1;
+                }
                 Rx::EchoRequest { src_mac, src_ip, id, seq, payload } => {
                     self.stats.rx_icmp += 1;
                     let r = self.route(src_mac, src_ip);

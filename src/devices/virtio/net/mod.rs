@@ -73,31 +73,45 @@ pub struct NetDevice {
     /// Pairs in use (VQ_PAIRS_SET) and the tap queues that follow them.
     pairs: Arc<ActivePairs>,
     needs_reset: Arc<AtomicBool>,
+    /// The tap's MTU, read at start-up (the vCPU threads that activate the device may not
+    /// open sockets under seccomp): an MTU raised later sees larger frames dropped.
+    tap_mtu: u32,
+    /// The largest frame the tap delivers with the offloads set at activation
+    /// ([`rx_frame_max`]): RX reads are sized for it.
+    rx_frame_max: u32,
 }
 
-/// Maps the guest's acknowledged receive offloads to `TUN_F_*` flags. GSO frames need a
-/// buffer of up to 64 KiB; with MRG_RXBUF the guest posts small buffers that only merging
-/// several per frame could fill, which the single-buffer reads do not do, so then the host
-/// segments instead and only checksum offload stays.
+/// Maps the guest's acknowledged receive offloads to `TUN_F_*` flags. GSO frames need up to
+/// 64 KiB of buffers: with MRG_RXBUF a read spans as many of the guest's buffers as it takes
+/// ([`rx`]); without it the driver is expected to post 64 KiB buffers (virtio 1.2,
+/// 5.1.6.3.1), and smaller ones see large frames dropped (counted as `too_big`).
 pub fn tap_offloads(acked: u64) -> u32 {
     use tap::*;
     if acked & f::GUEST_CSUM == 0 {
         return 0;
     }
     let mut t = TUN_F_CSUM;
-    if acked & f::MRG_RXBUF == 0 {
-        for (feat, flag) in [
-            (f::GUEST_TSO4, TUN_F_TSO4),
-            (f::GUEST_TSO6, TUN_F_TSO6),
-            (f::GUEST_ECN, TUN_F_TSO_ECN),
-            (f::GUEST_UFO, TUN_F_UFO),
-        ] {
-            if acked & feat != 0 {
-                t |= flag;
-            }
+    for (feat, flag) in [
+        (f::GUEST_TSO4, TUN_F_TSO4),
+        (f::GUEST_TSO6, TUN_F_TSO6),
+        (f::GUEST_ECN, TUN_F_TSO_ECN),
+        (f::GUEST_UFO, TUN_F_UFO),
+    ] {
+        if acked & feat != 0 {
+            t |= flag;
         }
     }
     t
+}
+
+/// The largest Ethernet frame a tap with these `TUN_F_*` offloads and this MTU delivers: a
+/// 64 KiB GSO frame once TSO or UFO is on, else an MTU-sized one with a VLAN tag.
+pub fn rx_frame_max(offloads: u32, mtu: u32) -> u32 {
+    if offloads & (tap::TUN_F_TSO4 | tap::TUN_F_TSO6 | tap::TUN_F_UFO) != 0 {
+        frame::FRAME_MAX
+    } else {
+        mtu.saturating_add(14 + 4).min(frame::FRAME_MAX)
+    }
 }
 
 impl NetDevice {
@@ -137,6 +151,13 @@ impl NetDevice {
         let mac = cfg
             .mac
             .unwrap_or([0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(n as u8)]);
+        let tap_mtu = tap.mtu().unwrap_or_else(|| {
+            log::warn!(
+                "net{n}: cannot read the MTU of tap {}; RX reads sized for 1500",
+                cfg.tap
+            );
+            1500
+        });
         let sup = tap.supported_offloads();
         let mut features = F_VERSION_1
             | F_RING_EVENT_IDX
@@ -185,6 +206,8 @@ impl NetDevice {
             stops: Vec::new(),
             pairs,
             needs_reset: Arc::new(AtomicBool::new(false)),
+            tap_mtu,
+            rx_frame_max: rx::FRAME_MAX_MTU1500,
         })
     }
 
@@ -265,6 +288,7 @@ impl NetDevice {
         let (max_pairs, pairs) = (self.cfg.queues, self.pairs.clone());
         let gate = PairGate::new(self.pairs.clone(), pair as u16);
         let rx = q.index % 2 == 0;
+        let frame_max = self.rx_frame_max;
         if !self.active.contains(&reactor) {
             self.active.push(reactor);
         }
@@ -278,7 +302,7 @@ impl NetDevice {
                     let h: Box<dyn crate::reactor::QueueHandler> = if is_ctrl {
                         Box::new(ctrl::CtrlQueue::new(parts, max_pairs, pairs))
                     } else if rx {
-                        Box::new(rx::RxQueue::new(parts))
+                        Box::new(rx::RxQueue::new(parts).with_frame_max(frame_max))
                     } else {
                         Box::new(tx::TxQueue::new(parts).with_gate(gate))
                     };
@@ -336,9 +360,11 @@ impl VirtioDevice for NetDevice {
             }
         });
         super::check_queue_indices(&queues, expected)?;
+        let offloads = tap_offloads(acked);
         self.tap
-            .set_offloads(tap_offloads(acked))
+            .set_offloads(offloads)
             .map_err(ActivateError::Tap)?;
+        self.rx_frame_max = rx_frame_max(offloads, self.tap_mtu);
         // Pair 0 until the driver sets more (without MQ, for good): the other tap queues
         // are detached so that no flow lands where nobody reads.
         self.pairs.set(1).map_err(ActivateError::Tap)?;

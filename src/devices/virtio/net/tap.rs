@@ -31,6 +31,7 @@ const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 pub const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
 /// SIOCSIFMTU: a socket ioctl (the tun file does not take it).
 const SIOCSIFMTU: libc::c_ulong = 0x8922;
+const SIOCGIFMTU: libc::c_ulong = 0x8921;
 
 /// Offloads the tap may hand to us (TUNSETOFFLOAD, `TUN_F_*`).
 pub const TUN_F_CSUM: u32 = 0x01;
@@ -214,6 +215,30 @@ impl Tap {
             return Err(fail(io::Error::last_os_error()));
         }
         Ok(())
+    }
+
+    /// The interface's MTU now (SIOCGIFMTU), `None` when it cannot be read. Read once at
+    /// start-up (it opens a socket): it sizes the RX reads (`rx::RxQueue::with_frame_max`).
+    pub fn mtu(&self) -> Option<u32> {
+        // SAFETY: plain socket(2); the result is checked before it is owned.
+        let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if s < 0 {
+            return None;
+        }
+        // SAFETY: `s` was just created and is owned by nothing else.
+        let s = unsafe { OwnedFd::from_raw_fd(s) };
+        let mut req = IfReqMtu {
+            name: [0; IFNAMSIZ],
+            mtu: 0,
+            _pad: [0; 20],
+        };
+        req.name[..self.name.len()].copy_from_slice(self.name.as_bytes());
+        // SAFETY: SIOCGIFMTU writes a `struct ifreq` (40 bytes, laid out by `IfReqMtu`)
+        // through a pointer that is valid for the call.
+        if unsafe { libc::ioctl(s.as_raw_fd(), SIOCGIFMTU, &mut req as *mut IfReqMtu) } < 0 {
+            return None;
+        }
+        u32::try_from(req.mtu).ok()
     }
 
     /// `TUN_F_*` offloads this kernel accepts on the tap.

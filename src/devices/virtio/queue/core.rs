@@ -272,6 +272,16 @@ impl QueueCore {
         }
     }
 
+    /// Gives several heads back that the driver must see together (one frame over several
+    /// MRG_RXBUF buffers): with [`UsedIndex::PerEntry`] the index moves once, past all of
+    /// them.
+    pub fn push_used_all(&mut self, entries: impl IntoIterator<Item = (u16, u32)>) {
+        if let Some(rings) = self.rings.as_mut() {
+            rings.push_used_all(entries);
+            self.dirty = true;
+        }
+    }
+
     /// Publishes the used entries added since the last call (one index store, unless stored
     /// per entry) and writes the irqfd once when the driver wants an interrupt (EVENT_IDX, or NO_INTERRUPT without it)
     /// and the queue has a vector.

@@ -85,6 +85,27 @@ impl Rings {
     /// Writes a used element; the driver sees it at once with [`UsedIndex::PerEntry`], else
     /// at the next [`publish`](Self::publish).
     pub fn push_used(&mut self, head: u16, len: u32) {
+        self.write_used(head, len);
+        if self.used_index == UsedIndex::PerEntry {
+            self.store_used_idx();
+        }
+    }
+
+    /// Writes several used elements that the driver must see together (one received frame
+    /// over several MRG_RXBUF buffers, virtio 1.2, 5.1.6.4): with [`UsedIndex::PerEntry`]
+    /// the index is stored once, after the last of them.
+    pub fn push_used_all(&mut self, entries: impl IntoIterator<Item = (u16, u32)>) {
+        let before = self.next_used;
+        for (head, len) in entries {
+            self.write_used(head, len);
+        }
+        if self.used_index == UsedIndex::PerEntry && self.next_used != before {
+            self.store_used_idx();
+        }
+    }
+
+    /// Writes the used element at `next_used` and moves past it; the index is not stored.
+    fn write_used(&mut self, head: u16, len: u32) {
         debug_assert!(
             head < self.size,
             "used entry for head {head} beyond the queue"
@@ -98,9 +119,6 @@ impl Rings {
             std::ptr::write_volatile(e.add(1), len.to_le());
         }
         self.next_used = self.next_used.wrapping_add(1);
-        if self.used_index == UsedIndex::PerEntry {
-            self.store_used_idx();
-        }
     }
 
     /// Release: the elements are visible before the index that covers them.
@@ -220,6 +238,21 @@ mod tests {
         assert_eq!(r.publish(), Some(2));
         assert_eq!(r.publish(), None);
         let _ = mem;
+    }
+
+    #[test]
+    fn test_push_used_all_per_entry_stores_index_once_after_the_group() {
+        let (mem, mut d, q) = setup(false);
+        let mut r = Rings::new(&mem, &q).unwrap();
+        r.set_used_index(UsedIndex::PerEntry);
+        r.push_used(1, 5);
+        assert_eq!(d.used_idx(), 1);
+        r.push_used_all([(2, 100), (4, 200), (6, 7)]);
+        assert_eq!(d.used_idx(), 4);
+        r.push_used_all([]);
+        assert_eq!(d.used_idx(), 4);
+        assert_eq!(d.take_used(), vec![(1, 5), (2, 100), (4, 200), (6, 7)]);
+        assert_eq!(r.publish(), Some(4));
     }
 
     #[test]

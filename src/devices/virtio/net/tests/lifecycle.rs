@@ -193,8 +193,24 @@ fn test_tap_offloads_follow_acked_features() {
         tap_offloads(f::GUEST_CSUM | f::GUEST_TSO4 | f::GUEST_TSO6),
         TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
     );
+    // With MRG_RXBUF a GSO frame spans several buffers (rx.rs), so TSO is offered too.
     assert_eq!(
-        tap_offloads(f::GUEST_CSUM | f::GUEST_TSO4 | f::MRG_RXBUF),
-        TUN_F_CSUM
+        tap_offloads(f::GUEST_CSUM | f::GUEST_TSO4 | f::GUEST_ECN | f::GUEST_UFO | f::MRG_RXBUF),
+        TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN | TUN_F_UFO
     );
+    assert_eq!(tap_offloads(f::GUEST_CSUM | f::MRG_RXBUF), TUN_F_CSUM);
+}
+
+#[test]
+fn test_rx_frame_max_follows_offloads_and_mtu() {
+    use super::tap::*;
+    assert_eq!(rx_frame_max(TUN_F_CSUM, 1500), 1518);
+    assert_eq!(rx_frame_max(TUN_F_CSUM, 9000), 9018);
+    assert_eq!(
+        rx_frame_max(TUN_F_CSUM | TUN_F_TSO4, 1500),
+        frame::FRAME_MAX
+    );
+    assert_eq!(rx_frame_max(TUN_F_CSUM | TUN_F_UFO, 1500), frame::FRAME_MAX);
+    assert_eq!(rx_frame_max(0, 65521), 65521 + 18);
+    assert_eq!(rx_frame_max(0, u32::MAX), frame::FRAME_MAX);
 }
