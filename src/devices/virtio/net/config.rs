@@ -53,6 +53,9 @@ pub struct NetConfig {
     pub poll_us: u32,
     /// MTU advertised to the guest (VIRTIO_NET_F_MTU), if any.
     pub mtu: Option<u16>,
+    /// Offer segmentation offloads to the guest (GUEST_TSO4/TSO6/ECN/UFO): GSO frames of up
+    /// to 64 KiB reach it whole, at the price of RX reads sized for such frames.
+    pub rx_gso: bool,
 }
 
 impl Default for NetConfig {
@@ -65,6 +68,7 @@ impl Default for NetConfig {
             reactors: None,
             poll_us: 0,
             mtu: None,
+            rx_gso: true,
         }
     }
 }
@@ -205,6 +209,13 @@ impl FromStr for NetConfig {
                     }
                     c.mtu = Some(m);
                 }
+                "rx-gso" => {
+                    c.rx_gso = match value {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad(key, value, "expected on or off")),
+                    }
+                }
                 _ => return Err(NetConfigError::UnknownKey(key.into())),
             }
         }
@@ -239,6 +250,12 @@ mod tests {
         assert_eq!(c.reactors, Some(vec![0, 1]));
         assert_eq!(c.poll_us, 50);
         assert_eq!(c.mtu, Some(9000));
+        assert!(
+            c.rx_gso,
+            "segmentation offloads to the guest are on by default"
+        );
+        let off: NetConfig = "tap=rv0,rx-gso=off".parse().unwrap();
+        assert!(!off.rx_gso);
     }
 
     #[test]
@@ -265,6 +282,7 @@ mod tests {
             ("tap=a-name-too-long-for-linux", "net option `tap`"),
             ("tap=t0,reactors=x", "net option `reactors`"),
             ("tap=t0,mtu=10", "net option `mtu`"),
+            ("tap=t0,rx-gso=maybe", "`maybe` for net option `rx-gso`"),
         ] {
             let e = s.parse::<NetConfig>().unwrap_err().to_string();
             assert!(e.contains(want), "{s}: {e}");

@@ -81,6 +81,14 @@ pub struct NetDevice {
     rx_frame_max: u32,
 }
 
+/// The segmentation offloads to the guest and the tap flags they need (`rx-gso=`).
+const GSO_OFFLOADS: [(u32, u64); 4] = [
+    (tap::TUN_F_TSO4, f::GUEST_TSO4),
+    (tap::TUN_F_TSO6, f::GUEST_TSO6),
+    (tap::TUN_F_TSO_ECN, f::GUEST_ECN),
+    (tap::TUN_F_UFO, f::GUEST_UFO),
+];
+
 /// Maps the guest's acknowledged receive offloads to `TUN_F_*` flags. GSO frames need up to
 /// 64 KiB of buffers: with MRG_RXBUF a read spans as many of the guest's buffers as it takes
 /// ([`rx`]); without it the driver is expected to post 64 KiB buffers (virtio 1.2,
@@ -176,12 +184,8 @@ impl NetDevice {
         }
         if sup & tap::TUN_F_CSUM != 0 {
             features |= f::GUEST_CSUM;
-            for (flag, feat) in [
-                (tap::TUN_F_TSO4, f::GUEST_TSO4),
-                (tap::TUN_F_TSO6, f::GUEST_TSO6),
-                (tap::TUN_F_TSO_ECN, f::GUEST_ECN),
-                (tap::TUN_F_UFO, f::GUEST_UFO),
-            ] {
+            let gso: &[(u32, u64)] = if cfg.rx_gso { &GSO_OFFLOADS } else { &[] };
+            for &(flag, feat) in gso {
                 if sup & flag != 0 {
                     features |= feat;
                 }

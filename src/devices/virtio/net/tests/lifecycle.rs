@@ -96,6 +96,18 @@ fn test_features_and_config_space_advertise_tap() {
 }
 
 #[test]
+fn test_rx_gso_off_offers_no_segmentation_offload_to_the_guest() {
+    let Some(h) = harness("rx-gso=off", ACKED, &[0, 1]) else {
+        return;
+    };
+    let feats = h.dev.features();
+    for bit in [f::GUEST_TSO4, f::GUEST_TSO6, f::GUEST_ECN, f::GUEST_UFO] {
+        assert_eq!(feats & bit, 0, "feature {bit:#x} offered with rx-gso=off");
+    }
+    assert_ne!(feats & f::MRG_RXBUF, 0);
+}
+
+#[test]
 fn test_reset_with_posted_reads_returns_each_chain_once() {
     let Some(mut h) = harness("", ACKED | F_RING_EVENT_IDX, &[0, 1]) else {
         return;
