@@ -7,30 +7,11 @@ mod common;
 
 use std::process::Command;
 
-use common::{guest, have_kvm};
+use common::{guest, have_kvm, Netns};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-/// A network namespace deleted (with everything in it) when dropped.
-struct Netns(String);
-
 impl Netns {
-    fn new(tag: &str) -> Option<Netns> {
-        let name = format!("rvt{}{tag}", std::process::id() % 100_000);
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("SKIP: cannot create network namespace {name} (needs root and iproute2)");
-            return None;
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "exec", &name, "ip", "link", "set", "lo", "up"])
-            .status();
-        Some(Netns(name))
-    }
-
     fn script(&self, script: &str, args: &[&str]) {
         let out = Command::new("ip")
             .args([
@@ -69,12 +50,6 @@ impl Netns {
             .position(|n| n == "InReceives")
             .unwrap();
         values.split_whitespace().nth(i).unwrap().parse().unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
 

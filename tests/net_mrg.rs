@@ -7,10 +7,10 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{guest, have_kvm};
+use common::{guest, have_kvm, Netns};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// ICMP payload of the jumbo pings, and the buffers their frames need: virtio-net header,
@@ -19,29 +19,7 @@ const JUMBO: usize = 8000;
 const BUFFERS: u64 = (12 + 14 + 20 + 8 + JUMBO as u64).div_ceil(1526);
 const JUMBO_PINGS: u64 = 5;
 
-/// A network namespace deleted (with everything in it) when dropped.
-struct Netns(String);
-
 impl Netns {
-    fn new(tag: &str) -> Option<Netns> {
-        let name = format!("rvt{}{tag}", std::process::id() % 100_000);
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("SKIP: cannot create network namespace {name} (needs root and iproute2)");
-            return None;
-        }
-        Some(Netns(name))
-    }
-
-    fn exec(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).args(args);
-        c
-    }
-
     /// One echo request from the host with `size` bytes of payload, DF set (a raw ICMP socket
     /// from python3: the host may have no `ping`); true when answered within a second.
     fn ping(&self, size: usize) -> bool {
@@ -82,12 +60,6 @@ while time.time() < end:
         sys.exit(0)
 sys.exit(1)
 "#;
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 #[test]
 fn test_jumbo_frames_reach_guest_over_several_mrg_buffers() {

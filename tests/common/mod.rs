@@ -64,3 +64,37 @@ pub fn run(args: &[&str]) -> Run {
     );
     r
 }
+
+/// A network namespace with its loopback up, deleted (with everything in it) when dropped;
+/// `None` (after a SKIP line) where namespaces cannot be made.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(tag: &str) -> Option<Netns> {
+        let name = format!("rvt{}{tag}", std::process::id() % 100_000);
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("SKIP: cannot create network namespace {name} (needs root and iproute2)");
+            return None;
+        }
+        let ns = Netns(name);
+        let _ = ns.exec(&["ip", "link", "set", "lo", "up"]).status();
+        Some(ns)
+    }
+
+    /// `args` run inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).args(args);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}

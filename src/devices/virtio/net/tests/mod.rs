@@ -65,6 +65,21 @@ fn ip(args: &[&str]) {
 }
 
 /// Creates the device on a fresh tap (None: SKIP printed) and activates `enabled` queues.
+/// A static neighbour entry for the "guest" address on the harness's tap, so host sockets
+/// send to it without ARP.
+fn static_neighbour(h: &Harness) {
+    let name = h.dev.tap().name().to_string();
+    ip(&[
+        "neigh",
+        "replace",
+        &format!("10.213.{}.2", h.subnet),
+        "lladdr",
+        "52:54:00:12:34:77",
+        "dev",
+        &name,
+    ]);
+}
+
 fn harness(opts: &str, acked: u64, enabled: &[u16]) -> Option<Harness> {
     let (name, subnet) = tap_name();
     let cfg: NetConfig = format!("tap={name},queue-size={QSIZE},{opts}")
@@ -548,16 +563,7 @@ fn rx_flood() {
     let Some(mut h) = harness("", acked, &[0, 1]) else {
         return;
     };
-    let name = h.dev.tap().name().to_string();
-    ip(&[
-        "neigh",
-        "replace",
-        &format!("10.213.{}.2", h.subnet),
-        "lladdr",
-        "52:54:00:12:34:77",
-        "dev",
-        &name,
-    ]);
+    static_neighbour(&h);
     let bufs = h.rx_bufs(usize::from(QSIZE), 2048);
     h.kick(0);
     let sock = std::net::UdpSocket::bind(format!("10.213.{}.1:0", h.subnet)).unwrap();

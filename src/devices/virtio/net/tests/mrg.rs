@@ -33,16 +33,7 @@ struct Peer {
 
 /// A host socket that sends to the "guest" (a static neighbour entry: no ARP).
 fn peer(h: &Harness) -> Peer {
-    let name = h.dev.tap().name().to_string();
-    ip(&[
-        "neigh",
-        "replace",
-        &format!("10.213.{}.2", h.subnet),
-        "lladdr",
-        "52:54:00:12:34:77",
-        "dev",
-        &name,
-    ]);
+    static_neighbour(h);
     Peer {
         sock: UdpSocket::bind(format!("10.213.{}.1:0", h.subnet)).unwrap(),
         dst: format!("10.213.{}.2:{PORT}", h.subnet),
