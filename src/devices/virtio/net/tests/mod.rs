@@ -64,7 +64,6 @@ fn ip(args: &[&str]) {
     );
 }
 
-/// Creates the device on a fresh tap (None: SKIP printed) and activates `enabled` queues.
 /// A static neighbour entry for the "guest" address on the harness's tap, so host sockets
 /// send to it without ARP.
 fn static_neighbour(h: &Harness) {
@@ -80,6 +79,7 @@ fn static_neighbour(h: &Harness) {
     ]);
 }
 
+/// Creates the device on a fresh tap (None: SKIP printed) and activates `enabled` queues.
 fn harness(opts: &str, acked: u64, enabled: &[u16]) -> Option<Harness> {
     let (name, subnet) = tap_name();
     let cfg: NetConfig = format!("tap={name},queue-size={QSIZE},{opts}")
