@@ -121,6 +121,10 @@ pub struct RxRequests {
     /// A read completed while the RX poll was armed: the poll's result may be the frame that
     /// read took, not one still waiting.
     poll_stale: bool,
+    /// The poll found a packet waiting with no read posted, and that was counted: the poll
+    /// (level-triggered) stays off until a read is posted again, so one wait counts once
+    /// and a polling reactor does not re-arm it every pass.
+    waiting_counted: bool,
     /// Notifications must be re-enabled once a read slot is free: chains were popped in a
     /// completion (next_avail moved past avail_event) or the reactor's enable was skipped
     /// while the reads were capped.
@@ -168,6 +172,7 @@ impl RxQueue {
                 drain: Drain::default(),
                 poll_armed: false,
                 poll_stale: false,
+                waiting_counted: false,
                 want_notify: false,
                 drops: RxDrops::default(),
                 overflow: vec![0u8; 1].into_boxed_slice(),
@@ -268,6 +273,7 @@ impl RxRequests {
                 r.posted = ctx.now;
                 r.busy = true;
                 self.posted += 1;
+                self.waiting_counted = false;
             }
             Err(e) => {
                 drop_chain(core, format_args!("cannot submit a read: {e}"), ctx.now);
@@ -325,7 +331,12 @@ impl RxRequests {
                 break;
             }
         }
-        if self.posted == 0 && ring_empty && !self.poll_armed && !core.is_broken() {
+        if self.posted == 0
+            && ring_empty
+            && !self.poll_armed
+            && !self.waiting_counted
+            && !core.is_broken()
+        {
             self.arm_poll(ctx);
         }
         n
@@ -507,6 +518,7 @@ impl DeviceQueue for RxRequests {
                         self.arm_poll(ctx);
                     }
                 } else if res > 0 && self.posted == 0 {
+                    self.waiting_counted = true;
                     self.drops.no_buffer += 1;
                     drop_chain(
                         core,
@@ -562,6 +574,7 @@ impl DeviceQueue for RxRequests {
         self.drain = Drain::default();
         self.poll_armed = false;
         self.poll_stale = false;
+        self.waiting_counted = false;
         self.want_notify = false;
         self.drops = RxDrops::default();
     }

@@ -421,6 +421,38 @@ fn test_rx_empty_ring_with_waiting_packet_counts_drop() {
 }
 
 #[test]
+fn test_rx_empty_ring_polling_counts_one_wait_once() {
+    // A polling reactor passes many times while the packet waits; the level-triggered poll
+    // must not be re-armed (and the wait counted again) on every pass.
+    let Some(mut h) = harness("poll-us=1000", ACKED, &[0, 1]) else {
+        return;
+    };
+    h.kick(0);
+    let sock = std::net::UdpSocket::bind(format!("10.213.{}.1:0", h.subnet)).unwrap();
+    sock.send_to(b"ping", format!("10.213.{}.2:9", h.subnet))
+        .unwrap();
+    let errors = |h: &Harness| {
+        h.report()
+            .queues
+            .iter()
+            .find(|q| q.device == h.dev.name() && q.queue == 0)
+            .unwrap()
+            .counters
+            .errors
+    };
+    let t = Instant::now();
+    while errors(&h) == 0 && t.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(errors(&h), 1, "one waiting packet, counted once");
+    // A buffer posted afterwards takes the frame, and the poll watches again after that.
+    h.rx_bufs(1, 2048);
+    h.kick(0);
+    assert!(!h.wait_used(0, 1).is_empty());
+}
+
+#[test]
 fn test_rx_bad_chains_returned_empty_and_counted() {
     let Some(mut h) = harness("", ACKED, &[0, 1]) else {
         return;
