@@ -463,19 +463,25 @@ fn test_api_bad_requests_get_4xx_json_and_a_slow_client_blocks_no_one() {
     assert_eq!(status, 143);
 }
 
+/// `ringvm run` of the hello guest with `--api-socket sock` and `extra`.
+fn run_hello_with_api(sock: &Path, extra: &[&str]) -> common::Run {
+    let kernel = guest("hello");
+    let mut args = vec![
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    common::run(&args)
+}
+
 #[test]
 fn test_api_core_not_on_this_host_is_refused_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let r = common::run(&[
-        "run",
-        "--kernel",
-        guest("hello").to_str().unwrap(),
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "--api-core",
-        "4095",
-    ]);
+    let r = run_hello_with_api(&sock, &["--api-core", "4095"]);
     assert_eq!(r.status, 1, "{}", r.stderr);
     assert!(r.stderr.contains("--api-core 4095"), "{}", r.stderr);
     assert!(!sock.exists(), "no socket is left behind");
@@ -486,13 +492,7 @@ fn test_api_socket_served_by_another_process_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
     let _held = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-    let r = common::run(&[
-        "run",
-        "--kernel",
-        guest("hello").to_str().unwrap(),
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
+    let r = run_hello_with_api(&sock, &[]);
     assert_eq!(r.status, 1, "{}", r.stderr);
     assert!(
         r.stderr.contains("in use by another process"),
@@ -511,15 +511,7 @@ fn test_api_stale_socket_is_replaced_and_removed_at_exit() {
     let sock = dir.path().join("api.sock");
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     assert!(sock.exists());
-    let r = common::run(&[
-        "run",
-        "--kernel",
-        guest("hello").to_str().unwrap(),
-        "--serial",
-        "none",
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
+    let r = run_hello_with_api(&sock, &["--serial", "none"]);
     assert!(!r.stderr.contains("error"), "{}", r.stderr);
     assert!(!sock.exists(), "socket left behind");
 }
