@@ -95,12 +95,13 @@ impl Session {
         let bad = |m: &str| ClientError::Malformed(m.to_string());
         write!(self.stream, "GET {path} HTTP/1.1\r\nHost: ringvm\r\n\r\n")?;
         let mut filled = 0;
-        let (end, len) = loop {
+        let (end, status, len) = loop {
             if let Some(end) = self.buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = std::str::from_utf8(&self.buf[..end])
                     .map_err(|_| bad("headers are not UTF-8"))?;
+                let status = status_of(head).ok_or_else(|| bad("no status code"))?;
                 let len = content_length(head).ok_or_else(|| bad("no Content-Length"))?;
-                break (end, len);
+                break (end, status, len);
             }
             filled = self.fill(filled)?;
         };
@@ -111,9 +112,6 @@ impl Session {
         while filled < want {
             filled = self.fill(filled)?;
         }
-        let head =
-            std::str::from_utf8(&self.buf[..end]).map_err(|_| bad("headers are not UTF-8"))?;
-        let status = status_of(head).ok_or_else(|| bad("no status code"))?;
         if filled > want {
             return Err(bad("more bytes than one answer"));
         }

@@ -82,13 +82,6 @@ impl Buckets {
         self.0[LATENCY_BUCKETS_NS.len()] += h.count_between(from, max);
     }
 
-    /// Adds `o`'s counts.
-    pub fn merge(&mut self, o: &Buckets) {
-        for (a, b) in self.0.iter_mut().zip(o.0) {
-            *a += b;
-        }
-    }
-
     /// Samples counted.
     pub fn total(&self) -> u64 {
         self.0.iter().sum()
@@ -182,7 +175,7 @@ mod tests {
     fn test_buckets_of_intervals_sum_to_buckets_of_the_whole() {
         let (a, c) = (hist(&[1_500, 40_000, 41_000]), hist(&[900, 6_000_000]));
         let mut b = Buckets::of(&a);
-        b.merge(&Buckets::of(&c));
+        b.add(&c);
         let mut whole = a.clone();
         whole.add(&c).unwrap();
         assert_eq!(b, Buckets::of(&whole));
