@@ -81,7 +81,8 @@ pub struct NetDevice {
     rx_frame_max: u32,
 }
 
-/// The segmentation offloads to the guest and the tap flags they need (`rx-gso=`).
+/// The segmentation offloads to the guest and the tap flags they need (offered unless
+/// `rx-gso=off`, and set on the tap when acknowledged: [`tap_offloads`]).
 const GSO_OFFLOADS: [(u32, u64); 4] = [
     (tap::TUN_F_TSO4, f::GUEST_TSO4),
     (tap::TUN_F_TSO6, f::GUEST_TSO6),
@@ -94,22 +95,13 @@ const GSO_OFFLOADS: [(u32, u64); 4] = [
 /// ([`rx`]); without it the driver is expected to post 64 KiB buffers (virtio 1.2,
 /// 5.1.6.3.1), and smaller ones see large frames dropped (counted as `too_big`).
 pub fn tap_offloads(acked: u64) -> u32 {
-    use tap::*;
     if acked & f::GUEST_CSUM == 0 {
         return 0;
     }
-    let mut t = TUN_F_CSUM;
-    for (feat, flag) in [
-        (f::GUEST_TSO4, TUN_F_TSO4),
-        (f::GUEST_TSO6, TUN_F_TSO6),
-        (f::GUEST_ECN, TUN_F_TSO_ECN),
-        (f::GUEST_UFO, TUN_F_UFO),
-    ] {
-        if acked & feat != 0 {
-            t |= flag;
-        }
-    }
-    t
+    GSO_OFFLOADS
+        .iter()
+        .filter(|&&(_, feat)| acked & feat != 0)
+        .fold(tap::TUN_F_CSUM, |t, &(flag, _)| t | flag)
 }
 
 /// The largest Ethernet frame a tap with these `TUN_F_*` offloads and this MTU delivers: a

@@ -165,6 +165,17 @@ impl Harness {
         self.pool.as_ref().unwrap().snapshot().unwrap()
     }
 
+    /// The RX queue's (queue 0's) counters as of now.
+    fn rx_counters(&self) -> crate::metrics::QueueCounters {
+        self.report()
+            .queues
+            .iter()
+            .find(|q| q.device == self.dev.name() && q.queue == 0)
+            .unwrap()
+            .counters
+            .clone()
+    }
+
     fn tx_chain(&mut self, frame: &[u8]) -> u16 {
         let d = &mut self.q(1).drv;
         let h = d.alloc(12);
@@ -382,14 +393,9 @@ fn test_rx_host_arp_lands_in_guest_buffer_with_header() {
         "ethertype {ethertype:#x}"
     );
     assert!(len >= 12 + 42, "frame of {len} bytes");
-    let r = h.report();
-    let rxq = r
-        .queues
-        .iter()
-        .find(|q| q.device == h.dev.name() && q.queue == 0)
-        .unwrap();
-    assert!(rxq.counters.reads >= 1);
-    assert!(rxq.counters.bytes_read >= u64::from(len - 12));
+    let rx = h.rx_counters();
+    assert!(rx.reads >= 1);
+    assert!(rx.bytes_read >= u64::from(len - 12));
 }
 
 #[test]
@@ -404,14 +410,7 @@ fn test_rx_empty_ring_with_waiting_packet_counts_drop() {
     while errors == 0 && t.elapsed() < WAIT {
         let _ = sock.send_to(b"ping", format!("10.213.{}.2:9", h.subnet));
         std::thread::sleep(Duration::from_millis(20));
-        let r = h.report();
-        errors = r
-            .queues
-            .iter()
-            .find(|q| q.device == h.dev.name() && q.queue == 0)
-            .unwrap()
-            .counters
-            .errors;
+        errors = h.rx_counters().errors;
     }
     assert!(errors >= 1, "a packet without RX buffer was not counted");
     // Buffers posted afterwards still receive the waiting frame.
@@ -431,21 +430,16 @@ fn test_rx_empty_ring_polling_counts_one_wait_once() {
     let sock = std::net::UdpSocket::bind(format!("10.213.{}.1:0", h.subnet)).unwrap();
     sock.send_to(b"ping", format!("10.213.{}.2:9", h.subnet))
         .unwrap();
-    let errors = |h: &Harness| {
-        h.report()
-            .queues
-            .iter()
-            .find(|q| q.device == h.dev.name() && q.queue == 0)
-            .unwrap()
-            .counters
-            .errors
-    };
     let t = Instant::now();
-    while errors(&h) == 0 && t.elapsed() < WAIT {
+    while h.rx_counters().errors == 0 && t.elapsed() < WAIT {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(errors(&h), 1, "one waiting packet, counted once");
+    assert_eq!(
+        h.rx_counters().errors,
+        1,
+        "one waiting packet, counted once"
+    );
     // A buffer posted afterwards takes the frame, and the poll watches again after that.
     h.rx_bufs(1, 2048);
     h.kick(0);
@@ -490,14 +484,7 @@ fn test_rx_frame_larger_than_buffer_dropped_and_buffer_reused() {
     while errors == 0 && t.elapsed() < WAIT {
         let _ = sock.send_to(b"ping", format!("10.213.{}.2:9", h.subnet));
         std::thread::sleep(Duration::from_millis(20));
-        errors = h
-            .report()
-            .queues
-            .iter()
-            .find(|q| q.device == h.dev.name() && q.queue == 0)
-            .unwrap()
-            .counters
-            .errors;
+        errors = h.rx_counters().errors;
     }
     assert!(
         errors >= 1,

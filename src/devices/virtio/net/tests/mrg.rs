@@ -109,16 +109,6 @@ impl Harness {
         }
         out
     }
-
-    fn rx_counters(&self) -> crate::metrics::QueueCounters {
-        self.report()
-            .queues
-            .iter()
-            .find(|q| q.device == self.dev.name() && q.queue == 0)
-            .unwrap()
-            .counters
-            .clone()
-    }
 }
 
 #[test]
