@@ -21,7 +21,7 @@ use ringvm::devices::virtio::block::request::{
     parse, Chain, Segment, IOVEC_EMPTY, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use ringvm::devices::virtio::queue::QueueParts;
-use ringvm::metrics::QueueMetrics;
+use ringvm::metrics::QueueRecorder;
 use ringvm::reactor::{QueueHandler, Reactor, ReactorOptions};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -76,7 +76,7 @@ fn reactor_pass(c: &mut Criterion, name: &str, file: Option<&std::path::Path>) {
         irq: Some(irq),
         needs_reset: Arc::new(AtomicBool::new(false)),
         poll: None,
-        metrics: QueueMetrics::new("bench", 0, 0),
+        metrics: QueueRecorder::new("bench", 0, 0),
         final_avail: None,
     };
     let opts = OpenOptions {
@@ -139,7 +139,7 @@ fn bench_reactor_pass(c: &mut Criterion) {
 }
 
 fn bench_histogram(c: &mut Criterion) {
-    let mut m = QueueMetrics::new("bench", 0, 0);
+    let mut m = QueueRecorder::new("bench", 0, 0);
     let mut x = 1u64;
     c.bench_function("histogram/record", |b| {
         b.iter(|| {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use ringvm::metrics::{QueueMetrics, LATENCY_MAX_NS, SIGFIGS};
+use ringvm::metrics::{QueueRecorder, LATENCY_MAX_NS, SIGFIGS};
 use ringvm::reactor::{QueueHandler, ReactorOptions, ReactorPool, RingCtx};
 use ringvm::vmm::exit::ExitHandle;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -69,7 +69,7 @@ struct Probe {
     kick: EventFd,
     kicks: Arc<AtomicU64>,
     reactor_allocs: Arc<AtomicU64>,
-    metrics: QueueMetrics,
+    metrics: QueueRecorder,
 }
 
 impl QueueHandler for Probe {
@@ -104,10 +104,10 @@ impl QueueHandler for Probe {
     fn in_flight(&self) -> usize {
         0
     }
-    fn metrics(&self) -> &QueueMetrics {
+    fn metrics(&self) -> &QueueRecorder {
         &self.metrics
     }
-    fn metrics_mut(&mut self) -> &mut QueueMetrics {
+    fn metrics_mut(&mut self) -> &mut QueueRecorder {
         &mut self.metrics
     }
 }
@@ -145,7 +145,7 @@ impl Rig {
                         kick: k,
                         kicks: n,
                         reactor_allocs: a,
-                        metrics: QueueMetrics::new("blk0", 0, 0),
+                        metrics: QueueRecorder::new("blk0", 0, 0),
                     }) as Box<dyn QueueHandler>)
                 }),
             )

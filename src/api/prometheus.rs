@@ -200,14 +200,19 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::metrics::ReactorMetrics;
+    use crate::metrics::{QueueRecorder, ReactorMetrics};
 
     fn report() -> Report {
-        let mut q = QueueMetrics::new("disk\"1", 0, 1);
+        let mut rec = QueueRecorder::new("disk\"1", 0, 1);
         for us in [1u64, 3, 3, 40, 900, 5_000_000] {
-            q.record_k2c(Duration::from_micros(us));
-            q.record_service(Duration::from_micros(us));
+            rec.record_k2c(Duration::from_micros(us));
+            rec.record_service(Duration::from_micros(us));
         }
+        // The histograms alone, without kept buckets (as a report read back from JSON).
+        let mut q = QueueMetrics::new("disk\"1", 0, 1);
+        q.kick_to_complete = rec.kick_to_complete.to_histogram();
+        q.service = rec.service.to_histogram();
+        q.counters = rec.counters;
         q.counters.reads = 6;
         q.counters.poll_hits = 2;
         Report {
@@ -244,8 +249,8 @@ mod tests {
             reactors: report().reactors,
             ..Default::default()
         };
-        merged.add_interval(&report().queues[0]);
-        merged.add_interval(&report().queues[0]);
+        merged.add_queue(&report().queues[0]);
+        merged.add_queue(&report().queues[0]);
         let q = &merged.queues[0];
         assert_eq!(q.service_buckets.total(), 12);
         let (a, b) = (exposition(&merged, 1.0), {

@@ -159,7 +159,7 @@ pub(crate) fn start_api(
     let free = cores
         .into_iter()
         .find(|c| !config.vcpu_cores.contains(c) && !config.io_cores.contains(c));
-    let core = vm.api_core.or(free).or(config.vcpu_cores.first().copied());
+    let core = vm.api_core.or(free).or(config.io_cores.first().copied());
     Ok(Some(ApiServer::start(path, command, core, config.seccomp)?))
 }
 

@@ -32,7 +32,7 @@ use crate::devices::virtio::block::handler::BlockQueue;
 use crate::devices::virtio::block::request::{parse, Chain, Segment, IOVEC_EMPTY};
 use crate::devices::virtio::queue::QueueParts;
 use crate::devices::virtio::GuestMemory;
-use crate::metrics::QueueMetrics;
+use crate::metrics::QueueRecorder;
 use crate::reactor::inline::InlineRing;
 use crate::reactor::QueueHandler;
 
@@ -157,7 +157,7 @@ impl Harness {
             irq: Some(self.irq.try_clone().expect("dup")),
             needs_reset: Arc::new(AtomicBool::new(false)),
             poll: None,
-            metrics: QueueMetrics::new("fuzz", 0, 0),
+            metrics: QueueRecorder::new("fuzz", 0, 0),
             final_avail: None,
         };
         let io = s.uring.then(|| {

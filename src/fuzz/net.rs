@@ -33,7 +33,7 @@ use crate::devices::virtio::net::rx::RxQueue;
 use crate::devices::virtio::net::tx::TxQueue;
 use crate::devices::virtio::queue::{QueueCore, QueueParts};
 use crate::devices::virtio::{GuestMemory, F_RING_EVENT_IDX, F_VERSION_1};
-use crate::metrics::QueueMetrics;
+use crate::metrics::QueueRecorder;
 use crate::reactor::inline::InlineRing;
 use crate::reactor::QueueHandler;
 
@@ -178,7 +178,7 @@ impl Harness {
                 irq: Some(self.irq.try_clone().expect("dup")),
                 needs_reset: Arc::new(AtomicBool::new(false)),
                 poll: None,
-                metrics: QueueMetrics::new("fuzz", 0, 0),
+                metrics: QueueRecorder::new("fuzz", 0, 0),
                 final_avail: None,
             },
             acked: acked(flags),

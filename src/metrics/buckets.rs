@@ -82,6 +82,13 @@ impl Buckets {
         self.0[LATENCY_BUCKETS_NS.len()] += h.count_between(from, max);
     }
 
+    /// Adds `count` samples whose HdrHistogram bucket tops out at `top` (its highest
+    /// equivalent value).
+    #[inline]
+    pub fn add_count(&mut self, top: u64, count: u64) {
+        self.0[LATENCY_BUCKETS_NS.partition_point(|&b| b < top)] += count;
+    }
+
     /// Samples counted.
     pub fn total(&self) -> u64 {
         self.0.iter().sum()

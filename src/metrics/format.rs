@@ -397,6 +397,7 @@ impl HlogWriter {
 
 #[cfg(test)]
 mod tests {
+    use crate::metrics::QueueRecorder;
     use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
 
     use super::super::{QueueMetrics, ReactorMetrics};
@@ -407,10 +408,11 @@ mod tests {
     /// `--stats-json` and `ringvm bench --json` readers see only that addition.
     #[test]
     fn test_json_report_matches_previous_writer_bytewise() {
-        let mut q = QueueMetrics::new("q\"x", 1, 2);
-        q.record_k2c(Duration::from_nanos(1234));
-        q.record_k2c(Duration::from_nanos(7));
-        q.record_batch(8);
+        let mut rec = QueueRecorder::new("q\"x", 1, 2);
+        rec.record_k2c(Duration::from_nanos(1234));
+        rec.record_k2c(Duration::from_nanos(7));
+        rec.record_batch(8);
+        let mut q = QueueMetrics::of(&rec);
         q.counters.writes = 2;
         q.counters.bytes_written = 8192;
         let report = Report {
@@ -434,12 +436,13 @@ mod tests {
     }
 
     fn sample() -> Report {
-        let mut q = QueueMetrics::new("disk \"a\"", 0, 0);
+        let mut rec = QueueRecorder::new("disk \"a\"", 0, 0);
         for i in 1..=1000u64 {
-            q.record_k2c(Duration::from_nanos(i * 1000));
-            q.record_service(Duration::from_nanos(i * 500));
+            rec.record_k2c(Duration::from_nanos(i * 1000));
+            rec.record_service(Duration::from_nanos(i * 500));
         }
-        q.record_batch(8);
+        rec.record_batch(8);
+        let mut q = QueueMetrics::of(&rec);
         q.counters.reads = 1000;
         Report {
             reactors: vec![ReactorMetrics {
@@ -483,7 +486,7 @@ mod tests {
         let mut first = sample();
         let mut w = HlogWriter::create(&path, SystemTime::now()).unwrap();
         w.append(&first).unwrap();
-        first.queues[0].record_k2c(Duration::from_micros(5));
+        first.queues[0].kick_to_complete.record(5_000).unwrap();
         first.elapsed = Duration::from_secs(2);
         w.append(&first).unwrap();
         let text = std::fs::read(&path).unwrap();

@@ -1,13 +1,14 @@
 //! Per-queue and per-reactor counters and latency histograms, and the reports built from them.
 //!
-//! Recording happens on the reactor that owns a queue, into a [`QueueMetrics`] whose
-//! histograms are allocated when the queue is attached (bounded range, 3 significant figures),
-//! so the data path never allocates or locks. Other threads never read these directly: they
-//! ask the reactor for a snapshot by message, handing it empty histograms that it swaps
-//! with its queues' ([`QueueMetrics::take_interval`]: no copy, no allocation on the
-//! reactor); the caller adds what was recorded since the previous snapshot into a
-//! cumulative [`Report`] it keeps ([`Report::add_interval`]). Reports from several
-//! reactors are merged with [`Report::merge`].
+//! Recording happens on the reactor that owns a queue, into a [`QueueRecorder`] whose
+//! [`Recorder`]s are allocated when the queue is attached (bounded range, 3 significant
+//! figures, HdrHistogram's layout), so the data path never allocates or locks. Other threads
+//! never read these directly: they ask the reactor for a snapshot by message, handing it
+//! empty recorders that it swaps with its queues' ([`QueueRecorder::take_interval`]: no
+//! copy, no allocation on the reactor); the caller drains what was recorded since the
+//! previous snapshot into the HdrHistograms of a cumulative [`Report`] it keeps
+//! ([`Report::add_recorded`]), touching only the recorders' written blocks. Reports from
+//! several reactors are merged with [`Report::merge`].
 //!
 //! Formats:
 //! - [`Report::table`]: a text table, one row per queue, p50/p90/p99/p99.9/max in µs;
@@ -21,9 +22,11 @@
 mod buckets;
 mod format;
 mod parse;
+mod recorder;
 
 pub use buckets::{Buckets, LATENCY_BUCKETS_NS};
 pub use format::{pcts, HlogError, HlogWriter};
+pub use recorder::Recorder;
 
 use std::time::Duration;
 
@@ -164,11 +167,80 @@ impl QueueMetrics {
         }
     }
 
+    fn key(&self) -> (&str, u16) {
+        (&self.device, self.queue)
+    }
+
+    /// The metrics of what `rec` recorded (a copy: `rec` keeps its samples).
+    pub fn of(rec: &QueueRecorder) -> QueueMetrics {
+        let mut m = QueueMetrics::new(&rec.device, rec.queue, rec.reactor);
+        m.absorb(&mut rec.clone());
+        m
+    }
+
+    /// Drains `rec` (what this queue recorded over an interval) into `self`: counters,
+    /// histograms and fixed buckets, touching only the recorders' written blocks. Leaves
+    /// `rec` empty, with its memory, for the next interval.
+    pub fn absorb(&mut self, rec: &mut QueueRecorder) {
+        self.counters.add(&rec.counters);
+        rec.counters = QueueCounters::default();
+        rec.kick_to_complete
+            .drain_into(&mut self.kick_to_complete, Some(&mut self.k2c_buckets));
+        rec.service
+            .drain_into(&mut self.service, Some(&mut self.service_buckets));
+        rec.batch.drain_into(&mut self.batch, None);
+    }
+
+    /// Adds `o` into `self` (same device and queue), and `o`'s latency samples into
+    /// `self`'s fixed buckets (from `o`'s histograms: an interval's span only).
+    pub fn merge(&mut self, o: &QueueMetrics) {
+        self.counters.add(&o.counters);
+        self.k2c_buckets.add(&o.kick_to_complete);
+        self.service_buckets.add(&o.service);
+        buckets::add_range(&mut self.kick_to_complete, &o.kick_to_complete);
+        buckets::add_range(&mut self.service, &o.service);
+        // Same bounds on both sides, so `add` cannot fail (4,096 counters: cheap).
+        let _ = self.batch.add(&o.batch);
+    }
+}
+
+/// What a reactor records for one queue between two snapshots: the live side of a
+/// [`QueueMetrics`]. Plain integers and [`Recorder`]s: only the owning reactor writes them.
+#[derive(Debug, Clone)]
+pub struct QueueRecorder {
+    /// Device name (`blk0` or the disk's `id=`).
+    pub device: String,
+    pub queue: u16,
+    /// Index of the reactor serving the queue.
+    pub reactor: usize,
+    pub counters: QueueCounters,
+    /// Kick seen by the reactor (or the pop, for requests found by polling) to used-ring publish, ns.
+    pub kick_to_complete: Recorder,
+    /// Pop from the avail ring to completion, ns.
+    pub service: Recorder,
+    /// Requests popped per pass.
+    pub batch: Recorder,
+}
+
+impl QueueRecorder {
+    /// Allocates all recorders up front; recording never allocates afterwards.
+    pub fn new(device: &str, queue: u16, reactor: usize) -> Self {
+        QueueRecorder {
+            device: device.to_string(),
+            queue,
+            reactor,
+            counters: QueueCounters::default(),
+            kick_to_complete: Recorder::new(LATENCY_MAX_NS),
+            service: Recorder::new(LATENCY_MAX_NS),
+            batch: Recorder::new(BATCH_MAX),
+        }
+    }
+
     /// Records a kick-to-completion latency.
     #[inline]
     pub fn record_k2c(&mut self, d: Duration) {
         let ns = clamp_ns(d);
-        self.kick_to_complete.saturating_record(ns);
+        self.kick_to_complete.record(ns);
         self.counters.k2c_sum_ns = self.counters.k2c_sum_ns.wrapping_add(ns);
     }
 
@@ -176,7 +248,7 @@ impl QueueMetrics {
     #[inline]
     pub fn record_service(&mut self, d: Duration) {
         let ns = clamp_ns(d);
-        self.service.saturating_record(ns);
+        self.service.record(ns);
         self.counters.service_sum_ns = self.counters.service_sum_ns.wrapping_add(ns);
     }
 
@@ -184,34 +256,30 @@ impl QueueMetrics {
     #[inline]
     pub fn record_batch(&mut self, n: usize) {
         if n > 0 {
-            self.batch.saturating_record(n as u64);
+            self.batch.record(n as u64);
         }
     }
 
-    /// Stand-in for a queue's metrics once they were moved out (tiny histograms: a queue
-    /// being retired records nothing more).
+    /// Stand-in for a queue's recorder once it was moved out (recorders without counters:
+    /// a queue being retired records nothing more).
     pub(crate) fn placeholder() -> Self {
-        let tiny =
-            || Histogram::new_with_bounds(1, 2, 1).expect("constant histogram bounds are valid");
-        QueueMetrics {
+        QueueRecorder {
             device: String::new(),
             queue: 0,
             reactor: 0,
             counters: QueueCounters::default(),
-            kick_to_complete: tiny(),
-            service: tiny(),
-            batch: tiny(),
-            k2c_buckets: Buckets::default(),
-            service_buckets: Buckets::default(),
+            kick_to_complete: Recorder::none(),
+            service: Recorder::none(),
+            batch: Recorder::none(),
         }
     }
 
     /// Takes what `live` recorded since its previous take, without copying or allocating:
-    /// `self` (empty histograms, as [`clear_samples`](Self::clear_samples) leaves them)
-    /// swaps its histograms with `live`'s, gets the counters counted since `reported`, and
-    /// `reported` moves on to `live`'s counters. The name is copied into the capacity
-    /// `self` already has (no allocation once it held a name as long).
-    pub fn take_interval(&mut self, live: &mut QueueMetrics, reported: &mut QueueCounters) {
+    /// `self` (empty, as [`QueueMetrics::absorb`] leaves it) swaps its recorders with
+    /// `live`'s, gets the counters counted since `reported`, and `reported` moves on to
+    /// `live`'s counters. The name is copied into the capacity `self` already has (no
+    /// allocation once it held a name as long).
+    pub fn take_interval(&mut self, live: &mut QueueRecorder, reported: &mut QueueCounters) {
         debug_assert!(
             self.kick_to_complete.is_empty() && self.service.is_empty() && self.batch.is_empty()
         );
@@ -225,30 +293,12 @@ impl QueueMetrics {
         std::mem::swap(&mut self.batch, &mut live.batch);
     }
 
-    /// Empties the histograms and zeroes the counters, keeping their memory.
-    pub fn clear_samples(&mut self) {
-        self.counters = QueueCounters::default();
-        self.k2c_buckets = Buckets::default();
-        self.service_buckets = Buckets::default();
-        self.kick_to_complete.reset();
-        self.service.reset();
-        self.batch.reset();
-    }
-
-    fn key(&self) -> (&str, u16) {
-        (&self.device, self.queue)
-    }
-
-    /// Adds `o` into `self` (same device and queue), and `o`'s latency samples into
-    /// `self`'s fixed buckets (from `o`'s histograms: an interval's span only).
-    pub fn merge(&mut self, o: &QueueMetrics) {
+    /// Adds `o` (the same device and queue) into `self`.
+    pub fn merge(&mut self, o: &QueueRecorder) {
         self.counters.add(&o.counters);
-        self.k2c_buckets.add(&o.kick_to_complete);
-        self.service_buckets.add(&o.service);
-        buckets::add_range(&mut self.kick_to_complete, &o.kick_to_complete);
-        buckets::add_range(&mut self.service, &o.service);
-        // Same bounds on both sides, so `add` cannot fail (4,096 counters: cheap).
-        let _ = self.batch.add(&o.batch);
+        self.kick_to_complete.add(&o.kick_to_complete);
+        self.service.add(&o.service);
+        self.batch.add(&o.batch);
     }
 }
 
@@ -289,30 +339,38 @@ impl Report {
     pub fn merge(&mut self, other: Report) {
         self.reactors.extend(other.reactors);
         for q in other.queues {
-            self.add_queue(q);
+            self.add_queue(&q);
         }
         self.elapsed = self.elapsed.max(other.elapsed);
     }
 
     /// Adds one queue's metrics, summing with an existing entry for the same device and queue.
-    pub fn add_queue(&mut self, q: QueueMetrics) {
-        self.add_interval(&q);
+    pub fn add_queue(&mut self, q: &QueueMetrics) {
+        self.entry(&q.device, q.queue, q.reactor).merge(q);
     }
 
-    /// Adds `q` (what one queue recorded over an interval) into the entry of the same device
-    /// and queue, without allocating when that entry exists; otherwise into a new entry
-    /// (merged into an empty one, so its fixed buckets count every sample).
-    pub fn add_interval(&mut self, q: &QueueMetrics) {
-        match self.queues.iter_mut().find(|e| e.key() == q.key()) {
-            Some(e) => e.merge(q),
+    /// Drains `q` (what one queue recorded over an interval) into the entry of the same
+    /// device and queue, without allocating when that entry exists; otherwise into a new
+    /// one. Leaves `q` empty.
+    pub fn add_recorded(&mut self, q: &mut QueueRecorder) {
+        self.entry(&q.device, q.queue, q.reactor).absorb(q);
+    }
+
+    /// The entry of `device`'s queue `queue`, added (in order) if missing.
+    fn entry(&mut self, device: &str, queue: u16, reactor: usize) -> &mut QueueMetrics {
+        let key = (device, queue);
+        let i = match self.queues.iter().position(|e| e.key() == key) {
+            Some(i) => i,
             None => {
-                let mut e = QueueMetrics::new(&q.device, q.queue, q.reactor);
-                e.merge(q);
-                self.queues.push(e);
+                let i = self
+                    .queues
+                    .partition_point(|e| (e.device.as_str(), e.queue) < key);
                 self.queues
-                    .sort_by(|a, b| a.device.cmp(&b.device).then(a.queue.cmp(&b.queue)));
+                    .insert(i, QueueMetrics::new(device, queue, reactor));
+                i
             }
-        }
+        };
+        &mut self.queues[i]
     }
 
     /// Total requests over all queues.
@@ -333,10 +391,11 @@ mod tests {
 
     #[test]
     fn test_record_over_range_saturates_not_panics() {
-        let mut m = QueueMetrics::new("blk0", 0, 0);
-        m.record_k2c(Duration::from_secs(3600));
-        m.record_batch(1_000_000);
-        m.record_service(Duration::ZERO);
+        let mut rec = QueueRecorder::new("blk0", 0, 0);
+        rec.record_k2c(Duration::from_secs(3600));
+        rec.record_batch(1_000_000);
+        rec.record_service(Duration::ZERO);
+        let m = QueueMetrics::of(&rec);
         assert_eq!(m.kick_to_complete.len(), 1);
         assert_eq!(
             m.kick_to_complete.max(),
@@ -348,18 +407,54 @@ mod tests {
 
     #[test]
     fn test_merge_same_queue_sums_counters_and_histograms() {
-        let mut a = QueueMetrics::new("blk0", 1, 0);
+        let mut rec = QueueRecorder::new("blk0", 1, 0);
+        rec.record_service(Duration::from_micros(10));
+        let mut a = QueueMetrics::of(&rec);
         a.counters.reads = 2;
-        a.record_service(Duration::from_micros(10));
         let mut b = a.clone();
         b.counters.reads = 3;
         let mut r = Report::default();
-        r.add_queue(a);
-        r.add_queue(b);
-        r.add_queue(QueueMetrics::new("blk0", 0, 0));
+        r.add_queue(&a);
+        r.add_queue(&b);
+        r.add_queue(&QueueMetrics::new("blk0", 0, 0));
         assert_eq!(r.queues.len(), 2);
         assert_eq!(r.queues[0].queue, 0);
         assert_eq!(r.queues[1].counters.reads, 5);
         assert_eq!(r.queues[1].service.len(), 2);
+        assert_eq!(r.queues[1].service_buckets.total(), 2);
+    }
+
+    #[test]
+    fn test_add_recorded_drains_into_the_entry_and_leaves_the_recorder_empty() {
+        let mut r = Report::default();
+        let mut rec = QueueRecorder::new("blk1", 2, 0);
+        for (i, us) in [3u64, 4, 900].into_iter().enumerate() {
+            rec.counters.reads += 1;
+            rec.record_k2c(Duration::from_micros(us));
+            rec.record_service(Duration::from_micros(us));
+            rec.record_batch(i + 1);
+            r.add_recorded(&mut rec);
+            assert!(rec.kick_to_complete.is_empty() && rec.service.is_empty());
+            assert!(rec.batch.is_empty() && rec.counters == QueueCounters::default());
+        }
+        let mut other = QueueRecorder::new("blk0", 0, 0);
+        other.record_k2c(Duration::from_micros(1));
+        r.add_recorded(&mut other);
+        assert_eq!(r.queues.len(), 2);
+        let q = &r.queues[1];
+        assert_eq!((q.device.as_str(), q.queue), ("blk1", 2));
+        assert_eq!(q.counters.reads, 3);
+        assert_eq!(q.counters.k2c_sum_ns, 907_000);
+        assert_eq!((q.kick_to_complete.len(), q.batch.len()), (3, 3));
+        assert_eq!(
+            q.kick_to_complete.max(),
+            q.kick_to_complete.highest_equivalent(900_000)
+        );
+        assert_eq!(q.k2c_buckets, Buckets::of(&q.kick_to_complete));
+        assert_eq!(
+            q.service_buckets.cumulative()[2],
+            2,
+            "3 and 4 µs are at most 5 µs"
+        );
     }
 }

@@ -81,15 +81,17 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::QueueRecorder;
 
     #[test]
     fn test_from_json_round_trips_the_table() {
-        let mut q = QueueMetrics::new("blk0", 1, 0);
+        let mut rec = QueueRecorder::new("blk0", 1, 0);
         for i in 1..=500u64 {
-            q.record_k2c(Duration::from_nanos(i * 977));
-            q.record_service(Duration::from_nanos(i * 301));
+            rec.record_k2c(Duration::from_nanos(i * 977));
+            rec.record_service(Duration::from_nanos(i * 301));
         }
-        q.record_batch(4);
+        rec.record_batch(4);
+        let mut q = QueueMetrics::of(&rec);
         q.counters.reads = 500;
         q.counters.bytes_read = 500 * 4096;
         q.counters.poll_hits = 3;

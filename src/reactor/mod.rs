@@ -32,7 +32,7 @@ pub use ring::{build_ring, ring_restrictions};
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
-use crate::metrics::QueueMetrics;
+use crate::metrics::QueueRecorder;
 
 /// Most requests a queue pops in one pass, so one busy queue cannot starve the others.
 pub const BATCH_MAX: usize = 64;
@@ -237,8 +237,8 @@ pub trait QueueHandler {
         0
     }
     /// The queue's metrics (read by the reactor for reports).
-    fn metrics(&self) -> &QueueMetrics;
+    fn metrics(&self) -> &QueueRecorder;
     /// The same, for the reactor to swap a snapshot's empty histograms in
-    /// ([`QueueMetrics::take_interval`]).
-    fn metrics_mut(&mut self) -> &mut QueueMetrics;
+    /// ([`QueueRecorder::take_interval`]).
+    fn metrics_mut(&mut self) -> &mut QueueRecorder;
 }

@@ -154,7 +154,7 @@ mod tests {
     use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
-    use crate::metrics::QueueMetrics;
+    use crate::metrics::QueueRecorder;
     use crate::reactor::QueueHandler;
 
     /// What the fake queue has: requests to pop and I/O in flight; what it saw: the
@@ -169,7 +169,7 @@ mod tests {
     struct FakeQueue {
         kick: EventFd,
         s: Rc<Fake>,
-        metrics: QueueMetrics,
+        metrics: QueueRecorder,
     }
 
     impl QueueHandler for FakeQueue {
@@ -202,10 +202,10 @@ mod tests {
         fn io_in_flight(&self) -> usize {
             self.s.in_flight.get()
         }
-        fn metrics(&self) -> &QueueMetrics {
+        fn metrics(&self) -> &QueueRecorder {
             &self.metrics
         }
-        fn metrics_mut(&mut self) -> &mut QueueMetrics {
+        fn metrics_mut(&mut self) -> &mut QueueRecorder {
             &mut self.metrics
         }
     }
@@ -227,7 +227,7 @@ mod tests {
         let h = FakeQueue {
             kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             s: s.clone(),
-            metrics: QueueMetrics::new("fake", 0, 0),
+            metrics: QueueRecorder::new("fake", 0, 0),
         };
         (QueueSlot::new(0, Box::new(h), false), s)
     }

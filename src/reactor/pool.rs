@@ -20,6 +20,8 @@ use crate::vmm::thread;
 struct Link {
     tx: Sender<Command>,
     wake: EventFd,
+    /// The core the reactor is pinned to.
+    core: usize,
 }
 
 struct Inner {
@@ -225,6 +227,7 @@ impl PoolHandle {
             return Ok(f(&c.merged));
         }
         let mut failed = None;
+        let on_core = current_core();
         for i in 0..self.len() {
             if c.pending[i].is_some() {
                 continue;
@@ -242,7 +245,13 @@ impl PoolHandle {
             let Some(rx) = c.pending[i].take() else {
                 continue;
             };
-            match Self::wait_spinning(i, &rx, SNAPSHOT_SPIN) {
+            // Spinning on the reactor's own core would only keep it from answering.
+            let spin = if on_core == Some(self.0.links[i].core) {
+                Duration::ZERO
+            } else {
+                SNAPSHOT_SPIN
+            };
+            match Self::wait_spinning(i, &rx, spin) {
                 Ok(mut buf) => {
                     c.absorb(i, &mut buf);
                     c.bufs[i] = Some(buf);
@@ -265,8 +274,16 @@ impl PoolHandle {
     }
 }
 
-/// How long a snapshot polls for each reactor's answer before it parks.
+/// How long a snapshot polls for each reactor's answer before it parks, when the caller
+/// runs on another core than the reactor.
 const SNAPSHOT_SPIN: Duration = Duration::from_micros(50);
+
+/// The core the calling thread runs on now (None if the kernel cannot say).
+fn current_core() -> Option<usize> {
+    // SAFETY: sched_getcpu takes no arguments and only reads the calling thread's state.
+    let c = unsafe { libc::sched_getcpu() };
+    usize::try_from(c).ok()
+}
 
 /// The reactor threads. Dropping the pool without [`stop`](Self::stop) lets the threads drain
 /// and exit on their own.
@@ -304,7 +321,7 @@ impl ReactorPool {
                 move || reactor_main(index, core, &o, rx, wake_reactor, ready_tx, ex),
             )
             .map_err(|source| ReactorError::Spawn { index, source })?;
-            links.push(Link { tx, wake });
+            links.push(Link { tx, wake, core });
             threads.push(t);
             ready.push(ready_rx);
         }
@@ -439,7 +456,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::metrics::QueueMetrics;
+    use crate::metrics::QueueRecorder;
     use crate::reactor::{QueueHandler, RingCtx};
 
     fn start(n: usize) -> ReactorPool {
@@ -458,7 +475,7 @@ mod tests {
     struct Counter {
         kick: EventFd,
         kicks: Arc<AtomicUsize>,
-        metrics: QueueMetrics,
+        metrics: QueueRecorder,
     }
 
     impl Counter {
@@ -466,7 +483,7 @@ mod tests {
             Box::new(Counter {
                 kick,
                 kicks,
-                metrics: QueueMetrics::new(device, 0, 0),
+                metrics: QueueRecorder::new(device, 0, 0),
             })
         }
     }
@@ -500,10 +517,10 @@ mod tests {
         fn in_flight(&self) -> usize {
             0
         }
-        fn metrics(&self) -> &QueueMetrics {
+        fn metrics(&self) -> &QueueRecorder {
             &self.metrics
         }
-        fn metrics_mut(&mut self) -> &mut QueueMetrics {
+        fn metrics_mut(&mut self) -> &mut QueueRecorder {
             &mut self.metrics
         }
     }

@@ -14,7 +14,7 @@
 //! The reactor's side (filling a buffer, retiring a queue) is in `event_loop/snapshot.rs`;
 //! this module holds only the data both sides share, so it depends on no reactor internals.
 
-use crate::metrics::{QueueMetrics, ReactorMetrics, Report};
+use crate::metrics::{QueueRecorder, ReactorMetrics, Report};
 use std::sync::mpsc::Receiver;
 
 /// What one reactor recorded since its previous snapshot, in a buffer that travels between
@@ -24,10 +24,10 @@ pub(crate) struct Interval {
     pub reactor: ReactorMetrics,
     /// Entries `..used` carry a live queue's interval; every entry's histograms are empty
     /// when the buffer is handed to the reactor.
-    pub queues: Vec<QueueMetrics>,
+    pub queues: Vec<QueueRecorder>,
     pub used: usize,
     /// Queues retired since the previous snapshot, moved whole.
-    pub retired: Vec<QueueMetrics>,
+    pub retired: Vec<QueueRecorder>,
 }
 
 /// Control side: the cumulative report of a pool and the buffers lent to its reactors.
@@ -74,15 +74,13 @@ impl Collector {
     /// attached than entries; the rest are dropped (after a detach, not per snapshot).
     pub fn absorb(&mut self, index: usize, buf: &mut Interval) {
         for q in &mut buf.queues[..buf.used] {
-            self.merged.add_interval(q);
-            q.clear_samples();
+            self.merged.add_recorded(q);
         }
         buf.used = 0;
         let want = self.attached[index].len();
         for mut q in buf.retired.drain(..) {
-            self.merged.add_interval(&q);
+            self.merged.add_recorded(&mut q);
             if buf.queues.len() < want {
-                q.clear_samples();
                 buf.queues.push(q);
             }
         }
@@ -94,7 +92,7 @@ impl Collector {
     /// Adds a reactor's answer to a stop (a [`report`]) into `merged`.
     pub fn absorb_report(&mut self, index: usize, r: &Report) {
         for q in &r.queues {
-            self.merged.add_interval(q);
+            self.merged.add_queue(q);
         }
         if let (Some(to), Some(from)) = (self.merged.reactors.get_mut(index), r.reactors.first()) {
             to.clone_from(from);
@@ -111,7 +109,7 @@ impl Collector {
         let want = list.len();
         if let Some(Some(buf)) = self.bufs.get_mut(index) {
             while buf.queues.len() < want {
-                buf.queues.push(QueueMetrics::new("", 0, index));
+                buf.queues.push(QueueRecorder::new("", 0, index));
             }
             buf.retired.reserve(want);
         }

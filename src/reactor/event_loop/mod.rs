@@ -27,7 +27,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::buffers::FixedBuffers;
 use super::{HandlerFactory, InFlightPolicy, QueueHandler, ReactorOptions, MAX_QUEUES_PER_REACTOR};
-use crate::metrics::{QueueCounters, QueueMetrics, ReactorMetrics, Report};
+use crate::metrics::{QueueCounters, QueueRecorder, ReactorMetrics, Report};
 
 pub(super) struct QueueSlot {
     pub(super) device: u64,
@@ -105,7 +105,7 @@ pub struct Reactor {
     detaches: Vec<(u64, SyncSender<()>)>,
     stopping: Option<SyncSender<Report>>,
     /// Metrics of queues dropped since the previous snapshot (see `snapshot::retire`).
-    retired: Vec<QueueMetrics>,
+    retired: Vec<QueueRecorder>,
     metrics: ReactorMetrics,
     started: Instant,
     in_flight_policy: InFlightPolicy,

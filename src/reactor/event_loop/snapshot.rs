@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::QueueSlot;
-use crate::metrics::{QueueMetrics, ReactorMetrics, Report};
+use crate::metrics::{QueueRecorder, ReactorMetrics, Report};
 use crate::reactor::snapshot::Interval;
 
 /// Reactor side: fills `buf` from the reactor's queues and retired list, without copying a
@@ -13,7 +13,7 @@ use crate::reactor::snapshot::Interval;
 pub(in crate::reactor) fn fill(
     buf: &mut Interval,
     queues: &mut [Option<QueueSlot>],
-    retired: &mut Vec<QueueMetrics>,
+    retired: &mut Vec<QueueRecorder>,
     metrics: &ReactorMetrics,
 ) {
     buf.used = 0;
@@ -22,7 +22,7 @@ pub(in crate::reactor) fn fill(
             // More queues than the control side knew of: the one allocation of a new shape.
             let m = q.handler.metrics();
             buf.queues
-                .push(QueueMetrics::new(&m.device, m.queue, m.reactor));
+                .push(QueueRecorder::new(&m.device, m.queue, m.reactor));
         }
         buf.queues[buf.used].take_interval(q.handler.metrics_mut(), &mut q.reported);
         buf.used += 1;
@@ -36,8 +36,8 @@ pub(in crate::reactor) fn fill(
 /// recorded since the previous snapshot. Sums with an earlier retired queue of the same
 /// device and queue index, so a guest that resets its device in a loop between snapshots
 /// leaves one entry, not one per reset.
-pub(in crate::reactor) fn retire(retired: &mut Vec<QueueMetrics>, q: &mut QueueSlot) {
-    let mut m = std::mem::replace(q.handler.metrics_mut(), QueueMetrics::placeholder());
+pub(in crate::reactor) fn retire(retired: &mut Vec<QueueRecorder>, q: &mut QueueSlot) {
+    let mut m = std::mem::replace(q.handler.metrics_mut(), QueueRecorder::placeholder());
     m.counters = m.counters.since(&q.reported);
     match retired
         .iter_mut()
@@ -53,18 +53,18 @@ pub(in crate::reactor) fn retire(retired: &mut Vec<QueueMetrics>, q: &mut QueueS
 /// for the answer to a stop).
 pub(in crate::reactor) fn report(
     queues: &[Option<QueueSlot>],
-    retired: &[QueueMetrics],
+    retired: &[QueueRecorder],
     metrics: &ReactorMetrics,
     elapsed: Duration,
 ) -> Report {
     let mut r = Report::default();
     for m in retired {
-        r.add_interval(m);
+        r.add_recorded(&mut m.clone());
     }
     for q in queues.iter().flatten() {
         let mut m = q.handler.metrics().clone();
         m.counters = m.counters.since(&q.reported);
-        r.add_queue(m);
+        r.add_recorded(&mut m);
     }
     r.reactors.push(metrics.clone());
     r.elapsed = elapsed;

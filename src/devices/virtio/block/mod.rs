@@ -47,7 +47,7 @@ use super::{
     ActivateError, ActiveQueue, GuestMemory, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC,
     F_VERSION_1, TYPE_BLOCK,
 };
-use crate::metrics::QueueMetrics;
+use crate::metrics::QueueRecorder;
 use crate::reactor::{DeviceKindOrdinal, PoolHandle, ReactorError, ReactorPool};
 
 /// Errors creating a block device.
@@ -241,7 +241,7 @@ impl BlockDevice {
             needs_reset: self.needs_reset.clone(),
             poll: (self.cfg.poll_us > 0)
                 .then(|| Duration::from_micros(u64::from(self.cfg.poll_us))),
-            metrics: QueueMetrics::new(&self.name, q.index, reactor),
+            metrics: QueueRecorder::new(&self.name, q.index, reactor),
             final_avail,
         };
         let backend = self.backend.clone();

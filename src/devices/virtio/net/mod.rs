@@ -44,7 +44,7 @@ use super::{
     ActivateError, ActiveQueue, GuestMemory, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC,
     F_VERSION_1, TYPE_NET,
 };
-use crate::metrics::QueueMetrics;
+use crate::metrics::QueueRecorder;
 use crate::reactor::{DeviceKindOrdinal, PoolHandle, ReactorPool};
 
 /// Errors creating a net device.
@@ -273,7 +273,7 @@ impl NetDevice {
                 needs_reset: self.needs_reset.clone(),
                 poll: (self.cfg.poll_us > 0 && !is_ctrl)
                     .then(|| Duration::from_micros(u64::from(self.cfg.poll_us))),
-                metrics: QueueMetrics::new(&self.name, q.index, reactor),
+                metrics: QueueRecorder::new(&self.name, q.index, reactor),
                 final_avail: None,
             },
             acked,

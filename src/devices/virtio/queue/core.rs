@@ -19,7 +19,7 @@ use super::log::LogLimiter;
 use super::rings::Rings;
 use super::UsedIndex;
 use crate::devices::virtio::GuestMemory;
-use crate::metrics::QueueMetrics;
+use crate::metrics::QueueRecorder;
 
 /// Everything a queue needs on its reactor, whatever the device, moved there at activation.
 pub struct QueueParts {
@@ -36,7 +36,7 @@ pub struct QueueParts {
     pub needs_reset: Arc<AtomicBool>,
     /// The busy-poll window's maximum (`poll-us`), `None`: never poll.
     pub poll: Option<Duration>,
-    pub metrics: QueueMetrics,
+    pub metrics: QueueRecorder,
     /// Receives the queue's next avail index when the queue is dropped (after its drain):
     /// vhost-user's GET_VRING_BASE answers with it.
     pub final_avail: Option<Arc<AtomicU32>>,
@@ -145,11 +145,11 @@ impl QueueCore {
         &self.p.mem
     }
 
-    pub fn metrics(&self) -> &QueueMetrics {
+    pub fn metrics(&self) -> &QueueRecorder {
         &self.p.metrics
     }
 
-    pub fn metrics_mut(&mut self) -> &mut QueueMetrics {
+    pub fn metrics_mut(&mut self) -> &mut QueueRecorder {
         &mut self.p.metrics
     }
 

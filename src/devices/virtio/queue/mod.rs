@@ -47,7 +47,7 @@ pub enum UsedIndex {
     /// for the rest of the reactor's reap (virtio-net: ping RTT 19.6 µs instead of 32 µs).
     PerEntry,
 }
-use crate::metrics::QueueMetrics;
+use crate::metrics::QueueRecorder;
 use crate::reactor::{QueueHandler, RingCtx};
 
 /// Host address of `addr..addr+len` when the range lies inside one guest memory region (the
@@ -190,11 +190,11 @@ impl<D: DeviceQueue> QueueHandler for Virtqueue<D> {
         }
     }
 
-    fn metrics(&self) -> &QueueMetrics {
+    fn metrics(&self) -> &QueueRecorder {
         self.core.metrics()
     }
 
-    fn metrics_mut(&mut self) -> &mut QueueMetrics {
+    fn metrics_mut(&mut self) -> &mut QueueRecorder {
         self.core.metrics_mut()
     }
 }
