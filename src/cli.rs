@@ -225,7 +225,7 @@ pub struct VmArgs {
     /// Serve the control plane (HTTP/1.1 + JSON, Prometheus /metrics) on this Unix socket, mode 0600; see `ringvm ctl` and README "Control plane".
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
-    /// Core for the control-plane thread [default: a core with no vCPU or reactor, else the first vCPU's core].
+    /// Core for the control-plane thread [default: a core with no vCPU or reactor, else the first reactor's core].
     #[arg(long, value_name = "CORE")]
     pub api_core: Option<usize>,
     /// Mask (-name) or add (+name) CPUID feature bits for every vCPU, e.g. -cx16.

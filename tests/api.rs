@@ -72,6 +72,24 @@ fn boot(poll_us: u32, runtime: u32, extra: &[&str]) -> Vm {
     vm
 }
 
+/// The `Cpus_allowed_list` of process `pid`'s thread named `api`.
+fn api_thread_cores(pid: u64) -> String {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        if std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "api") {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+            let line = status
+                .lines()
+                .find(|l| l.starts_with("Cpus_allowed_list:"))
+                .unwrap();
+            return line.split(':').nth(1).unwrap().trim().to_string();
+        }
+    }
+    panic!("ringvm ({pid}) has no thread named api");
+}
+
 /// Sends raw bytes, returns (status, body).
 fn raw(sock: &Path, req: &[u8]) -> (u16, String) {
     let mut s = UnixStream::connect(sock).unwrap();
@@ -224,6 +242,25 @@ fn test_api_metrics_rise_parse_and_stop_removes_socket() {
     assert!(
         v["io_cores"].is_array() && v["vcpu_cores"].is_array(),
         "{v}"
+    );
+    // The API thread: on a core with no vCPU or reactor, else on the first reactor's (never
+    // a vCPU's when a reactor has a core of its own), and pinned there.
+    let cores = |k: &str| -> Vec<usize> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap() as usize)
+            .collect()
+    };
+    let (vcpus, ios) = (cores("vcpu_cores"), cores("io_cores"));
+    let want = ringvm::config::host_cores()
+        .into_iter()
+        .find(|c| !vcpus.contains(c) && !ios.contains(c))
+        .or(ios.first().copied());
+    assert_eq!(v["api_core"].as_u64().map(|c| c as usize), want, "{v}");
+    assert_eq!(
+        api_thread_cores(v["pid"].as_u64().unwrap()),
+        format!("{}", want.unwrap())
     );
 
     let (s, stats) = call(&vm.sock, "GET", "/stats", "");

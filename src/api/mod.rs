@@ -33,10 +33,10 @@ use routes::{Control, ControlError, DeviceKind};
 /// A snapshot this recent answers `GET /stats` and `/metrics` again instead of a new one,
 /// so however many clients scrape, the reactors take at most one snapshot per period.
 pub const SNAPSHOT_REUSE: Duration = Duration::from_millis(5);
-/// The API thread's nice value: when it competes with a vCPU for a core, a client that
-/// floods the socket gets about a tenth of that core (weight 110 against 1024), not half
-/// of it, which still leaves 100 scrapes a second (about 2 % of a core) room. At 19 (a
-/// share of 1.5 %) scrapes queued up behind a busy vCPU: 10 to 46 answered a second.
+/// The API thread's nice value: when it competes with a reactor (or a vCPU) for a core, a
+/// client that floods the socket gets about a tenth of that core (weight 110 against
+/// 1024), not half of it, which leaves 100 scrapes a second (well under 1 % of a core) room.
+/// At 19 (a share of 1.5 %) scrapes queued up behind a busy vCPU: 10 to 46 answered a second.
 const API_NICE: libc::c_int = 10;
 
 /// How long stopping the API thread may take before ringvm leaves it behind.
@@ -126,6 +126,8 @@ struct LiveVm {
 /// What the API thread and the VMs share.
 struct Shared {
     command: &'static str,
+    /// The core the API thread is pinned to, if any.
+    api_core: Option<usize>,
     started: Instant,
     vm: Mutex<Option<LiveVm>>,
 }
@@ -172,6 +174,7 @@ impl Control for Shared {
             }
         };
         v["command"] = json!(self.command);
+        v["api_core"] = json!(self.api_core);
         v["pid"] = json!(std::process::id());
         v["process_uptime_s"] = json!(self.started.elapsed().as_secs_f64());
         Ok(v)
@@ -381,6 +384,7 @@ impl ApiServer {
                 .map_err(ApiError::Seccomp)?;
         let shared = Arc::new(Shared {
             command,
+            api_core: core,
             started: Instant::now(),
             vm: Mutex::new(None),
         });

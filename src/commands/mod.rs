@@ -141,9 +141,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
 }
 
 /// Starts the control plane on `--api-socket`, if given, pinned to `--api-core`, else to
-/// a core that neither a vCPU nor a reactor is pinned to, else to the first vCPU's core: on
-/// a 2-core host, interleaved runs lost less with it there than on the reactor's core at
-/// QD1 and no more at QD32 (perf/RESULTS.md, "Control plane").
+/// a core that neither a vCPU nor a reactor is pinned to, else to the first reactor's core:
+/// on the 2-core nested lab host every wake-up on a vCPU's core costs the guest several
+/// times its own CPU time (the vCPU leaves guest mode), while the reactor's core switches
+/// threads hundreds of thousands of times a second anyway; with the API (and the scraper)
+/// there, 100 scrapes a second cost ≤ 1 % at QD1 and QD32 (perf/RESULTS.md, "Control plane").
 pub(crate) fn start_api(
     vm: &ringvm::cli::VmArgs,
     command: &'static str,
