@@ -4,10 +4,11 @@
 //! A cumulative HdrHistogram holds 25,600 counters per latency (1 ns to 10 s, 3 significant
 //! digits); walking it for each scrape cost more than the rest of a scrape together (about
 //! half of the API thread's time at 100 scrapes a second, perf/RESULTS.md "Control plane").
-//! An interval's histogram spans a narrow range instead (what one queue recorded in the
-//! last few milliseconds), so the cumulative report adds each interval's per-bucket counts
-//! here when it merges the interval ([`super::QueueMetrics::merge`]), with HdrHistogram's
-//! `count_between` over the interval's `[min, max]` only.
+//! An interval holds a few blocks of samples instead (what one queue recorded in the last
+//! few milliseconds), so the cumulative report adds each interval's per-bucket counts here
+//! as it drains the reactors' recorders ([`super::Recorder::drain_into`], sample value by
+//! sample value), or, merging two reports ([`super::QueueMetrics::merge`]), with
+//! HdrHistogram's `count_between` over the other histogram's `[min, max]` only.
 //!
 //! A sample counts in the bucket `le` when its HdrHistogram bucket's highest equivalent
 //! value is at most `le` (so a bound can be off by 0.1 % of its value), the same rule

@@ -238,7 +238,7 @@ pub trait QueueHandler {
     }
     /// The queue's metrics (read by the reactor for reports).
     fn metrics(&self) -> &QueueRecorder;
-    /// The same, for the reactor to swap a snapshot's empty histograms in
+    /// The same, for the reactor to swap a snapshot's empty recorders in
     /// ([`QueueRecorder::take_interval`]).
     fn metrics_mut(&mut self) -> &mut QueueRecorder;
 }

@@ -215,8 +215,8 @@ impl PoolHandle {
 
     /// Brings the pool's cumulative report up to date, unless that was done less than
     /// `reuse` ago, and calls `f` on it. In steady state nothing is allocated or copied:
-    /// each reactor swaps the empty histograms of its lent buffer with its queues' and
-    /// sends them back; they are added into the report here, emptied and kept.
+    /// each reactor swaps the empty recorders of its lent buffer with its queues' and
+    /// sends them back; they are drained into the report here (emptied) and kept.
     pub fn snapshot_with<R>(
         &self,
         reuse: Duration,

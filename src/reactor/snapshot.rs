@@ -1,10 +1,10 @@
 //! Statistics snapshots without copies on the reactor: the control side hands each reactor a
-//! buffer of empty histograms ([`Interval`]) in `Command::Snapshot`; the reactor swaps them
-//! with its queues' histograms (a pointer swap per histogram), notes the counters counted
-//! since its previous answer, and sends the buffer back. The caller adds that interval into
-//! the cumulative [`Report`] it keeps ([`Collector`]), empties the buffer and keeps it for the
-//! next snapshot. In steady state nothing is allocated or freed on either side, and the
-//! reactor touches no histogram memory at all; buffers grow only when queues are attached
+//! buffer of empty recorders ([`Interval`]) in `Command::Snapshot`; the reactor swaps them
+//! with its queues' recorders (a pointer swap per recorder), notes the counters counted
+//! since its previous answer, and sends the buffer back. The caller drains that interval
+//! into the cumulative [`Report`] it keeps ([`Collector`]), which empties the buffer over the
+//! blocks written only, and keeps it for the next snapshot. In steady state nothing is
+//! allocated or freed on either side, and the reactor touches no histogram memory at all; buffers grow only when queues are attached
 //! (and the reactor allocates only if it has more queues than the buffer it was handed).
 //!
 //! A queue that detaches between two snapshots is moved whole into the reactor's `retired`
@@ -22,7 +22,7 @@ use std::sync::mpsc::Receiver;
 #[derive(Default)]
 pub(crate) struct Interval {
     pub reactor: ReactorMetrics,
-    /// Entries `..used` carry a live queue's interval; every entry's histograms are empty
+    /// Entries `..used` carry a live queue's interval; every entry's recorders are empty
     /// when the buffer is handed to the reactor.
     pub queues: Vec<QueueRecorder>,
     pub used: usize,
@@ -70,7 +70,7 @@ impl Collector {
     }
 
     /// Adds reactor `index`'s interval into `merged` and empties `buf` for the next time.
-    /// Histograms of retired queues become spare entries while the reactor has more queues
+    /// Recorders of retired queues become spare entries while the reactor has more queues
     /// attached than entries; the rest are dropped (after a detach, not per snapshot).
     pub fn absorb(&mut self, index: usize, buf: &mut Interval) {
         for q in &mut buf.queues[..buf.used] {

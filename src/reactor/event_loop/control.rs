@@ -23,7 +23,7 @@ pub(crate) enum Command {
         device: u64,
         ack: SyncSender<()>,
     },
-    /// Fill the buffer (empty histograms to swap in, see `snapshot.rs`) and send it back.
+    /// Fill the buffer (empty recorders to swap in, see `snapshot.rs`) and send it back.
     Snapshot {
         buf: Box<Interval>,
         ack: SyncSender<Box<Interval>>,
