@@ -10,8 +10,9 @@
 //! pushed the vCPU's or reactor's working set out of the core's cache (perf/RESULTS.md,
 //! "Control plane").
 //!
-//! Recording is as cheap as HdrHistogram's (a leading-zero count, two shifts, an add) plus
-//! one OR into a bitmap word that stays in cache.
+//! Recording is a leading-zero count, two shifts, an add and one OR into a bitmap word that
+//! stays in cache: 2.9 ns a sample against 3.6 ns for `Histogram::saturating_record`
+//! (`cargo bench --bench blk -- histogram/record`, perf/RESULTS.md).
 
 use hdrhistogram::Histogram;
 
@@ -110,11 +111,6 @@ impl Recorder {
         self.total == 0
     }
 
-    /// Highest value this recorder keeps apart.
-    pub fn high(&self) -> u64 {
-        self.high
-    }
-
     /// Calls `f(lowest value, width, count)` for every non-zero counter, in increasing
     /// order, visiting touched blocks only.
     fn visit(&self, mut f: impl FnMut(u64, u64, u64)) {
@@ -153,7 +149,7 @@ impl Recorder {
         if let Some(c) = self.counts.get_mut(i) {
             *c = c.saturating_add(n);
             self.touched[i / (BLOCK * 64)] |= 1 << (i / BLOCK % 64);
-            self.total += n;
+            self.total = self.total.saturating_add(n);
         }
     }
 
