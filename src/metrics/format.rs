@@ -397,10 +397,9 @@ impl HlogWriter {
 
 #[cfg(test)]
 mod tests {
-    use crate::metrics::QueueRecorder;
     use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
 
-    use super::super::{QueueMetrics, ReactorMetrics};
+    use super::super::{QueueMetrics, QueueRecorder, ReactorMetrics};
     use super::*;
 
     /// The exact bytes the hand-built JSON writer produced for this report (captured from it

@@ -172,7 +172,8 @@ impl QueueMetrics {
     }
 
     /// The metrics of what `rec` recorded (a copy: `rec` keeps its samples).
-    pub fn of(rec: &QueueRecorder) -> QueueMetrics {
+    #[cfg(test)]
+    pub(crate) fn of(rec: &QueueRecorder) -> QueueMetrics {
         let mut m = QueueMetrics::new(&rec.device, rec.queue, rec.reactor);
         m.absorb(&mut rec.clone());
         m
@@ -362,9 +363,7 @@ impl Report {
         let i = match self.queues.iter().position(|e| e.key() == key) {
             Some(i) => i,
             None => {
-                let i = self
-                    .queues
-                    .partition_point(|e| (e.device.as_str(), e.queue) < key);
+                let i = self.queues.partition_point(|e| e.key() < key);
                 self.queues
                     .insert(i, QueueMetrics::new(device, queue, reactor));
                 i

@@ -4,8 +4,9 @@
 //! since its previous answer, and sends the buffer back. The caller drains that interval
 //! into the cumulative [`Report`] it keeps ([`Collector`]), which empties the buffer over the
 //! blocks written only, and keeps it for the next snapshot. In steady state nothing is
-//! allocated or freed on either side, and the reactor touches no histogram memory at all; buffers grow only when queues are attached
-//! (and the reactor allocates only if it has more queues than the buffer it was handed).
+//! allocated or freed on either side, and the reactor touches no histogram memory at all;
+//! buffers grow only when queues are attached (and the reactor allocates only if it has
+//! more queues than the buffer it was handed).
 //!
 //! A queue that detaches between two snapshots is moved whole into the reactor's `retired`
 //! list (samples since the previous snapshot, counters as a delta) and shipped with the
